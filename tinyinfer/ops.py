@@ -1,0 +1,105 @@
+"""Every hot op of the engine as a `torch.library` custom op.
+
+The body of each op is its *reference*: plain PyTorch that runs on any device and is the readable
+statement of what the op computes (see the op contracts in the README). When the CUDA extension is
+built, `tinyinfer.kernels` registers a hand-written kernel for the `cuda` dispatch key of the same op,
+so callers never choose: `ops.paged_attention(...)` runs the kernel on a GPU and the reference elsewhere.
+Tests compare the two on the same inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# store_kv: write the new tokens' K/V rows into their cache slots
+# ----------------------------------------------------------------------------------------------
+
+def store_kv_reference(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optional[Tensor],
+                       slot_mapping: Tensor) -> None:
+    # k (T, Hkv, D), v (T, Hkv, Dv); caches (NB, BS, Hkv, D|Dv); slot -1 = padding, skipped.
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
+    if v is not None:
+        v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+
+
+@torch.library.custom_op("tinyinfer::store_kv", mutates_args=("k_cache", "v_cache"))
+def store_kv(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optional[Tensor],
+             slot_mapping: Tensor) -> None:
+    store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+
+
+# ----------------------------------------------------------------------------------------------
+# paged_attention: causal attention of T new queries over their sequences' paged K/V
+# ----------------------------------------------------------------------------------------------
+
+def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                              seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
+    # q (T, Hq, D); k_cache (NB, BS, Hkv, D); v_cache (NB, BS, Hkv, Dv) -- possibly a strided view of
+    # k_cache (MLA). Sequence b owns queries qsl[b]..qsl[b+1]-1 and seq_lens[b] cached tokens
+    # including them. Walks the block table like the kernel does: position p lives in block
+    # block_tables[b, p // BS] at offset p % BS. Rows at or past qsl[B] are padding -> zeros.
+    T, Hq, _ = q.shape
+    block_size, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    group = Hq // Hkv
+    out = q.new_zeros(T, Hq, Dv)
+    lens, starts = seq_lens.tolist(), query_start_loc.tolist()
+    for b, seq_len in enumerate(lens):
+        q0, q1 = starts[b], starts[b + 1]
+        q_len = q1 - q0
+        if q_len == 0:
+            continue
+        pos = torch.arange(seq_len, device=q.device)
+        blocks = block_tables[b, :(seq_len + block_size - 1) // block_size].long()
+        phys_block, offset = blocks[pos // block_size], pos % block_size
+        k = k_cache[phys_block, offset].float()                       # (L, Hkv, D)
+        v = v_cache[phys_block, offset].float()                       # (L, Hkv, Dv)
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)          # (Hq, L, D)
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)          # (Hq, L, Dv)
+        qb = q[q0:q1].float().transpose(0, 1)                         # (Hq, q_len, D)
+        scores = (qb @ k.transpose(1, 2)) * scale                      # (Hq, q_len, L)
+        q_pos = seq_len - q_len + torch.arange(q_len, device=q.device)
+        causal = pos[None, :] <= q_pos[:, None]                       # (q_len, L)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out[q0:q1] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
+    return out
+
+
+@torch.library.custom_op("tinyinfer::paged_attention", mutates_args=())
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
+    return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                     scale)
+
+
+@paged_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill over fresh K/V (no cached prefix): per-sequence causal SDPA. Not a custom op: it reads
+# no cache, and SDPA already dispatches to fused kernels on a GPU.
+# ----------------------------------------------------------------------------------------------
+
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, query_start_loc: list[int], scale: float
+                      ) -> Tensor:
+    # q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv); each sequence attends causally to itself only.
+    Hq, Hkv = q.shape[1], k.shape[1]
+    out = q.new_empty(q.shape[0], Hq, v.shape[-1])
+    for q0, q1 in zip(query_start_loc[:-1], query_start_loc[1:]):
+        if q1 == q0:
+            continue
+        qs, ks, vs = (t[q0:q1].transpose(0, 1) for t in (q, k, v))   # (H, L, D)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                           enable_gqa=Hq != Hkv)
+        out[q0:q1] = o.transpose(0, 1)
+    return out
