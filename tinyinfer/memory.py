@@ -1,0 +1,295 @@
+"""The chapter's memory arithmetic as a tool: how many bytes the weights and the KV cache take.
+
+    python -m tinyinfer.memory --ckpt models/shakespeare-mla --context 4096 --batch 8
+    python -m tinyinfer.memory --layers 32 --d-model 4096 --heads 32 --context 1000000
+    python -m tinyinfer.memory --params 70B
+
+Weights: every parameter costs 2 bytes in fp16/bf16, half a byte in INT4, plus one scale and one zero
+point per group of `group_size` weights (the overhead of group-wise quantization). KV cache: per token
+and per layer, standard attention stores K and V for every head (2 x heads x head_dim values); GQA/MQA
+store them for the KV heads only (MQA: divided by the head count); MLA (DeepSeek-V2) stores one
+compressed latent of kv_lora_rank values plus one shared rope key of qk_rope_head_dim values.
+Units: GB = 10^9 bytes, as in the chapter. The shape is read from config.json directly (not through
+ModelConfig), so the tool also sizes checkpoints the engine refuses to run (e.g. FP8 DeepSeek-V3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+GB = 1e9
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Just the numbers the arithmetic needs. head_dim is the key head size; v_head_dim defaults to it."""
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: Optional[int] = None           # None = num_heads (MHA)
+    head_dim: Optional[int] = None               # None = hidden_size // num_heads
+    v_head_dim: Optional[int] = None
+    kv_lora_rank: Optional[int] = None           # set = the model itself uses MLA
+    qk_rope_head_dim: Optional[int] = None
+    q_lora_rank: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    tie_word_embeddings: bool = False
+    # MoE (DeepSeek): layers from first_k_dense_replace on hold routed + shared experts
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    router_bias: bool = False                    # V3's e_score_correction_bias
+
+    @property
+    def k_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def v_dim(self) -> int:
+        return self.v_head_dim or self.k_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+def weight_bytes(num_params: float, bits: int = 16) -> float:
+    return num_params * bits / 8
+
+
+def int4_bytes(num_params: float, group_size: int = 128, scale_bytes: int = 2, zero_bytes: int = 2
+               ) -> tuple[float, float]:
+    """(packed 4-bit weights, per-group scales + zero points) in bytes."""
+    return num_params / 2, num_params / group_size * (scale_bytes + zero_bytes)
+
+
+def count_params(s: Shape) -> int:
+    """Parameters of a Llama- or DeepSeek-style decoder from its shape alone."""
+    d, H = s.hidden_size, s.num_heads
+    if s.is_mla:
+        nope = s.k_dim - s.qk_rope_head_dim
+        r, rope = s.kv_lora_rank, s.qk_rope_head_dim
+        q = (d * s.q_lora_rank + s.q_lora_rank + s.q_lora_rank * H * s.k_dim if s.q_lora_rank
+             else d * H * s.k_dim)
+        attn = q + d * (r + rope) + r + r * H * (nope + s.v_dim) + H * s.v_dim * d
+    else:
+        attn = d * H * s.k_dim + 2 * d * s.kv_heads * s.k_dim + H * s.v_dim * d
+    dense_mlp = 3 * d * (s.intermediate_size or 0)
+    moe_mlp = (d * s.n_routed_experts + (s.n_routed_experts if s.router_bias else 0)
+               + 3 * d * s.moe_intermediate_size * (s.n_routed_experts + s.n_shared_experts))
+    n_dense = min(s.first_k_dense_replace, s.num_layers) if s.n_routed_experts else s.num_layers
+    layers = s.num_layers * (attn + 2 * d) + n_dense * dense_mlp + (s.num_layers - n_dense) * moe_mlp
+    embed = (s.vocab_size or 0) * d * (1 if s.tie_word_embeddings else 2)
+    return layers + embed + d
+
+
+def checkpoint_params(path: str) -> Optional[tuple[int, int]]:
+    """(parameter count, bytes on disk) from the safetensors headers only (no tensor is read);
+    None when the path holds no safetensors file."""
+    files = ([path] if path.endswith(".safetensors") else
+             [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")])
+    if not files:
+        return None
+    count = nbytes = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for dim in info["shape"]:
+                numel *= dim
+            count += numel
+            nbytes += numel * DTYPE_BYTES.get(info["dtype"], 2)
+    return count, nbytes
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+def kv_values_per_token_layer(s: Shape, kind: str) -> int:
+    """Cached values per token per layer for attention `kind` with this model's heads.
+    'mha': K and V for every query head; 'gqa': for the model's KV heads; 'mqa': one KV head;
+    'mla': the latent + rope key (for a non-MLA shape, DeepSeek-V2's proportions: kv_lora_rank =
+    4 x head_dim, rope dims = head_dim / 2, see DeepSeek-V2 paper, section 2.1)."""
+    if kind == "mha":
+        return s.num_heads * (s.k_dim + s.v_dim)
+    if kind == "gqa":
+        return s.kv_heads * (s.k_dim + s.v_dim)
+    if kind == "mqa":
+        return s.k_dim + s.v_dim
+    if kind == "mla":
+        if s.is_mla:
+            return s.kv_lora_rank + s.qk_rope_head_dim
+        return 4 * s.k_dim + s.k_dim // 2
+    raise ValueError(f"unknown attention kind {kind!r}; use mha, gqa, mqa or mla")
+
+
+def kv_bytes_per_token(s: Shape, kind: str, dtype_bytes: int = 2) -> int:
+    return s.num_layers * kv_values_per_token_layer(s, kind) * dtype_bytes
+
+
+def own_kind(s: Shape) -> str:
+    if s.is_mla:
+        return "mla"
+    return "mha" if s.kv_heads == s.num_heads else ("mqa" if s.kv_heads == 1 else "gqa")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes from a checkpoint's config.json
+# ----------------------------------------------------------------------------------------------
+
+def shape_from_hf(cfg: dict) -> Shape:
+    heads = cfg["num_attention_heads"]
+    mla = cfg.get("kv_lora_rank") is not None
+    experts = cfg.get("n_routed_experts") or 0
+    head_dim = (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] if mla
+                else cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    return Shape(
+        num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"], num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+        v_head_dim=cfg.get("v_head_dim") if mla else None,
+        kv_lora_rank=cfg.get("kv_lora_rank"), qk_rope_head_dim=cfg.get("qk_rope_head_dim") if mla else None,
+        q_lora_rank=cfg.get("q_lora_rank") if mla else None,
+        intermediate_size=cfg.get("intermediate_size"), vocab_size=cfg.get("vocab_size"),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        n_routed_experts=experts, n_shared_experts=cfg.get("n_shared_experts") or 0,
+        moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
+        first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+        router_bias=experts > 0 and cfg.get("model_type") == "deepseek_v3")
+
+
+def parse_count(text: str) -> float:
+    """'70B', '7.5e9', '405b', '1.3M' -> a number."""
+    units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+    t = text.strip().upper()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a count; write e.g. 70B or 7e9"
+                                         ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def _gb(n: float) -> str:
+    return f"{n / GB:,.2f} GB" if n >= GB else f"{n / 1e6:,.2f} MB" if n >= 1e6 else f"{n / 1e3:,.2f} kB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.2f} M"
+
+
+def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtype_bytes: int,
+           group_size: int, params_source: str) -> str:
+    lines = []
+    if num_params:
+        packed, extra = int4_bytes(num_params, group_size)
+        lines += [f"weights: {_count(num_params)} parameters ({params_source})",
+                  f"  fp16/bf16   {_gb(weight_bytes(num_params, 16))}",
+                  f"  int4        {_gb(packed)} packed + {_gb(extra)} for scales and zero points "
+                  f"(fp16, one of each per {group_size} weights: +{100 * extra / packed:.2f}%) "
+                  f"= {_gb(packed + extra)}"]
+    if s is not None:
+        tokens = context * batch
+        mha = kv_bytes_per_token(s, "mha", dtype_bytes)
+        lines.append(f"KV cache, {dtype_bytes}-byte values, {s.num_layers} layers, context "
+                     f"{context:,} x batch {batch} = {tokens:,} tokens:")
+        lines.append(f"  {'attention':<24}{'values/token/layer':>20}{'bytes/token':>14}"
+                     f"{'for the context':>18}{'vs MHA':>9}")
+        kinds = [("mha", f"MHA ({s.num_heads} KV heads)"),
+                 ("gqa", f"GQA ({s.kv_heads} KV heads)"),
+                 ("mqa", "MQA (1 KV head)"),
+                 ("mla", "MLA (latent + rope)" if s.is_mla else "MLA (DeepSeek-V2 ratios)")]
+        if s.kv_heads in (1, s.num_heads):
+            kinds = [k for k in kinds if k[0] != "gqa"]
+        for kind, label in kinds:
+            per_tok = kv_bytes_per_token(s, kind, dtype_bytes)
+            mark = "  <- this model" if kind == own_kind(s) else ""
+            lines.append(f"  {label:<24}{kv_values_per_token_layer(s, kind):>20,}{per_tok:>14,}"
+                         f"{_gb(per_tok * tokens):>18}{mha / per_tok:>8.1f}x{mark}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tinyinfer.memory", description=(
+        "Weight and KV-cache memory of a model, from a checkpoint's config.json or a shape given on "
+        "the command line (flags override the checkpoint's values)."))
+    p.add_argument("--ckpt", help="checkpoint directory (config.json; safetensors headers give the "
+                   "exact parameter count) or a config.json file")
+    p.add_argument("--params", type=parse_count, help="parameter count, e.g. 70B (default: from the "
+                   "checkpoint's tensors, else from the shape)")
+    p.add_argument("--layers", type=int, help="number of layers")
+    p.add_argument("--d-model", type=int, help="hidden size")
+    p.add_argument("--heads", type=int, help="query heads")
+    p.add_argument("--kv-heads", type=int, help="KV heads (default: = heads)")
+    p.add_argument("--head-dim", type=int, help="key head size (default: d_model / heads)")
+    p.add_argument("--v-head-dim", type=int, help="value head size (default: = head dim)")
+    p.add_argument("--kv-lora-rank", type=int, help="MLA latent size (makes the model MLA)")
+    p.add_argument("--rope-dim", type=int, help="MLA rope key size (qk_rope_head_dim)")
+    p.add_argument("--context", type=parse_count, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (default 2)")
+    p.add_argument("--group-size", type=int, default=128, help="INT4 group size (default 128)")
+    a = p.parse_args(argv)
+
+    cfg, on_disk = {}, None
+    if a.ckpt:
+        cfg_path = a.ckpt if a.ckpt.endswith(".json") else os.path.join(a.ckpt, "config.json")
+        if not os.path.exists(cfg_path):
+            p.error(f"no config.json at {cfg_path}; pass a checkpoint directory or a config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        if not a.ckpt.endswith(".json"):
+            on_disk = checkpoint_params(a.ckpt)
+    shape = None
+    if cfg or a.layers:
+        if cfg:
+            base = shape_from_hf(cfg)
+        else:
+            if not (a.d_model and a.heads):
+                p.error("a shape needs --layers, --d-model and --heads")
+            base = Shape(num_layers=a.layers, hidden_size=a.d_model, num_heads=a.heads)
+        changes = {k: v for k, v in dict(
+            num_layers=a.layers, hidden_size=a.d_model, num_heads=a.heads, num_kv_heads=a.kv_heads,
+            head_dim=a.head_dim, v_head_dim=a.v_head_dim, kv_lora_rank=a.kv_lora_rank,
+            qk_rope_head_dim=a.rope_dim).items() if v is not None}
+        shape = Shape(**{**base.__dict__, **changes})
+        if shape.is_mla and shape.qk_rope_head_dim is None:
+            p.error("--kv-lora-rank needs --rope-dim (the rope key cached beside the latent)")
+    if shape is None and not a.params:
+        p.error("give --ckpt, a shape (--layers --d-model --heads ...) or --params")
+    if a.params:
+        n, source = a.params, "given"
+    elif on_disk:
+        n, source = on_disk[0], f"counted in the checkpoint's tensors, {_gb(on_disk[1])} on disk"
+    elif shape.vocab_size and (shape.intermediate_size or shape.n_routed_experts):
+        n, source = count_params(shape), "from the shape"
+    else:
+        n, source = 0, ""
+    print(report(shape, n, int(a.context), a.batch, a.dtype_bytes, a.group_size, source))
+
+
+if __name__ == "__main__":
+    main()
