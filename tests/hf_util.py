@@ -1,0 +1,65 @@
+"""Test helpers: Hugging Face transformers as the independent reference (test-only dependency)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(REPO, "models")
+LLAMA = os.path.join(MODELS, "shakespeare-llama")
+DRAFT = os.path.join(MODELS, "shakespeare-draft")
+MLA = os.path.join(MODELS, "shakespeare-mla")
+
+
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0].float()
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """n greedy tokens with HF's own KV cache; also the top-2 logit gap at each step."""
+    out, gaps = [], []
+    res = model(torch.tensor([ids]), use_cache=True)
+    for _ in range(n):
+        logits = res.logits[0, -1].float()
+        top2 = logits.topk(2).values
+        gaps.append(float(top2[0] - top2[1]))
+        tok = int(logits.argmax())
+        out.append(tok)
+        res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+    return out, gaps
+
+
+def save_random_llama(tmp_path, seed: int = 0, **overrides) -> str:
+    """A random-weight LlamaForCausalLM written with save_pretrained, plus the demo tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    kw.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).to(torch.float32)
+    with torch.no_grad():      # larger weights than the default init, so logits are not all near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    path = str(tmp_path)
+    model.save_pretrained(path)
+    shutil.copy(os.path.join(LLAMA, "tokenizer.model"), path)
+    return path
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def first_near_tie(gaps: list[float], eps: float = 1e-3) -> int:
+    return next((i for i, g in enumerate(gaps) if g < eps), len(gaps))

@@ -1,0 +1,35 @@
+"""BlockAllocator bookkeeping: capacity, double free, ref counts."""
+import pytest
+
+from tinyinfer.kv_cache import BlockAllocator, OutOfBlocks
+
+
+def test_allocates_distinct_blocks_up_to_capacity_then_raises():
+    a = BlockAllocator(8)
+    blocks = a.allocate(5) + a.allocate(3)
+    assert sorted(blocks) == list(range(8)) and a.num_free == 0
+    with pytest.raises(OutOfBlocks, match="only 0 of 8"):
+        a.allocate(1)
+
+
+def test_double_free_raises():
+    a = BlockAllocator(4)
+    b = a.allocate(2)
+    a.release(b)
+    with pytest.raises(ValueError, match="double free"):
+        a.release(b[:1])
+
+
+def test_shared_block_returns_only_after_last_owner_releases():
+    a = BlockAllocator(4)
+    (b,) = a.allocate(1)
+    a.share(b)
+    a.release([b])
+    assert a.num_free == 3
+    a.release([b])
+    assert a.num_free == 4
+
+
+def test_sharing_a_free_block_raises():
+    with pytest.raises(ValueError, match="not allocated"):
+        BlockAllocator(2).share(0)

@@ -1,0 +1,188 @@
+"""Finding and reading checkpoint weights (safetensors, memory-mapped, read lazily tensor by tensor).
+
+Accepted layouts:
+  * a Hugging Face directory: config.json + model.safetensors, or shards listed in
+    model.safetensors.index.json (+ generation_config.json, tokenizer files);
+  * one .safetensors file with config.json (and a tokenizer) beside it, or with the config JSON in
+    the file's metadata under "config".
+Our module names are the Hugging Face names without the "model." prefix, except the fused
+projections (qkv_proj = cat(q, k, v), gate_up_proj = cat(gate, up)), which are concatenated here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be read: missing path or tensor, wrong shape, truncated file, ..."""
+
+
+# Fused modules of ours -> the Hugging Face projections concatenated (along the output dim) to fill them.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass
+class CheckpointFiles:
+    weight_files: list[str]
+    config: dict
+    generation_config: Optional[dict]
+    tokenizer_dir: str
+    metadata: dict = field(default_factory=dict)     # the first file's safetensors metadata
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix it") from None
+
+
+def _metadata(path: str) -> dict:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupt safetensors file?)"
+                              ) from None
+
+
+def locate(path: str) -> CheckpointFiles:
+    """Resolve a checkpoint path (directory or .safetensors file) to its weight files and config."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path {path!r} does not exist")
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            weight_map = (_read_json(index) or {}).get("weight_map", {})
+            files = sorted({os.path.join(path, f) for f in weight_map.values()})
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise CheckpointError(f"shard {missing[0]!r} listed in {index} is missing")
+        else:
+            files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                           if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"directory {path!r} holds no .safetensors weights "
+                                  "(tinyinfer reads safetensors; convert .bin/.pth checkpoints first)")
+        config_dir = path
+    elif path.endswith(".safetensors"):
+        files, config_dir = [path], os.path.dirname(os.path.abspath(path))
+    else:
+        raise CheckpointError(f"{path!r} is neither a directory nor a .safetensors file")
+    meta = _metadata(files[0])
+    config = _read_json(os.path.join(config_dir, "config.json"))
+    if "config" in meta:                       # self-describing single file wins over a sibling
+        try:
+            config = json.loads(meta["config"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"config in the metadata of {files[0]} is not JSON: {e}") from None
+    if config is None:
+        raise CheckpointError(f"no config.json beside {path!r} and no 'config' in its metadata")
+    gen = _read_json(os.path.join(config_dir, "generation_config.json"))
+    return CheckpointFiles(files, config, gen, config_dir, meta)
+
+
+class TensorReader:
+    """Lazy, memory-mapped access to every tensor of a (possibly sharded) checkpoint."""
+
+    def __init__(self, files: list[str]):
+        self.where: dict[str, str] = {}
+        self._handles = {}
+        for f in files:
+            try:
+                handle = safe_open(f, framework="pt")
+                for name in handle.keys():
+                    self.where[name] = f
+            except Exception as e:
+                raise CheckpointError(f"cannot read {f}: {e} (truncated or corrupt?)") from None
+            self._handles[f] = handle
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"checkpoint lacks tensor {name}")
+        try:
+            return self._handles[self.where[name]].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.where[name]}: {e} "
+                                  "(truncated or corrupt file?)") from None
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handles[self.where[name]].get_slice(name).get_shape())
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the Hugging Face tensor name it comes from (fused ones excluded)."""
+    if name.startswith("lm_head."):
+        return name
+    return "model." + name.replace(".attn.", ".self_attn.")
+
+
+def hf_sources(name: str) -> list[str]:
+    """The Hugging Face tensors concatenated (dim 0) into our parameter `name`."""
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            return [hf_name(name.replace(fused, p)) for p in parts]
+    return [hf_name(name)]
+
+
+def _benign_extra(name: str, num_layers: int, tied: bool) -> bool:
+    if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+        return True
+    parts = name.split(".")    # DeepSeek multi-token-prediction layers sit past the last layer
+    return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= num_layers
+
+
+def load_weights(model: torch.nn.Module, reader: TensorReader, num_layers: int, tied: bool,
+                 dtype: torch.dtype, device: torch.device, progress: bool = False) -> None:
+    """Fill every parameter of `model` (allocated on `device`) from the checkpoint, checking names
+    and shapes; tensors the model does not use are an error unless known to be harmless."""
+    used: set[str] = set()
+    params = [(n, p) for n, p in model.named_parameters(remove_duplicate=True)]
+    bar = _progress(params, progress)
+    for name, param in bar:
+        sources = hf_sources(name)
+        for s in sources:
+            if s not in reader:
+                raise CheckpointError(f"checkpoint lacks {s} (needed for {name})")
+        expected_rows = 0
+        parts = []
+        for s in sources:
+            shape = reader.shape(s)
+            parts.append((s, shape))
+            expected_rows += shape[0] if shape else 0
+        want = list(param.shape)
+        got = [expected_rows] + parts[0][1][1:] if len(parts) > 1 else parts[0][1]
+        if got != want:
+            detail = ", ".join(f"{s} {shape}" for s, shape in parts)
+            raise CheckpointError(f"tensor {detail} has shape {got}, model expects {want} for "
+                                  f"{name} (does config.json match the weights?)")
+        with torch.no_grad():
+            row = 0
+            for s, shape in parts:
+                t = reader.get(s)
+                param.data[row:row + shape[0]].copy_(t.to(device=device, dtype=dtype))
+                row += shape[0]
+        used.update(sources)
+    extra = sorted(n for n in reader.where if n not in used and not _benign_extra(n, num_layers, tied))
+    if extra:
+        raise CheckpointError(f"checkpoint holds {len(extra)} tensor(s) the model does not use, "
+                              f"e.g. {extra[0]} (wrong architecture or config?)")
+
+
+def _progress(items: list, enabled: bool) -> Iterator:
+    if not enabled:
+        return iter(items)
+    from tqdm import tqdm
+    return iter(tqdm(items, desc="loading weights", unit="tensor", leave=False))
