@@ -86,6 +86,30 @@ def _(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
 
 
 # ----------------------------------------------------------------------------------------------
+# int4_linear: y = x @ dequant(W).T with W in 4 bits (layout: tinyinfer/quant.py, cuda/int4.cuh)
+# ----------------------------------------------------------------------------------------------
+
+def int4_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                          group_size: int) -> Tensor:
+    # x (M, K); qweight (N/16, Kp/64, 32, 4) int32; scales, zeros (N/16, Kp/G, 16) -> y (M, N).
+    # Unpacks the kernel layout itself (the same one the CUDA kernel reads), W = (q - z) * s in fp32.
+    from tinyinfer.quant import dequantize_kernel_layout     # quant.py imports this module
+    w = dequantize_kernel_layout(qweight, scales, zeros, x.shape[-1])              # (N, K) float32
+    return (x.float() @ w.T).to(x.dtype)
+
+
+@torch.library.custom_op("tinyinfer::int4_linear", mutates_args=())
+def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int
+                ) -> Tensor:
+    return int4_linear_reference(x, qweight, scales, zeros, group_size)
+
+
+@int4_linear.register_fake
+def _(x, qweight, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0] * 16)
+
+
+# ----------------------------------------------------------------------------------------------
 # Prefill over fresh K/V (no cached prefix): per-sequence causal SDPA. Not a custom op: it reads
 # no cache, and SDPA already dispatches to fused kernels on a GPU.
 # ----------------------------------------------------------------------------------------------
