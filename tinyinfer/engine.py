@@ -72,6 +72,11 @@ class LLM:
         self.block_size = block_size
         self._init_cache(max_kv_tokens)
 
+    @property
+    def stats(self) -> dict:
+        return {"preemptions": self.scheduler.num_preemptions,
+                "free_blocks": self.allocator.num_free, "num_blocks": self.allocator.num_blocks}
+
     def _say(self, msg: str) -> None:
         if self.verbose:
             print(f"tinyinfer: {msg}", file=sys.stderr)
