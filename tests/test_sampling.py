@@ -1,0 +1,314 @@
+"""Sampler: processors against hand-computed examples, validation, keyed randomness, and the
+distributions that sampling and speculative rejection sampling must follow (chi-square, float64 refs)."""
+import math
+
+import pytest
+import torch
+
+from tinyinfer.sampling import (SamplingParams, STREAM_SAMPLE, keyed_uniform, probabilities,
+                                process_logits, rejection_sample, sample)
+
+INF = math.inf
+
+
+def row(values):
+    return torch.tensor([values], dtype=torch.float32)
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; categories with probability 0 must be empty."""
+    counts, probs = counts.double(), probs.double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, f"sampled a token outside the support: {counts[~support]}"
+    expected = counts.sum() * probs[support]
+    stat = ((counts[support] - expected) ** 2 / expected).sum()
+    df = int(support.sum()) - 1
+    if df == 0:
+        return 1.0
+    # Survival function of chi2(df): regularized upper incomplete gamma Q(df/2, stat/2).
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+def total_variation(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    return 0.5 * float((counts.double() / counts.sum() - probs.double()).abs().sum())
+
+
+# --- processors, hand-computed -------------------------------------------------------------------
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    out = process_logits(row([2.0, -1.0, 0.5, 3.0]), [SamplingParams(repetition_penalty=2.0)], [[0, 1, 1]])
+    assert torch.equal(out, row([1.0, -2.0, 0.5, 3.0]))
+
+
+def test_temperature_divides_and_greedy_rows_are_untouched():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    out = process_logits(logits, [SamplingParams(temperature=0.5), SamplingParams(temperature=0.0)], [[], []])
+    assert torch.equal(out, torch.tensor([[2.0, 4.0, 6.0], [1.0, 2.0, 3.0]]))
+
+
+def test_top_k_keeps_the_k_largest():
+    out = process_logits(row([1.0, 3.0, 2.0, 0.0, 2.5]), [SamplingParams(top_k=2)], [[]])
+    assert torch.equal(out, row([-INF, 3.0, -INF, -INF, 2.5]))
+
+
+def test_top_k_keeps_ties_at_the_cutoff():
+    out = process_logits(row([1.0, 2.0, 2.0, 0.0]), [SamplingParams(top_k=2)], [[]])
+    assert torch.equal(out, row([-INF, 2.0, 2.0, -INF]))
+    out = process_logits(row([1.0, 2.0, 2.0, 0.0]), [SamplingParams(top_k=1)], [[]])
+    assert torch.equal(out, row([-INF, 2.0, 2.0, -INF]))
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.4, 1), (0.75, 2), (0.85, 3), (1.0, 4)])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
+    logits = row([math.log(v) for v in (0.15, 0.5, 0.05, 0.3)])  # sorted: 0.5, 0.3, 0.15, 0.05
+    out = process_logits(logits, [SamplingParams(top_p=top_p)], [[]])
+    order = [1, 3, 0, 2]
+    assert torch.isfinite(out[0, order[:kept]]).all()
+    assert torch.isinf(out[0, order[kept:]]).all()
+    assert torch.equal(out[0, order[:kept]], logits[0, order[:kept]])
+
+
+def test_top_p_applies_to_the_top_k_renormalised_distribution():
+    logits = row([math.log(v) for v in (0.4, 0.3, 0.2, 0.1)])
+    # After top-k=2 the mass is (4/7, 3/7): top_p=0.5 keeps one token (on the raw mass it would keep two).
+    out = process_logits(logits, [SamplingParams(top_k=2, top_p=0.5)], [[]])
+    assert torch.isfinite(out[0]).tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("min_p, kept", [(0.2, 3), (0.7, 1), (0.0, 4), (1.0, 1)])
+def test_min_p_drops_tokens_below_min_p_times_the_max(min_p, kept):
+    logits = row([math.log(v) for v in (0.5, 0.3, 0.15, 0.05)])
+    out = process_logits(logits, [SamplingParams(min_p=min_p)], [[]])
+    assert torch.isfinite(out[0]).tolist() == [True] * kept + [False] * (4 - kept)
+
+
+def test_probabilities_are_softmax_of_processed_and_one_hot_for_greedy():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    params = [SamplingParams(temperature=2.0, top_k=3), SamplingParams(temperature=0.0)]
+    probs = probabilities(logits, params, [[], []])
+    ref = torch.softmax(torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64), 0)
+    torch.testing.assert_close(probs[0, :3].double(), ref)
+    assert probs[0, 3] == 0
+    assert torch.equal(probs[1], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+
+
+def test_greedy_with_repetition_penalty_picks_the_penalised_argmax():
+    params = [SamplingParams(temperature=0.0, repetition_penalty=4.0)]
+    tok = sample(row([1.0, 3.0, 2.0]), params, [[1]], seeds=[0], steps=[0])
+    assert tok.tolist() == [2]  # 3 / 4 = 0.75 < 2
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf),
+    ("top_k", -1), ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.2),
+    ("min_p", -0.1), ("min_p", 1.1), ("max_tokens", 0), ("max_tokens", -3),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),
+    ("seed", 1.5), ("stop", [""]), ("stop_token_ids", [-1]), ("ignore_eos", "yes"),
+])
+def test_invalid_values_raise_value_error_naming_field_and_value(field, value):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**{field: value})
+    assert field in str(err.value) and repr(value) in str(err.value)
+
+
+def test_a_single_stop_string_becomes_a_list():
+    assert SamplingParams(stop="\n\n").stop == ["\n\n"]
+
+
+# --- keyed randomness ----------------------------------------------------------------------------
+
+def test_keyed_uniform_is_uniform_and_in_the_open_interval():
+    u = keyed_uniform(torch.tensor([7, 8]), torch.tensor([0, 5]), 0, 200_000, "cpu")
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    counts = torch.stack([torch.histc(r, bins=20, min=0, max=1) for r in u])
+    for c in counts:
+        assert chi2_pvalue(c, torch.full((20,), 0.05)) > 1e-3
+
+
+def test_keyed_uniform_depends_only_on_its_key():
+    a = keyed_uniform(torch.tensor([3, 2**40 + 3, -5]), torch.tensor([9, 9, 9]), 2, 64, "cpu")
+    b = keyed_uniform(torch.tensor([-5, 3]), torch.tensor([9, 9]), 2, 64, "cpu")
+    assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
+    assert not torch.equal(a[0], a[1])  # high seed bits matter
+    assert not torch.equal(a[0], keyed_uniform(torch.tensor([3]), torch.tensor([10]), 2, 64, "cpu")[0])
+    assert not torch.equal(a[0], keyed_uniform(torch.tensor([3]), torch.tensor([9]), 1, 64, "cpu")[0])
+
+
+def test_seeded_row_gives_the_same_token_alone_and_in_any_batch():
+    g = torch.Generator().manual_seed(0)
+    V = 50
+    logits = torch.randn(9, V, generator=g) * 2
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=123)] + [
+        SamplingParams(temperature=t, top_k=k, repetition_penalty=r)
+        for t, k, r in [(0.0, 0, 1.0), (1.3, 5, 1.2), (0.5, 0, 1.0), (1.0, 10, 1.0),
+                        (2.0, 0, 1.5), (0.7, 3, 1.0), (1.0, 0, 1.0), (0.0, 2, 1.1)]]
+    hist = [[1, 2, 3]] + [[i, i + 1] for i in range(8)]
+    seeds, steps = [123] + list(range(8)), [17] + list(range(8))
+    for step in range(20):
+        alone = sample(logits[:1], params[:1], hist[:1], seeds[:1], [step])
+        perm = torch.randperm(9, generator=g).tolist()
+        batch = sample(logits[perm], [params[i] for i in perm], [hist[i] for i in perm],
+                       [seeds[i] for i in perm], [step if i == 0 else steps[i] for i in perm])
+        assert batch[perm.index(0)] == alone[0]
+
+
+def test_temperature_to_zero_limit_equals_greedy():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 100, generator=g) * 3
+    greedy = sample(logits, [SamplingParams(temperature=0.0)] * 64, [[]] * 64, range(64), [0] * 64)
+    cold = sample(logits, [SamplingParams(temperature=1e-4)] * 64, [[]] * 64, range(64), [0] * 64)
+    assert torch.equal(greedy, logits.argmax(-1)) and torch.equal(cold, greedy)
+    probs = probabilities(logits, [SamplingParams(temperature=1e-4)] * 64, [[]] * 64)
+    torch.testing.assert_close(probs, torch.nn.functional.one_hot(greedy, 100).float())
+
+
+def reference_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                           min_p: float) -> torch.Tensor:
+    """float64, one token at a time: softmax(logits / T) restricted by top-k, then top-p, then min-p."""
+    p = torch.softmax(logits.double() / temperature, 0)
+    order = sorted(range(len(p)), key=lambda i: -float(p[i]))
+    keep = order[:top_k] if top_k else order
+    mass = sum(float(p[i]) for i in keep)
+    prefix, acc = [], 0.0
+    for i in keep:
+        prefix.append(i)
+        acc += float(p[i]) / mass
+        if acc >= top_p:
+            break
+    top = max(float(p[i]) for i in prefix)
+    kept = [i for i in prefix if float(p[i]) >= min_p * top]
+    out = torch.zeros_like(p)
+    out[kept] = p[kept]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (0.8, 6, 0.9, 0.0), (1.0, 0, 1.0, 0.1)])
+@pytest.mark.parametrize("vary", ["seed", "step"])
+def test_first_token_distribution_matches_restricted_softmax(temperature, top_k, top_p, min_p, vary):
+    g = torch.Generator().manual_seed(2)
+    V, N = 12, 100_000
+    logits = torch.randn(V, generator=g) * 1.5
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)] * N
+    ids = torch.arange(N)
+    seeds = ids + 1000 if vary == "seed" else torch.full((N,), 4242)
+    steps = torch.zeros(N, dtype=torch.long) if vary == "seed" else ids
+    toks = sample(logits.expand(N, V), params, [[]] * N, seeds, steps)
+    counts = torch.bincount(toks, minlength=V)
+    ref = reference_distribution(logits, temperature, top_k, top_p, min_p)
+    assert chi2_pvalue(counts, ref) > 1e-3
+    assert total_variation(counts, ref) < 0.01
+
+
+# --- speculative rejection sampling -------------------------------------------------------------
+
+def run_rejection(p: torch.Tensor, q: torch.Tensor, n: int, seed: int = 0):
+    """p (k+1, V), q (k, V) shared by n rows; drafts drawn from q independently of the sampler's noise."""
+    k = q.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    drafts = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=g) for i in range(k)], 1)
+    seeds = torch.arange(n) * 7 + seed
+    steps = torch.full((n,), 3)
+    return rejection_sample(p.expand(n, -1, -1), q.expand(n, -1, -1), drafts, seeds, steps)
+
+
+def assert_emits_p(p: torch.Tensor, q: torch.Tensor, n: int = 200_000):
+    accepted, tokens = run_rejection(p, q, n)
+    k, V = q.shape
+    # Shape contract: accepted drafts, then exactly one more token, then -1 padding.
+    emitted = (tokens >= 0).sum(1)
+    assert torch.equal(emitted, accepted + 1)
+    # The token at position j (when emitted) must follow p_j, whatever q_j was.
+    for j in range(k + 1):
+        toks = tokens[:, j][tokens[:, j] >= 0]
+        counts = torch.bincount(toks, minlength=V)
+        assert total_variation(counts, p[j]) < 0.01, (j, counts, p[j])
+        assert chi2_pvalue(counts, p[j]) > 1e-3, (j, counts, p[j])
+    # Acceptance rate of slot 0 is sum_x min(p, q).
+    rate = float((accepted > 0).double().mean())
+    assert abs(rate - float(torch.minimum(p[0], q[0]).sum())) < 0.005
+    return accepted, tokens
+
+
+def random_dist(g, shape, zeros=0):
+    d = torch.rand(shape, generator=g) ** 2
+    if zeros:
+        d[..., :zeros] = 0
+    return d / d.sum(-1, keepdim=True)
+
+
+def test_rejection_sampler_emits_the_target_distribution_dense_q():
+    g = torch.Generator().manual_seed(3)
+    assert_emits_p(random_dist(g, (3, 8)), random_dist(g, (2, 8)))
+
+
+def test_rejection_sampler_with_one_hot_q():
+    g = torch.Generator().manual_seed(4)
+    p = random_dist(g, (3, 8))
+    # n-gram style draft on the target's likeliest token, so later slots get enough samples to test.
+    q = torch.nn.functional.one_hot(p[:2].argmax(-1), 8).float()
+    assert_emits_p(p, q)
+
+
+def test_rejection_sampler_with_q_zero_where_p_is_not_and_p_zero_where_q_is_not():
+    g = torch.Generator().manual_seed(5)
+    p = random_dist(g, (3, 8))
+    p[:, 7] = 0
+    p = p / p.sum(-1, keepdim=True)
+    assert_emits_p(p, random_dist(g, (2, 8), zeros=3))
+
+
+def test_rejection_sampler_with_top_k_top_p_applied_to_p_and_q():
+    g = torch.Generator().manual_seed(6)
+    tl, dl = torch.randn(3, 8, generator=g) * 1.5, torch.randn(2, 8, generator=g) * 1.5
+    p = probabilities(tl, [SamplingParams(temperature=0.8, top_k=5, top_p=0.9)] * 3, [[]] * 3)
+    q = probabilities(dl, [SamplingParams(temperature=1.2, top_k=3)] * 2, [[]] * 2)
+    assert (p == 0).any() and (q == 0).any()
+    assert_emits_p(p, q)
+
+
+def test_rejection_sampler_accepts_everything_when_p_equals_q():
+    g = torch.Generator().manual_seed(7)
+    p = random_dist(g, (3, 8))
+    accepted, tokens = run_rejection(p, p[:2].clone(), 20_000)
+    assert (accepted == 2).all()
+    assert (tokens >= 0).all()
+
+
+def test_rejection_sampler_greedy_is_longest_prefix_match_plus_target_token():
+    V = 6
+    argmax = torch.tensor([[1, 4, 2, 0], [1, 4, 2, 0], [3, 3, 3, 3]])  # target argmax per slot
+    p = torch.nn.functional.one_hot(argmax, V).float()  # (B, 4, V)
+    drafts = torch.tensor([[1, 4, 5], [1, 4, 2], [0, 3, 3]])
+    q = torch.nn.functional.one_hot(drafts, V).float()
+    accepted, tokens = rejection_sample(p, q, drafts, [1, 2, 3], [0, 0, 0])
+    assert accepted.tolist() == [2, 3, 0]
+    assert tokens.tolist() == [[1, 4, 2, -1], [1, 4, 2, 0], [3, -1, -1, -1]]
+
+
+def test_rejection_sampler_is_deterministic_for_a_seed_and_batch_independent():
+    g = torch.Generator().manual_seed(8)
+    p, q = random_dist(g, (64, 4, 8)), random_dist(g, (64, 3, 8))
+    drafts = torch.randint(0, 8, (64, 3), generator=g)
+    seeds, steps = torch.arange(64), torch.arange(64) * 3
+    a1, t1 = rejection_sample(p, q, drafts, seeds, steps)
+    a2, t2 = rejection_sample(p, q, drafts, seeds, steps)
+    assert torch.equal(a1, a2) and torch.equal(t1, t2)
+    perm = torch.randperm(64, generator=g)
+    a3, t3 = rejection_sample(p[perm], q[perm], drafts[perm], seeds[perm], steps[perm])
+    assert torch.equal(a3, a1[perm]) and torch.equal(t3, t1[perm])
+    _, t4 = rejection_sample(p, q, drafts, seeds + 1, steps)
+    assert not torch.equal(t4, t1)
+
+
+def test_bonus_token_is_the_plain_sample_at_its_step():
+    # When every draft is accepted, the bonus token is exactly what plain sampling would draw there.
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(32, 8, generator=g)
+    p1 = torch.softmax(logits, -1)
+    drafts = torch.zeros(32, 0, dtype=torch.long)
+    _, tokens = rejection_sample(p1.unsqueeze(1), torch.zeros(32, 0, 8), drafts, range(32), [5] * 32)
+    plain = sample(logits, [SamplingParams()] * 32, [[]] * 32, range(32), [5] * 32, stream=STREAM_SAMPLE)
+    assert torch.equal(tokens[:, 0], plain)
