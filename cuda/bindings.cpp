@@ -1,0 +1,222 @@
+// bindings.cpp -- the only file of the extension that includes torch: it checks the arguments of each
+// op, turns tensors into raw pointers, strides and sizes, and calls the plain C++ launchers of the
+// cuda/*.cu files on the current CUDA stream. The ops themselves (and their CPU references) live in
+// tinyinfer/ops.py; tinyinfer/kernels.py registers these functions as their `cuda` implementations.
+//
+// To add a kernel family: include its header (or declare its launcher) below, write a binding
+// function that checks its arguments, and add one m.def line to the module at the bottom.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/python.h>
+
+#include <optional>
+
+#include "int4.cuh"
+#include "store_kv.cuh"
+
+namespace tinyinfer {
+cudaError_t launch_store_kv(const StoreKVParams& bytes, cudaStream_t stream);
+cudaError_t launch_int4_gemv(const Int4GemvParams& p, cudaStream_t stream);
+cudaError_t launch_int4_dequant(const Int4GemvParams& p, cudaStream_t stream);
+}  // namespace tinyinfer
+
+namespace {
+
+using torch::Tensor;
+
+// Kernel launches report configuration errors through cudaGetLastError; turn them into exceptions.
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "tinyinfer: launching the ", kernel,
+              " kernel failed: ", cudaGetErrorString(err));
+}
+
+void check_float_dtype(const Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat16 || dt == torch::kBFloat16 || dt == torch::kFloat32, "store_kv: ", name,
+              " must be float16, bfloat16 or float32, got ", dt, "; convert the cache/model dtype");
+}
+
+// ---------------------------------------------------------------------------------------------
+// store_kv (cuda/store_kv.cu)
+// ---------------------------------------------------------------------------------------------
+
+// Checks one (source, cache) pair and returns the source in a form the kernel can read: the
+// cache's dtype, unit-stride last dimension.
+Tensor check_kv_pair(const Tensor& src, const Tensor& cache, const Tensor& slot_mapping, const char* src_name,
+                     const char* cache_name) {
+  TORCH_CHECK(src.dim() == 3, "store_kv: ", src_name, " must be (T, n_kv_heads, head_dim), got shape ",
+              src.sizes());
+  TORCH_CHECK(cache.dim() == 4, "store_kv: ", cache_name,
+              " must be (num_blocks, block_size, n_kv_heads, head_dim), got shape ", cache.sizes());
+  TORCH_CHECK(src.is_cuda() && cache.device() == src.device() && slot_mapping.device() == src.device(),
+              "store_kv: ", src_name, ", ", cache_name, " and slot_mapping must be on the same CUDA device, got ",
+              src.device(), ", ", cache.device(), ", ", slot_mapping.device());
+  TORCH_CHECK(src.size(0) == slot_mapping.size(0), "store_kv: ", src_name, " has ", src.size(0),
+              " tokens but slot_mapping has ", slot_mapping.size(0), "; pass one slot per token");
+  TORCH_CHECK(src.size(1) == cache.size(2) && src.size(2) == cache.size(3), "store_kv: ", src_name,
+              " rows of shape (", src.size(1), ", ", src.size(2), ") do not fit ", cache_name,
+              " rows of shape (", cache.size(2), ", ", cache.size(3), ")");
+  TORCH_CHECK(src.size(2) > 0, "store_kv: ", src_name, " has head_dim 0");
+  check_float_dtype(cache, cache_name);
+  TORCH_CHECK(cache.stride(3) == 1, "store_kv: ", cache_name, " must have a unit-stride last dimension, got "
+              "strides ", cache.strides(), "; the cache is written in place, so allocate it with that layout");
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK(cache.stride(d) >= 0, "store_kv: ", cache_name, " has a negative stride: ", cache.strides());
+  }
+  Tensor out = src.scalar_type() == cache.scalar_type() ? src : src.to(cache.scalar_type());
+  if (out.stride(2) != 1 || out.stride(0) < 0 || out.stride(1) < 0) out = out.contiguous();
+  return out;
+}
+
+void store_kv(const Tensor& k, const std::optional<Tensor>& v, const Tensor& k_cache,
+              const std::optional<Tensor>& v_cache, const Tensor& slot_mapping) {
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == torch::kInt64,
+              "store_kv: slot_mapping must be a 1-D int64 tensor, got ", slot_mapping.scalar_type(),
+              " of shape ", slot_mapping.sizes());
+  TORCH_CHECK(v.has_value() == v_cache.has_value(), "store_kv: pass v and v_cache together (MHA/GQA) or "
+              "neither (MLA), got v ", v.has_value() ? "set" : "None", " and v_cache ",
+              v_cache.has_value() ? "set" : "None");
+  const Tensor kk = check_kv_pair(k, k_cache, slot_mapping, "k", "k_cache");
+  Tensor vv;
+  if (v.has_value()) {
+    vv = check_kv_pair(*v, *v_cache, slot_mapping, "v", "v_cache");
+    TORCH_CHECK(v->size(1) == k.size(1) && v_cache->size(0) == k_cache.size(0) &&
+                v_cache->size(1) == k_cache.size(1), "store_kv: v_cache ", v_cache->sizes(),
+                " and k_cache ", k_cache.sizes(), " must agree on blocks, block size and kv heads");
+  }
+  const int64_t T = k.size(0);
+  TORCH_CHECK(T < (int64_t(1) << 31), "store_kv: ", T, " tokens in one call; split the batch below 2^31");
+  if (T == 0 || k.size(1) == 0) return;
+
+  const c10::cuda::CUDAGuard guard(k.device());
+  const Tensor slots = slot_mapping.contiguous();
+  const int64_t es = k_cache.element_size();
+  tinyinfer::StoreKVParams p{};  // every length and stride in bytes; the launcher picks the word size
+  p.k = kk.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.slot_mapping = slots.data_ptr<int64_t>();
+  p.num_tokens = T;
+  p.num_heads = k.size(1);
+  p.num_blocks = k_cache.size(0);
+  p.block_size = k_cache.size(1);
+  p.k_row_words = k.size(2) * es;
+  p.k_token_stride = kk.stride(0) * es;
+  p.k_head_stride = kk.stride(1) * es;
+  p.k_cache_strides = {k_cache.stride(0) * es, k_cache.stride(1) * es, k_cache.stride(2) * es};
+  if (v.has_value()) {
+    const int64_t ves = v_cache->element_size();
+    TORCH_CHECK(ves == es, "store_kv: k_cache and v_cache must share a dtype, got ", k_cache.scalar_type(),
+                " and ", v_cache->scalar_type());
+    p.v = vv.data_ptr();
+    p.v_cache = v_cache->data_ptr();
+    p.v_row_words = v->size(2) * es;
+    p.v_token_stride = vv.stride(0) * es;
+    p.v_head_stride = vv.stride(1) * es;
+    p.v_cache_strides = {v_cache->stride(0) * es, v_cache->stride(1) * es, v_cache->stride(2) * es};
+  }
+  check_launch(tinyinfer::launch_store_kv(p, c10::cuda::getCurrentCUDAStream()), "store_kv");
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// int4_linear (cuda/int4_gemv.cu): y = x @ dequant(W).T, layouts in tinyinfer/quant.py
+// ---------------------------------------------------------------------------------------------
+
+// Checks the packed weight against x and returns the launcher parameters (y left unset).
+tinyinfer::Int4GemvParams int4_params(const Tensor& x, const Tensor& qweight, const Tensor& scales,
+                                      const Tensor& zeros, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be (M, K), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat16 || x.scalar_type() == torch::kBFloat16,
+              "int4_linear: x must be float16 or bfloat16, got ", x.scalar_type(),
+              "; run the INT4 model in fp16 or bf16");
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
+              "int4_linear: group_size must be 32, 64 or 128, got ", group_size);
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K > 0 && K % group_size == 0, "int4_linear: K=", K, " (x.size(1)) is not a multiple of the group "
+              "size ", group_size, "; quantize this layer with a group size that divides K");
+  const int64_t KB = (K + 63) / 64, NG = KB * 64 / group_size;
+  TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == torch::kInt32 && qweight.size(1) == KB &&
+              qweight.size(2) == 32 && qweight.size(3) == 4,
+              "int4_linear: qweight must be int32 (N/16, ", KB, ", 32, 4) for K=", K, ", got ",
+              qweight.scalar_type(), " ", qweight.sizes(), "; build it with tinyinfer.quant.to_kernel_layout");
+  const int64_t NT = qweight.size(0);
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == NT && scales.size(1) == NG && scales.size(2) == 16,
+              "int4_linear: scales must be (", NT, ", ", NG, ", 16) for K=", K, " and group size ", group_size,
+              ", got ", scales.sizes());
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 || scales.scalar_type() == torch::kBFloat16,
+              "int4_linear: scales must be float16 or bfloat16, got ", scales.scalar_type());
+  TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == torch::kUInt8,
+              "int4_linear: zeros must be uint8 of the scales' shape ", scales.sizes(), ", got ",
+              zeros.scalar_type(), " ", zeros.sizes());
+  for (const Tensor* t : {&qweight, &scales, &zeros}) {
+    TORCH_CHECK(t->is_contiguous(), "int4_linear: qweight, scales and zeros must be contiguous (repack once "
+                "at load with tinyinfer.quant.to_kernel_layout)");
+    TORCH_CHECK(t->device() == x.device(), "int4_linear: x is on ", x.device(), " but a weight tensor is on ",
+                t->device(), "; move the layer to the activations' device");
+  }
+  TORCH_CHECK(x.size(0) * std::max<int64_t>(NT * 16, K) < (int64_t(1) << 31),
+              "int4_linear: shape too large for 32-bit indexing: M=", x.size(0), " N=", NT * 16, " K=", K);
+  tinyinfer::Int4GemvParams p{};
+  p.qweight = qweight.data_ptr();
+  p.scales = scales.data_ptr();
+  p.zeros = zeros.data_ptr<uint8_t>();
+  p.M = static_cast<int>(x.size(0));
+  p.N = static_cast<int>(NT * 16);
+  p.K = static_cast<int>(K);
+  p.group_size = static_cast<int>(group_size);
+  p.x_bf16 = x.scalar_type() == torch::kBFloat16;
+  p.scales_bf16 = scales.scalar_type() == torch::kBFloat16;
+  return p;
+}
+
+// Writes y = x @ dequant(W).T into `out` (M, N): the GEMV kernel for M <= 16, else dequantize W into
+// a scratch buffer and call the dense matmul.
+void int4_linear_out(const Tensor& x_in, const Tensor& qweight, const Tensor& scales, const Tensor& zeros,
+                     int64_t group_size, Tensor& out) {
+  TORCH_CHECK(x_in.is_cuda(), "int4_linear: x must be a CUDA tensor, got ", x_in.device());
+  tinyinfer::Int4GemvParams p = int4_params(x_in, qweight, scales, zeros, group_size);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == p.M && out.size(1) == p.N && out.is_contiguous() &&
+              out.scalar_type() == x_in.scalar_type() && out.device() == x_in.device(),
+              "int4_linear: out must be a contiguous ", x_in.scalar_type(), " (", p.M, ", ", p.N, ") tensor on ",
+              x_in.device(), ", got ", out.scalar_type(), " ", out.sizes());
+  if (p.M == 0 || p.N == 0) return;
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (p.M > 16) {
+    Tensor w = torch::empty({p.N, p.K}, x_in.options());
+    p.y = w.data_ptr();
+    check_launch(tinyinfer::launch_int4_dequant(p, stream), "int4_dequant");
+    torch::mm_out(out, x_in, w.t());
+    return;
+  }
+  // The kernel reads rows of x with 16-byte loads.
+  Tensor x = x_in.is_contiguous() && reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 16 == 0
+                 ? x_in : x_in.clone(at::MemoryFormat::Contiguous);
+  p.x = x.data_ptr();
+  p.y = out.data_ptr();
+  check_launch(tinyinfer::launch_int4_gemv(p, stream), "int4_gemv");
+}
+
+Tensor int4_linear(const Tensor& x, const Tensor& qweight, const Tensor& scales, const Tensor& zeros,
+                   int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be (M, K), got shape ", x.sizes());
+  Tensor out = torch::empty({x.size(0), qweight.size(0) * 16}, x.options());
+  int4_linear_out(x, qweight, scales, zeros, group_size, out);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tinyinfer CUDA kernels (see cuda/*.cu); called through the ops in tinyinfer/ops.py";
+  m.def("int4_linear", &int4_linear, "y = x @ dequant(W).T for INT4 W in the kernel layout (tinyinfer/quant.py)",
+        pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("scales"), pybind11::arg("zeros"),
+        pybind11::arg("group_size"));
+  m.def("int4_linear_out", &int4_linear_out, "int4_linear writing into a given (M, N) tensor (tests poison it)",
+        pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("scales"), pybind11::arg("zeros"),
+        pybind11::arg("group_size"), pybind11::arg("out"));
+  m.def("store_kv", &store_kv, "Write K/V rows into their paged-cache slots (slot -1 skipped)",
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+        pybind11::arg("slot_mapping"));
+}

@@ -1,0 +1,256 @@
+"""The road every CUDA kernel travels: build, load, and register it as the `cuda` impl of its op.
+
+Each op in `tinyinfer.ops` has a pure-PyTorch reference body. This module compiles the hand-written
+kernels in `cuda/` into one extension through `torch.utils.cpp_extension` and registers them for
+the `cuda` dispatch key, so `ops.store_kv(...)` runs the kernel on a GPU and the reference elsewhere.
+
+- One list of sources (`sources()`) and flags (`CXX_FLAGS`, `NVCC_FLAGS`); builds target the
+  device's own architecture only (`target_arch()`; sm_90a when no GPU is visible), which keeps
+  compiles short.
+- `make build` (`python -m tinyinfer.kernels build`) compiles ahead of time, also on a machine
+  without a GPU, into `build/ext/<torch>-<python>-sm_<arch>/` with a stamp of what was built.
+- `extension()` loads that prebuilt module when its stamp matches the current sources, torch and
+  device; otherwise, on a CUDA device, compiles it just in time (ninja, cached, one line on stderr);
+  otherwise returns None -- with one clear warning on a GPU machine, where the slow path is a surprise.
+
+Adding a kernel: see `CUDA_IMPLS` below and the top of cuda/bindings.cpp.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = REPO_ROOT / "cuda"
+BUILD_ROOT = REPO_ROOT / "build" / "ext"
+EXTENSION_NAME = "tinyinfer_cuda"
+
+CXX_FLAGS = ["-O3"]
+# -lineinfo maps sanitizer/profiler reports to source lines at no run-time cost; -Xptxas=-v makes the
+# compiler print registers, spills and shared memory per kernel (`make build` shows that report).
+# No --use_fast_math: kernels that want fast intrinsics (__expf) say so where they use them.
+NVCC_FLAGS = ["-O3", "-lineinfo", "-Xptxas=-v"]
+
+# Op name in tinyinfer.ops -> how its CUDA impl calls the extension: (extension module, *op args).
+# To add a kernel: write cuda/<family>.cu, bind it in cuda/bindings.cpp (m.def), add one line here.
+CUDA_IMPLS: dict[str, Callable[..., Any]] = {
+    "store_kv": lambda ext, *args: ext.store_kv(*args),
+    "int4_linear": lambda ext, *args: ext.int4_linear(*args),
+}
+
+
+def sources() -> list[Path]:
+    return sorted(CUDA_DIR.glob("*.cu")) + [CUDA_DIR / "bindings.cpp"]
+
+
+def headers() -> list[Path]:
+    return sorted(CUDA_DIR.glob("*.cuh")) + sorted(CUDA_DIR.glob("*.h"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Toolchain: where CUDA lives, which arch to build for
+# ----------------------------------------------------------------------------------------------
+
+def _toolkit_version(home: Path) -> Optional[str]:
+    """"13.0" from the toolkit's cuda.h (`#define CUDA_VERSION 13000`), or None."""
+    try:
+        m = re.search(r"#define\s+CUDA_VERSION\s+(\d+)", (home / "include" / "cuda.h").read_text(errors="replace"))
+    except OSError:
+        return None
+    return f"{int(m[1]) // 1000}.{int(m[1]) % 1000 // 10}" if m else None
+
+
+def _is_toolkit(home: Path) -> bool:
+    nvcc = home / "bin" / "nvcc"
+    return nvcc.is_file() and not nvcc.read_bytes()[:2] == b"#!" and (home / "include" / "cuda.h").is_file()
+
+
+def find_cuda_home() -> Optional[Path]:
+    """The CUDA toolkit to compile with, preferring one whose major version matches torch's CUDA.
+
+    torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script (as in
+    /usr/local/bin/nvcc -> exec /usr/local/cuda-13.0/bin/nvcc), so resolve the real compiler."""
+    candidates = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        nvcc = Path(directory or ".") / "nvcc"
+        if not nvcc.is_file():
+            continue
+        nvcc = nvcc.resolve()
+        candidates.append(nvcc.parent.parent)
+        head = nvcc.read_bytes()[:4096]
+        if head.startswith(b"#!"):  # a wrapper script: follow the absolute nvcc path it runs
+            candidates += [Path(m.decode()).resolve().parent.parent
+                           for m in re.findall(rb"(/[^\s\"']*/bin/nvcc)\b", head)]
+    candidates += [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    found = [c.resolve() for c in candidates if _is_toolkit(c)]
+    major = (torch.version.cuda or "").split(".")[0]
+    matching = [c for c in found if (_toolkit_version(c) or "").split(".")[0] == major]
+    return (matching or found or [None])[0]
+
+
+def target_arch() -> str:
+    """Compute capability to build for: the visible device's own ("90a" on Hopper), else "90a"."""
+    if not torch.cuda.is_available():
+        return "90a"
+    major, minor = torch.cuda.get_device_capability()
+    # The "a" variants (sm_90a, sm_100a, ...) unlock arch-specific instructions; the code then runs only
+    # on that exact arch, which is what a build for the device in front of us wants.
+    return f"{major}{minor}{'a' if major >= 9 else ''}"
+
+
+def build_directory(arch: str) -> Path:
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    torch_tag = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
+    return BUILD_ROOT / f"torch{torch_tag}-{py}-sm_{arch}"
+
+
+def _nvidia_wheel_includes() -> list[Path]:
+    # Headers the toolkit may lack (cusparse.h, cublas_v2.h, ...) ship in torch's nvidia wheels.
+    site = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    return sorted(p for p in site.glob("*/include") if p.is_dir())
+
+
+def compile_flags(arch: str) -> tuple[list[str], list[str]]:
+    """(C++ flags, nvcc flags) for one arch. The wheel headers go *after* the toolkit's (-idirafter),
+    so they only fill gaps; only bindings.cpp (g++) needs them, the .cu files include no torch."""
+    cxx = CXX_FLAGS + [f"-idirafter{p}" for p in _nvidia_wheel_includes()]
+    nvcc = NVCC_FLAGS + [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    return cxx, nvcc
+
+
+def fingerprint(arch: str) -> str:
+    """Hash of everything the built module depends on: sources, headers, flags, torch, Python."""
+    h = hashlib.sha256()
+    for path in sources() + headers():
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    meta = [compile_flags(arch), torch.__version__, torch.version.cuda, sys.version_info[:2], EXTENSION_NAME]
+    h.update(json.dumps(meta, default=str).encode())
+    return h.hexdigest()
+
+
+def _cpp_extension() -> Any:
+    """torch.utils.cpp_extension, told where the real toolkit is before it guesses."""
+    home = find_cuda_home()
+    if home is not None:
+        os.environ["CUDA_HOME"] = str(home)  # read by cpp_extension at import
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))  # ninja's -j
+    import torch.utils.cpp_extension as cpp_extension
+    if home is not None:
+        cpp_extension.CUDA_HOME = str(home)  # in case it was imported earlier with the wrong guess
+    return cpp_extension
+
+
+def compile_extension(arch: str, verbose: bool = False) -> Any:
+    """Compile (incrementally, with ninja) and import the extension for `arch`; write its stamp.
+    Raises RuntimeError (with the compiler output) or OSError/ImportError when that fails."""
+    cpp_extension = _cpp_extension()
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit found (looked at $CUDA_HOME, nvcc on PATH, /usr/local/cuda*); "
+                           "install the CUDA toolkit matching torch.version.cuda=" + str(torch.version.cuda))
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch")
+    directory = build_directory(arch)
+    directory.mkdir(parents=True, exist_ok=True)
+    cxx, nvcc = compile_flags(arch)
+    module = cpp_extension.load(name=EXTENSION_NAME, sources=[str(s) for s in sources()],
+                                extra_cflags=cxx, extra_cuda_cflags=nvcc,
+                                extra_include_paths=[str(CUDA_DIR)], build_directory=str(directory),
+                                verbose=verbose, with_cuda=True)
+    stamp = {"fingerprint": fingerprint(arch), "arch": f"sm_{arch}", "torch": torch.__version__,
+             "cuda": torch.version.cuda, "python": sys.version.split()[0],
+             "cuda_home": cpp_extension.CUDA_HOME, "library": Path(module.__file__).name}
+    (directory / "stamp.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    return module
+
+
+def load_prebuilt(arch: str) -> Any:
+    """The module `make build` left for this arch, if its stamp matches the current build; else None."""
+    directory = build_directory(arch)
+    try:
+        stamp = json.loads((directory / "stamp.json").read_text())
+    except (OSError, ValueError):
+        return None
+    library = directory / str(stamp.get("library", ""))
+    if stamp.get("fingerprint") != fingerprint(arch) or not library.is_file():
+        return None
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, library)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None  # e.g. built against another torch's symbols: compile again instead
+    return module
+
+
+@functools.cache
+def _load() -> tuple[Any, str]:
+    """(extension module or None, why it is None). Tried once per process."""
+    arch = target_arch()
+    module = load_prebuilt(arch)
+    if module is not None:
+        return module, ""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device is visible, so no kernel would run (CPU ops use the references)"
+    print("tinyinfer: compiling CUDA kernels (first run only)...", file=sys.stderr, flush=True)
+    try:
+        return compile_extension(arch), ""
+    except (RuntimeError, OSError, ImportError) as err:
+        lines = [line for line in str(err).splitlines() if "error" in line.lower()] or str(err).splitlines()
+        reason = f"building the CUDA kernels failed: {lines[0] if lines else type(err).__name__}"
+        log = build_directory(arch) / "jit-error.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(str(err))
+        warnings.warn(f"tinyinfer: {reason} (full output in {log}; `make build` shows it too). "
+                      "Falling back to the slow pure-PyTorch reference ops.", RuntimeWarning, stacklevel=3)
+        return None, reason
+
+
+def extension() -> Any:
+    """The loaded CUDA extension module, or None when kernels cannot run here (see module docstring)."""
+    return _load()[0]
+
+
+def require_extension() -> Any:
+    """The extension, or a RuntimeError saying why there is none (for tests and gpu-check)."""
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(f"tinyinfer CUDA extension unavailable: {reason}")
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration: the cuda impl of each op calls the extension, or the reference when there is none
+# ----------------------------------------------------------------------------------------------
+
+def _cuda_impl(name: str, impl: Callable[..., Any], reference: Callable[..., Any]) -> Callable[..., Any]:
+    def cuda_impl(*args: Any) -> Any:
+        ext = extension()  # compiled (or loaded) at the first call on a CUDA tensor, never at import
+        return reference(*args) if ext is None else impl(ext, *args)
+    cuda_impl.__name__ = f"{name}_cuda"
+    return cuda_impl
+
+
+@functools.cache
+def register_cuda_kernels() -> None:
+    """Register every CUDA_IMPLS entry for the `cuda` key of its op. Cheap: compiles nothing.
+    Ops not (yet) defined in tinyinfer.ops are skipped. Idempotent (cached)."""
+    from tinyinfer import ops
+    for name, impl in CUDA_IMPLS.items():
+        op, reference = getattr(ops, name, None), getattr(ops, f"{name}_reference", None)
+        if op is not None and reference is not None:
+            op.register_kernel("cuda")(_cuda_impl(name, impl, reference))
+
+
+if __name__ == "__main__":
+    from tinyinfer.kernels_build import main
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`make build`: compile the CUDA extension ahead of time and show the compiler's resource report.
+
+    python -m tinyinfer.kernels build [--arch 90a]     # what `make build` runs
+    python -m tinyinfer.kernels info                   # toolkit, arch, sources, build directory
+
+Works on a machine without a GPU (given nvcc and a CUDA build of torch): it compiles and imports the
+module, so missing symbols show here, not on the GPU machine. The ptxas report (registers, spills,
+shared memory per kernel) is kept in the build directory as resources.json, merged across
+incremental builds, and printed after each build; a kernel that spills is flagged.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from tinyinfer import kernels
+
+
+@contextlib.contextmanager
+def _capture_fds(log: Path) -> Iterator[None]:
+    """Send this process's stdout/stderr file descriptors (ninja, nvcc, g++ write there) to `log`."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "wb") as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    if not names or shutil.which("c++filt") is None:
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
+    pretty = out.splitlines()
+    return dict(zip(names, pretty)) if len(pretty) == len(names) else {n: n for n in names}
+
+
+def parse_ptxas(log: str) -> dict[str, dict]:
+    """Per kernel: registers, spill stores/loads (bytes), stack frame and shared memory (bytes)."""
+    report: dict[str, dict] = {}
+    current = None
+    for line in log.splitlines():
+        if m := re.search(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?", line):
+            current = m.group(1)
+            report.setdefault(current, {})
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                         r"(\d+) bytes spill loads", line)):
+            report[current].update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            smem = re.search(r"(\d+) bytes smem", line)
+            report[current].update(registers=int(m[1]), smem=int(smem[1]) if smem else 0)
+    return {name: r for name, r in report.items() if "registers" in r}
+
+
+def _print_report(resources: dict[str, dict], arch: str) -> None:
+    print(f"ptxas resource report (sm_{arch}):")
+    for pretty in sorted(resources):
+        r = resources[pretty]
+        spills = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        flag = "  <-- SPILLS: fewer live values or a smaller tile" if spills else ""
+        print(f"  {pretty}: {r['registers']} regs, {r.get('smem', 0)} B smem, {r.get('stack', 0)} B stack, "
+              f"spill {r.get('spill_stores', 0)}/{r.get('spill_loads', 0)} B st/ld{flag}")
+
+
+def build(arch: str) -> int:
+    directory = kernels.build_directory(arch)
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / "build.log"
+    print(f"tinyinfer: building CUDA extension for sm_{arch} with MAX_JOBS={os.environ.get('MAX_JOBS', os.cpu_count())}"
+          f" -> {directory.relative_to(kernels.REPO_ROOT)}", flush=True)
+    start = time.perf_counter()
+    error = None
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "out.log"
+        try:
+            with _capture_fds(raw):
+                module = kernels.compile_extension(arch, verbose=True)
+        except (RuntimeError, OSError, ImportError) as err:
+            error = err
+        text = raw.read_text(errors="replace")
+    log.write_text(text + (f"\n{error}\n" if error else ""))
+    if error is not None:
+        print(text[-20000:], file=sys.stderr)
+        print(f"\ntinyinfer: BUILD FAILED for sm_{arch}: {str(error).splitlines()[0] if str(error) else error!r}\n"
+              f"full log: {log}", file=sys.stderr)
+        return 1
+    resources_path = directory / "resources.json"
+    try:
+        resources = json.loads(resources_path.read_text())
+    except (OSError, ValueError):
+        resources = {}
+    new = parse_ptxas(text)  # an incremental build only reports what it recompiled: merge
+    names = _demangle(list(new))
+    resources.update({names[mangled]: r for mangled, r in new.items()})
+    resources_path.write_text(json.dumps(resources, indent=1) + "\n")
+    for line in text.splitlines():
+        if "warning" in line.lower() and "ptxas info" not in line:
+            print("  " + line)
+    _print_report(resources, arch)
+    print(f"tinyinfer: built {Path(module.__file__).name} in {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+def info(arch: str) -> int:
+    home = kernels.find_cuda_home()
+    print(f"CUDA toolkit : {home} (version {kernels._toolkit_version(home) if home else None})")
+    print(f"torch        : {kernels.torch.__version__} (CUDA {kernels.torch.version.cuda})")
+    print(f"target arch  : sm_{arch}")
+    print(f"build dir    : {kernels.build_directory(arch)}")
+    print(f"sources      : {', '.join(p.name for p in kernels.sources())}")
+    cxx, nvcc = kernels.compile_flags(arch)
+    print(f"c++ flags    : {' '.join(cxx)}\nnvcc flags   : {' '.join(nvcc)}")
+    print(f"prebuilt ok  : {kernels.load_prebuilt(arch) is not None}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinyinfer.kernels",
+                                     description="Build or inspect tinyinfer's CUDA extension.")
+    parser.add_argument("command", choices=["build", "info"], help="build: compile ahead of time; "
+                        "info: show toolkit, arch, flags and whether a matching prebuilt module exists")
+    parser.add_argument("--arch", default=None, help="compute capability to build for, e.g. 90a or 80 "
+                        "(default: the visible GPU's own, else 90a)")
+    args = parser.parse_args(argv)
+    arch = args.arch or kernels.target_arch()
+    return build(arch) if args.command == "build" else info(arch)
