@@ -161,11 +161,12 @@ def compile_extension(arch: str, verbose: bool = False) -> Any:
     directory = build_directory(arch)
     directory.mkdir(parents=True, exist_ok=True)
     cxx, nvcc = compile_flags(arch)
+    built_from = fingerprint(arch)  # before compiling: sources edited meanwhile must not match the stamp
     module = cpp_extension.load(name=EXTENSION_NAME, sources=[str(s) for s in sources()],
                                 extra_cflags=cxx, extra_cuda_cflags=nvcc,
                                 extra_include_paths=[str(CUDA_DIR)], build_directory=str(directory),
                                 verbose=verbose, with_cuda=True)
-    stamp = {"fingerprint": fingerprint(arch), "arch": f"sm_{arch}", "torch": torch.__version__,
+    stamp = {"fingerprint": built_from, "arch": f"sm_{arch}", "torch": torch.__version__,
              "cuda": torch.version.cuda, "python": sys.version.split()[0],
              "cuda_home": cpp_extension.CUDA_HOME, "library": Path(module.__file__).name}
     (directory / "stamp.json").write_text(json.dumps(stamp, indent=1) + "\n")

@@ -37,6 +37,11 @@ def store_kv(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optional[
     store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
 
 
+@store_kv.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping):
+    return None  # mutates the caches in place; nothing to allocate under tracing / graph capture
+
+
 # ----------------------------------------------------------------------------------------------
 # paged_attention: causal attention of T new queries over their sequences' paged K/V
 # ----------------------------------------------------------------------------------------------
@@ -127,3 +132,85 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, query_start_loc: list[int
                                            enable_gqa=Hq != Hkv)
         out[q0:q1] = o.transpose(0, 1)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused decode-path ops (cuda/fused_norm.cu, cuda/rope_store_kv.cu): fewer, fuller launches.
+# Each reference repeats the unfused model math op for op, so on a CPU the fused model computes
+# exactly what the unfused one did (tests/test_fused_ops.py checks that bit for bit).
+# ----------------------------------------------------------------------------------------------
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # x (..., d); weight (d,). Normalise in float32, round to the model dtype, then scale by the
+    # weight in that dtype (Llama's order of operations: it decides the last bit in bf16).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@torch.library.custom_op("tinyinfer::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return rms_norm_reference(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+def fused_add_rmsnorm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: float
+                                ) -> tuple[Tensor, Tensor]:
+    # x, residual (T, d): a sublayer's output and the residual stream before it. Returns
+    # (rms_norm(x + residual), x + residual): the next sublayer's input and the new stream.
+    new_residual = x + residual                                          # (T, d) model dtype
+    return rms_norm_reference(new_residual, weight, eps), new_residual
+
+
+@torch.library.custom_op("tinyinfer::fused_add_rmsnorm", mutates_args=())
+def fused_add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float
+                      ) -> tuple[Tensor, Tensor]:
+    return fused_add_rmsnorm_reference(x, residual, weight, eps)
+
+
+@fused_add_rmsnorm.register_fake
+def _(x, residual, weight, eps):
+    stream_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x.new_empty(x.shape, dtype=torch.promote_types(stream_dtype, weight.dtype)),
+            x.new_empty(x.shape, dtype=stream_dtype))
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x (T, H, D); cos, sin (T, D). Hugging Face "rotate_half" layout: dim i pairs with i + D/2,
+    # x * cos + cat(-x[D/2:], x[:D/2]) * sin.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
+
+
+def rope_store_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                            k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+                            ) -> tuple[Tensor, Tensor]:
+    # q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv); cos, sin (T, D): the step's rotary table rows.
+    # Rotates q and k, writes rotated k and v into their cache slots (-1 = padding, skipped) and
+    # returns (rotated q, rotated k): attention reads q, and fresh prefill attends over k directly.
+    q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
+@torch.library.custom_op("tinyinfer::rope_store_kv", mutates_args=("k_cache", "v_cache"))
+def rope_store_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                  v_cache: Tensor, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+    return rope_store_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+@rope_store_kv.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
+
+
+# The hand-written CUDA kernels override the references above for the `cuda` dispatch key. Registering
+# compiles nothing: the extension is built or loaded at the first call on a CUDA tensor.
+from tinyinfer.kernels import register_cuda_kernels  # noqa: E402  (needs the ops defined above)
+
+register_cuda_kernels()
