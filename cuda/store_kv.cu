@@ -29,53 +29,23 @@ __global__ void store_kv_kernel(const StoreKVParams p) {
   store_kv_token<Word>(p, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
-// Rescale a byte-unit StoreKVParams to words of `word` bytes (all quantities divisible by it).
-static StoreKVParams in_words(StoreKVParams p, int64_t word) {
-  p.k_row_words /= word;
-  p.v_row_words /= word;
-  p.k_token_stride /= word;
-  p.k_head_stride /= word;
-  p.v_token_stride /= word;
-  p.v_head_stride /= word;
-  for (CacheStrides* s : {&p.k_cache_strides, &p.v_cache_strides}) {
-    s->block /= word;
-    s->offset /= word;
-    s->head /= word;
-  }
-  return p;
-}
-
 template <typename Word>
 static cudaError_t launch_words(const StoreKVParams& bytes, cudaStream_t stream) {
-  const StoreKVParams p = in_words(bytes, sizeof(Word));
-  const int64_t widest_row = p.num_heads * (p.k_row_words > p.v_row_words ? p.k_row_words : p.v_row_words);
-  // Enough whole warps to give each thread about one word of the token; at most 256 threads.
-  const int64_t threads = widest_row >= 256 ? 256 : ceil_div(widest_row, 32) * 32;
-  store_kv_kernel<Word><<<static_cast<unsigned int>(p.num_tokens), static_cast<unsigned int>(threads),
-                          0, stream>>>(p);
+  const StoreKVParams p = store_kv_in_words(bytes, sizeof(Word));
+  store_kv_kernel<Word><<<static_cast<unsigned int>(p.num_tokens),
+                          static_cast<unsigned int>(store_kv_threads(p)), 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 // Host launcher. `bytes` holds every row length and stride in BYTES (v fields ignored when v is
 // nullptr); T must be > 0 and < 2^31. Picks the widest word that keeps all accesses aligned.
 cudaError_t launch_store_kv(const StoreKVParams& bytes, cudaStream_t stream) {
-  const bool has_v = bytes.v != nullptr;
-  const int64_t quantities[] = {
-      reinterpret_cast<int64_t>(bytes.k), reinterpret_cast<int64_t>(bytes.k_cache),
-      bytes.k_row_words, bytes.k_token_stride, bytes.k_head_stride,
-      bytes.k_cache_strides.block, bytes.k_cache_strides.offset, bytes.k_cache_strides.head,
-      has_v ? reinterpret_cast<int64_t>(bytes.v) : 0, has_v ? reinterpret_cast<int64_t>(bytes.v_cache) : 0,
-      has_v ? bytes.v_row_words : 0, has_v ? bytes.v_token_stride : 0, has_v ? bytes.v_head_stride : 0,
-      has_v ? bytes.v_cache_strides.block : 0, has_v ? bytes.v_cache_strides.offset : 0,
-      has_v ? bytes.v_cache_strides.head : 0};
-  StoreKVParams b = bytes;
-  if (!has_v) b.v_row_words = 0;
-  switch (common_vector_bytes(quantities, sizeof(quantities) / sizeof(quantities[0]))) {
-    case 16: return launch_words<uint4>(b, stream);
-    case 8: return launch_words<uint2>(b, stream);
-    case 4: return launch_words<uint32_t>(b, stream);
-    case 2: return launch_words<uint16_t>(b, stream);
-    default: return launch_words<uint8_t>(b, stream);
+  switch (store_kv_word_bytes(bytes)) {
+    case 16: return launch_words<uint4>(bytes, stream);
+    case 8: return launch_words<uint2>(bytes, stream);
+    case 4: return launch_words<uint32_t>(bytes, stream);
+    case 2: return launch_words<uint16_t>(bytes, stream);
+    default: return launch_words<uint8_t>(bytes, stream);
   }
 }
 

@@ -28,6 +28,49 @@ struct StoreKVParams {
   CacheStrides v_cache_strides;
 };
 
+// The widest word (16, 8, 4, 2 or 1 bytes) dividing every pointer, row length and stride of a
+// byte-unit StoreKVParams (v fields ignored when v is nullptr): the kernel's copy width.
+__host__ __device__ inline int64_t store_kv_word_bytes(const StoreKVParams& b) {
+  const bool has_v = b.v != nullptr;
+  const int64_t quantities[] = {
+      static_cast<int64_t>(reinterpret_cast<uintptr_t>(b.k)),
+      static_cast<int64_t>(reinterpret_cast<uintptr_t>(b.k_cache)),
+      b.k_row_words, b.k_token_stride, b.k_head_stride,
+      b.k_cache_strides.block, b.k_cache_strides.offset, b.k_cache_strides.head,
+      has_v ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(b.v)) : 0,
+      has_v ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(b.v_cache)) : 0,
+      has_v ? b.v_row_words : 0, has_v ? b.v_token_stride : 0, has_v ? b.v_head_stride : 0,
+      has_v ? b.v_cache_strides.block : 0, has_v ? b.v_cache_strides.offset : 0,
+      has_v ? b.v_cache_strides.head : 0};
+  return common_vector_bytes(quantities, sizeof(quantities) / sizeof(quantities[0]));
+}
+
+// Byte-unit params -> the same params in words of `word` bytes (word from store_kv_word_bytes).
+__host__ __device__ inline StoreKVParams store_kv_in_words(StoreKVParams p, int64_t word) {
+  if (p.v == nullptr) p.v_row_words = 0;
+  p.k_row_words /= word;
+  p.v_row_words /= word;
+  p.k_token_stride /= word;
+  p.k_head_stride /= word;
+  p.v_token_stride /= word;
+  p.v_head_stride /= word;
+  CacheStrides* caches[] = {&p.k_cache_strides, &p.v_cache_strides};
+  for (CacheStrides* s : caches) {
+    s->block /= word;
+    s->offset /= word;
+    s->head /= word;
+  }
+  return p;
+}
+
+// Threads per token: enough whole warps to give each about one word of the token's widest tensor,
+// at most 256 (the loop in store_rows covers the rest).
+__host__ __device__ inline int64_t store_kv_threads(const StoreKVParams& words) {
+  const int64_t widest = words.k_row_words > words.v_row_words ? words.k_row_words : words.v_row_words;
+  const int64_t per_token = words.num_heads * widest;
+  return per_token >= 256 ? 256 : ceil_div(per_token, 32) * 32;
+}
+
 // Copy one tensor's Hkv rows of token t into the cache rows at addr. Lanes split the Hkv * row_words
 // words among themselves (lane = threadIdx.x, num_lanes = blockDim.x on the GPU); consecutive lanes
 // touch consecutive words, so each warp's loads and stores coalesce.
