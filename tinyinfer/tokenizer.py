@@ -1,0 +1,230 @@
+"""Tokenizer: text <-> token ids for a checkpoint, and incremental detokenization for streaming.
+
+Two formats cover the Llama family: SentencePiece `tokenizer.model` (Llama 1/2, Mistral, TinyLlama) and
+Hugging Face `tokenizer.json` (Llama 3, DeepSeek), read through the optional `tokenizers` library.
+`tokenizer_config.json`, when present, says whether to add BOS and names the BOS/EOS tokens.
+
+Streaming is the subtle part. Decoding one token at a time is wrong twice over: a byte-fallback piece
+(`<0xF0>`) may be a quarter of an emoji, and SentencePiece drops the leading space of the first piece it
+decodes. `IncrementalDetokenizer` therefore decodes a short window of recent tokens twice, with and
+without the new ones, emits the difference, and holds text back while it ends in an incomplete UTF-8
+sequence (U+FFFD) -- the "prefix/read offset" scheme used by serving engines such as vLLM.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+# Tokens of context kept before the unread ones: enough that a piece's leading space is decoded as
+# "inside the text" rather than "at its start".
+_WINDOW = 5
+
+
+class _SentencePiece:
+    def __init__(self, path: Path):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a SentencePiece model ({err}); a tiktoken-style "
+                             "tokenizer.model is not supported: give a directory with tokenizer.json") from err
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.DecodeIds(ids)  # control tokens (BOS/EOS) decode to nothing
+
+    def size(self) -> int:
+        return self.sp.GetPieceSize()
+
+    def piece(self, token_id: int) -> str:
+        return self.sp.IdToPiece(token_id)
+
+    def piece_id(self, piece: str) -> int | None:
+        i = self.sp.PieceToId(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.IdToPiece(i) else i
+
+    def default_bos_eos(self) -> tuple[int | None, int | None]:
+        bos, eos = self.sp.bos_id(), self.sp.eos_id()
+        return (bos if bos >= 0 else None), (eos if eos >= 0 else None)
+
+    def adds_bos(self, bos_id: int | None) -> bool:
+        return bos_id is not None  # the Llama / Mistral convention for SentencePiece checkpoints
+
+
+class _HFTokenizers:
+    def __init__(self, path: Path):
+        try:
+            import tokenizers
+        except ImportError as err:
+            raise ImportError(f"{path} needs the optional 'tokenizers' package: "
+                              "pip install tokenizers (or pip install -e '.[tokenizers]')") from err
+        try:
+            self.tk = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises plain Exception for malformed JSON
+            raise ValueError(f"cannot read {path} as a tokenizers tokenizer.json: {err}") from err
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids, skip_special_tokens=True)
+
+    def size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        return self.tk.id_to_token(token_id)
+
+    def piece_id(self, piece: str) -> int | None:
+        return self.tk.token_to_id(piece)
+
+    def default_bos_eos(self) -> tuple[int | None, int | None]:
+        return None, None  # tokenizer.json does not say which token is BOS; configs do
+
+    def adds_bos(self, bos_id: int | None) -> bool:
+        # The post-processor (e.g. Llama 3's TemplateProcessing) is where tokenizer.json adds BOS.
+        with_special = self.tk.encode("a", add_special_tokens=True).ids
+        plain = self.tk.encode("a", add_special_tokens=False).ids
+        return bos_id is not None and len(with_special) > len(plain) and with_special[0] == bos_id
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {err}; fix or remove the file") from err
+
+
+def _token_content(value: object) -> str | None:
+    # tokenizer_config.json spells a special token as a string or as an AddedToken dict.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Encode / decode for one checkpoint; `bos_id`, `eos_id` may be None when the files name none."""
+
+    def __init__(self, backend: _SentencePiece | _HFTokenizers, bos_id: int | None, eos_id: int | None,
+                 add_bos: bool):
+        self._backend = backend
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.add_bos = add_bos
+        self.vocab_size = backend.size()
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """Load from a checkpoint directory (or a weights file, whose directory is used)."""
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"tokenizer: {root} does not exist; pass a checkpoint directory")
+        if root.is_file():
+            root = root.parent
+        spm, hf = root / "tokenizer.model", root / "tokenizer.json"
+        backend: _SentencePiece | _HFTokenizers
+        if spm.is_file() and not hf.is_file():
+            backend = _SentencePiece(spm)
+        elif spm.is_file():
+            try:  # both present: SentencePiece is the original; tokenizer.json is the fallback
+                backend = _SentencePiece(spm)
+            except ValueError:
+                backend = _HFTokenizers(hf)
+        elif hf.is_file():
+            backend = _HFTokenizers(hf)
+        else:
+            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {root}: put the checkpoint's "
+                                    "tokenizer files beside its weights")
+
+        bos_id, eos_id = backend.default_bos_eos()
+        cfg_path = root / "tokenizer_config.json"
+        cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        for key in ("bos_token", "eos_token"):
+            name = _token_content(cfg.get(key))
+            token_id = backend.piece_id(name) if name is not None else None
+            if name is not None and token_id is None:
+                raise ValueError(f"{cfg_path}: {key}={name!r} is not in the vocabulary; fix the config")
+            if token_id is not None:
+                bos_id, eos_id = (token_id, eos_id) if key == "bos_token" else (bos_id, token_id)
+        # Without names, fall back to the model config's ids (tokenizer.json checkpoints such as Llama 3).
+        for name in ("generation_config.json", "config.json"):
+            if (bos_id is None or eos_id is None) and (root / name).is_file():
+                model_cfg = _read_json(root / name)
+                eos = model_cfg.get("eos_token_id")
+                eos = eos[0] if isinstance(eos, list) and eos else eos
+                bos_id = bos_id if bos_id is not None else model_cfg.get("bos_token_id")
+                eos_id = eos_id if eos_id is not None else eos
+        add_bos = cfg.get("add_bos_token")
+        if not isinstance(add_bos, bool):
+            add_bos = backend.adds_bos(bos_id)
+        return cls(backend, bos_id, eos_id, add_bos and bos_id is not None)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; BOS first when `add_bos` (None: as the checkpoint says)."""
+        ids = self._backend.encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; special tokens (BOS/EOS) and ids outside the vocabulary (padded heads) are dropped."""
+        n = self.vocab_size
+        return self._backend.decode([int(i) for i in ids if 0 <= int(i) < n])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._backend.piece(int(token_id))
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into a stream of text that is always valid UTF-8.
+
+    The pieces returned by `push` (then `flush` at the end) concatenate to the text the output adds
+    after the prompt: decode(prompt + output) minus decode(prompt) -- so a leading space of the first
+    output token is kept; with an empty (or BOS-only) prompt that is exactly decode(output).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.tokens = [int(t) for t in prompt_ids]
+        self.read_offset = len(self.tokens)  # tokens before this are already emitted (or prompt)
+        self.prefix_offset = self._window_start()  # start of the decoding window
+        self.text = ""  # everything emitted so far
+
+    def _window_start(self) -> int:
+        # The window must not start inside a character: some decoders (tokenizers' ByteFallback) turn a
+        # whole run of byte pieces into U+FFFDs when it starts with a continuation byte. A character
+        # spans at most 4 byte pieces, so step back at most 3.
+        end = len(self.tokens)
+        start = max(0, end - _WINDOW)
+        for _ in range(3):
+            if start == 0 or not self.tokenizer.decode(self.tokens[start:end]).startswith("\ufffd"):
+                break
+            start -= 1
+        return start
+
+    def _advance(self, force: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = decode(self.tokens[self.prefix_offset:])
+        # U+FFFD at the end: an incomplete UTF-8 sequence that later byte pieces may complete.
+        if not force and (len(full) <= len(prefix) or full.endswith("\ufffd")):
+            return ""
+        new = full[len(prefix):]
+        self.prefix_offset = self._window_start()
+        self.read_offset = len(self.tokens)
+        self.text += new
+        return new
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the newly printable text (often '', never broken UTF-8)."""
+        self.tokens.append(int(token_id))
+        return self._advance(force=False)
+
+    def flush(self) -> str:
+        """At the end of a sequence: return held-back text (an incomplete sequence decodes to U+FFFD)."""
+        return self._advance(force=True) if self.read_offset < len(self.tokens) else ""
