@@ -12,7 +12,7 @@ run: install
 	$(PYTHON) -m tinyinfer.generate --ckpt $(CKPT) --prompt "$(PROMPT)" --max-new-tokens 64
 
 test-deps: install
-	@$(PYTHON) -c "import pytest, transformers, tokenizers" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
+	@$(PYTHON) -c "import pytest, transformers, tokenizers, google.protobuf" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
 
 test: test-deps
 	$(PYTHON) -m pytest -q tests

@@ -9,5 +9,5 @@ setup(
     packages=find_packages(include=["tinyinfer", "tinyinfer.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "safetensors", "sentencepiece", "numpy", "ninja", "tqdm"],
-    extras_require={"test": ["pytest", "transformers>=5.0", "tokenizers"], "tokenizers": ["tokenizers"]},
+    extras_require={"test": ["pytest", "transformers>=5.0", "tokenizers", "protobuf"], "tokenizers": ["tokenizers"]},
 )
