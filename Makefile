@@ -3,7 +3,7 @@ PYTHON ?= python3
 PROMPT ?= ROMEO:
 CKPT ?= models/shakespeare-llama
 
-.PHONY: install run test test-deps bench
+.PHONY: install run test test-deps bench build gpu-check
 
 install:
 	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece" 2>/dev/null || $(PYTHON) -m pip install -e .
@@ -19,3 +19,12 @@ test: test-deps
 
 bench: install
 	$(PYTHON) -m tinyinfer.bench e2e --ckpt $(CKPT) --device cpu
+
+# Compile the CUDA kernels ahead of time (also on a machine without a GPU, given nvcc and a CUDA build of
+# torch); prints the ptxas resource report and fails loudly if compilation fails.
+build:
+	PYTHONPATH=. $(PYTHON) -m tinyinfer.kernels build
+
+# On a GPU machine: build for the card, CUDA tests, compute-sanitizer, benchmarks -> $$OUT or gpu-check-out/.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m tinyinfer.gpu_check
