@@ -1,6 +1,25 @@
 """Packaging. `pip install -e .` installs the Python package only and never compiles CUDA, so it is fast
-and works where CUDA is absent; `make build` compiles the kernels ahead of time (see tinyinfer/kernels.py)."""
-from setuptools import find_packages, setup
+and works where CUDA is absent; `make build` compiles the kernels ahead of time (see tinyinfer/kernels.py).
+`python setup.py build_kernels` does the same as `make build`: the sources and flags live in one place,
+tinyinfer/kernels.py, imported only when that command runs (pip's isolated build may lack torch)."""
+from setuptools import Command, find_packages, setup
+
+
+class BuildKernels(Command):
+    description = "compile the CUDA extension ahead of time (same as `make build`)"
+    user_options = [("arch=", None, "compute capability, e.g. 90a (default: the visible GPU's, else 90a)")]
+
+    def initialize_options(self):
+        self.arch = None
+
+    def finalize_options(self):
+        pass
+
+    def run(self):
+        from tinyinfer.kernels_build import main
+        if main(["build"] + (["--arch", self.arch] if self.arch else [])) != 0:
+            raise SystemExit("build_kernels: the CUDA extension did not compile (see the log above)")
+
 
 setup(
     name="tinyinfer",
@@ -10,4 +29,5 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "safetensors", "sentencepiece", "numpy", "ninja", "tqdm"],
     extras_require={"test": ["pytest", "transformers>=5.0", "tokenizers", "protobuf"], "tokenizers": ["tokenizers"]},
+    cmdclass={"build_kernels": BuildKernels},
 )
