@@ -11,20 +11,16 @@
 // O_p = 0: its weight must be exactly 0, never exp2(-inf - -inf) = NaN.
 #pragma once
 
-#ifndef __CUDACC__
 #include <cmath>
-#ifndef __host__
-#define __host__
-#endif
-#ifndef __device__
-#define __device__
-#endif
-#define TI_EXP2(x) std::exp2(x)
-#else
-#define TI_EXP2(x) exp2f(x)
-#endif
-
 #include <cstdint>
+
+#include "common.cuh"  // slots, block tables, sequence_of_row, query_position, CacheStrides
+
+#ifdef __CUDACC__
+#define TI_EXP2(x) exp2f(x)
+#else
+#define TI_EXP2(x) std::exp2(x)
+#endif
 
 namespace tinyinfer {
 
@@ -32,48 +28,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- block addressing ------------------------------------------------------------------------------
 
-// Where key position `pos` of a sequence lives: entry `table_index` of its block-table row, row
-// `offset` inside that block. Only positions < seq_len are ever asked for, so the table entry read is
-// always one of the sequence's own ceil(seq_len / block_size) blocks.
-struct SlotAddress {
-  int table_index;
-  int offset;
-};
-
-__host__ __device__ inline SlotAddress slot_address(int pos, int block_size) {
-  return {pos / block_size, pos % block_size};
-}
-
-// Element offset of (block, offset, head) in a cache tensor with strides (s0, s1, s2) -- the cache may
-// be a strided view (MLA's V is the first 512 columns of K), so strides are never assumed.
-__host__ __device__ inline int64_t cache_row_offset(int64_t block, int offset, int head, int64_t s0,
-                                                    int64_t s1, int64_t s2) {
-  return block * s0 + static_cast<int64_t>(offset) * s1 + static_cast<int64_t>(head) * s2;
-}
-
-// Number of blocks a sequence of seq_len tokens owns: the block-table entries that may be read.
-__host__ __device__ inline int blocks_in_use(int seq_len, int block_size) {
-  return (seq_len + block_size - 1) / block_size;
-}
-
-// ---- varlen batch ------------------------------------------------------------------------------------
-
-// The sequence that owns query row t: the b with qsl[b] <= t < qsl[b+1], or -1 for padding rows
-// (t >= qsl[B]) and rows before qsl[0]. Binary search; sequences with q_len 0 are skipped naturally.
-__host__ __device__ inline int sequence_of_row(const int32_t* qsl, int num_seqs, int t) {
-  if (t < qsl[0] || t >= qsl[num_seqs]) return -1;
-  int lo = 0, hi = num_seqs;  // invariant: qsl[lo] <= t < qsl[hi]
-  while (hi - lo > 1) {
-    int mid = (lo + hi) / 2;
-    if (qsl[mid] <= t) lo = mid; else hi = mid;
-  }
-  return lo;
-}
-
-// Position of query i (0-based) of a sequence with seq_len cached tokens and q_len new ones: the last
-// key it may see (causal masking among the new tokens).
-__host__ __device__ inline int query_position(int seq_len, int q_len, int i) {
-  return seq_len - q_len + i;
+// Element offset of key position `pos` of one sequence, KV head `head`, in a cache with strides
+// `st`: block table_row[pos / block_size], row pos % block_size. Callers ask only for pos < seq_len,
+// so the table entry read is always one of the sequence's own blocks_for_tokens(seq_len) entries.
+// Strides are never assumed: MLA's V is a view of K's first 512 columns.
+__host__ __device__ inline int64_t key_row_offset(const int32_t* table_row, int pos, int block_size,
+                                                  const CacheStrides& st, int head) {
+  const int64_t block = table_row[pos / block_size];
+  return cache_row_start(st, block, pos % block_size, head);
 }
 
 // ---- partitions --------------------------------------------------------------------------------------

@@ -128,6 +128,7 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
   const T* k_base = static_cast<const T*>(a.k);
   const T* v_base = static_cast<const T*>(a.v);
   const int32_t* table = a.block_tables + static_cast<int64_t>(b) * a.bt_stride;
+  const CacheStrides ks{a.k_s0, a.k_s1, a.k_s2}, vs{a.v_s0, a.v_s1, a.v_s2};
   T* sk = reinterpret_cast<T*>(sm.stages);
   T* sv = sk + kStages * TOK * KPITCH;
   const int v_pitch = s.v_alias ? KPITCH : VPITCH_OWN;
@@ -142,7 +143,7 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
     bool live = r < rows;
     sm.row_t[r] = live ? q0 + rr / heads : 0;
     sm.row_h[r] = live ? head0 + rr % heads : 0;
-    sm.row_pos[r] = live ? query_position(seq_len, q_len, rr / heads) : -1;
+    sm.row_pos[r] = live ? static_cast<int>(query_position(seq_len, q_len, rr / heads)) : -1;
     sm.m[r] = neg_inf();
     sm.l[r] = 0.f;
     sm.alpha[r] = 0.f;
@@ -158,12 +159,7 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
         int id = tid + c * kThreads, j = id / CPR_K, col = (id % CPR_K) * 8;
         int pos = tpos0 + j;
         bool valid = pos < seq_len;
-        const T* src = k_base;
-        if (valid) {
-          SlotAddress sa = slot_address(pos, a.block_size);
-          int64_t blk = table[sa.table_index];
-          src = k_base + cache_row_offset(blk, sa.offset, kvh, a.k_s0, a.k_s1, a.k_s2) + col;
-        }
+        const T* src = valid ? k_base + key_row_offset(table, pos, a.block_size, ks, kvh) + col : k_base;
         cp_async_16(dk + j * KPITCH + col, src, valid);
       }
       if (!s.v_alias) {
@@ -173,12 +169,7 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
           int id = tid + c * kThreads, j = id / CPR_V, col = (id % CPR_V) * 8;
           int pos = tpos0 + j;
           bool valid = pos < seq_len;
-          const T* src = v_base;
-          if (valid) {
-            SlotAddress sa = slot_address(pos, a.block_size);
-            int64_t blk = table[sa.table_index];
-            src = v_base + cache_row_offset(blk, sa.offset, kvh, a.v_s0, a.v_s1, a.v_s2) + col;
-          }
+          const T* src = valid ? v_base + key_row_offset(table, pos, a.block_size, vs, kvh) + col : v_base;
           cp_async_16(dv + j * VPITCH_OWN + col, src, valid);
         }
       }
@@ -406,7 +397,7 @@ paged_attention_merge_kernel(const MergeArgs a) {
   const int t = blockIdx.x, h = blockIdx.y;
   const int dv = a.head_dim_v;
   T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(t) * a.num_q_heads + h) * dv;
-  const int b = sequence_of_row(a.query_start_loc, a.num_seqs, t);
+  const int b = static_cast<int>(sequence_of_row(a.query_start_loc, a.num_seqs, t));
   // Padding rows (b < 0) and rows whose keys are all masked get zeros.
   const int parts = b < 0 ? 0 : num_partitions(a.seq_lens[b], a.part);
   const int64_t base = (static_cast<int64_t>(t) * a.num_q_heads + h) * a.num_parts;

@@ -44,7 +44,11 @@ NVCC_FLAGS = ["-O3", "-lineinfo", "-Xptxas=-v"]
 # To add a kernel: write cuda/<family>.cu, bind it in cuda/bindings.cpp (m.def), add one line here.
 CUDA_IMPLS: dict[str, Callable[..., Any]] = {
     "store_kv": lambda ext, *args: ext.store_kv(*args),
+    "rms_norm": lambda ext, *args: ext.rms_norm(*args),
+    "fused_add_rmsnorm": lambda ext, *args: ext.fused_add_rmsnorm(*args),
+    "rope_store_kv": lambda ext, *args: ext.rope_store_kv(*args),
     "int4_linear": lambda ext, *args: ext.int4_linear(*args),
+    "paged_attention": lambda ext, *args: ext.paged_attention(*args),
 }
 
 
