@@ -312,3 +312,18 @@ def test_bonus_token_is_the_plain_sample_at_its_step():
     _, tokens = rejection_sample(p1.unsqueeze(1), torch.zeros(32, 0, 8), drafts, range(32), [5] * 32)
     plain = sample(logits, [SamplingParams()] * 32, [[]] * 32, range(32), [5] * 32, stream=STREAM_SAMPLE)
     assert torch.equal(tokens[:, 0], plain)
+
+
+def test_rows_with_fewer_drafts_treat_the_rest_as_padding():
+    g = torch.Generator().manual_seed(10)
+    p, q = random_dist(g, (1, 4, 8)), random_dist(g, (1, 3, 8))
+    drafts = torch.randint(0, 8, (1, 3), generator=g)
+    for d in range(4):
+        # Row with d real drafts, padded to 3 with garbage, equals the same row verified with k = d.
+        pad_q = torch.cat([q[:, :d], torch.zeros(1, 3 - d, 8)], 1)
+        pad_x = torch.cat([drafts[:, :d], torch.zeros(1, 3 - d, dtype=torch.long)], 1)
+        for seed in range(50):
+            a, t = rejection_sample(p, pad_q, pad_x, [seed], [4], num_drafts=[d])
+            a_ref, t_ref = rejection_sample(p[:, :d + 1], q[:, :d], drafts[:, :d], [seed], [4])
+            assert a.tolist() == a_ref.tolist()
+            assert t[0, :d + 1].tolist() == t_ref[0].tolist() and (t[0, d + 1:] == -1).all()

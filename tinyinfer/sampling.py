@@ -244,7 +244,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], histories: Se
 # ---------------------------------------------------------------------------------------------------
 
 def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,
-                     seeds: Sequence[int] | torch.Tensor, steps: Sequence[int] | torch.Tensor
+                     seeds: Sequence[int] | torch.Tensor, steps: Sequence[int] | torch.Tensor,
+                     num_drafts: Sequence[int] | torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify k drafted tokens per row against the target.
 
@@ -254,6 +255,8 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
     Returns (accepted (B,) int64 = draft tokens kept, tokens (B, k+1) int64 = the kept drafts then one
     corrected or bonus token, padded with -1). Greedy rows (one-hot p) reduce to the longest prefix equal
     to the target's argmax plus the target's next token; a one-hot q (n-gram drafts) needs nothing special.
+    `num_drafts` (B,) lets row b use only its first num_drafts[b] <= k slots (the rest is padding): if
+    it keeps them all, its bonus token comes from p at slot num_drafts[b].
     """
     B, k1, V = target_probs.shape
     k = k1 - 1
@@ -276,18 +279,22 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
     ratio = torch.where(q_x > 0, p_x / q_x.clamp(min=1e-38), torch.where(p_x > 0, math.inf, 0.0))
     u = keyed_uniform(slot_seeds, slot_steps, STREAM_ACCEPT, 1, dev).view(B, k)  # (B, k)
     accept = u < ratio  # u in (0, 1): p(x) >= q(x) always accepts, p(x) = 0 never does
+    lens = torch.full((B,), k, device=dev) if num_drafts is None else _as_int64(num_drafts, dev)  # (B,)
+    accept &= torch.arange(k, device=dev).unsqueeze(0) < lens.unsqueeze(1)  # padding slots never accept
     accepted = torch.cumprod(accept.long(), dim=1).sum(dim=1)  # (B,) leading accepts
 
-    # The token after the accepted prefix: slot n < k draws from norm(max(0, p_n - q_n)), slot k from p_k.
+    # The token after the accepted prefix: after a rejection at slot n, a draw from
+    # norm(max(0, p_n - q_n)); after all of the row's drafts, a bonus draw from p_n.
     n = accepted
+    bonus = n == lens  # (B,)
     p_n = p.gather(1, n.view(B, 1, 1).expand(B, 1, V)).squeeze(1)  # (B, V)
-    q_pad = torch.cat([q, torch.zeros(B, 1, V, device=dev)], dim=1)  # slot k: q = 0 -> residual = p
+    q_pad = torch.cat([q, torch.zeros(B, 1, V, device=dev)], dim=1)  # (B, k+1, V)
     q_n = q_pad.gather(1, n.view(B, 1, 1).expand(B, 1, V)).squeeze(1)  # (B, V)
-    residual = (p_n - q_n).clamp(min=0.0)
+    residual = torch.where(bonus.unsqueeze(1), p_n, (p_n - q_n).clamp(min=0.0))
     # All-zero residual only if p == q up to rounding, where rejection had probability ~0: fall back to p.
     residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p_n)
     # The bonus token is an ordinary draw at its step, so it uses the plain sampling stream.
-    stream = torch.where(n == k, STREAM_SAMPLE, STREAM_RESIDUAL)  # (B,)
+    stream = torch.where(bonus, STREAM_SAMPLE, STREAM_RESIDUAL)  # (B,)
     noise = _gumbel(seeds, steps + n, stream, V, dev)  # (B, V)
     last = (torch.log(residual) + noise).argmax(dim=1)  # (B,)
 
