@@ -90,6 +90,12 @@ __host__ __device__ inline float lse_weight(float m_p, LseState total) {
 // of 8 consecutive rows hit 8 different bank groups.
 constexpr int kRowPad = 8;
 
+// cp.async pipeline depth: 4 stages (3 tiles in flight) for D <= 128; MLA's 576-wide rows fit 3.
+__host__ __device__ constexpr int attn_pipeline_stages(int head_dim) { return head_dim <= 128 ? 4 : 3; }
+constexpr int kAttnThreads = 128;
+// Keys per pipeline tile: 32 (16 for MLA, whose rows are 4.5x wider).
+__host__ __device__ constexpr int attn_tile_tokens(int head_dim) { return head_dim <= 128 ? 32 : 16; }
+
 struct SplitSmemPlan {
   int k_stage_elems;   // one pipeline stage of K: tile_tokens * (D + pad)
   int v_stage_elems;   // one stage of V (0 when V aliases K)

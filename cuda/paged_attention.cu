@@ -30,10 +30,8 @@
 namespace tinyinfer {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = kAttnThreads;
 constexpr int kWarps = kThreads / 32;
-// cp.async pipeline depth: 4 stages (3 tiles in flight) for D <= 128; MLA's 576-wide rows fit 3.
-__host__ __device__ constexpr int stages_for(int d) { return d <= 128 ? 4 : 3; }
 constexpr int kMaxRows = kAttnMaxRows;
 
 // ---- conversions ----------------------------------------------------------------------------------
@@ -122,7 +120,7 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
   constexpr int KPITCH = D + kRowPad;
   constexpr int VPITCH_OWN = DV + kRowPad;
 
-  constexpr int kStages = stages_for(D);
+  constexpr int kStages = attn_pipeline_stages(D);
   const PagedAttentionArgs& a = s.a;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const T* k_base = static_cast<const T*>(a.k);
@@ -354,7 +352,7 @@ paged_attention_split_kernel(const SplitArgs s) {
   const int heads = min(s.chunk_heads, kvh * group + group - head0);
   if (heads <= 0) return;
 
-  SplitSmemPlan plan = split_smem_plan(D, DV, TOK, stages_for(D), kMaxRows, kThreads,
+  SplitSmemPlan plan = split_smem_plan(D, DV, TOK, attn_pipeline_stages(D), kMaxRows, kThreads,
                                        static_cast<int>(sizeof(T)), s.v_alias);
   constexpr int SLICES = kThreads / TOK;
   SplitSmem sm;
@@ -414,7 +412,7 @@ paged_attention_merge_kernel(const MergeArgs a) {
 template <typename T, int D, int DV, int TOK>
 cudaError_t launch_split(const SplitArgs& s, cudaStream_t stream) {
   const PagedAttentionArgs& a = s.a;
-  constexpr int kStages = stages_for(D);
+  constexpr int kStages = attn_pipeline_stages(D);
   SplitSmemPlan plan = split_smem_plan(D, DV, TOK, kStages, kMaxRows, kThreads,
                                        static_cast<int>(sizeof(T)), s.v_alias);
   // The opt-in above 48 KiB is per function; the largest plan (V not aliased) covers both cases.
@@ -439,9 +437,12 @@ cudaError_t launch_split(const SplitArgs& s, cudaStream_t stream) {
 template <typename T>
 cudaError_t dispatch_dims(const SplitArgs& s, cudaStream_t stream) {
   const PagedAttentionArgs& a = s.a;
-  if (a.head_dim == 64 && a.head_dim_v == 64) return launch_split<T, 64, 64, 32>(s, stream);
-  if (a.head_dim == 128 && a.head_dim_v == 128) return launch_split<T, 128, 128, 32>(s, stream);
-  if (a.head_dim == 576 && a.head_dim_v == 512) return launch_split<T, 576, 512, 16>(s, stream);
+  if (a.head_dim == 64 && a.head_dim_v == 64)
+    return launch_split<T, 64, 64, attn_tile_tokens(64)>(s, stream);
+  if (a.head_dim == 128 && a.head_dim_v == 128)
+    return launch_split<T, 128, 128, attn_tile_tokens(128)>(s, stream);
+  if (a.head_dim == 576 && a.head_dim_v == 512)
+    return launch_split<T, 576, 512, attn_tile_tokens(576)>(s, stream);
   return cudaErrorInvalidValue;
 }
 
