@@ -17,8 +17,10 @@ def test_70b_model_is_140_gb_in_fp16_and_35_gb_in_int4():
     assert weight_bytes(70e9, bits=16) == 140e9
     packed, scales_and_zeros = int4_bytes(70e9, group_size=128)
     assert packed == 35e9
-    # one fp16 scale + one fp16 zero point per 128 weights: 4 bytes / 128 weights
-    assert scales_and_zeros == 70e9 / 128 * 4 == 2.1875e9
+    # tinyinfer's format: one fp16 scale + one uint8 zero point per 128 weights (3 bytes / 128)
+    assert scales_and_zeros == 70e9 / 128 * 3 == 1.640625e9
+    # with an fp16 zero point as well (e.g. GPTQ's unpacked form): 4 bytes / 128
+    assert int4_bytes(70e9, group_size=128, zero_bytes=2)[1] == 2.1875e9
 
 
 def test_a_million_token_context_of_a_32_layer_4096_wide_model_needs_524_gb():
@@ -72,7 +74,7 @@ def test_cli_prints_the_chapter_figures(capsys):
     main(["--params", "70B", "--layers", "32", "--d-model", "4096", "--heads", "32",
           "--context", "1000000"])
     out = capsys.readouterr().out
-    assert "140.00 GB" in out and "35.00 GB packed + 2.19 GB" in out
+    assert "140.00 GB" in out and "35.00 GB packed + 1.64 GB" in out
     mha_line = next(line for line in out.splitlines() if line.strip().startswith("MHA"))
     mqa_line = next(line for line in out.splitlines() if line.strip().startswith("MQA"))
     assert "524.29 GB" in mha_line and "16.38 GB" in mqa_line and "32.0x" in mqa_line

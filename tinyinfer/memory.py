@@ -4,8 +4,9 @@
     python -m tinyinfer.memory --layers 32 --d-model 4096 --heads 32 --context 1000000
     python -m tinyinfer.memory --params 70B
 
-Weights: every parameter costs 2 bytes in fp16/bf16, half a byte in INT4, plus one scale and one zero
-point per group of `group_size` weights (the overhead of group-wise quantization). KV cache: per token
+Weights: every parameter costs 2 bytes in fp16/bf16, half a byte in INT4, plus one scale (fp16) and one
+zero point (uint8) per group of `group_size` weights (the overhead of group-wise quantization, in
+tinyinfer's INT4 format, quant.py). KV cache: per token
 and per layer, standard attention stores K and V for every head (2 x heads x head_dim values); GQA/MQA
 store them for the KV heads only (MQA: divided by the head count); MLA (DeepSeek-V2) stores one
 compressed latent of kv_lora_rank values plus one shared rope key of qk_rope_head_dim values.
@@ -73,9 +74,10 @@ def weight_bytes(num_params: float, bits: int = 16) -> float:
     return num_params * bits / 8
 
 
-def int4_bytes(num_params: float, group_size: int = 128, scale_bytes: int = 2, zero_bytes: int = 2
+def int4_bytes(num_params: float, group_size: int = 128, scale_bytes: int = 2, zero_bytes: int = 1
                ) -> tuple[float, float]:
-    """(packed 4-bit weights, per-group scales + zero points) in bytes."""
+    """(packed 4-bit weights, per-group scales + zero points) in bytes. Defaults: tinyinfer's format
+    (quant.py), an fp16 scale and a uint8 zero point per group."""
     return num_params / 2, num_params / group_size * (scale_bytes + zero_bytes)
 
 
@@ -209,7 +211,7 @@ def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtyp
         lines += [f"weights: {_count(num_params)} parameters ({params_source})",
                   f"  fp16/bf16   {_gb(weight_bytes(num_params, 16))}",
                   f"  int4        {_gb(packed)} packed + {_gb(extra)} for scales and zero points "
-                  f"(fp16, one of each per {group_size} weights: +{100 * extra / packed:.2f}%) "
+                  f"(fp16 scale + uint8 zero per {group_size} weights: +{100 * extra / packed:.2f}%) "
                   f"= {_gb(packed + extra)}"]
     if s is not None:
         tokens = context * batch
