@@ -113,6 +113,21 @@ def test_invalid_values_raise_value_error_naming_field_and_value(field, value):
     assert field in str(err.value) and repr(value) in str(err.value)
 
 
+def test_top_k_mixed_with_rows_that_turn_it_off():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    params = [SamplingParams(top_k=1), SamplingParams(), SamplingParams(top_k=3)]
+    out = process_logits(logits, params, [[]] * 3)
+    assert torch.isfinite(out).tolist() == [[False, True, False, False], [True] * 4,
+                                            [True, True, True, False]]
+
+
+def test_a_non_finite_row_does_not_disturb_the_others():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [float("nan"), 0.0, 1.0], [5.0, 0.0, float("inf")]])
+    params = [SamplingParams(temperature=0.0), SamplingParams(top_p=0.9), SamplingParams(top_k=2)]
+    toks = sample(logits, params, [[]] * 3, [1, 2, 3], [0, 0, 0])
+    assert toks[0] == 1 and toks.shape == (3,)
+
+
 def test_a_single_stop_string_becomes_a_list():
     assert SamplingParams(stop="\n\n").stop == ["\n\n"]
 
@@ -184,9 +199,9 @@ def reference_distribution(logits: torch.Tensor, temperature: float, top_k: int,
     return out / out.sum()
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
-    (1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (0.8, 6, 0.9, 0.0), (1.0, 0, 1.0, 0.1)])
-@pytest.mark.parametrize("vary", ["seed", "step"])
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p, vary", [
+    (1.0, 0, 1.0, 0.0, "seed"), (0.7, 5, 1.0, 0.0, "step"), (1.3, 0, 0.8, 0.0, "seed"),
+    (0.8, 6, 0.9, 0.0, "step"), (0.8, 6, 0.9, 0.0, "seed"), (1.0, 0, 1.0, 0.1, "step")])
 def test_first_token_distribution_matches_restricted_softmax(temperature, top_k, top_p, min_p, vary):
     g = torch.Generator().manual_seed(2)
     V, N = 12, 100_000

@@ -130,21 +130,25 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
 
     use_k = any(p.top_k > 0 for p in params)
     use_p = any(p.top_p < 1.0 for p in params)
-    if use_k or use_p:
+    if use_k and not use_p:
+        # Top-k alone needs only the k-th largest value per row, not a full sort.
+        ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+        top = torch.topk(x, max(ks), dim=-1).values  # (B, k_max) descending
+        k = torch.tensor(ks, device=x.device)  # (B,)
+        cutoff = top.gather(1, (k.clamp(max=top.shape[1]) - 1).unsqueeze(1))  # (B, 1)
+        cutoff = cutoff.masked_fill((k >= V).unsqueeze(1), -math.inf)  # rows with top-k off
+        x = x.masked_fill(x < cutoff, -math.inf)
+    elif use_p:
         sorted_x, _ = torch.sort(x, dim=-1, descending=True)  # (B, V)
         k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=x.device)  # (B,)
-        n_keep = k
-        if use_p:
-            ranks = torch.arange(V, device=x.device)
-            in_k = ranks.unsqueeze(0) < k.unsqueeze(1)  # (B, V)
-            probs = torch.softmax(sorted_x.masked_fill(~in_k, -math.inf), dim=-1)  # (B, V) descending
-            mass_before = torch.cumsum(probs, dim=-1) - probs
-            top_p = _row_tensor([p.top_p for p in params], x)  # (B, 1)
-            # Smallest prefix whose mass reaches top_p (the first token always stays).
-            keep = in_k & (mass_before < top_p)
-            n_p = keep.sum(dim=-1).clamp(min=1)
-            off = torch.tensor([p.top_p >= 1.0 for p in params], device=x.device)  # p=1: rounding must not cut
-            n_keep = torch.where(off, k, torch.minimum(n_p, k))
+        in_k = torch.arange(V, device=x.device).unsqueeze(0) < k.unsqueeze(1)  # (B, V)
+        probs = torch.softmax(sorted_x.masked_fill(~in_k, -math.inf), dim=-1)  # (B, V) descending
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        top_p = _row_tensor([p.top_p for p in params], x)  # (B, 1)
+        # Smallest prefix whose mass reaches top_p (the first token always stays).
+        n_p = (in_k & (mass_before < top_p)).sum(dim=-1).clamp(min=1)  # (B,)
+        off = torch.tensor([p.top_p >= 1.0 for p in params], device=x.device)  # p=1: rounding must not cut
+        n_keep = torch.where(off, k, torch.minimum(n_p, k))
         cutoff = sorted_x.gather(1, (n_keep - 1).unsqueeze(1))  # (B, 1)
         x = x.masked_fill(x < cutoff, -math.inf)
 
