@@ -142,6 +142,18 @@ def test_keyed_uniform_is_uniform_and_in_the_open_interval():
         assert chi2_pvalue(c, torch.full((20,), 0.05)) > 1e-3
 
 
+@pytest.mark.parametrize("other", ["next step", "next seed", "other stream"])
+def test_keyed_uniforms_of_neighbouring_keys_are_independent(other):
+    # Joint histogram of (u at key, u at a neighbouring key) over 4 x 4 bins must be flat.
+    n = 100_000
+    seeds, steps = torch.arange(n) * 2, torch.arange(n) % 97
+    a = keyed_uniform(seeds, steps, 2, 1, "cpu")[:, 0]
+    b = keyed_uniform(seeds + (other == "next seed"), steps + (other == "next step"),
+                      2 + (other == "other stream"), 1, "cpu")[:, 0]
+    cells = (a * 4).long() * 4 + (b * 4).long()
+    assert chi2_pvalue(torch.bincount(cells, minlength=16), torch.full((16,), 1 / 16)) > 1e-3
+
+
 def test_keyed_uniform_depends_only_on_its_key():
     a = keyed_uniform(torch.tensor([3, 2**40 + 3, -5]), torch.tensor([9, 9, 9]), 2, 64, "cpu")
     b = keyed_uniform(torch.tensor([-5, 3]), torch.tensor([9, 9]), 2, 64, "cpu")
