@@ -172,7 +172,8 @@ def load_weights(model: torch.nn.Module, reader: TensorReader, num_layers: int, 
             row = 0
             for s, shape in parts:
                 t = reader.get(s)
-                param.data[row:row + shape[0]].copy_(t.to(device=device, dtype=dtype))
+                # param.dtype: the model dtype, except modules kept in float32 (MoE router)
+                param.data[row:row + shape[0]].copy_(t.to(device=device, dtype=param.dtype))
                 row += shape[0]
         used.update(sources)
     extra = sorted(n for n in reader.where if n not in used and not _benign_extra(n, num_layers, tied))

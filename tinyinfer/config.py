@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+MLA_ARCHITECTURES = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"} | MLA_ARCHITECTURES
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "half": torch.float16, "float": torch.float32}
@@ -53,6 +54,27 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     attention_bias: bool = False
     mlp_bias: bool = False
+    # Multi-head latent attention (DeepSeek-V2/V3, mla.py); kv_lora_rank None = standard attention.
+    # For MLA, head_dim = qk_nope_head_dim + qk_rope_head_dim (the query/key head size).
+    kv_lora_rank: Optional[int] = None
+    q_lora_rank: Optional[int] = None            # None: a plain q_proj (DeepSeek-V2-Lite)
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False                # rope dims paired as (2i, 2i+1), DeepSeek's layout
+    # Mixture of experts (DeepSeek, moe.py); n_routed_experts 0 = every MLP dense
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    scoring_func: str = "softmax"                # V2 softmax, V3 sigmoid
+    topk_method: str = "greedy"                  # greedy | group_limited_greedy (V2) | noaux_tc (V3)
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
     max_context: int = 0                         # usable context (derived: window-limited)
     notes: list[str] = field(default_factory=list)  # messages for the user (e.g. window limit)
 
@@ -65,6 +87,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_kv_heads})")
+        if any(self.is_moe_layer(i) for i in range(self.num_layers)):
+            self._check_moe()
         self.max_context = self.max_context or self.max_position_embeddings
         if self.sliding_window and self.sliding_window < self.max_context:
             self.notes.append(f"sliding_window {self.sliding_window} < context "
@@ -72,6 +96,32 @@ class ModelConfig:
                               "tokens (tinyinfer attends to the whole context, so beyond the window it "
                               "would differ from the model's own attention)")
             self.max_context = self.sliding_window
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (self.n_routed_experts > 0 and i >= self.first_k_dense_replace
+                and i % self.moe_layer_freq == 0)
+
+    def _check_moe(self) -> None:
+        E, G, k = self.n_routed_experts, self.n_group, self.num_experts_per_tok
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ConfigError(f"config field scoring_func is {self.scoring_func!r}; use softmax or sigmoid")
+        if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise ConfigError(f"config field topk_method is {self.topk_method!r}; tinyinfer supports "
+                              "greedy, group_limited_greedy and noaux_tc")
+        if self.moe_intermediate_size <= 0 or not 0 < k <= E:
+            raise ConfigError(f"MoE layers need moe_intermediate_size > 0 and 1 <= num_experts_per_tok "
+                              f"<= n_routed_experts, got {self.moe_intermediate_size}, {k}, {E}")
+        if self.topk_method != "greedy":
+            if G <= 0 or E % G or not 0 < self.topk_group <= G:
+                raise ConfigError(f"n_routed_experts ({E}) must split into n_group ({G}) equal groups "
+                                  f"and 1 <= topk_group ({self.topk_group}) <= n_group")
+            if self.topk_group * (E // G) < k or (self.topk_method == "noaux_tc" and E // G < 2):
+                raise ConfigError(f"topk_group {self.topk_group} x {E // G} experts per group cannot "
+                                  f"supply num_experts_per_tok = {k} (noaux_tc also needs >= 2 per group)")
 
     @property
     def q_size(self) -> int:
@@ -94,9 +144,16 @@ class ModelConfig:
             rope.update(legacy)
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
+        mla = arch in MLA_ARCHITECTURES
+        if rope_type not in ("default", "llama3") and not (mla and rope_type == "yarn"):
             raise ConfigError(f"config field rope_scaling.rope_type is {rope_type!r}; tinyinfer "
-                              "supports 'default' and 'llama3' for Llama-family models")
+                              "supports 'default' and 'llama3' for Llama-family models, 'default' "
+                              "and 'yarn' for DeepSeek")
+        if rope_type == "yarn":
+            if "factor" not in rope:
+                raise ConfigError("config field rope_scaling lacks 'factor' for rope_type yarn")
+            rope.setdefault("original_max_position_embeddings",
+                            cfg.get("max_position_embeddings", 2048))
         if rope_type == "llama3":
             for key in ("factor", "low_freq_factor", "high_freq_factor",
                         "original_max_position_embeddings"):
@@ -104,6 +161,8 @@ class ModelConfig:
                     raise ConfigError(f"config field rope_scaling lacks {key!r} for rope_type llama3")
         n_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+        extra = _deepseek_fields(cfg, arch) if mla else {}
+        head_dim = extra.pop("head_dim", head_dim)
         eos = cfg.get("eos_token_id")
         if generation_config and generation_config.get("eos_token_id") is not None:
             eos = generation_config["eos_token_id"]
@@ -126,7 +185,7 @@ class ModelConfig:
             bos_token_id=bos, eos_token_ids=eos_ids, dtype=dtype, architecture=arch,
             sliding_window=cfg.get("sliding_window"),
             attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)))
+            mlp_bias=bool(cfg.get("mlp_bias", False)), **extra)
 
     @staticmethod
     def from_dir(path: str) -> "ModelConfig":
@@ -138,6 +197,39 @@ class ModelConfig:
             with open(gen_path) as f:
                 gen = json.load(f)
         return ModelConfig.from_hf(cfg, gen)
+
+
+def _deepseek_fields(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """MLA and MoE fields of a DeepSeek-V2/V3 config.json (HF or DeepSeek's own key names)."""
+    qc = cfg.get("quantization_config") or {}
+    if str(qc.get("quant_method", "")).lower() == "fp8":
+        raise ConfigError("config field quantization_config.quant_method is 'fp8': block-quantized "
+                          "FP8 weights (as DeepSeek-V3 is released) are not supported; convert the "
+                          "checkpoint to bf16 first (DeepSeek's inference/fp8_cast_bf16.py) and drop "
+                          "quantization_config from config.json")
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            raise ConfigError(f"config field {key} must be a positive integer for {arch}, "
+                              f"got {cfg.get(key)!r}")
+    v3 = arch == "DeepseekV3ForCausalLM"
+    return dict(
+        head_dim=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"],
+        kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank") or None,
+        qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
+        v_head_dim=cfg["v_head_dim"],
+        # HF's V2 code always pairs (2i, 2i+1); V3 does unless rope_interleave is false.
+        rope_interleave=bool(cfg.get("rope_interleave", True)) if v3 else True,
+        n_routed_experts=cfg.get("n_routed_experts") or 0,
+        n_shared_experts=cfg.get("n_shared_experts") or 0,
+        num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+        moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
+        first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+        moe_layer_freq=cfg.get("moe_layer_freq") or 1,
+        scoring_func=cfg.get("scoring_func", "sigmoid" if v3 else "softmax"),
+        topk_method=cfg.get("topk_method", "noaux_tc" if v3 else "greedy"),
+        n_group=cfg.get("n_group") or 1, topk_group=cfg.get("topk_group") or 1,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)))
 
 
 def rope_inv_freq(cfg: ModelConfig, dim: int) -> torch.Tensor:

@@ -42,10 +42,16 @@ class SwiGLU(nn.Module):
 
 
 def attention_class(cfg: ModelConfig):
+    if cfg.is_mla:
+        from tinyinfer.mla import MultiHeadLatentAttention    # mla.py builds on this module
+        return MultiHeadLatentAttention
     return MultiHeadAttention
 
 
 def make_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if cfg.is_moe_layer(layer_idx):
+        from tinyinfer.moe import MoE                         # moe.py builds on this module
+        return MoE(cfg)
     return SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
 
@@ -97,6 +103,9 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> T
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
+    for m in model.modules():        # e.g. the MoE router: near-equal scores pick experts, keep fp32
+        if getattr(m, "keep_float32", False):
+            m.float()
     if cfg.tie_word_embeddings:                  # to_empty allocates each module's tensors anew
         model.lm_head.weight = model.embed_tokens.weight
     # Buffers that are not in the checkpoint (RoPE frequencies) are recomputed on the device; they

@@ -1,0 +1,210 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3): cache one compressed latent per token, not K and V.
+
+Each token's hidden state x is compressed to a latent c = RMSNorm(W_DKV x) of kv_lora_rank values
+plus one rope key k_pe of qk_rope_head_dim values shared by all heads; that row of
+kv_lora_rank + qk_rope_head_dim values is all the cache holds (one KV "head"). Per head h,
+    k_h = [W_UK_h c ; k_pe]      v_h = W_UV_h c        (W_UK, W_UV: the two halves of kv_b_proj)
+Two ways to attend:
+  * naive: decompress k_h, v_h for every cached token and run ordinary multi-head attention. Readable,
+    and the cheap way to prefill (the fresh tokens are decompressed once, then SDPA).
+  * absorbed: q_h . k_h = (W_UK_h^T q_nope_h) . c + q_pe_h . k_pe, so fold W_UK into the query and attend
+    over the cached rows directly, with V = the latent part of the same row; then apply W_UV to the
+    attention output. Nothing is decompressed, so decode reads only the small latent cache.
+Both give the same numbers (tests/test_mla.py checks it). Read more: DeepSeek-AI, "DeepSeek-V2", 2024,
+section 2.1 (MLA) and appendix C (absorption); YaRN: Peng et al., 2023.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from tinyinfer import ops
+from tinyinfer.attention import AttentionMetadata, RotaryEmbedding, apply_rope, attend
+from tinyinfer.config import ModelConfig, rope_inv_freq
+from tinyinfer.model import RMSNorm
+
+MODES = ("auto", "naive", "absorbed")
+LATENT_NORM_EPS = 1e-6      # DeepSeek's q_a_layernorm / kv_a_layernorm use their own eps, not rms_norm_eps
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE for the rope dims: YaRN frequencies, the softmax-scale correction, DeepSeek's pair layout
+# ----------------------------------------------------------------------------------------------
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_rotary(cfg: ModelConfig, dim: int) -> RotaryEmbedding:
+    """YaRN (Peng et al. 2023): high-frequency dims keep their frequency, low-frequency dims are
+    interpolated by `factor`, a linear ramp between; cos/sin are scaled by mscale/mscale_all_dim."""
+    rs = cfg.rope_scaling
+    factor, old_ctx = rs["factor"], rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+    base = cfg.rope_theta
+
+    def dim_for_rotations(n: float) -> float:      # the dim whose wavelength fits n times in old_ctx
+        return dim * math.log(old_ctx / (n * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for_rotations(beta_fast), dim_for_rotations(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    interpolated = extrapolated / factor
+    inv_freq = interpolated * ramp + extrapolated * (1 - ramp)
+    scaling = rs.get("attention_factor")
+    if scaling is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        scaling = (yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all
+                   else yarn_mscale(factor))
+    return RotaryEmbedding(inv_freq, float(scaling))
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(qk head dim), times mscale(factor, mscale_all_dim)^2 under YaRN: stretched positions
+    flatten the attention logits, and DeepSeek compensates in the softmax temperature."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    rs = cfg.rope_scaling
+    if rs and rs.get("mscale_all_dim"):
+        m = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+        scale *= m * m
+    return scale
+
+
+def apply_rope_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on DeepSeek's layout, where dims (2i, 2i+1) form pair i. x (T, H, R); cos, sin (T, R) in
+    the cat(freqs, freqs) layout. The output lists the rotated first members of the pairs, then the
+    second members: a fixed permutation of the dims, the same for q and k, so q . k is unchanged and
+    the cached rope key is in the same order Hugging Face's DeepSeek-V3 code produces."""
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :half], sin[:, None, :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention module
+# ----------------------------------------------------------------------------------------------
+
+class MultiHeadLatentAttention(nn.Module):
+    """Same interface as attention.MultiHeadAttention. `mode`: 'auto' (naive for fresh prefill,
+    absorbed whenever a cache is read), or force 'naive' / 'absorbed' everywhere (tests, benchmarks)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, d = cfg.num_heads, cfg.hidden_size
+        self.num_heads, self.kv_lora_rank = H, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.interleaved = cfg.rope_interleave
+        self.scale = softmax_scale(cfg)
+        self.mode = "auto"
+        qk = self.nope + self.rope
+        if cfg.q_lora_rank:                     # V2 / V3: the query is low-rank too
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        else:                                   # V2-Lite: a plain query projection
+            self.q_proj = nn.Linear(d, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, d, bias=cfg.attention_bias)
+
+    @staticmethod
+    def kv_dims(cfg: ModelConfig) -> tuple[tuple[int, int], None]:
+        # One row per token: [latent (kv_lora_rank) | rope key (qk_rope_head_dim)]; V is a view of it.
+        return (1, cfg.kv_lora_rank + cfg.qk_rope_head_dim), None
+
+    @staticmethod
+    def rotary(cfg: ModelConfig) -> RotaryEmbedding:
+        rs = cfg.rope_scaling
+        if rs and rs.get("rope_type", rs.get("type")) == "yarn":
+            return yarn_rotary(cfg, cfg.qk_rope_head_dim)
+        return RotaryEmbedding(rope_inv_freq(cfg, cfg.qk_rope_head_dim))
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return apply_rope_pairs(x, cos, sin) if self.interleaved else apply_rope(x, cos, sin)
+
+    def _kv_b_weight(self) -> Tensor:
+        """kv_b_proj's weight as (H, nope + v, kv_lora_rank): rows [:nope] are W_UK_h, [nope:] W_UV_h.
+        A quantized layer is dequantized (it is small: kv_lora_rank x H x (nope + v))."""
+        lin = self.kv_b_proj
+        w = lin.weight if isinstance(lin, nn.Linear) else lin.dequantize()
+        return w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+
+    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor],
+                meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor | None = None) -> Tensor:
+        T, H, r = x.shape[0], self.num_heads, self.kv_lora_rank
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(T, H, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.rope], dim=-1)   # (T, r), (T, rope)
+        latent = self.kv_a_layernorm(latent)
+        cos, sin = rope
+        q_pe = self._rope(q_pe, cos, sin)                                         # (T, H, rope)
+        k_pe = self._rope(k_pe[:, None, :], cos, sin)                             # (T, 1, rope)
+        row = torch.cat((latent[:, None, :], k_pe), dim=-1)                       # (T, 1, r + rope)
+        ops.store_kv(row, None, k_cache, None, meta.slot_mapping)
+        naive = self.mode == "naive" or (self.mode == "auto" and meta.prefill)
+        if naive:
+            out = self._naive(q_nope, q_pe, row, k_cache, meta)
+        else:
+            out = self._absorbed(q_nope, q_pe, row, k_cache, meta)                # (T, H, v)
+        return self.o_proj(out.reshape(T, H * self.v_dim))
+
+    def _decompress(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        # rows (..., r + rope) -> k (..., H, nope + rope), v (..., H, v)
+        latent, k_pe = rows.split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, self.nope + self.v_dim))
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k_pe = k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope)
+        return torch.cat((k_nope, k_pe), dim=-1), v
+
+    def _naive(self, q_nope: Tensor, q_pe: Tensor, row: Tensor, k_cache: Tensor,
+               meta: AttentionMetadata) -> Tensor:
+        q = torch.cat((q_nope, q_pe), dim=-1)                                     # (T, H, nope + rope)
+        if meta.prefill:
+            k, v = self._decompress(row[:, 0])                                    # (T, H, .)
+            return ops.prefill_attention(q, k, v, meta.query_start_loc_host, self.scale)
+        # Decompress every cache block this batch reads into ordinary per-head K/V blocks, renumber
+        # the block tables to match, and run ordinary paged attention over them.
+        BS = k_cache.shape[1]
+        n_blocks = (meta.seq_lens.long() + BS - 1) // BS                          # (B,)
+        read = torch.arange(meta.block_tables.shape[1], device=q.device)[None, :] < n_blocks[:, None]
+        used = meta.block_tables[read].long().unique()                            # (U,)
+        local = torch.zeros(k_cache.shape[0], dtype=torch.int32, device=q.device)
+        local[used] = torch.arange(used.numel(), dtype=torch.int32, device=q.device)
+        tables = torch.where(read, local[meta.block_tables.long().clamp(min=0)], -1).int()
+        k_blocks, v_blocks = self._decompress(k_cache[used, :, 0])                # (U, BS, H, .)
+        return ops.paged_attention_reference(q, k_blocks, v_blocks, tables, meta.seq_lens,
+                                             meta.query_start_loc, self.scale)
+
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, row: Tensor, k_cache: Tensor,
+                  meta: AttentionMetadata) -> Tensor:
+        w = self._kv_b_weight()
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]                           # (H, nope|v, r)
+        # q_h . (W_UK_h c) = (W_UK_h^T q_h) . c: the query moves into latent space.
+        q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)                    # (T, H, r)
+        q_abs = torch.cat((q_latent, q_pe), dim=-1)                               # (T, H, r + rope)
+        # One KV head for all H query heads; V is the latent part of the same cached row.
+        r = self.kv_lora_rank
+        out = attend(q_abs, row, row[..., :r], k_cache, k_cache[..., :r], meta, self.scale)  # (T, H, r)
+        return torch.einsum("thr,hvr->thv", out, w_uv)                            # (T, H, v)
+
+
+def set_mla_mode(model: nn.Module, mode: str) -> None:
+    """Pick the MLA path of every layer: 'auto' (default), 'naive' or 'absorbed'."""
+    if mode not in MODES:
+        raise ValueError(f"MLA mode {mode!r} unknown; use one of {', '.join(MODES)}")
+    for m in model.modules():
+        if isinstance(m, MultiHeadLatentAttention):
+            m.mode = mode
