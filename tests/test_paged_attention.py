@@ -1,0 +1,260 @@
+"""paged_attention: the reference against a float64 dense computation (CPU), and the CUDA kernel
+(cuda/paged_attention.cu) against the reference (GPU).
+
+Every batch is built the hard way: shuffled block tables over a pool much larger than needed, NaN in
+every cache slot no sequence owns (so reading past seq_len shows up as NaN), -1 in block-table entries
+past each sequence's last block, varlen queries (q_len 0 included) and padding rows after the last
+sequence. The dense check gathers each sequence's K/V from the rows it wrote, not through the table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tinyinfer import kernels, ops
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor             # (T, Hq, D)
+    k_cache: torch.Tensor       # (NB, BS, Hkv, D)
+    v_cache: torch.Tensor       # (NB, BS, Hkv, Dv), possibly a view of k_cache
+    block_tables: torch.Tensor  # (B, MB) int32, -1 past each sequence's blocks
+    seq_lens: torch.Tensor      # (B,) int32
+    query_start_loc: torch.Tensor  # (B+1,) int32
+    keys: list[torch.Tensor]    # per sequence (L, Hkv, D), as written
+    values: list[torch.Tensor]  # per sequence (L, Hkv, Dv)
+    scale: float
+
+    def args(self):
+        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens,
+                self.query_start_loc, self.scale)
+
+
+def make_batch(seq_lens: list[int], q_lens: list[int], hq: int, hkv: int, d: int, dv: int, bs: int,
+               dtype: torch.dtype, device: str = "cpu", pad_rows: int = 3, pool_blocks: int | None = None,
+               mla: bool = False, seed: int = 0, strided: bool = False) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    blocks_needed = [math.ceil(n / bs) for n in seq_lens]
+    nb = pool_blocks or 2 * sum(blocks_needed) + 5
+    mb = max(blocks_needed + [1]) + 2  # spare table columns hold -1
+    perm = torch.randperm(nb, generator=gen).tolist()  # shuffled physical blocks, none shared
+    width = d + 16 if strided else d  # a wider base tensor makes the cache a strided view
+    k_base = torch.full((nb, bs, hkv, width), float("nan"), dtype=dtype)
+    v_base = None if mla else torch.full((nb, bs, hkv, dv + 8 if strided else dv), float("nan"), dtype=dtype)
+    tables = torch.full((len(seq_lens), mb), -1, dtype=torch.int32)
+    keys, values = [], []
+    for b, n in enumerate(seq_lens):
+        blocks = [perm.pop() for _ in range(blocks_needed[b])]
+        tables[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        k = torch.randn(n, hkv, d, generator=gen).to(dtype)  # unit scale
+        v = k[..., :dv] if mla else torch.randn(n, hkv, dv, generator=gen).to(dtype)
+        pos = torch.arange(n)
+        blk, off = torch.tensor(blocks, dtype=torch.long)[pos // bs], pos % bs
+        k_base[blk, off, :, :d] = k
+        if not mla:
+            v_base[blk, off, :, :dv] = v
+        keys.append(k)
+        values.append(v)
+    k_cache = k_base[..., :d]
+    v_cache = k_cache[..., :dv] if mla else v_base[..., :dv]
+    starts = [0]
+    for ql in q_lens:
+        starts.append(starts[-1] + ql)
+    T = starts[-1] + pad_rows
+    q = torch.randn(T, hq, d, generator=gen).to(dtype)
+    scale = 0.7 / math.sqrt(d)  # deliberately not 1/sqrt(D): the op must use the scale it is given
+    to = lambda t: t.to(device)
+    return Batch(to(q), to(k_cache), to(v_cache), to(tables), to(torch.tensor(seq_lens, dtype=torch.int32)),
+                 to(torch.tensor(starts, dtype=torch.int32)), keys, values, scale)
+
+
+def dense_float64(batch: Batch) -> torch.Tensor:
+    """The contract evaluated directly: per sequence, causal softmax(q k^T * scale) v in float64."""
+    T, hq, _ = batch.q.shape
+    dv = batch.v_cache.shape[-1]
+    hkv = batch.k_cache.shape[2]
+    out = torch.zeros(T, hq, dv, dtype=torch.float64)
+    starts = batch.query_start_loc.tolist()
+    for b, n in enumerate(batch.seq_lens.tolist()):
+        q0, q1 = starts[b], starts[b + 1]
+        for i, t in enumerate(range(q0, q1)):
+            visible = n - (q1 - q0) + i + 1  # keys 0 .. position of query i
+            for h in range(hq):
+                kv = h // (hq // hkv)
+                k = batch.keys[b][:visible, kv].double()
+                v = batch.values[b][:visible, kv].double()
+                w = torch.softmax((k @ batch.q[t, h].cpu().double()) * batch.scale, dim=0)
+                out[t, h] = w @ v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: the reference is the contract
+# ------------------------------------------------------------------------------------------------
+
+CPU_CASES = {
+    # name: (seq_lens, q_lens, hq, hkv, d, dv, bs, mla)
+    "decode_gqa": ([37, 5, 64, 1], [1, 1, 1, 1], 8, 2, 16, 16, 8, False),
+    "verify_q16_mha": ([40, 16, 77], [16, 16, 3], 4, 4, 8, 8, 16, False),
+    "varlen_with_empty_sequences": ([20, 0, 33, 9, 0], [4, 0, 7, 9, 0], 6, 3, 8, 8, 4, False),
+    "mqa_block32": ([70, 33], [2, 5], 4, 1, 32, 32, 32, False),
+    "mla_latent_view": ([30, 51], [1, 4], 16, 1, 576, 512, 16, True),
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_reference_matches_float64_attention(name):
+    seq_lens, q_lens, hq, hkv, d, dv, bs, mla = CPU_CASES[name]
+    batch = make_batch(seq_lens, q_lens, hq, hkv, d, dv, bs, torch.float32, mla=mla, seed=len(name))
+    got = ops.paged_attention_reference(*batch.args())
+    want = dense_float64(batch)
+    assert not got.isnan().any(), "NaN in the output: an unused (NaN) cache slot was read"
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_reference_writes_zeros_in_padding_rows():
+    batch = make_batch([12, 7], [3, 2], 4, 2, 8, 8, 4, torch.float32, pad_rows=5)
+    out = ops.paged_attention_reference(*batch.args())
+    assert torch.equal(out[5:], torch.zeros_like(out[5:]))
+
+
+def test_reference_honours_strided_caches():
+    batch = make_batch([25, 40], [3, 1], 4, 2, 16, 8, 8, torch.float32, strided=True)
+    assert not batch.k_cache.is_contiguous() and not batch.v_cache.is_contiguous()
+    torch.testing.assert_close(ops.paged_attention_reference(*batch.args()).double(), dense_float64(batch),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_op_on_cpu_runs_the_reference():
+    batch = make_batch([9, 17], [2, 1], 4, 2, 8, 8, 4, torch.float32)
+    assert torch.equal(ops.paged_attention(*batch.args()), ops.paged_attention_reference(*batch.args()))
+
+
+def test_kernel_is_registered_for_cuda():
+    assert "paged_attention" in kernels.CUDA_IMPLS
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the kernel against the reference
+# ------------------------------------------------------------------------------------------------
+
+TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+HEADS = [(8, 8), (32, 8), (16, 1), (32, 32)]
+
+
+def random_lengths(num: int, max_len: int, q_len: int, seed: int) -> tuple[list[int], list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(q_len, max_len + 1, (num,), generator=gen).tolist()
+    lens[seed % num] = max_len  # one sequence at the maximum
+    return lens, [q_len] * num
+
+
+def poisoned_call(fn, batch: Batch) -> torch.Tensor:
+    """Run fn with the caching allocator primed so that the output tensor starts as NaN: a block of the
+    output's size is filled with NaN and freed just before the call, so rows the kernel forgets show."""
+    T, hq = batch.q.shape[:2]
+    bait = torch.full((T, hq, batch.v_cache.shape[-1]), float("nan"), dtype=batch.q.dtype, device="cuda")
+    del bait
+    return fn(*batch.args())
+
+
+def check_kernel(batch: Batch, dtype: torch.dtype) -> None:
+    got = poisoned_call(ops.paged_attention, batch)
+    want = ops.paged_attention_reference(*batch.args())
+    torch.cuda.synchronize()
+    assert not got.isnan().any(), "NaN in the kernel output: unwritten row or an unused slot was read"
+    torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=1e-2)
+    pad0 = batch.query_start_loc[-1].item()
+    assert torch.equal(got[pad0:], torch.zeros_like(got[pad0:])), "padding rows must be zeros"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("q_len", [1, 4, 16])
+@pytest.mark.parametrize("bs", [8, 16, 32])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", HEADS, ids=[f"{a}q{b}kv" for a, b in HEADS])
+def test_kernel_matches_reference(cuda_extension, heads, d, bs, q_len, dtype):
+    hq, hkv = heads
+    lens, q_lens = random_lengths(7, 2048, q_len, seed=d + bs + q_len)
+    batch = make_batch(lens, q_lens, hq, hkv, d, d, bs, dtype, "cuda", pool_blocks=3000, seed=q_len * bs)
+    check_kernel(batch, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("q_len", [1, 4, 16])
+def test_kernel_mla_latent_matches_reference(cuda_extension, q_len, dtype):
+    lens, q_lens = random_lengths(7, 1024, q_len, seed=q_len)
+    batch = make_batch(lens, q_lens, 16, 1, 576, 512, 16, dtype, "cuda", pool_blocks=1000, mla=True)
+    check_kernel(batch, dtype)
+
+
+@pytest.mark.cuda
+def test_kernel_mla_128_heads_and_separate_v(cuda_extension):
+    # 128 query heads (8 chunks of 16) and a V that is not a view of K (the kernel loads it separately).
+    batch = make_batch([300, 17, 64], [2, 1, 3], 128, 1, 576, 512, 16, torch.bfloat16, "cuda", mla=True)
+    check_kernel(batch, torch.bfloat16)
+    batch.v_cache = batch.v_cache.clone()
+    check_kernel(batch, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_kernel_varlen_empty_sequences_and_long_queries(cuda_extension):
+    # q_len 0 sequences, q_len > 16 (several passes over a partition), a sequence of exactly q_len keys.
+    batch = make_batch([500, 0, 33, 20, 4000, 7], [3, 0, 20, 20, 1, 0], 32, 8, 128, 128, 16, torch.float16,
+                       "cuda", pad_rows=9)
+    check_kernel(batch, torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitizer
+def test_kernel_strided_caches_small(cuda_extension):
+    batch = make_batch([90, 13, 1], [4, 1, 1], 8, 2, 64, 64, 8, torch.bfloat16, "cuda", strided=True)
+    assert not batch.k_cache.is_contiguous()
+    check_kernel(batch, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_kernel_all_rows_padding(cuda_extension):
+    batch = make_batch([10, 5], [0, 0], 8, 8, 64, 64, 16, torch.float16, "cuda", pad_rows=4)
+    out = poisoned_call(ops.paged_attention, batch)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.cuda
+def test_kernel_replays_in_a_cuda_graph_with_new_lengths(cuda_extension):
+    # The launch shape depends on tensor shapes only: capture once, change seq_lens / query_start_loc
+    # and the block tables in place, replay, and the result follows the new values.
+    first = make_batch([700, 64, 5], [1, 4, 1], 32, 8, 128, 128, 16, torch.bfloat16, "cuda", pool_blocks=200,
+                       seed=1)
+    ops.paged_attention(*first.args())  # load the extension outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.paged_attention(*first.args())
+    second = make_batch([70, 640, 3], [2, 1, 3], 32, 8, 128, 128, 16, torch.bfloat16, "cuda", pool_blocks=200,
+                        seed=2)
+    assert second.block_tables.shape[1] <= first.block_tables.shape[1]
+    first.q.copy_(second.q)
+    first.k_cache.copy_(second.k_cache)
+    first.v_cache.copy_(second.v_cache)
+    first.block_tables.fill_(-1)
+    first.block_tables[:, :second.block_tables.shape[1]].copy_(second.block_tables)
+    first.seq_lens.copy_(second.seq_lens)
+    first.query_start_loc.copy_(second.query_start_loc)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.float(), ops.paged_attention_reference(*second.args()).float(), atol=1e-2,
+                               rtol=1e-2)
+
+
+@pytest.mark.cuda
+def test_kernel_rejects_unsupported_head_dim(cuda_extension):
+    batch = make_batch([10], [1], 4, 2, 96, 96, 16, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="head dims"):
+        ops.paged_attention(*batch.args())
