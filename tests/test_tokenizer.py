@@ -126,7 +126,8 @@ def bpe_dir(tmp_path_factory) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     lines = [t for t in TEXTS if t] * 20 + ["To be, or not to be, that is the question."] * 20
     tk.train_from_iterator(lines, trainer)
-    tk.post_processor = processors.TemplateProcessing(single="<|begin|> $A", special_tokens=[("<|begin|>", 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<|begin|> $A",
+                                                      special_tokens=[("<|begin|>", 0)])
     d = tmp_path_factory.mktemp("bpe")
     tk.save(str(d / "tokenizer.json"))
     (d / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1]}))

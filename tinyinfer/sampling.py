@@ -90,9 +90,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-# ---------------------------------------------------------------------------------------------------
-# Logits processors
-# ---------------------------------------------------------------------------------------------------
+# --- logits processors ----------------------------------------------------------------------------
 
 def _row_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)  # (B, 1)
@@ -169,16 +167,14 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams],
     """(B, V) distribution the sampler draws from: softmax of the processed logits; greedy rows one-hot."""
     x = process_logits(logits, params, histories)  # (B, V)
     probs = torch.softmax(x, dim=-1)
-    greedy = _greedy_mask(params, x.device)
-    if bool(greedy.any()):
+    if any(p.temperature == 0.0 for p in params):  # decided on the host: no device sync
+        greedy = _greedy_mask(params, x.device)
         one_hot = torch.zeros_like(probs).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
     return probs
 
 
-# ---------------------------------------------------------------------------------------------------
-# Keyed randomness
-# ---------------------------------------------------------------------------------------------------
+# --- keyed randomness -----------------------------------------------------------------------------
 
 def _mul32_(h: torch.Tensor, c: int) -> torch.Tensor:
     # In place: h = (h * c) mod 2^32 for 0 <= h < 2^32, without an int64 product overflowing (signed
@@ -235,17 +231,15 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], histories: Se
     """(B,) int64 next tokens. Greedy rows: argmax; others: Gumbel-max over the processed logits,
     with noise keyed by (seed, step = output position, stream), so argmax(x + g) ~ softmax(x)."""
     x = process_logits(logits, params, histories)  # (B, V)
-    greedy = _greedy_mask(params, x.device)
-    if bool(greedy.all()):
+    if all(p.temperature == 0.0 for p in params):
         return x.argmax(dim=-1)
+    greedy = _greedy_mask(params, x.device)
     noise = _gumbel(seeds, steps, stream, x.shape[1], x.device)  # (B, V)
     noisy = torch.where(greedy.unsqueeze(1), x, x + noise)
     return noisy.argmax(dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Speculative acceptance
-# ---------------------------------------------------------------------------------------------------
+# --- speculative acceptance -----------------------------------------------------------------------
 
 def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,
                      seeds: Sequence[int] | torch.Tensor, steps: Sequence[int] | torch.Tensor,

@@ -29,8 +29,8 @@ class _SentencePiece:
         try:
             self.sp.Load(str(path))
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"{path} is not a SentencePiece model ({err}); a tiktoken-style "
-                             "tokenizer.model is not supported: give a directory with tokenizer.json") from err
+            raise ValueError(f"{path} is not a SentencePiece model ({err}); a tiktoken-style tokenizer.model"
+                             " is not supported: give a directory with tokenizer.json") from err
 
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
@@ -172,7 +172,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; special tokens (BOS/EOS) and ids outside the vocabulary (padded heads) are dropped."""
+        """Text of `ids`; special tokens (BOS/EOS) and ids past the vocabulary (padded heads) are dropped."""
         n = self.vocab_size
         return self._backend.decode([int(i) for i in ids if 0 <= int(i) < n])
 
