@@ -164,6 +164,15 @@ def test_byte_level_bpe_round_trips_and_streams(bpe_dir, text):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_a_tiktoken_style_tokenizer_model_falls_back_to_tokenizer_json(bpe_dir, tmp_path):
+    (tmp_path / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")  # tiktoken's base64-rank lines
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        Tokenizer.from_dir(tmp_path)
+    shutil.copy(bpe_dir / "tokenizer.json", tmp_path)
+    assert Tokenizer.from_dir(tmp_path).encode("To be", add_bos=False) == \
+        Tokenizer.from_dir(bpe_dir).encode("To be", add_bos=False)
+
+
 def test_missing_tokenizers_library_is_a_clear_error(bpe_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` fail
     with pytest.raises(ImportError, match="pip install tokenizers"):
