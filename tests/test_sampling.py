@@ -98,6 +98,28 @@ def test_greedy_with_repetition_penalty_picks_the_penalised_argmax():
     assert tok.tolist() == [2]  # 3 / 4 = 0.75 < 2
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=0.7, top_k=10), dict(top_p=0.8, repetition_penalty=1.3),
+                                dict(temperature=1.5, top_k=20, top_p=0.9, min_p=0.05),
+                                dict(min_p=0.2, repetition_penalty=0.8)])
+def test_processors_match_transformers_logits_processors(kw):
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 64, generator=g) * 3
+    hist = torch.randint(0, 64, (4, 12), generator=g)
+    p = SamplingParams(**kw)
+    ref = lp.RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(hist, logits.clone())
+    ref = lp.TemperatureLogitsWarper(p.temperature)(hist, ref)
+    if p.top_k:
+        ref = lp.TopKLogitsWarper(p.top_k)(hist, ref)
+    if p.top_p < 1:
+        ref = lp.TopPLogitsWarper(p.top_p)(hist, ref)
+    if p.min_p:
+        ref = lp.MinPLogitsWarper(p.min_p)(hist, ref)
+    out = process_logits(logits, [p] * 4, hist.tolist())
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    torch.testing.assert_close(out[torch.isfinite(out)], ref[torch.isfinite(ref)])
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value", [
