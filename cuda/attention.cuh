@@ -141,6 +141,7 @@ struct PagedAttentionArgs {
   void* out;                                          // (T, Hq, Dv) contiguous
   float* ws_out; float* ws_max; float* ws_sum;        // workspace, see PagedAttentionPlan
   int num_tokens, num_seqs, max_blocks, num_q_heads, num_kv_heads, head_dim, head_dim_v, block_size;
+  int block_shift;                                    // log2(block_size): block sizes are powers of two
   float scale;
   PagedAttentionDtype dtype;
   bool v_aliases_k;                                   // v is k's first Dv columns: load rows once
@@ -152,6 +153,7 @@ struct PagedAttentionPlan {
   int head_chunks;        // ceil(group / chunk_heads)
   int partition_tokens;   // keys per split-KV partition
   int num_partitions;     // P = ceil(MB * BS / partition_tokens)
+  int rows_per_pass;      // query rows a CTA holds per pass over its partition: 4 or 16
   int64_t workspace_floats;  // T * Hq * P * (Dv + 2): partial outputs, then maxima, then sums
 };
 
@@ -169,7 +171,23 @@ inline PagedAttentionPlan paged_attention_plan(int num_tokens, int num_seqs, int
   if (plan.num_partitions < 1) plan.num_partitions = 1;
   plan.workspace_floats = static_cast<int64_t>(num_tokens) * num_q_heads * plan.num_partitions *
                           (head_dim_v + 2);
+  // Rows a CTA meets: its heads x the sequence's q_len. Only T / B (the mean q_len) is known from
+  // shapes; with T <= B (decode, the CUDA-graph buckets) a GQA-4 group fits the lighter 4-row kernel,
+  // which keeps 3 CTAs per SM. Either kernel is correct for any q_len (more rows = more passes).
+  const int64_t mean_q = num_seqs > 0 ? (num_tokens + num_seqs - 1) / num_seqs : 1;
+  plan.rows_per_pass = plan.chunk_heads * mean_q <= 4 && head_dim_v <= 128 ? 4 : kAttnMaxRows;
   return plan;
+}
+
+inline int log2_if_power_of_two(int x) {
+  int s = 0;
+  while (s < 31 && (1 << s) < x) ++s;
+  return x > 0 && (1 << s) == x ? s : -1;
+}
+
+// The kernel finds a key's block with a shift: block sizes must be powers of two (8, 16, 32, ...).
+inline bool paged_attention_supports_block_size(int block_size) {
+  return block_size > 0 && block_size <= (1 << 20) && log2_if_power_of_two(block_size) >= 0;
 }
 
 inline bool paged_attention_supports(int head_dim, int head_dim_v) {

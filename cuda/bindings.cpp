@@ -250,6 +250,9 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
   TORCH_CHECK(tinyinfer::paged_attention_supports(static_cast<int>(D), static_cast<int>(Dv)),
               "paged_attention: head dims (K ", D, ", V ", Dv, ") have no CUDA kernel; supported: 64/64, "
               "128/128 and MLA 576/512. Call ops.paged_attention_reference for other shapes");
+  TORCH_CHECK(tinyinfer::paged_attention_supports_block_size(static_cast<int>(BS)), "paged_attention: the CUDA "
+              "kernel needs a power-of-two block size (8, 16, 32, ...), got ", BS,
+              "; allocate the KV cache with such a block size or call ops.paged_attention_reference");
   TORCH_CHECK(block_tables_in.dim() == 2 && block_tables_in.scalar_type() == torch::kInt32,
               "paged_attention: block_tables must be int32 (B, max_blocks), got ", block_tables_in.scalar_type(),
               " ", block_tables_in.sizes());
@@ -310,6 +313,7 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
   a.head_dim = static_cast<int>(D);
   a.head_dim_v = static_cast<int>(Dv);
   a.block_size = static_cast<int>(BS);
+  a.block_shift = tinyinfer::log2_if_power_of_two(static_cast<int>(BS));
   a.scale = static_cast<float>(scale);
   a.dtype = q.scalar_type() == torch::kFloat16 ? tinyinfer::PagedAttentionDtype::kHalf
                                                : tinyinfer::PagedAttentionDtype::kBFloat16;

@@ -54,7 +54,7 @@ template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 // ---- cp.async ---------------------------------------------------------------------------------------
 
 // 16-byte global->shared copy that bypasses L1; with valid = false it writes 16 zero bytes and reads
-// nothing (src must still be a mapped address, so callers pass the cache base).
+// nothing (src must still be a mapped address).
 __device__ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
   uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   int src_bytes = valid ? 16 : 0;
@@ -106,8 +106,6 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
                            int seq_len, int q0, int q_len, int head0, int heads, int row0, int rows) {
   constexpr int CPR_K = D / 8;                // 16-byte chunks per K row
   constexpr int CPR_V = DV / 8;
-  constexpr int K_CHUNKS = TOK * CPR_K / kThreads;
-  constexpr int V_CHUNKS = TOK * CPR_V / kThreads;
   static_assert(TOK * CPR_K % kThreads == 0 && TOK * CPR_V % kThreads == 0, "tile / thread mismatch");
   constexpr int SLICES = kThreads / TOK;      // the D axis is split over this many thread groups
   constexpr int SLICE = D / SLICES;
@@ -147,28 +145,39 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
     sm.alpha[r] = 0.f;
   }
 
+  // Thread tid copies 16-byte chunks tid, tid + 128, ... of the tile's K rows (and V rows). When
+  // D == Dv the K and V chunks of one thread sit on the same key, so its block lookup is shared.
+  // Keys past seq_len are zero-filled (src-size 0: nothing is read); their address is clamped to the
+  // last key so that only the sequence's own table entries are ever loaded. Block sizes are powers
+  // of two (the binding checks), so position -> (table entry, row) is a shift and a mask. The chunk
+  // loops stay rolled: unrolled, the compiler keeps every chunk's addresses live across the tile loop.
+  const int shift = a.block_shift, row_mask = a.block_size - 1;
+  const bool load_v = !s.v_alias;
   auto issue_tile = [&](int tile) {
     if (tile < tiles) {
-      int stage = tile % kStages;
-      int tpos0 = key0 + tile * TOK;
+      const int stage = tile % kStages;
+      const int tpos0 = key0 + tile * TOK;
       T* dk = sk + stage * TOK * KPITCH;
-#pragma unroll
-      for (int c = 0; c < K_CHUNKS; ++c) {
-        int id = tid + c * kThreads, j = id / CPR_K, col = (id % CPR_K) * 8;
-        int pos = tpos0 + j;
-        bool valid = pos < seq_len;
-        const T* src = valid ? k_base + key_row_offset(table, pos, a.block_size, ks, kvh) + col : k_base;
-        cp_async_16(dk + j * KPITCH + col, src, valid);
+      T* dv = sv + stage * TOK * VPITCH_OWN;
+#pragma unroll 1
+      for (int id = tid; id < TOK * CPR_K; id += kThreads) {
+        const int j = id / CPR_K, col = (id % CPR_K) * 8;
+        const int pos = min(tpos0 + j, seq_len - 1);
+        const bool valid = tpos0 + j < seq_len;
+        const int64_t blk = table[pos >> shift];
+        const int off = pos & row_mask;
+        cp_async_16(dk + j * KPITCH + col, k_base + cache_row_start(ks, blk, off, kvh) + col, valid);
+        if (D == DV && load_v)
+          cp_async_16(dv + j * VPITCH_OWN + col, v_base + cache_row_start(vs, blk, off, kvh) + col, valid);
       }
-      if (!s.v_alias) {
-        T* dv = sv + stage * TOK * VPITCH_OWN;
-#pragma unroll
-        for (int c = 0; c < V_CHUNKS; ++c) {
-          int id = tid + c * kThreads, j = id / CPR_V, col = (id % CPR_V) * 8;
-          int pos = tpos0 + j;
-          bool valid = pos < seq_len;
-          const T* src = valid ? v_base + key_row_offset(table, pos, a.block_size, vs, kvh) + col : v_base;
-          cp_async_16(dv + j * VPITCH_OWN + col, src, valid);
+      if (D != DV && load_v) {
+#pragma unroll 1
+        for (int id = tid; id < TOK * CPR_V; id += kThreads) {
+          const int j = id / CPR_V, col = (id % CPR_V) * 8;
+          const int pos = min(tpos0 + j, seq_len - 1);
+          const bool valid = tpos0 + j < seq_len;
+          cp_async_16(dv + j * VPITCH_OWN + col,
+                      v_base + cache_row_start(vs, table[pos >> shift], pos & row_mask, kvh) + col, valid);
         }
       }
     }
@@ -178,18 +187,18 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) issue_tile(t);
 
+  __syncthreads();  // row bookkeeping visible
+
   // Queries of this pass, pre-scaled so that scores come out in log2 units; dead rows are zero.
   {
     const T* qb = static_cast<const T*>(a.q);
     const float qscale = a.scale * kLog2e;
     for (int e = tid; e < ROWS * D; e += kThreads) {
-      int r = e / D, d = e % D;
+      const int r = e / D, d = e % D;
       float x = 0.f;
-      if (r < rows) {
-        int rr = row0 + r;
-        x = to_float(qb[static_cast<int64_t>(q0 + rr / heads) * a.q_s0 +
-                        static_cast<int64_t>(head0 + rr % heads) * a.q_s1 + d]) * qscale;
-      }
+      if (r < rows)
+        x = to_float(qb[static_cast<int64_t>(sm.row_t[r]) * a.q_s0 +
+                        static_cast<int64_t>(sm.row_h[r]) * a.q_s1 + d]) * qscale;
       sm.q[r * D + d] = x;
     }
   }
@@ -220,7 +229,9 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
       for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
       const T* krow = tk + sj * KPITCH + slice * SLICE;
       const float* qs = sm.q + slice * SLICE;
-#pragma unroll
+      // Not unrolled: unrolling lets the compiler hoist every q load of the slice (ROWS x SLICE floats)
+      // into registers at once, which costs occupancy for no gain -- the loop is shared-memory bound.
+#pragma unroll 1
       for (int c = 0; c < SLICE / 8; ++c) {
         uint4 raw = *reinterpret_cast<const uint4*>(krow + c * 8);
         float2 k01 = to_float2(raw.x, T()), k23 = to_float2(raw.y, T());
@@ -334,16 +345,20 @@ __device__ void split_pass(const SplitArgs& s, const SplitSmem& sm, int b, int k
   __syncthreads();  // the next pass rewrites the row bookkeeping and the stages
 }
 
-// Two CTAs per SM for D <= 128 (registers allow no more without spills): 2 x 3 tiles of 16 KB =
-// ~96 KB of K/V in flight per SM, well above the ~30-50 KB that HBM3 latency x bandwidth asks for.
-template <typename T, int D, int DV, int TOK>
-__global__ void __launch_bounds__(kThreads, D <= 128 ? 2 : 1)
+// CTAs per SM the register budget must allow (no spills): the 4-row decode kernel keeps 3 resident
+// (3 x 3 tiles of 16 KB = 144 KB of K/V in flight per SM), the 16-row kernel 2 (96 KB); both are
+// well above the ~30-60 KB that HBM latency x bandwidth asks for. MLA: one (correctness only).
+__host__ __device__ constexpr int split_min_blocks(int d, int rows) { return d > 128 ? 1 : rows <= 4 ? 3 : 2; }
+
+template <typename T, int D, int DV, int TOK, int ROWS>
+__global__ void __launch_bounds__(kThreads, split_min_blocks(D, ROWS))
 paged_attention_split_kernel(const SplitArgs s) {
   extern __shared__ __align__(16) char smem[];
   const PagedAttentionArgs& a = s.a;
   const int p = blockIdx.x, b = blockIdx.z;
   const int kvh = blockIdx.y / s.head_chunks, chunk = blockIdx.y % s.head_chunks;
-  const int seq_len = a.seq_lens[b];
+  // Clamped to the table's capacity so that a malformed seq_len can never walk off the table row.
+  const int seq_len = min(a.seq_lens[b], a.max_blocks * a.block_size);
   const int q0 = a.query_start_loc[b], q_len = a.query_start_loc[b + 1] - q0;
   if (q_len <= 0 || p * s.part >= seq_len) return;  // nothing to do; the merge never reads this slot
 
@@ -352,29 +367,26 @@ paged_attention_split_kernel(const SplitArgs s) {
   const int heads = min(s.chunk_heads, kvh * group + group - head0);
   if (heads <= 0) return;
 
-  SplitSmemPlan plan = split_smem_plan(D, DV, TOK, attn_pipeline_stages(D), kMaxRows, kThreads,
+  SplitSmemPlan plan = split_smem_plan(D, DV, TOK, attn_pipeline_stages(D), ROWS, kThreads,
                                        static_cast<int>(sizeof(T)), s.v_alias);
   constexpr int SLICES = kThreads / TOK;
   SplitSmem sm;
   sm.stages = smem;
   sm.q = reinterpret_cast<float*>(smem + plan.stage_bytes);
-  sm.red = sm.q + kMaxRows * D;
-  sm.p = sm.red + SLICES * kMaxRows * TOK;
-  sm.m = sm.p + kMaxRows * TOK;
-  sm.l = sm.m + kMaxRows;
-  sm.alpha = sm.l + kMaxRows;
-  sm.row_t = reinterpret_cast<int*>(sm.alpha + kMaxRows);
-  sm.row_h = sm.row_t + kMaxRows;
-  sm.row_pos = sm.row_h + kMaxRows;
+  sm.red = sm.q + ROWS * D;
+  sm.p = sm.red + SLICES * ROWS * TOK;
+  sm.m = sm.p + ROWS * TOK;
+  sm.l = sm.m + ROWS;
+  sm.alpha = sm.l + ROWS;
+  sm.row_t = reinterpret_cast<int*>(sm.alpha + ROWS);
+  sm.row_h = sm.row_t + ROWS;
+  sm.row_pos = sm.row_h + ROWS;
 
+  // Every (query, head) row of the group; more rows than ROWS re-stream the partition (from L2).
   const int total_rows = heads * q_len;
-  if (total_rows <= 4) {
-    split_pass<T, D, DV, TOK, 4>(s, sm, b, kvh, p, seq_len, q0, q_len, head0, heads, 0, total_rows);
-  } else {
-    for (int row0 = 0; row0 < total_rows; row0 += kMaxRows)
-      split_pass<T, D, DV, TOK, kMaxRows>(s, sm, b, kvh, p, seq_len, q0, q_len, head0, heads, row0,
-                                          min(kMaxRows, total_rows - row0));
-  }
+  for (int row0 = 0; row0 < total_rows; row0 += ROWS)
+    split_pass<T, D, DV, TOK, ROWS>(s, sm, b, kvh, p, seq_len, q0, q_len, head0, heads, row0,
+                                    min(ROWS, total_rows - row0));
 }
 
 // ---- merge kernel ----------------------------------------------------------------------------------
@@ -386,7 +398,7 @@ struct MergeArgs {
   const float* ws_sum;           // (T, Hq, P)
   const int32_t* seq_lens;
   const int32_t* query_start_loc;
-  int num_seqs, num_q_heads, head_dim_v, part, num_parts;
+  int num_seqs, num_q_heads, head_dim_v, part, num_parts, max_tokens;
 };
 
 template <typename T>
@@ -397,7 +409,7 @@ paged_attention_merge_kernel(const MergeArgs a) {
   T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(t) * a.num_q_heads + h) * dv;
   const int b = static_cast<int>(sequence_of_row(a.query_start_loc, a.num_seqs, t));
   // Padding rows (b < 0) and rows whose keys are all masked get zeros.
-  const int parts = b < 0 ? 0 : num_partitions(a.seq_lens[b], a.part);
+  const int parts = b < 0 ? 0 : num_partitions(min(a.seq_lens[b], a.max_tokens), a.part);
   const int64_t base = (static_cast<int64_t>(t) * a.num_q_heads + h) * a.num_parts;
   LseState total = lse_empty();
   for (int q = 0; q < parts; ++q) total = lse_merge(total, {a.ws_max[base + q], a.ws_sum[base + q]});
@@ -409,40 +421,45 @@ paged_attention_merge_kernel(const MergeArgs a) {
   }
 }
 
-template <typename T, int D, int DV, int TOK>
+template <typename T, int D, int DV, int TOK, int ROWS>
 cudaError_t launch_split(const SplitArgs& s, cudaStream_t stream) {
   const PagedAttentionArgs& a = s.a;
   constexpr int kStages = attn_pipeline_stages(D);
-  SplitSmemPlan plan = split_smem_plan(D, DV, TOK, kStages, kMaxRows, kThreads,
+  SplitSmemPlan plan = split_smem_plan(D, DV, TOK, kStages, ROWS, kThreads,
                                        static_cast<int>(sizeof(T)), s.v_alias);
   // The opt-in above 48 KiB is per function; the largest plan (V not aliased) covers both cases.
   static const cudaError_t attr_status = cudaFuncSetAttribute(
-      paged_attention_split_kernel<T, D, DV, TOK>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      split_smem_plan(D, DV, TOK, kStages, kMaxRows, kThreads, static_cast<int>(sizeof(T)), false)
+      paged_attention_split_kernel<T, D, DV, TOK, ROWS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      split_smem_plan(D, DV, TOK, kStages, ROWS, kThreads, static_cast<int>(sizeof(T)), false)
           .total_bytes);
   if (attr_status != cudaSuccess) return attr_status;
   if (a.num_seqs > 0) {  // with no sequences every row is padding: the merge alone writes zeros
     dim3 grid(s.num_parts, a.num_kv_heads * s.head_chunks, a.num_seqs);
-    paged_attention_split_kernel<T, D, DV, TOK><<<grid, kThreads, plan.total_bytes, stream>>>(s);
+    paged_attention_split_kernel<T, D, DV, TOK, ROWS><<<grid, kThreads, plan.total_bytes, stream>>>(s);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   MergeArgs m{a.out, a.ws_out, a.ws_max, a.ws_sum, a.seq_lens, a.query_start_loc,
-              a.num_seqs, a.num_q_heads, a.head_dim_v, s.part, s.num_parts};
+              a.num_seqs, a.num_q_heads, a.head_dim_v, s.part, s.num_parts,
+              a.max_blocks * a.block_size};
   dim3 mgrid(a.num_tokens, a.num_q_heads);
   paged_attention_merge_kernel<T><<<mgrid, kThreads, 0, stream>>>(m);
   return cudaGetLastError();
 }
 
+// rows_per_pass (4 or 16) comes from the plan, i.e. from shapes; MLA groups always fill 16 rows.
 template <typename T>
-cudaError_t dispatch_dims(const SplitArgs& s, cudaStream_t stream) {
+cudaError_t dispatch_dims(const SplitArgs& s, int rows_per_pass, cudaStream_t stream) {
   const PagedAttentionArgs& a = s.a;
+  const bool small = rows_per_pass <= 4;
   if (a.head_dim == 64 && a.head_dim_v == 64)
-    return launch_split<T, 64, 64, attn_tile_tokens(64)>(s, stream);
+    return small ? launch_split<T, 64, 64, attn_tile_tokens(64), 4>(s, stream)
+                 : launch_split<T, 64, 64, attn_tile_tokens(64), kMaxRows>(s, stream);
   if (a.head_dim == 128 && a.head_dim_v == 128)
-    return launch_split<T, 128, 128, attn_tile_tokens(128)>(s, stream);
+    return small ? launch_split<T, 128, 128, attn_tile_tokens(128), 4>(s, stream)
+                 : launch_split<T, 128, 128, attn_tile_tokens(128), kMaxRows>(s, stream);
   if (a.head_dim == 576 && a.head_dim_v == 512)
-    return launch_split<T, 576, 512, attn_tile_tokens(576)>(s, stream);
+    return launch_split<T, 576, 512, attn_tile_tokens(576), kMaxRows>(s, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -458,8 +475,8 @@ cudaError_t paged_attention_launch(const PagedAttentionArgs& args, const PagedAt
   s.chunk_heads = plan.chunk_heads;
   s.head_chunks = plan.head_chunks;
   s.v_alias = args.v_aliases_k;
-  if (args.dtype == PagedAttentionDtype::kHalf) return dispatch_dims<__half>(s, stream);
-  return dispatch_dims<__nv_bfloat16>(s, stream);
+  if (args.dtype == PagedAttentionDtype::kHalf) return dispatch_dims<__half>(s, plan.rows_per_pass, stream);
+  return dispatch_dims<__nv_bfloat16>(s, plan.rows_per_pass, stream);
 }
 
 }  // namespace tinyinfer

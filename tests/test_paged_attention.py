@@ -258,3 +258,10 @@ def test_kernel_rejects_unsupported_head_dim(cuda_extension):
     batch = make_batch([10], [1], 4, 2, 96, 96, 16, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="head dims"):
         ops.paged_attention(*batch.args())
+
+
+@pytest.mark.cuda
+def test_kernel_rejects_non_power_of_two_block_size(cuda_extension):
+    batch = make_batch([30], [1], 4, 2, 64, 64, 12, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="power-of-two block size"):
+        ops.paged_attention(*batch.args())

@@ -150,22 +150,40 @@ static void test_plan() {
   CHECK(empty.num_partitions == 1 && empty.workspace_floats == 0);
 }
 
-// Shared memory fits: two CTAs per SM for D <= 128 (the register budget allows two), one for MLA
-// even when V is a separate tensor; and the output-reduction scratch fits inside the stages.
+// Shared memory fits the residency the kernels are built for (__launch_bounds__): the 4-row decode
+// kernel 3 CTAs per SM, the 16-row kernel 2 (D <= 128), MLA 1 even when V is a separate tensor; and
+// the output-reduction scratch fits inside the pipeline stages.
 static void test_smem_plan() {
-  const int sm_limit = 227 * 1024;
-  struct Case { int d, dv; };
-  for (Case c : {Case{64, 64}, Case{128, 128}, Case{576, 512}}) {
+  const int sm_bytes = 228 * 1024, per_cta_reserved = 1024, cta_limit = 227 * 1024;
+  struct Case { int d, dv, rows, ctas; };
+  for (Case c : {Case{64, 64, 4, 3}, Case{64, 64, 16, 2}, Case{128, 128, 4, 3}, Case{128, 128, 16, 2},
+                 Case{576, 512, 16, 1}}) {
     for (bool alias : {false, true}) {
       SplitSmemPlan p = split_smem_plan(c.d, c.dv, attn_tile_tokens(c.d), attn_pipeline_stages(c.d),
-                                        kAttnMaxRows, kAttnThreads, 2, alias);
-      CHECK(p.total_bytes <= sm_limit);
-      if (c.d <= 128) CHECK(2 * (p.total_bytes + 1024) <= 228 * 1024);
+                                        c.rows, kAttnThreads, 2, alias);
+      CHECK(p.total_bytes <= cta_limit);
+      CHECK(c.ctas * (p.total_bytes + per_cta_reserved) <= sm_bytes);
       CHECK(p.stage_bytes % 16 == 0);
       int pairs = c.dv / 2, subsets = pairs >= kAttnThreads ? 1 : kAttnThreads / pairs;
-      if (subsets > 1) CHECK(subsets * kAttnMaxRows * c.dv * 4 <= p.stage_bytes);
+      if (subsets > 1) CHECK(subsets * c.rows * c.dv * 4 <= p.stage_bytes);
     }
   }
+}
+
+// The 4-row kernel is picked only when shapes say the rows of one CTA usually fit in 4.
+static void test_rows_per_pass() {
+  CHECK(paged_attention_plan(1, 1, 2048, 16, 32, 8, 128).rows_per_pass == 4);     // bs1 decode, GQA 4
+  CHECK(paged_attention_plan(32, 32, 256, 16, 32, 8, 128).rows_per_pass == 4);    // bs32 decode
+  CHECK(paged_attention_plan(128, 32, 256, 16, 32, 8, 128).rows_per_pass == 16);  // q_len 4 verify
+  CHECK(paged_attention_plan(64, 16, 256, 16, 32, 32, 128).rows_per_pass == 4);   // MHA, q_len 4
+  CHECK(paged_attention_plan(8, 8, 256, 16, 16, 1, 128).rows_per_pass == 16);     // MQA group 16
+  CHECK(paged_attention_plan(1, 1, 64, 16, 16, 1, 512).rows_per_pass == 16);      // MLA
+}
+
+static void test_block_size_support() {
+  for (int bs : {1, 2, 8, 16, 32, 64}) CHECK(paged_attention_supports_block_size(bs));
+  for (int bs : {0, -16, 3, 12, 24}) CHECK(!paged_attention_supports_block_size(bs));
+  CHECK(log2_if_power_of_two(16) == 4 && log2_if_power_of_two(12) == -1);
 }
 
 int main() {
@@ -176,6 +194,8 @@ int main() {
   test_split_softmax_equals_full_softmax();
   test_plan();
   test_smem_plan();
+  test_rows_per_pass();
+  test_block_size_support();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
