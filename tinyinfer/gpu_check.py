@@ -79,13 +79,16 @@ class Check:
         code, text, secs = run_logged([sys.executable, "-m", "tinyinfer.kernels", "build"], self.out / "build.log",
                                       self.budget("build"), env={"MAX_JOBS": str(os.cpu_count() or 1)})
         directory = kernels.build_directory(arch)
+        if (directory / "build.log").is_file():  # the compiler's own output (ptxas report included)
+            shutil.copy2(directory / "build.log", self.out / "compile.log")
         if code != 0:
             print(tail(text, 60), flush=True)
-            self.record("build", "FAIL" if code is not None else "TIMEOUT", secs, f"sm_{arch}; see build.log", True)
+            self.record("build", "FAIL" if code is not None else "TIMEOUT", secs, f"sm_{arch}; see compile.log",
+                        True)
             return False
         keep = self.out / "build" / "ext" / directory.name  # a rerun can carry this back as build/ext
         keep.mkdir(parents=True, exist_ok=True)
-        for name in ("tinyinfer_cuda.so", "stamp.json", "resources.json", "build.log"):
+        for name in ("tinyinfer_cuda.so", "stamp.json", "resources.json"):
             if (directory / name).is_file():
                 shutil.copy2(directory / name, keep / name)
         report = [line for line in text.splitlines() if "regs," in line]

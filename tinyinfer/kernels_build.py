@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -84,16 +83,15 @@ def build(arch: str) -> int:
           f" -> {directory.relative_to(kernels.REPO_ROOT)}", flush=True)
     start = time.perf_counter()
     error = None
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "out.log"
-        try:
-            with _capture_fds(raw):
-                module = kernels.compile_extension(arch, verbose=True)
-        except (RuntimeError, OSError, ImportError) as err:
-            error = err
-        text = raw.read_text(errors="replace")
-    log.write_text(text + (f"\n{error}\n" if error else ""))
+    try:
+        with _capture_fds(log):  # straight to the log, so a killed build still leaves its output
+            module = kernels.compile_extension(arch, verbose=True)
+    except (RuntimeError, OSError, ImportError) as err:
+        error = err
+    text = log.read_text(errors="replace")
     if error is not None:
+        with open(log, "a") as f:
+            f.write(f"\n{error}\n")
         print(text[-20000:], file=sys.stderr)
         print(f"\ntinyinfer: BUILD FAILED for sm_{arch}: {str(error).splitlines()[0] if str(error) else error!r}\n"
               f"full log: {log}", file=sys.stderr)
