@@ -100,8 +100,9 @@ class MultiHeadAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)              # (T, Hq, D)
         k = k.view(T, self.num_kv_heads, self.head_dim)           # (T, Hkv, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)           # (T, Hkv, D)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        cos, sin = rope                                            # (T, D) each
+        # RoPE on q and k and the K/V cache write in one op (one kernel on a GPU); the rotated k
+        # comes back for fresh prefill, which attends over it directly.
+        q, k = ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
         out = attend(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))

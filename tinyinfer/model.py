@@ -2,6 +2,9 @@
 
     embed -> N x [RMSNorm -> Attention -> +residual -> RMSNorm -> MLP -> +residual] -> RMSNorm -> lm_head
 
+Each "+residual -> RMSNorm" pair is one op (ops.fused_add_rmsnorm, one CUDA kernel): a layer hands
+on its sublayer's raw output together with the residual stream, and the next norm adds them.
+
 Built on the meta device (no memory touched), then allocated on the target device and filled from the
 checkpoint by checkpoint.load_weights. Attention and MLP classes are chosen per layer by the config.
 """
@@ -12,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinyinfer import ops
 from tinyinfer.attention import AttentionMetadata, MultiHeadAttention
 from tinyinfer.config import ModelConfig
 
@@ -24,9 +28,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32 (as the reference implementations do), scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(x + residual), x + residual): the residual add that precedes this norm, fused."""
+        return ops.fused_add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -63,10 +69,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = make_mlp(cfg, layer_idx)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor],
-                meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor | None) -> Tensor:
-        x = x + self.attn(self.input_layernorm(x), positions, rope, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor,
+                rope: tuple[Tensor, Tensor], meta: AttentionMetadata, k_cache: Tensor,
+                v_cache: Tensor | None) -> tuple[Tensor, Tensor]:
+        # x (T, hidden): the previous layer's MLP output (the embeddings for layer 0, residual None);
+        # residual (T, hidden): the stream x is still to be added to. Returns this layer's pair.
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.attn(h, positions, rope, meta, k_cache, v_cache)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class Transformer(nn.Module):
@@ -90,9 +104,10 @@ class Transformer(nn.Module):
         # input_ids, positions (T,) -> hidden states (T, hidden)
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, positions, rope, meta, k_cache, v_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, rope, meta, k_cache, v_cache)
+        return self.norm(x) if residual is None else self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()                  # (n, vocab)
