@@ -40,15 +40,15 @@ def _inputs(T, H, D, Dv, BS, dtype, device, seed, cache_dtype=None):
     return k, v, k_cache, v_cache, _slots(T, NUM_BLOCKS * BS, device, gen)
 
 
-def _check_against_reference(k, v, k_cache, v_cache, slots):
+def _check_against_reference(k, v, k_cache, v_cache, slots, seed=None):
     want_k = k_cache.clone()
     want_v = v_cache.clone() if v_cache is not None else None
     ops.store_kv_reference(k, v, want_k, want_v, slots)
     ops.store_kv(k, v, k_cache, v_cache, slots)
     torch.cuda.synchronize()
-    assert torch.equal(_bits(k_cache), _bits(want_k)), "k_cache differs from the reference"
+    assert torch.equal(_bits(k_cache), _bits(want_k)), f"k_cache differs from the reference (seed {seed})"
     if v_cache is not None:
-        assert torch.equal(_bits(v_cache), _bits(want_v)), "v_cache differs from the reference"
+        assert torch.equal(_bits(v_cache), _bits(want_v)), f"v_cache differs from the reference (seed {seed})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +95,20 @@ def test_prebuilt_extension_imports_here():
     assert callable(module.store_kv)
 
 
+def test_bindings_parse_arguments_and_reject_cpu_tensors():
+    # The pybind layer on this CPU machine: None for v/v_cache parses, and the checks speak clearly.
+    if kernels.find_cuda_home() is None or torch.version.cuda is None:
+        pytest.skip("no CUDA toolkit or CPU-only torch: the extension cannot be built here")
+    module = kernels.load_prebuilt(kernels.target_arch())
+    if module is None:
+        pytest.skip("no up-to-date prebuilt extension: run `make build` first")
+    k, _, k_cache, _, slots = _inputs(4, 1, 8, 0, 4, torch.float16, "cpu", seed=8)
+    with pytest.raises(RuntimeError, match="same CUDA device"):
+        module.store_kv(k, None, k_cache, None, slots)
+    with pytest.raises(RuntimeError, match="1-D int64"):
+        module.store_kv(k, None, k_cache, None, slots.int())
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA: kernel vs reference
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +123,7 @@ def test_extension_is_built(cuda_extension):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-H{}-D{}-Dv{}-BS{}".format(*s))
 def test_kernel_equals_reference(cuda_extension, shape, dtype):
     seed = torch.randint(0, 2**31, ()).item()  # fresh inputs every run; printed on failure
-    _check_against_reference(*_inputs(*shape, dtype, "cuda", seed))
+    _check_against_reference(*_inputs(*shape, dtype, "cuda", seed), seed=seed)
 
 
 @pytest.mark.cuda
