@@ -17,6 +17,7 @@ import torch
 from tinyinfer import checkpoint as ckpt
 from tinyinfer.attention import AttentionMetadata
 from tinyinfer.config import ModelConfig, parse_dtype
+from tinyinfer.cuda_graphs import GraphRunner
 from tinyinfer.kv_cache import BlockAllocator, PagedKVCache
 from tinyinfer.model import Transformer, build_model
 from tinyinfer.sampling import SamplingParams, sample
@@ -46,7 +47,8 @@ def default_device() -> str:
 class LLM:
     def __init__(self, path: str, device: Optional[str] = None, dtype: Optional[str] = None,
                  quant: Optional[str] = None, draft: Optional[str] = None, speculate_k: int = 4,
-                 max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False):
+                 max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False,
+                 cuda_graphs: Optional[bool] = None):
         if quant is not None:
             raise NotImplementedError(f"quant={quant!r}: INT4 quantization is not supported yet")
         if draft is not None:
@@ -71,6 +73,12 @@ class LLM:
                           self.config.tie_word_embeddings, self.dtype, self.device, progress=big)
         self.block_size = block_size
         self._init_cache(max_kv_tokens)
+        # Decode steps replay CUDA graphs (default on CUDA); cuda_graphs=False runs them eagerly.
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got {self.device}; "
+                             "leave it unset (or False) on the CPU")
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graph_runner = GraphRunner(self.model, self.kv) if use_graphs else None
 
     @property
     def stats(self) -> dict:
@@ -140,6 +148,12 @@ class LLM:
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False
                  ) -> torch.Tensor:
+        runner = self.graph_runner
+        if not all_logits and runner is not None and runner.can_run(seqs, num_new):
+            logits = runner.run(seqs, num_new)          # (B, vocab): one new token per sequence
+            for s in seqs:
+                s.num_cached += 1
+            return logits
         input_ids, positions, meta = self._prepare(seqs, num_new)
         hidden = self.model(input_ids, positions, meta, self.kv.layers())
         for s, n in zip(seqs, num_new):

@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
     p.add_argument("--max-kv-tokens", type=int, default=None,
                    help="cap the paged KV cache at this many tokens (default: sized from memory)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
+                        "--no-cuda-graphs launches every kernel from Python, to compare")
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
                    help="print one JSON object (text, token ids, figures) instead of streaming")
     return p.parse_args(argv)
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         t_load = time.perf_counter()
         llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, quant=args.quant,
                   draft=args.draft, speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
-                  verbose=not args.json)
+                  cuda_graphs=args.cuda_graphs, verbose=not args.json)
         t_load = time.perf_counter() - t_load
     except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,189 @@
+"""CUDA-graph decode: the padded, bucketed static batch computes exactly what the eager batch does.
+
+On the CPU the runner takes the same padded path without capturing (capture=False): same static
+buffers, same padding, same bucket and table-width choice; only the replay is missing. Those tests
+compare it against the engine's eager (unpadded) step through the reference ops, in float32. The
+CUDA tests compare real graph replay against eager decode on the demo models.
+"""
+import pytest
+import torch
+
+from hf_util import DRAFT, LLAMA, MLA
+from tinyinfer import LLM, SamplingParams
+from tinyinfer.cuda_graphs import GraphRunner, StaticBatch
+from tinyinfer.scheduler import Sequence
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "To be", "KING RICHARD III:\nNow is the winter",
+           "First Citizen:\nBefore we proceed any further, hear me speak.", "A", "MENENIUS:\nWhy"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(LLAMA, device="cpu", dtype="float32", max_kv_tokens=4096)
+
+
+def _prefilled(llm, lengths, extra):
+    """Sequences of random tokens: `lengths[i]` already cached, `extra[i]` more waiting to be fed."""
+    gen = torch.Generator().manual_seed(sum(lengths))
+    seqs = []
+    for n, e in zip(lengths, extra):
+        ids = torch.randint(3, llm.config.vocab_size, (n + e,), generator=gen).tolist()
+        seq = Sequence(ids, SamplingParams(max_tokens=1), 0)
+        seq.block_table = llm.allocator.allocate(seq.blocks_needed(n + e, llm.block_size))
+        llm._forward([seq], [n])
+        seqs.append(seq)
+    return seqs
+
+
+def _release(llm, seqs):
+    for s in seqs:
+        llm.allocator.release(s.block_table)
+
+
+def test_static_metadata_is_the_eager_metadata_plus_contract_padding(llm):
+    seqs = _prefilled(llm, [5, 40, 17], [1, 3, 2])
+    num_new = [1, 3, 2]
+    _, positions, meta = llm._prepare(seqs, num_new)
+    batch = StaticBatch(max_seqs=8, q_len=4, max_blocks=16, block_size=llm.block_size,
+                        device=torch.device("cpu"))
+    T = batch.fill(seqs, num_new, bucket=4, width=8)
+    ids_s, pos_s, meta_s = batch.meta(bucket=4, width=8)
+    assert T == 6 and ids_s.shape == (16,) and meta_s.block_tables.shape == (4, 8)
+    assert torch.equal(pos_s[:T], positions) and torch.equal(meta_s.slot_mapping[:T], meta.slot_mapping)
+    assert torch.equal(meta_s.slot_mapping[T:], torch.full((10,), -1))         # padding rows: skip
+    assert meta_s.seq_lens.tolist() == meta.seq_lens.tolist() + [0]           # padding seq: empty
+    assert meta_s.query_start_loc.tolist() == meta.query_start_loc.tolist() + [T]
+    for b, s in enumerate(seqs):                                               # blocks in use agree
+        assert meta_s.block_tables[b, :len(s.block_table)].tolist() == s.block_table
+    assert meta_s.max_q_len == 4 and not meta_s.prefill
+    _release(llm, seqs)
+
+
+def test_block_table_rows_follow_changed_tables(llm):
+    # Host rows are rewritten only when a table differs: a rolled-back and regrown table (same length,
+    # different last block) and a width change must both show up.
+    seqs = _prefilled(llm, [20, 33], [1, 1])
+    batch = StaticBatch(max_seqs=4, q_len=1, max_blocks=8, block_size=llm.block_size,
+                        device=torch.device("cpu"))
+    batch.fill(seqs, [1, 1], bucket=2, width=4)
+    spare = llm.allocator.allocate(1)
+    old = seqs[1].block_table[-1]
+    seqs[1].block_table[-1] = spare[0]
+    batch.fill(seqs, [1, 1], bucket=2, width=4)
+    assert batch.meta(2, 4)[2].block_tables[1, :3].tolist() == seqs[1].block_table
+    batch.fill(seqs, [1, 1], bucket=2, width=8)
+    assert batch.meta(2, 8)[2].block_tables[1, :3].tolist() == seqs[1].block_table
+    seqs[1].block_table[-1] = old
+    llm.allocator.release(spare)
+    _release(llm, seqs)
+
+
+@pytest.mark.parametrize("q_len,num_new", [(1, [1, 1, 1]), (4, [4, 1, 3]), (4, [4, 4, 4])])
+def test_padded_step_logits_equal_eager_step(llm, q_len, num_new):
+    # 3 sequences -> bucket 4: one padding sequence, padding rows; logits of every real row match.
+    seqs = _prefilled(llm, [9, 31, 70], num_new)
+    eager = llm._forward(seqs, num_new, all_logits=True)                       # (T, vocab)
+    for s, n in zip(seqs, num_new):
+        s.num_cached -= n                                                      # same step again
+    runner = GraphRunner(llm.model, llm.kv, q_len=q_len, capture=False)
+    assert runner.can_run(seqs, num_new) and runner.bucket(len(seqs)) == 4
+    padded = runner.run(seqs, num_new)
+    assert padded.shape == eager.shape
+    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
+    _release(llm, seqs)
+
+
+def test_runner_declines_steps_outside_its_shapes(llm):
+    runner = GraphRunner(llm.model, llm.kv, q_len=2, buckets=(1, 2), capture=False)
+    seqs = _prefilled(llm, [4, 4, 4], [1, 1, 1])
+    assert not runner.can_run(seqs, [1, 1, 1])                                 # 3 > biggest bucket
+    assert not runner.can_run(seqs[:2], [3, 1])                                # longer than q_len
+    assert runner.can_run(seqs[:2], [2, 1])
+    _release(llm, seqs)
+    with pytest.raises(ValueError, match="q_len=17"):
+        GraphRunner(llm.model, llm.kv, q_len=17, capture=False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphRunner(llm.model, llm.kv, capture=True)
+
+
+def test_padded_decode_generates_what_eager_decode_does(llm):
+    # Sequences finish at different times, so the batch crosses buckets (7 -> 8, 5 -> 8, 3 -> 4, ...);
+    # with buckets (1, 2, 4) the first steps (7 > 4) run eagerly, the later ones padded.
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 5 * i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    llm.graph_runner = None
+    eager = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    try:
+        for buckets in ((1, 2, 4, 8), (1, 2, 4)):
+            llm.graph_runner = GraphRunner(llm.model, llm.kv, buckets=buckets, capture=False)
+            assert [o.token_ids for o in llm.generate(PROMPTS, params)] == eager
+    finally:
+        llm.graph_runner = None
+    assert llm.allocator.num_free == llm.allocator.num_blocks
+
+
+def test_cuda_graphs_flag_needs_cuda():
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        LLM(LLAMA, device="cpu", cuda_graphs=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU: real capture and replay
+# ------------------------------------------------------------------------------------------------
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", [LLAMA, DRAFT, MLA])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_graph_decode_equals_eager_decode(path, batch):
+    # Bucket-sized batches that stay whole (same max_tokens): both paths run the same kernels on the
+    # same row counts, so the greedy tokens must be identical.
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    eager = LLM(path, device="cuda", cuda_graphs=False)
+    graphs = LLM(path, device="cuda", cuda_graphs=True)
+    assert graphs.graph_runner.disabled is None, graphs.graph_runner.disabled
+    want = [o.token_ids for o in eager.generate(PROMPTS[:batch], params)]
+    got = [o.token_ids for o in graphs.generate(PROMPTS[:batch], params)]
+    assert got == want
+    assert graphs.graph_runner.num_graphs() >= 1 and graphs.graph_runner.disabled is None
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", [LLAMA, MLA])
+def test_graph_step_logits_match_eager_at_odd_batch_and_across_replays(path):
+    # 3 sequences run in the bucket of 4; replaying the same graph for three steps in a row must track
+    # the new metadata each time (a stale buffer would repeat the first step's logits).
+    llm = LLM(path, device="cuda", cuda_graphs=True)
+    runner = llm.graph_runner
+    seqs = _prefilled(llm, [7, 100, 33], [3, 3, 3])
+    for _ in range(3):
+        eager = llm._forward(seqs, [1, 1, 1], all_logits=True).clone()
+        for s in seqs:
+            s.num_cached -= 1
+        got = runner.run(seqs, [1, 1, 1])
+        for s in seqs:
+            s.num_cached += 1
+        scale = eager.abs().max().item()
+        torch.testing.assert_close(got, eager, rtol=0, atol=2e-2 * scale)
+    assert runner.num_graphs() == 1 and runner.disabled is None
+    _release(llm, seqs)
+
+
+@cuda
+@pytest.mark.cuda
+def test_verify_shape_graph_matches_eager():
+    # q_len k+1 = 5 (speculative verification), mixed query lengths in one padded bucket.
+    llm = LLM(LLAMA, device="cuda", cuda_graphs=False)
+    runner = GraphRunner(llm.model, llm.kv, q_len=5)
+    assert runner.disabled is None, runner.disabled
+    seqs = _prefilled(llm, [12, 64, 200], [5, 2, 5])
+    eager = llm._forward(seqs, [5, 2, 5], all_logits=True).clone()
+    for s, n in zip(seqs, [5, 2, 5]):
+        s.num_cached -= n
+    got = runner.run(seqs, [5, 2, 5])
+    torch.testing.assert_close(got, eager, rtol=0, atol=2e-2 * eager.abs().max().item())
+    assert runner.num_graphs() == 1
+    _release(llm, seqs)

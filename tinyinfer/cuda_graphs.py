@@ -1,0 +1,268 @@
+"""CUDA graphs for decode: launch a whole decode step with one call.
+
+A decode step of a 7B model is ~10 kernels per layer x 32 layers, and at batch 1 each kernel runs for
+only microseconds -- about as long as Python and the driver take to launch it. A CUDA graph records
+the step's launches once and replays them all with a single call (NVIDIA, "CUDA Graphs", CUDA C++
+Programming Guide). A graph replays fixed pointers and shapes, which shapes this module:
+
+- The batch is padded up to a *bucket* (1, 2, 4, ..., 64 sequences): one graph per bucket, each of
+  T = bucket x q_len token rows (q_len 1 for decode, k+1 to verify k drafted tokens).
+- Every input lives in a *static buffer* overwritten in place before each replay: input ids,
+  positions, slot mapping, block tables, seq lens, query_start_loc. The host fills pinned mirrors and
+  two copies move them (one int64 buffer, one int32 buffer).
+- Padding follows the paged-attention contract: padding sequences have q_len 0 and seq_len 0, padding
+  rows (at or past query_start_loc[B]) have slot -1 (store_kv skips them) and attend to nothing.
+- The block-table width is fixed per graph. Widths come in powers of two (64 blocks upward, capped by
+  the model's context), so a short context does not launch attention work sized for 32k tokens.
+- Everything inside the captured region is graph-safe: no .item()/.tolist(), no data-dependent
+  shapes; the lm_head runs over all T rows and the caller picks the ones it needs.
+
+Batches larger than the biggest bucket, longer queries, or models with host-synchronising layers
+(MoE routing) run eagerly. On a CPU the same padded path runs without capture (`capture=False`), which
+is how the padding and bucketing are tested without a GPU.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from tinyinfer.attention import MAX_KERNEL_Q_LEN, AttentionMetadata
+from tinyinfer.kv_cache import PagedKVCache
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MIN_TABLE_WIDTH = 64          # blocks: 1k tokens at block size 16
+
+
+def graph_unsafe_reason(model: nn.Module) -> Optional[str]:
+    """Why decode of `model` on CUDA cannot be captured, or None when it can. A captured step must not
+    synchronise with the host, so every op in it needs its CUDA kernel (the references index with
+    host-side values) and no layer may read values back (MoE routing does, to slice the batch)."""
+    from tinyinfer import kernels, ops
+    kernels.register_cuda_kernels()
+    if kernels.extension() is None:
+        return "the CUDA extension is not available (the reference ops synchronise with the host)"
+    needed = [op for op in ("store_kv", "rope_store_kv", "paged_attention") if hasattr(ops, op)]
+    if any(type(m).__name__ == "Int4Linear" for m in model.modules()):
+        needed.append("int4_linear")
+    missing = [op for op in needed if op not in kernels.CUDA_IMPLS]
+    if missing:
+        return f"no CUDA kernel is registered for {', '.join(missing)}"
+    unsafe = sorted({type(m).__name__ for m in model.modules() if getattr(m, "graph_safe", True) is False})
+    if unsafe:
+        return f"{', '.join(unsafe)} synchronise with the host"
+    return None
+
+
+class StaticBatch:
+    """The static input buffers shared by all graphs of one runner, and the code that fills them.
+
+    Device buffers (their views are what the graphs read):
+        i64 (3, T_max): input ids | positions | slot mapping
+        i32 (2 * B_max + 1 + B_max * MB_max,): seq lens | query_start_loc | block tables
+    A graph for (bucket b, table width mb) reads views of their prefixes: ids i64[0, :b*q_len], ...,
+    block tables i32[off : off + b*mb].view(b, mb)."""
+
+    def __init__(self, max_seqs: int, q_len: int, max_blocks: int, block_size: int,
+                 device: torch.device):
+        self.max_seqs, self.q_len, self.max_blocks, self.block_size = max_seqs, q_len, max_blocks, block_size
+        self.device = device
+        self.table_off = 2 * max_seqs + 1
+        n32 = self.table_off + max_seqs * max_blocks
+        self.i64 = torch.zeros(3, max_seqs * q_len, dtype=torch.int64, device=device)
+        self.i32 = torch.zeros(n32, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self.h64 = torch.zeros(self.i64.shape, dtype=torch.int64, pin_memory=pin)
+        self.h32 = torch.zeros(n32, dtype=torch.int32, pin_memory=pin)
+        self.width = 0                        # table row stride of the last fill (0: none yet)
+        self.rows: list[Optional[list[int]]] = [None] * max_seqs  # table each host row holds now
+        self.copied = torch.cuda.Event() if pin else None        # the last host->device copy
+
+    def meta(self, bucket: int, width: int) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """(input_ids, positions, metadata) as views of the static buffers for one graph shape."""
+        T, B, off = bucket * self.q_len, bucket, self.table_off
+        meta = AttentionMetadata(
+            slot_mapping=self.i64[2, :T], block_tables=self.i32[off:off + B * width].view(B, width),
+            seq_lens=self.i32[:B], query_start_loc=self.i32[self.max_seqs:self.max_seqs + B + 1],
+            max_q_len=self.q_len, query_start_loc_host=[0] * (B + 1), prefill=False)
+        return self.i64[0, :T], self.i64[1, :T], meta
+
+    def fill(self, seqs: Sequence, num_new: Sequence[int], bucket: int, width: int) -> int:
+        """Write the step of `seqs` (sequence i feeds tokens [num_cached, num_cached + num_new[i]))
+        padded to `bucket` sequences with tables `width` wide; returns the real row count T."""
+        if self.copied is not None:
+            self.copied.synchronize()         # the previous copy may still be reading the mirrors
+        bs, q = self.block_size, self.q_len
+        ids, positions, slots, seq_lens, qsl = [], [], [], [], [0]
+        for s, n in zip(seqs, num_new):
+            st, table = s.num_cached, s.block_table
+            ids += s.token_ids[st:st + n]
+            pos = range(st, st + n)
+            positions += pos
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            seq_lens.append(st + n)
+            qsl.append(qsl[-1] + n)
+        T, pad = len(ids), bucket * q - len(ids)
+        # Padding rows: token 0 at position 0, slot -1 (never stored); padding sequences own no
+        # query rows (query_start_loc stays at T) and no cached tokens.
+        self.h64[:, :bucket * q] = torch.tensor([ids + [0] * pad, positions + [0] * pad,
+                                                 slots + [-1] * pad])
+        nb = bucket - len(seqs)
+        self.h32[:bucket] = torch.tensor(seq_lens + [0] * nb, dtype=torch.int32)
+        self.h32[self.max_seqs:self.max_seqs + bucket + 1] = torch.tensor(qsl + [T] * nb,
+                                                                          dtype=torch.int32)
+        self._fill_tables(seqs, width)
+        # Entries past a sequence's last block (and padding rows) keep stale values: the contract
+        # says they are never read.
+        self.i64.copy_(self.h64, non_blocking=True)            # small: 3 x T_max int64
+        end = self.table_off + bucket * width
+        self.i32[:end].copy_(self.h32[:end], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        return T
+
+    def _fill_tables(self, seqs: Sequence, width: int) -> None:
+        # Block tables change only when a sequence gains a block (every block_size steps) or the batch
+        # changes, so each host row remembers the table it holds and is rewritten only if it differs
+        # (a list comparison runs in C).
+        if width != self.width:
+            self.width, self.rows = width, [None] * self.max_seqs
+        tables = self.h32[self.table_off:self.table_off + self.max_seqs * width].view(-1, width)
+        for i, s in enumerate(seqs):
+            table = s.block_table
+            if self.rows[i] != table:
+                tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
+                self.rows[i] = list(table)
+
+
+class GraphRunner:
+    """Runs steps of `q_len` new tokens per sequence (1 = decode) through captured CUDA graphs.
+
+    run() returns the float32 logits of every new token row, (T, vocab) with T = sum(num_new): a view
+    of the graph's static output, valid until the next run()."""
+
+    def __init__(self, model: nn.Module, kv: PagedKVCache, q_len: int = 1,
+                 buckets: Sequence[int] = BUCKETS, max_context: Optional[int] = None,
+                 capture: Optional[bool] = None, pool: Optional[tuple] = None):
+        if not 1 <= q_len <= MAX_KERNEL_Q_LEN:
+            raise ValueError(f"q_len={q_len}: graphs cover 1..{MAX_KERNEL_Q_LEN} new tokens per "
+                             "sequence (the paged-attention kernel's range)")
+        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+            raise ValueError(f"buckets={buckets!r}: give increasing positive batch sizes")
+        self.model, self.kv, self.q_len, self.buckets = model, kv, q_len, tuple(buckets)
+        self.device = kv.k_caches[0].device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the KV cache is on {self.device}")
+        bs = kv.block_size
+        context = max_context or model.cfg.max_context
+        self.max_blocks = min(-(-context // bs), kv.num_blocks)
+        self.widths = self._widths(self.max_blocks)
+        self.batch = StaticBatch(self.buckets[-1], q_len, self.max_blocks, bs, self.device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], Tensor] = {}       # (T_bucket, vocab) float32
+        self.pool = pool
+        self.disabled: Optional[str] = None                   # why graphs are off, once known
+        if self.capture:
+            self.disabled = graph_unsafe_reason(model)
+            if self.disabled:
+                warnings.warn(f"tinyinfer: CUDA graphs off, decode runs eagerly: {self.disabled}",
+                              RuntimeWarning, stacklevel=2)
+
+    @staticmethod
+    def _widths(max_blocks: int) -> list[int]:
+        widths, w = [], MIN_TABLE_WIDTH
+        while w < max_blocks:
+            widths.append(w)
+            w *= 2
+        return widths + [max_blocks]
+
+    def bucket(self, num_seqs: int) -> Optional[int]:
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def can_run(self, seqs: Sequence, num_new: Sequence[int]) -> bool:
+        """True when this step fits a graph: at most the biggest bucket of sequences, 1..q_len new
+        tokens each, block tables within the captured width."""
+        return (self.disabled is None and 0 < len(seqs) <= self.buckets[-1]
+                and all(1 <= n <= self.q_len for n in num_new)
+                and all(len(s.block_table) <= self.max_blocks for s in seqs))
+
+    @torch.inference_mode()
+    def run(self, seqs: Sequence, num_new: Sequence[int]) -> Tensor:
+        bucket, width = self._shape(len(seqs), max(len(s.block_table) for s in seqs))
+        T = self.batch.fill(seqs, num_new, bucket, width)
+        if not self.capture:
+            return self._forward(bucket, width)[:T]            # padded, uncaptured (CPU tests)
+        key = (bucket, width)
+        if key not in self.graphs:
+            try:
+                self._capture(bucket, width)
+            except RuntimeError as err:         # an op that synchronises, a failed launch, ...
+                self.disabled = f"capturing the step failed: {str(err).splitlines()[0]}"
+                warnings.warn(f"tinyinfer: CUDA graphs off, decode runs eagerly: {self.disabled}",
+                              RuntimeWarning, stacklevel=3)
+                return self._forward(bucket, width)[:T]
+        self.graphs[key].replay()
+        return self.outputs[key][:T]
+
+    def _forward(self, bucket: int, width: int) -> Tensor:
+        input_ids, positions, meta = self.batch.meta(bucket, width)
+        hidden = self.model(input_ids, positions, meta, self.kv.layers())   # (T_bucket, hidden)
+        return self.model.compute_logits(hidden)                             # (T_bucket, vocab)
+
+    def _capture(self, bucket: int, width: int) -> None:
+        # The static buffers hold the real step already; the warm-up runs (which do execute) would
+        # write its K/V early, harmless since replay writes the same values, but an all-padding
+        # batch writes nothing at all, so warm up and capture on that, then restore the step.
+        saved64, saved32 = self.batch.i64.clone(), self.batch.i32.clone()
+        self.batch.i64[2].fill_(-1)
+        self.batch.i32[:self.batch.table_off].zero_()
+        try:
+            self._capture_padded(bucket, width)
+        finally:
+            self.batch.i64.copy_(saved64)
+            self.batch.i32.copy_(saved32)
+
+    def _capture_padded(self, bucket: int, width: int) -> None:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # Warm up on a side stream (lazy initialisation: cuBLAS handles and workspaces, autotuning)
+        # so that none of it lands in the graph.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(bucket, width)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(bucket, width)
+        self.graphs[(bucket, width)], self.outputs[(bucket, width)] = graph, out
+
+    @torch.inference_mode()
+    def capture_all(self, max_seqs: Optional[int] = None, width: Optional[int] = None) -> None:
+        """Capture ahead of time (benchmarks): every bucket up to `max_seqs`, largest first so the
+        smaller graphs reuse its memory in the shared pool."""
+        width = next(w for w in self.widths if w >= (width or self.max_blocks))
+        for b in sorted((b for b in self.buckets if b <= (max_seqs or self.buckets[-1])), reverse=True):
+            if (b, width) not in self.graphs:
+                self._capture(b, width)
+
+    def num_graphs(self) -> int:
+        return len(self.graphs)
+
+    def _shape(self, num_seqs: int, num_blocks: int) -> tuple[int, int]:
+        return self.bucket(num_seqs), next(w for w in self.widths if w >= num_blocks)
+
+    def graph_for(self, num_seqs: int, num_blocks: int) -> Optional[torch.cuda.CUDAGraph]:
+        """The captured graph a step of `num_seqs` sequences with tables of `num_blocks` replays."""
+        return self.graphs.get(self._shape(num_seqs, num_blocks))
+
+    @torch.inference_mode()
+    def forward_uncaptured(self, num_seqs: int, num_blocks: int) -> Tensor:
+        """The same padded step the graph runs, launched eagerly on the current static buffers
+        (benchmarks profile it when the profiler cannot see inside graph replays)."""
+        return self._forward(*self._shape(num_seqs, num_blocks))
