@@ -91,11 +91,11 @@ __global__ void __launch_bounds__(kThreads) rope_store_kv_kernel(const RopeStore
   const T* src = is_q ? static_cast<const T*>(p.q) + t * p.q_token_stride + head * p.q_head_stride
                       : static_cast<const T*>(p.k) + t * p.k_token_stride + head * p.k_head_stride;
   const int64_t j1 = unit.column, j2 = unit.column + D / 2;  // the pair's two halves
-  const T* cos = static_cast<const T*>(p.cos) + t * p.cos_stride;
-  const T* sin = static_cast<const T*>(p.sin) + t * p.sin_stride;
+  const T* cos_row = static_cast<const T*>(p.cos) + t * p.cos_stride;
+  const T* sin_row = static_cast<const T*>(p.sin) + t * p.sin_stride;
   const Pack<T, N> x1 = load<T, N>(src, j1), x2 = load<T, N>(src, j2);
-  const Pack<T, N> c1 = load<T, N>(cos, j1), c2 = load<T, N>(cos, j2);
-  const Pack<T, N> s1 = load<T, N>(sin, j1), s2 = load<T, N>(sin, j2);
+  const Pack<T, N> c1 = load<T, N>(cos_row, j1), c2 = load<T, N>(cos_row, j2);
+  const Pack<T, N> s1 = load<T, N>(sin_row, j1), s2 = load<T, N>(sin_row, j2);
   Pack<T, N> o1, o2;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
