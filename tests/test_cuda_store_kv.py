@@ -84,6 +84,34 @@ def test_cuda_impl_falls_back_to_the_reference_without_extension(monkeypatch):
     assert torch.equal(_bits(k_cache), _bits(want_k)) and torch.equal(_bits(v_cache), _bits(want_v))
 
 
+def _fake_gpu_machine(monkeypatch, tmp_path, compile_result):
+    # A GPU machine without a prebuilt module, whose JIT compile returns or raises compile_result.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "target_arch", lambda: "90a")
+    monkeypatch.setattr(kernels, "load_prebuilt", lambda arch: None)
+    monkeypatch.setattr(kernels, "build_directory", lambda arch: tmp_path / "ext")
+    def compile_extension(arch, verbose=False):
+        if isinstance(compile_result, Exception):
+            raise compile_result
+        return compile_result
+    monkeypatch.setattr(kernels, "compile_extension", compile_extension)
+
+
+def test_first_use_on_a_gpu_compiles_with_one_line(monkeypatch, tmp_path, capsys):
+    module = object()
+    _fake_gpu_machine(monkeypatch, tmp_path, module)
+    assert kernels._load.__wrapped__() == (module, "")
+    assert capsys.readouterr().err == "tinyinfer: compiling CUDA kernels (first run only)...\n"
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    _fake_gpu_machine(monkeypatch, tmp_path, RuntimeError("ninja: build stopped\nstore_kv.cu(3): error: boom"))
+    with pytest.warns(RuntimeWarning, match="reference ops") as caught:
+        module, reason = kernels._load.__wrapped__()
+    assert module is None and "error: boom" in reason and len(caught) == 1
+    assert "error: boom" in (tmp_path / "ext" / "jit-error.log").read_text()
+
+
 def test_prebuilt_extension_imports_here():
     # `make build` (run by .ci/run before the tests) compiles and imports the module on this machine;
     # this proves the prebuilt library still loads (no missing symbols) and exposes the op.

@@ -77,7 +77,10 @@ def _toolkit_version(home: Path) -> Optional[str]:
 
 def _is_toolkit(home: Path) -> bool:
     nvcc = home / "bin" / "nvcc"
-    return nvcc.is_file() and not nvcc.read_bytes()[:2] == b"#!" and (home / "include" / "cuda.h").is_file()
+    if not (nvcc.is_file() and (home / "include" / "cuda.h").is_file()):
+        return False
+    with open(nvcc, "rb") as f:
+        return f.read(2) != b"#!"  # a wrapper script is not the toolkit's own compiler
 
 
 def find_cuda_home() -> Optional[Path]:
@@ -92,11 +95,13 @@ def find_cuda_home() -> Optional[Path]:
             continue
         nvcc = nvcc.resolve()
         candidates.append(nvcc.parent.parent)
-        head = nvcc.read_bytes()[:4096]
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
         if head.startswith(b"#!"):  # a wrapper script: follow the absolute nvcc path it runs
             candidates += [Path(m.decode()).resolve().parent.parent
                            for m in re.findall(rb"(/[^\s\"']*/bin/nvcc)\b", head)]
     candidates += [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    candidates += [Path("/opt/cuda")] + sorted((Path(torch.__file__).parent.parent / "nvidia").glob("cu*"))
     found = [c.resolve() for c in candidates if _is_toolkit(c)]
     major = (torch.version.cuda or "").split(".")[0]
     matching = [c for c in found if (_toolkit_version(c) or "").split(".")[0] == major]
