@@ -1,7 +1,9 @@
 """`make gpu-check`: turn a few minutes on a GPU into verified kernels and figures (../GPU-CHECK.md).
 
 One command, < 8 minutes, nothing installed, run from the repo (PYTHONPATH=.):
-  1. build the extension for the card in front of it (MAX_JOBS = cores); copy the library to $OUT
+  1. build the extension for the card in front of it (MAX_JOBS = cores); copy the library to
+     $OUT/build/ext/<tag>/ -- put that folder back at build/ext/<tag>/ (e.g. carry build/ext) and a
+     rerun loads it instead of compiling, as long as its stamp matches the sources and torch
   2. the CUDA tests (`pytest -m cuda`): FAIL if any is skipped, fails, or none ran
   3. compute-sanitizer memcheck over the `sanitizer`-marked tests (one small test per kernel);
      "unavailable" when the machine refuses the sanitizer -- neither a pass nor a kernel failure

@@ -75,6 +75,13 @@ def _print_report(resources: dict[str, dict], arch: str) -> None:
               f"spill {r.get('spill_stores', 0)}/{r.get('spill_loads', 0)} B st/ld{flag}")
 
 
+def _read_resources(directory: Path) -> dict[str, dict]:
+    try:
+        return json.loads((directory / "resources.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def build(arch: str) -> int:
     directory = kernels.build_directory(arch)
     directory.mkdir(parents=True, exist_ok=True)
@@ -82,6 +89,12 @@ def build(arch: str) -> int:
     print(f"tinyinfer: building CUDA extension for sm_{arch} with MAX_JOBS={os.environ.get('MAX_JOBS', os.cpu_count())}"
           f" -> {directory.relative_to(kernels.REPO_ROOT)}", flush=True)
     start = time.perf_counter()
+    if kernels.load_prebuilt(arch) is not None:
+        # Also the path of a library brought back from an earlier gpu-check ($OUT/build/ext/...):
+        # its stamp matches these sources, torch and arch, so there is nothing to compile.
+        print("tinyinfer: prebuilt extension is up to date (stamp matches sources, torch, arch)")
+        _print_report(_read_resources(directory), arch)
+        return 0
     error = None
     try:
         with _capture_fds(log):  # straight to the log, so a killed build still leaves its output
@@ -96,15 +109,11 @@ def build(arch: str) -> int:
         print(f"\ntinyinfer: BUILD FAILED for sm_{arch}: {str(error).splitlines()[0] if str(error) else error!r}\n"
               f"full log: {log}", file=sys.stderr)
         return 1
-    resources_path = directory / "resources.json"
-    try:
-        resources = json.loads(resources_path.read_text())
-    except (OSError, ValueError):
-        resources = {}
+    resources = _read_resources(directory)
     new = parse_ptxas(text)  # an incremental build only reports what it recompiled: merge
     names = _demangle(list(new))
     resources.update({names[mangled]: r for mangled, r in new.items()})
-    resources_path.write_text(json.dumps(resources, indent=1) + "\n")
+    (directory / "resources.json").write_text(json.dumps(resources, indent=1) + "\n")
     for line in text.splitlines():
         if "warning" in line.lower() and "ptxas info" not in line:
             print("  " + line)
