@@ -1,0 +1,210 @@
+"""Speculative decoding: greedy output identical to plain greedy decoding (draft model and n-gram
+proposers, k = 1, 2, 4, 8, batch 1 and 8, under preemption), sampled output distributed exactly as
+the target's own (chi-square against the distribution computed from the target's logits), stop
+conditions inside an accepted run, and clear errors for bad configurations.
+
+The rejection sampler itself is tested in test_sampling.py."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyinfer import LLM, SamplingParams
+from tinyinfer.checkpoint import CheckpointError
+from tinyinfer.speculative import NgramProposer
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = str(ROOT / "models" / "shakespeare-llama")
+DRAFT = str(ROOT / "models" / "shakespeare-draft")
+TEXT = (ROOT / "data" / "tinyshakespeare-val-slice.txt").read_text()
+GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+KS = [1, 2, 4, 8]
+POOL = 8192                 # tokens: ample for every test, small enough to allocate in no time
+PREEMPT_POOL = 512          # tokens: 8 sequences of up to ~200 tokens each must take turns
+
+
+@pytest.fixture(scope="module")
+def plain() -> LLM:
+    return LLM(TARGET, device="cpu", dtype="float32", max_kv_tokens=POOL)
+
+
+@pytest.fixture(scope="module")
+def prompts(plain) -> list[list[int]]:
+    # 8 prompts of mixed length (2 to 60 tokens), cut from held-out text at line starts.
+    ids = plain.tokenizer.encode(TEXT[:4000])
+    lengths, starts = [2, 60, 7, 33, 14, 48, 3, 21], [0, 97, 211, 340, 452, 601, 733, 866]
+    return [ids[s:s + n] for s, n in zip(starts, lengths)]
+
+
+@pytest.fixture(scope="module")
+def reference(plain, prompts) -> dict[str, list[list[int]]]:
+    """Plain greedy decoding: the batch of 8, and the first prompt alone."""
+    return {"batch": [o.token_ids for o in plain.generate(prompts, GREEDY)],
+            "single": [plain.generate([prompts[0]], GREEDY)[0].token_ids]}
+
+
+_cache: dict[tuple, LLM] = {}
+
+
+def speculative_llm(draft: str, k: int, pool: int | None = None) -> LLM:
+    key = (draft, k, pool)
+    if key not in _cache:
+        _cache[key] = LLM(TARGET, device="cpu", dtype="float32", draft=draft, speculate_k=k,
+                          max_kv_tokens=pool or POOL)
+    return _cache[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_cache():
+    yield
+    _cache.clear()
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("draft", ["model", "ngram"])
+@pytest.mark.parametrize("case", ["single", "batch", "preempt"])
+def test_greedy_output_equals_plain_greedy(case, draft, k, prompts, reference):
+    llm = speculative_llm(DRAFT if draft == "model" else "ngram", k,
+                          PREEMPT_POOL if case == "preempt" else None)
+    batch = prompts[:1] if case == "single" else prompts
+    before = llm.stats["preemptions"]
+    out = llm.generate(batch, GREEDY)
+    got = [o.token_ids for o in out]
+    want = reference["single" if case == "single" else "batch"]
+    assert all(len(g) == 128 for g in got)
+    for i, (g, w) in enumerate(zip(got, want)):
+        first = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), None)
+        assert first is None, f"prompt {i}: first difference at output token {first}"
+    if case == "preempt":
+        assert llm.stats["preemptions"] > before, "the small pool should have forced preemption"
+    # Every block went back: to the target's pool and to the draft model's.
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
+
+
+def test_draft_identical_to_target_accepts_everything(prompts):
+    llm = LLM(TARGET, device="cpu", dtype="float32", draft=TARGET, speculate_k=4, max_kv_tokens=POOL)
+    llm.generate(prompts[:3], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    fig = llm.figures()
+    assert fig["acceptance_rate"] == 1.0
+    assert fig["tokens_per_target_step"] > 4.0          # k + 1 per step, except near max_tokens
+
+
+def test_rejected_blocks_return_to_both_pools(prompts):
+    llm = speculative_llm(DRAFT, 8)
+    llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=40, seed=3))
+    draft = llm.speculator.proposer.llm
+    assert llm.allocator.num_free == llm.allocator.num_blocks
+    assert draft.allocator.num_free == draft.allocator.num_blocks
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def exact_triples(plain: LLM, prompt: list[int], top_k: int) -> dict[tuple[int, int, int], float]:
+    """P(t1, t2, t3) at temperature 1 with top-k, from the target's teacher-forced logits."""
+    def dist(logits: torch.Tensor) -> dict[int, float]:
+        vals, idx = logits.double().topk(top_k)
+        return dict(zip(idx.tolist(), torch.softmax(vals, 0).tolist()))
+
+    out = {}
+    for t1, p1 in dist(plain.logits(prompt)[-1]).items():
+        for t2, p2 in dist(plain.logits(prompt + [t1])[-1]).items():
+            for t3, p3 in dist(plain.logits(prompt + [t1, t2])[-1]).items():
+                out[(t1, t2, t3)] = p1 * p2 * p3
+    return out
+
+
+@pytest.mark.parametrize("draft", ["model", "ngram"])
+def test_sampled_triples_follow_the_target_distribution(draft, plain):
+    prompt = plain.tokenizer.encode("KING RICHARD III:\nNow is the")
+    exact = exact_triples(plain, prompt, top_k=4)
+    n = 3000
+    llm = speculative_llm(DRAFT if draft == "model" else "ngram", 4)
+    params = [SamplingParams(temperature=1.0, top_k=4, max_tokens=3, seed=1000 + i, ignore_eos=True)
+              for i in range(n)]
+    llm.speculator.reset_stats()
+    outs = llm.generate([prompt] * n, params)
+    if draft == "model":    # the draft path must really have rejected and accepted drafts
+        assert 0.05 < llm.figures()["acceptance_rate"] < 0.95
+    counts: dict = {}
+    for o in outs:
+        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
+    assert sum(counts.values()) == n and all(len(t) == 3 for t in counts)
+    likely = [t for t, p in exact.items() if p * n >= 5]
+    expected = [exact[t] * n for t in likely]
+    observed = [counts.get(t, 0) for t in likely]
+    expected.append(n - sum(expected))                  # "other": every remaining triple
+    observed.append(n - sum(observed))
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    df = len(expected) - 1
+    p_value = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                      torch.tensor(stat / 2, dtype=torch.float64)).item()
+    assert p_value > 1e-3, f"chi-square {stat:.1f} on {df} degrees of freedom, p = {p_value:.2g}"
+
+
+def test_seeded_sampling_is_batch_independent(prompts):
+    llm = speculative_llm(DRAFT, 4)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=32, seed=7, ignore_eos=True)
+    alone = llm.generate([prompts[1]], params)[0].token_ids
+    batch = llm.generate(prompts, [params if i == 1 else
+                                   SamplingParams(temperature=0.8, max_tokens=32, seed=i)
+                                   for i in range(len(prompts))])
+    assert batch[1].token_ids == alone
+
+
+# ---------------------------------------------------------------------------------------------- stops
+
+def test_stops_inside_an_accepted_run_emit_nothing_after(plain, prompts):
+    llm = LLM(TARGET, device="cpu", dtype="float32", draft=TARGET, speculate_k=8,   # accepts all
+              max_kv_tokens=POOL)
+    base = plain.generate([prompts[2]], SamplingParams(temperature=0.0, max_tokens=40,
+                                                       ignore_eos=True))[0]
+    stop_tok = base.token_ids[12]
+    cut = base.token_ids.index(stop_tok)
+    for params in [SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[stop_tok]),
+                   SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True),
+                   SamplingParams(temperature=0.0, max_tokens=40, stop=[base.text[25:31]])]:
+        want = plain.generate([prompts[2]], params)[0]
+        got = llm.generate([prompts[2]], params)[0]
+        assert (got.token_ids, got.text, got.finish_reason) == \
+               (want.token_ids, want.text, want.finish_reason)
+    assert llm.generate([prompts[2]], SamplingParams(
+        temperature=0.0, max_tokens=40, stop_token_ids=[stop_tok]))[0].token_ids == \
+        base.token_ids[:cut + 1]
+
+
+def test_ngram_lookup_proposes_what_followed_the_latest_match():
+    ng = NgramProposer(max_n=3)
+    assert ng.lookup([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]
+    assert ng.lookup([1, 2, 3, 9, 2, 3, 4, 2, 3], 2) == [4, 2]      # most recent match of (2, 3)
+    assert ng.lookup([1, 2, 3, 4], 4) == []                          # nothing repeats
+    assert ng.lookup([4, 4, 4], 5) == [4]                            # continuation stops at the end
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("k", [0, 16])
+def test_speculate_k_out_of_range_is_rejected(k):
+    with pytest.raises(ValueError, match=f"speculate_k={k}"):
+        LLM(TARGET, device="cpu", draft=DRAFT, speculate_k=k)
+
+
+def test_missing_draft_path_is_rejected(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        LLM(TARGET, device="cpu", draft=str(tmp_path / "no-such-draft"))
+
+
+def test_draft_with_another_vocabulary_is_rejected(tmp_path):
+    bad = tmp_path / "draft"
+    bad.mkdir()
+    for name in os.listdir(DRAFT):
+        if name != "config.json":
+            os.symlink(os.path.join(DRAFT, name), bad / name)
+    cfg = json.loads(Path(DRAFT, "config.json").read_text())
+    cfg["vocab_size"] = 2048
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="vocabulary of 2048 tokens"):
+        LLM(TARGET, device="cpu", draft=str(bad))
