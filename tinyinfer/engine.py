@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence as Seq, Union
 import torch
 
 from tinyinfer import checkpoint as ckpt
+from tinyinfer import speculative
 from tinyinfer.attention import AttentionMetadata
 from tinyinfer.config import ModelConfig, parse_dtype
 from tinyinfer.cuda_graphs import GraphRunner
@@ -51,8 +52,7 @@ class LLM:
                  cuda_graphs: Optional[bool] = None):
         if quant is not None:
             raise NotImplementedError(f"quant={quant!r}: INT4 quantization is not supported yet")
-        if draft is not None:
-            raise NotImplementedError(f"draft={draft!r}: speculative decoding is not supported yet")
+        speculative.check_speculate_k(speculate_k)
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
@@ -61,6 +61,8 @@ class LLM:
         self.config = ModelConfig.from_hf(files.config, files.generation_config)
         for note in self.config.notes:
             self._say(note)
+        if draft is not None:
+            speculative.check_draft(draft, self.config)     # bad path / vocabulary: before any work
         # CPU: float32 (fast matmuls, exact parity); GPU: the checkpoint's own half precision.
         default = "float32" if self.device.type == "cpu" else (
             self.config.dtype if self.config.dtype in ("bfloat16", "float16") else "bfloat16")
@@ -79,11 +81,16 @@ class LLM:
                              "leave it unset (or False) on the CPU")
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graph_runner = GraphRunner(self.model, self.kv) if use_graphs else None
+        self.speculator = None if draft is None else speculative.build(self, draft, speculate_k)
 
     @property
     def stats(self) -> dict:
         return {"preemptions": self.scheduler.num_preemptions,
                 "free_blocks": self.allocator.num_free, "num_blocks": self.allocator.num_blocks}
+
+    def figures(self) -> dict:
+        """Figures for the CLI's summary line (speculation: acceptance rate, tokens per target step)."""
+        return self.speculator.figures() if self.speculator is not None else {}
 
     def _say(self, msg: str) -> None:
         if self.verbose:
@@ -163,9 +170,13 @@ class LLM:
         return self.model.compute_logits(hidden)
 
     def _step(self, on_token: Optional[Callable[[Sequence], None]]) -> None:
-        seqs, prefill = self.scheduler.schedule()
+        # Speculative decode steps reserve cache slots for the drafts too (speculative.py).
+        lookahead = self.speculator.k if self.speculator is not None else 0
+        seqs, prefill = self.scheduler.schedule(lookahead=lookahead)
         if not seqs:
             return
+        if self.speculator is not None and not prefill:
+            return self.speculator.step(seqs, on_token)
         num_new = [len(s) - s.num_cached for s in seqs]
         logits = self._forward(seqs, num_new)                                       # (B, vocab)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
