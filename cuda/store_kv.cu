@@ -10,8 +10,8 @@
 // last dimension is unit-stride and K/V already have the cache's dtype (bindings.cpp checks and
 // converts), so the copy moves raw words and works for fp16, bf16 and fp32 alike.
 //
-// Launch shape: one thread block per token (grid = T); its threads stride over the Hkv * row words of
-// K, then of V. A word is 16 bytes (one 128-bit load/store per thread) whenever every row start,
+// Launch shape: grid (T, chunks), block <= 256 threads: the chunks x threads lanes of a token stride
+// over its Hkv * row words of K, then of V (chunks spreads a small decode batch over more SMs). A word is 16 bytes (one 128-bit load/store per thread) whenever every row start,
 // stride and base pointer is 16-byte aligned -- the common case, e.g. head_dim 64 in bf16 is 8 words
 // -- else the widest of 8/4/2/1 bytes that is. The launch shape depends only on T, so a captured
 // CUDA graph replays correctly for new slot values. Pure bandwidth: 2 bytes moved per byte stored.
@@ -26,14 +26,16 @@ namespace tinyinfer {
 
 template <typename Word>
 __global__ void store_kv_kernel(const StoreKVParams p) {
-  store_kv_token<Word>(p, blockIdx.x, threadIdx.x, blockDim.x);
+  store_kv_token<Word>(p, blockIdx.x, int64_t(blockIdx.y) * blockDim.x + threadIdx.x,
+                       int64_t(gridDim.y) * blockDim.x);
 }
 
 template <typename Word>
 static cudaError_t launch_words(const StoreKVParams& bytes, cudaStream_t stream) {
   const StoreKVParams p = store_kv_in_words(bytes, sizeof(Word));
-  store_kv_kernel<Word><<<static_cast<unsigned int>(p.num_tokens),
-                          static_cast<unsigned int>(store_kv_threads(p)), 0, stream>>>(p);
+  const int64_t threads = store_kv_threads(p);
+  const dim3 grid(static_cast<unsigned int>(p.num_tokens), static_cast<unsigned int>(store_kv_chunks(p, threads)));
+  store_kv_kernel<Word><<<grid, static_cast<unsigned int>(threads), 0, stream>>>(p);
   return cudaGetLastError();
 }
 

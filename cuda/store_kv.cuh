@@ -71,9 +71,18 @@ __host__ __device__ inline int64_t store_kv_threads(const StoreKVParams& words) 
   return per_token >= 256 ? 256 : ceil_div(per_token, 32) * 32;
 }
 
+// Thread blocks per token (grid.y): enough that each thread copies about one word, so a decode step
+// with few tokens still spreads over many SMs; at most 64 (threads then loop).
+__host__ __device__ inline int64_t store_kv_chunks(const StoreKVParams& words, int64_t threads) {
+  const int64_t widest = words.k_row_words > words.v_row_words ? words.k_row_words : words.v_row_words;
+  const int64_t chunks = ceil_div(words.num_heads * widest, threads);
+  return chunks < 1 ? 1 : (chunks > 64 ? 64 : chunks);
+}
+
 // Copy one tensor's Hkv rows of token t into the cache rows at addr. Lanes split the Hkv * row_words
-// words among themselves (lane = threadIdx.x, num_lanes = blockDim.x on the GPU); consecutive lanes
-// touch consecutive words, so each warp's loads and stores coalesce.
+// words among themselves (on the GPU: lane = blockIdx.y * blockDim.x + threadIdx.x over
+// gridDim.y * blockDim.x lanes); consecutive lanes touch consecutive words, so each warp's loads and
+// stores coalesce.
 template <typename Word>
 __host__ __device__ inline void store_rows(const Word* src, int64_t token_stride, int64_t head_stride,
                                            Word* cache, const CacheStrides& cs, int64_t t,
