@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence as Seq, Union
 import torch
 
 from tinyinfer import checkpoint as ckpt
+from tinyinfer import quant_io
 from tinyinfer import speculative
 from tinyinfer.attention import AttentionMetadata
 from tinyinfer.config import ModelConfig, parse_dtype
@@ -50,8 +51,8 @@ class LLM:
                  quant: Optional[str] = None, draft: Optional[str] = None, speculate_k: int = 4,
                  max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False,
                  cuda_graphs: Optional[bool] = None):
-        if quant is not None:
-            raise NotImplementedError(f"quant={quant!r}: INT4 quantization is not supported yet")
+        if quant not in (None, "int4"):
+            raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
         speculative.check_speculate_k(speculate_k)
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -71,8 +72,10 @@ class LLM:
         self.model = build_model(self.config, self.dtype, self.device)
         reader = ckpt.TensorReader(files.weight_files)
         big = sum(p.numel() for p in self.model.parameters()) * self.dtype.itemsize > (1 << 30)
-        ckpt.load_weights(self.model, reader, self.config.num_layers,
-                          self.config.tie_word_embeddings, self.dtype, self.device, progress=big)
+        # INT4 files, GPTQ/AWQ directories and quant="int4" (convert after loading): quant_io.py
+        quant_io.load_weights(self.model, files, reader, self.config.num_layers,
+                              self.config.tie_word_embeddings, self.dtype, self.device, quant=quant,
+                              progress=big)
         self.block_size = block_size
         self._init_cache(max_kv_tokens)
         # Decode steps replay CUDA graphs (default on CUDA); cuda_graphs=False runs them eagerly.
@@ -196,12 +199,15 @@ class LLM:
         seq.token_ids.append(tok)
         seq.detok_push(tok)
         p = seq.params
-        if tok in seq.stop_ids:
+        if seq.stop_hit():
             self.scheduler.finish(seq, "stop")
-        elif seq.stop_hit():
-            self.scheduler.finish(seq, "stop")
-        elif seq.num_outputs >= p.max_tokens:
-            self.scheduler.finish(seq, "length")
+            return
+        reason = "stop" if tok in seq.stop_ids else "length" if seq.num_outputs >= p.max_tokens else None
+        if reason is not None:
+            seq.text += seq.detok.flush()           # text held back for an unfinished character
+            if seq.stop_hit():
+                reason = "stop"
+            self.scheduler.finish(seq, reason)
 
     # ------------------------------------------------------------------ public API
     def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
@@ -210,7 +216,7 @@ class LLM:
         seq = Sequence(ids, params, seed)
         seq.attach_text(self.tokenizer, self.config.eos_token_ids)
         limit = self.config.max_context
-        if not ids:
+        if not ids or prompt == "":
             seq.error = RequestError("empty prompt: give at least one token or character")
         elif any(not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in ids):
             bad = next(t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size)

@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tinyinfer.engine import LLM, RequestError
+    from tinyinfer.memory import kv_figures
     from tinyinfer.sampling import SamplingParams
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                   draft=args.draft, speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
                   cuda_graphs=args.cuda_graphs, verbose=not args.json)
         t_load = time.perf_counter() - t_load
-    except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError) as e:
+    except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                "decode_tokens_per_s": round(decode_tps, 2), "finish_reason": out.finish_reason,
                "load_s": round(t_load, 2), "device": str(llm.device), "dtype": str(llm.dtype)}
     figures.update(llm.figures() if hasattr(llm, "figures") else {})
+    figures.update(kv_figures(llm.config, llm.dtype))     # KV bytes/token, and vs MHA's
     if args.json:
         print(json.dumps({"prompt": args.prompt, "text": out.text, "token_ids": out.token_ids,
                           **figures}))
