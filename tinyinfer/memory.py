@@ -156,6 +156,25 @@ def own_kind(s: Shape) -> str:
     return "mha" if s.kv_heads == s.num_heads else ("mqa" if s.kv_heads == 1 else "gqa")
 
 
+def shape_from_config(cfg) -> Shape:
+    """A Shape from tinyinfer's ModelConfig (a model the engine has loaded)."""
+    return Shape(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+                 num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                 v_head_dim=cfg.v_head_dim if cfg.is_mla else None, kv_lora_rank=cfg.kv_lora_rank,
+                 qk_rope_head_dim=cfg.qk_rope_head_dim if cfg.is_mla else None)
+
+
+def kv_figures(cfg, dtype) -> dict:
+    """For generate's figures line: the KV bytes per token the engine's cache really holds, and the
+    ratio to what standard multi-head attention with the same heads would store."""
+    from tinyinfer.kv_cache import PagedKVCache
+    from tinyinfer.model import Transformer
+    ours = PagedKVCache.bytes_per_token(cfg.num_layers, *Transformer.kv_dims(cfg), dtype)
+    mha = kv_bytes_per_token(shape_from_config(cfg), "mha", dtype.itemsize)
+    return {"kv_bytes_per_token": ours, "kv_vs_mha": round(ours / mha, 4),
+            "kv_mha_bytes_per_token": mha}
+
+
 # ----------------------------------------------------------------------------------------------
 # Shapes from a checkpoint's config.json
 # ----------------------------------------------------------------------------------------------
