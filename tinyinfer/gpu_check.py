@@ -93,9 +93,9 @@ class Check:
         for name in ("tinyinfer_cuda.so", "stamp.json", "resources.json"):
             if (directory / name).is_file():
                 shutil.copy2(directory / name, keep / name)
-        report = [line for line in text.splitlines() if "regs," in line]
-        print("\n".join(report), flush=True)
-        spilling = [line.split(":")[0].strip() for line in report if "SPILLS" in line]
+        report = [line for line in text.splitlines() if "regs," in line]  # full report: build.log
+        spilling = [line.split("<--")[0].strip() for line in report if "SPILLS" in line]
+        print("\n".join(["spilling kernels:"] + spilling if spilling else []), flush=True)
         self.record("build", "ok", secs, f"sm_{arch}, {len(report)} kernels, {len(spilling)} spilling", False,
                     arch=f"sm_{arch}", spilling=spilling, library=str(keep / "tinyinfer_cuda.so"))
         return True

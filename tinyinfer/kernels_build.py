@@ -5,8 +5,8 @@
 
 Works on a machine without a GPU (given nvcc and a CUDA build of torch): it compiles and imports the
 module, so missing symbols show here, not on the GPU machine. The ptxas report (registers, spills,
-shared memory per kernel) is kept in the build directory as resources.json, merged across
-incremental builds, and printed after each build; a kernel that spills is flagged.
+shared memory per kernel) is kept in the build directory as resources.json (per source file, updated
+by incremental builds) and printed after each build; a kernel that spills is flagged.
 """
 from __future__ import annotations
 
@@ -48,31 +48,37 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, pretty)) if len(pretty) == len(names) else {n: n for n in names}
 
 
-def parse_ptxas(log: str) -> dict[str, dict]:
-    """Per kernel: registers, spill stores/loads (bytes), stack frame and shared memory (bytes)."""
-    report: dict[str, dict] = {}
-    current = None
+def parse_ptxas(log: str) -> dict[str, dict[str, dict]]:
+    """Per source file, per kernel: registers, spill stores/loads, stack frame and shared memory
+    (bytes). Ninja prints each command line ("[2/5] nvcc ... -c /path/x.cu ...") before its output."""
+    report: dict[str, dict[str, dict]] = {}
+    source, current = "?", None
     for line in log.splitlines():
-        if m := re.search(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?", line):
-            current = m.group(1)
-            report.setdefault(current, {})
+        if m := re.match(r"\[\d+/\d+\] .* -c (\S+\.cu)\b", line):
+            source, current = Path(m[1]).name, None
+        elif m := re.search(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?", line):
+            current = m[1]
+            report.setdefault(source, {}).setdefault(current, {})
         elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
                                          r"(\d+) bytes spill loads", line)):
-            report[current].update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+            report[source][current].update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
         elif current and (m := re.search(r"Used (\d+) registers", line)):
             smem = re.search(r"(\d+) bytes smem", line)
-            report[current].update(registers=int(m[1]), smem=int(smem[1]) if smem else 0)
-    return {name: r for name, r in report.items() if "registers" in r}
+            report[source][current].update(registers=int(m[1]), smem=int(smem[1]) if smem else 0)
+    return {src: {k: r for k, r in kernels_.items() if "registers" in r} for src, kernels_ in report.items()}
 
 
-def _print_report(resources: dict[str, dict], arch: str) -> None:
+def _print_report(resources: dict[str, dict[str, dict]], arch: str) -> None:
     print(f"ptxas resource report (sm_{arch}):")
-    for pretty in sorted(resources):
-        r = resources[pretty]
-        spills = r.get("spill_stores", 0) + r.get("spill_loads", 0)
-        flag = "  <-- SPILLS: fewer live values or a smaller tile" if spills else ""
-        print(f"  {pretty}: {r['registers']} regs, {r.get('smem', 0)} B smem, {r.get('stack', 0)} B stack, "
-              f"spill {r.get('spill_stores', 0)}/{r.get('spill_loads', 0)} B st/ld{flag}")
+    for source in sorted(resources):
+        names = _demangle(sorted(resources[source]))
+        for mangled, pretty in sorted(names.items(), key=lambda kv: kv[1]):
+            r = resources[source][mangled]
+            spills = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+            flag = "  <-- SPILLS: fewer live values or a smaller tile" if spills else ""
+            print(f"  {source}: {pretty}: {r['registers']} regs, {r.get('smem', 0)} B smem, "
+                  f"{r.get('stack', 0)} B stack, spill {r.get('spill_stores', 0)}/{r.get('spill_loads', 0)} B st/ld"
+                  f"{flag}")
 
 
 def _read_resources(directory: Path) -> dict[str, dict]:
@@ -109,10 +115,11 @@ def build(arch: str) -> int:
         print(f"\ntinyinfer: BUILD FAILED for sm_{arch}: {str(error).splitlines()[0] if str(error) else error!r}\n"
               f"full log: {log}", file=sys.stderr)
         return 1
-    resources = _read_resources(directory)
-    new = parse_ptxas(text)  # an incremental build only reports what it recompiled: merge
-    names = _demangle(list(new))
-    resources.update({names[mangled]: r for mangled, r in new.items()})
+    # An incremental build reports only the files it recompiled: replace those, keep the rest, and
+    # drop files that are no longer sources.
+    current = {p.name for p in kernels.sources()}
+    resources = {src: r for src, r in _read_resources(directory).items() if src in current and isinstance(r, dict)}
+    resources.update(parse_ptxas(text))
     (directory / "resources.json").write_text(json.dumps(resources, indent=1) + "\n")
     for line in text.splitlines():
         if "warning" in line.lower() and "ptxas info" not in line:
