@@ -59,6 +59,33 @@ def tail(text: str, lines: int = 40) -> str:
     return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
+def sanitizer_verdict(code: int | None, text: str) -> tuple[str, str, bool]:
+    """(status, detail, fails the check) from memcheck's exit code (None: timed out) and output.
+    No "ERROR SUMMARY" line means memcheck never ran the program: the machine refused it."""
+    summary = re.search(r"ERROR SUMMARY: (\d+) error", text)
+    ran = re.search(r"(\d+) passed", text)
+    if code is None:
+        return "timeout", "memcheck did not finish in its time budget", False
+    if summary and int(summary[1]) > 0:
+        return "FAIL", f"{summary[1]} memory errors (see sanitizer.log)", True
+    if summary and code == 0 and ran:
+        return "ok", f"0 errors over {ran[1]} tests", False
+    if summary:
+        return "FAIL", "tests failed or none ran under memcheck (see sanitizer.log)", True
+    reason = next((l.strip() for l in text.splitlines() if "rror" in l or "not supported" in l), f"exit {code}")
+    return "unavailable", f"the sanitizer refused to run here: {reason[:160]}", False
+
+
+def tests_verdict(code: int | None, counts: dict[str, int]) -> tuple[bool, str]:
+    """(ok, detail) for the CUDA tests: every one ran and passed -- a skip is a failure here."""
+    failed = counts.get("failures", 0) + counts.get("errors", 0)
+    passed = counts.get("tests", 0) - failed - counts.get("skipped", 0)
+    detail = f"{passed} passed, {failed} failed, {counts.get('skipped', 0)} skipped"
+    if counts.get("skipped", 0):
+        detail += " (a skipped CUDA test is a failure here)"
+    return code == 0 and counts.get("skipped", 0) == 0 and passed > 0, detail
+
+
 class Check:
     def __init__(self, out: Path):
         self.out, self.deadline = out, time.perf_counter() + BUDGET_S
@@ -113,13 +140,9 @@ class Check:
                     counts[key] += int(suite.get(key, 0))
         except (OSError, ET.ParseError):
             pass
-        passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-        detail = f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
-        ok = code == 0 and counts["skipped"] == 0 and passed > 0
+        ok, detail = tests_verdict(code, counts)
         if not ok:
             print(tail(text, 60), flush=True)
-            if counts["skipped"]:
-                detail += " (a skipped CUDA test is a failure here)"
         self.record("cuda tests", "ok" if ok else ("TIMEOUT" if code is None else "FAIL"), secs, detail, not ok,
                     **counts)
 
@@ -138,20 +161,7 @@ class Check:
                                        "pytest", "-m", "cuda and sanitizer", "tests", "-q", "-p", "no:cacheprovider"],
                                       self.out / "sanitizer.log", self.budget("sanitizer"),
                                       env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
-        summary = re.search(r"ERROR SUMMARY: (\d+) error", text)
-        ran = re.search(r"(\d+) passed", text)
-        if code is None:
-            status, detail, failing = "timeout", f"memcheck did not finish in {secs:.0f} s", False
-        elif summary and int(summary[1]) > 0:
-            status, detail, failing = "FAIL", f"{summary[1]} memory errors (see sanitizer.log)", True
-        elif summary and code == 0 and ran:
-            status, detail, failing = "ok", f"0 errors over {ran[1]} tests", False
-        elif summary:
-            status, detail, failing = "FAIL", "tests failed or none ran under memcheck (see sanitizer.log)", True
-        else:
-            reason = next((l.strip() for l in text.splitlines() if "rror" in l or "not supported" in l),
-                          f"exit {code}")
-            status, detail, failing = "unavailable", f"the sanitizer refused to run here: {reason[:160]}", False
+        status, detail, failing = sanitizer_verdict(code, text)
         if failing or status != "ok":
             print(tail(text, 30), flush=True)
         self.record("sanitizer", status, secs, detail, failing)
