@@ -19,13 +19,26 @@
 //          are fp32. Writes unnormalised partial outputs + (max, sum) per row to a workspace.
 //   merge: grid (T, Hq), 128 threads: rescales and sums the partitions of each row; padding rows
 //          (>= query_start_loc[B]) get zeros.
+//
+// Host emulation: with TINYINFER_EMULATE defined, tests/host/emulate_paged_attention.cpp compiles
+// this very file with g++ against a small CUDA stand-in (threads, barriers, deferred cp.async), so
+// the shipped kernel runs, slowly, on a CPU (tests/test_paged_attention.py). Only the includes, the
+// cp.async wrappers and the launchers differ under that macro.
+#ifdef TINYINFER_EMULATE
+#include "emulate_cuda.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
 #include "attention.cuh"
+
+#ifndef TINYINFER_EMULATE
+#define TI_DYNAMIC_SMEM(name) extern __shared__ __align__(16) char name[]
+#endif
 
 namespace tinyinfer {
 namespace {
@@ -55,6 +68,11 @@ template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 
 // 16-byte global->shared copy that bypasses L1; with valid = false it writes 16 zero bytes and reads
 // nothing (src must still be a mapped address).
+#ifdef TINYINFER_EMULATE
+__device__ inline void cp_async_16(void* smem, const void* gmem, bool valid) { emu::cp_async_16(smem, gmem, valid); }
+__device__ inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int N> __device__ inline void cp_async_wait() { emu::cp_async_wait(N); }
+#else
 __device__ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
   uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   int src_bytes = valid ? 16 : 0;
@@ -64,6 +82,7 @@ __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\
 template <int N> __device__ inline void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 __device__ inline float warp_max(float x) {
 #pragma unroll
@@ -353,7 +372,7 @@ __host__ __device__ constexpr int split_min_blocks(int d, int rows) { return d >
 template <typename T, int D, int DV, int TOK, int ROWS>
 __global__ void __launch_bounds__(kThreads, split_min_blocks(D, ROWS))
 paged_attention_split_kernel(const SplitArgs s) {
-  extern __shared__ __align__(16) char smem[];
+  TI_DYNAMIC_SMEM(smem);
   const PagedAttentionArgs& a = s.a;
   const int p = blockIdx.x, b = blockIdx.z;
   const int kvh = blockIdx.y / s.head_chunks, chunk = blockIdx.y % s.head_chunks;
@@ -421,6 +440,7 @@ paged_attention_merge_kernel(const MergeArgs a) {
   }
 }
 
+#ifndef TINYINFER_EMULATE
 template <typename T, int D, int DV, int TOK, int ROWS>
 cudaError_t launch_split(const SplitArgs& s, cudaStream_t stream) {
   const PagedAttentionArgs& a = s.a;
@@ -463,8 +483,11 @@ cudaError_t dispatch_dims(const SplitArgs& s, int rows_per_pass, cudaStream_t st
   return cudaErrorInvalidValue;
 }
 
+#endif  // TINYINFER_EMULATE
+
 }  // namespace
 
+#ifndef TINYINFER_EMULATE
 cudaError_t paged_attention_launch(const PagedAttentionArgs& args, const PagedAttentionPlan& plan,
                                    cudaStream_t stream) {
   if (args.num_tokens == 0) return cudaSuccess;
@@ -478,5 +501,6 @@ cudaError_t paged_attention_launch(const PagedAttentionArgs& args, const PagedAt
   if (args.dtype == PagedAttentionDtype::kHalf) return dispatch_dims<__half>(s, plan.rows_per_pass, stream);
   return dispatch_dims<__nv_bfloat16>(s, plan.rows_per_pass, stream);
 }
+#endif  // TINYINFER_EMULATE
 
 }  // namespace tinyinfer

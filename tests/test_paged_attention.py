@@ -9,7 +9,10 @@ sequence. The dense check gathers each sequence's K/V from the rows it wrote, no
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +139,26 @@ def test_op_on_cpu_runs_the_reference():
 
 def test_kernel_is_registered_for_cuda():
     assert "paged_attention" in kernels.CUDA_IMPLS
+
+
+REPO = Path(__file__).resolve().parent.parent
+CXX = shutil.which("g++")
+
+
+@pytest.mark.skipif(CXX is None, reason="no g++ on PATH: the CPU emulation of the kernel is not built")
+def test_shipped_kernel_source_matches_float64_under_cpu_emulation(tmp_path):
+    # cuda/paged_attention.cu itself, compiled by g++ against tests/host/emulate_cuda.h (fibers as
+    # threads, deferred cp.async), on decode / verify (multi-pass) / MHA with empty sequences / MLA
+    # cases; the program compares with a float64 evaluation of the contract and exits non-zero on a
+    # mismatch, an unwritten (NaN-poisoned) output or a copy from outside the inputs.
+    binary = tmp_path / "emulate_paged_attention"
+    build = subprocess.run([CXX, "-std=c++17", "-O1", "-Wno-unknown-pragmas", "-I", str(REPO / "cuda"),
+                            "-I", str(REPO / "tests" / "host"),
+                            str(REPO / "tests" / "host" / "emulate_paged_attention.cpp"), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, f"emulation does not compile:\n{build.stderr[-6000:]}"
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"emulated kernel disagrees with float64:\n{run.stdout[-6000:]}"
 
 
 # ------------------------------------------------------------------------------------------------
