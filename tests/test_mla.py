@@ -210,3 +210,15 @@ def test_cuda_absorbed_decode_through_the_kernel_matches_the_cpu_reference():
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     eager = LLM(MLA, device="cuda", dtype="bfloat16", cuda_graphs=False)
     assert gpu.generate([ids], params)[0].token_ids == eager.generate([ids], params)[0].token_ids
+
+
+def test_generate_figures_and_bench_report_kv_bytes_against_mha(shakespeare):
+    from tinyinfer.bench.mla import cache_table
+    from tinyinfer.memory import kv_figures
+    llm, _ = shakespeare
+    # shakespeare-mla: 4 layers x (512 + 64) values vs MHA's 4 heads x (128 + 64) (K and V), bf16
+    assert kv_figures(llm.config, torch.bfloat16) == {
+        "kv_bytes_per_token": 4 * 576 * 2, "kv_vs_mha": 0.75, "kv_mha_bytes_per_token": 4 * 4 * 192 * 2}
+    rows = {r["model"]: r for r in cache_table(MLA)}
+    lite = rows["DeepSeek-V2-Lite"]     # 16 heads x (192 + 128) values for MHA vs 576 for MLA
+    assert (lite["mla bytes/tok/layer"], lite["mha bytes/tok/layer"]) == (1152, 16 * 320 * 2)
