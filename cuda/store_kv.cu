@@ -11,9 +11,10 @@
 // converts), so the copy moves raw words and works for fp16, bf16 and fp32 alike.
 //
 // Launch shape: grid (T, chunks), block <= 256 threads: the chunks x threads lanes of a token stride
-// over its Hkv * row words of K, then of V (chunks spreads a small decode batch over more SMs). A word is 16 bytes (one 128-bit load/store per thread) whenever every row start,
-// stride and base pointer is 16-byte aligned -- the common case, e.g. head_dim 64 in bf16 is 8 words
-// -- else the widest of 8/4/2/1 bytes that is. The launch shape depends only on T, so a captured
+// over its Hkv * row words of K, then of V (chunks spreads a small decode batch over more SMs). A word
+// is 16 bytes (one 128-bit load/store per thread) whenever every row start, stride and base pointer
+// is 16-byte aligned -- the common case, e.g. head_dim 64 in bf16 is 8 words -- else the widest of
+// 8/4/2/1 bytes that is. The launch shape depends only on T, so a captured
 // CUDA graph replays correctly for new slot values. Pure bandwidth: 2 bytes moved per byte stored.
 //
 // Build: through tinyinfer/kernels.py (`make build`, or JIT at first use); no torch headers here.
