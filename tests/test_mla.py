@@ -222,3 +222,27 @@ def test_generate_figures_and_bench_report_kv_bytes_against_mha(shakespeare):
     rows = {r["model"]: r for r in cache_table(MLA)}
     lite = rows["DeepSeek-V2-Lite"]     # 16 heads x (192 + 128) values for MHA vs 576 for MLA
     assert (lite["mla bytes/tok/layer"], lite["mha bytes/tok/layer"]) == (1152, 16 * 320 * 2)
+
+
+@pytest.mark.parametrize("q_len,num_new", [(1, [1, 1, 1]), (4, [4, 1, 3])])
+def test_padded_graph_batch_with_latent_cache_equals_eager_step(shakespeare, q_len, num_new):
+    # The CUDA-graph runner's padded batch (padding sequence of q_len 0, padding rows with slot -1),
+    # run without capture on the CPU: the absorbed path gives the eager step's logits.
+    from tinyinfer.cuda_graphs import GraphRunner
+    from tinyinfer.scheduler import Sequence
+    llm, _ = shakespeare
+    gen = torch.Generator().manual_seed(1)
+    seqs = []
+    for n, e in zip([9, 40, 70], num_new):
+        seq = Sequence(torch.randint(3, 1000, (n + e,), generator=gen).tolist(),
+                       SamplingParams(max_tokens=1), 0)
+        seq.block_table = llm.allocator.allocate(seq.blocks_needed(n + e, llm.block_size))
+        llm._forward([seq], [n])
+        seqs.append(seq)
+    eager = llm._forward(seqs, num_new, all_logits=True)
+    for s, n in zip(seqs, num_new):
+        s.num_cached -= n
+    padded = GraphRunner(llm.model, llm.kv, q_len=q_len, capture=False).run(seqs, num_new)
+    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+    for s in seqs:
+        llm.allocator.release(s.block_table)
