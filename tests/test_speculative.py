@@ -24,7 +24,7 @@ TEXT = (ROOT / "data" / "tinyshakespeare-val-slice.txt").read_text()
 GREEDY = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
 KS = [1, 2, 4, 8]
 POOL = 8192                 # tokens: ample for every test, small enough to allocate in no time
-PREEMPT_POOL = 512          # tokens: 8 sequences of up to ~200 tokens each must take turns
+PREEMPT_POOL = 768          # tokens: 8 sequences of up to ~200 tokens each must take turns
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def exact_triples(plain: LLM, prompt: list[int], top_k: int) -> dict[tuple[int, 
 def test_sampled_triples_follow_the_target_distribution(draft, plain):
     prompt = plain.tokenizer.encode("KING RICHARD III:\nNow is the")
     exact = exact_triples(plain, prompt, top_k=4)
-    n = 3000
+    n = 2000
     llm = speculative_llm(DRAFT if draft == "model" else "ngram", 4)
     params = [SamplingParams(temperature=1.0, top_k=4, max_tokens=3, seed=1000 + i, ignore_eos=True)
               for i in range(n)]

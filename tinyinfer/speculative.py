@@ -52,8 +52,12 @@ def check_draft(draft: str, target: ModelConfig) -> None:
                          "draft from the same model family, or use draft='ngram'")
 
 
-def _gumbel_argmax(probs: torch.Tensor, seeds: list[int], steps: list[int], stream: int) -> torch.Tensor:
-    """(B,) draws from the rows of probs (B, V) with keyed noise; one-hot (greedy) rows give their argmax."""
+def _gumbel_argmax(probs: torch.Tensor, seeds: list[int], steps: list[int], stream: int,
+                   greedy: bool = False) -> torch.Tensor:
+    """(B,) draws from the rows of probs (B, V) with keyed noise; one-hot (greedy) rows give their
+    argmax, so an all-greedy batch (`greedy`) needs no noise at all."""
+    if greedy:
+        return probs.argmax(dim=1)
     u = keyed_uniform(seeds, steps, stream, probs.shape[1], probs.device)          # (B, V)
     return (probs.log() - torch.log(-torch.log(u))).argmax(dim=1)
 
@@ -144,7 +148,8 @@ class DraftModelProposer:
             probs = probabilities(logits, [seqs[b].params for b in act],
                                   [shadows[b].token_ids for b in act])              # (A, V)
             x = _gumbel_argmax(probs, [seqs[b].seed for b in act],
-                               [seqs[b].num_outputs + j for b in act], STREAM_DRAFT).tolist()
+                               [seqs[b].num_outputs + j for b in act], STREAM_DRAFT,
+                               all(seqs[b].params.greedy for b in act)).tolist()
             q[act, j] = probs
             for b, t in zip(act, x):
                 tokens[b].append(t)
@@ -265,7 +270,8 @@ class Speculator:
         if short:
             p_last = p[short, [d[b] for b in short]]                                  # (S, V)
             bonus = _gumbel_argmax(p_last, [seeds[b] for b in short],
-                                   [steps[b] + d[b] for b in short], STREAM_SAMPLE).tolist()
+                                   [steps[b] + d[b] for b in short], STREAM_SAMPLE,
+                                   all(seqs[b].params.greedy for b in short)).tolist()
             for b, t in zip(short, bonus):
                 accepted[b] = d[b]
                 tokens[b][d[b]] = t
