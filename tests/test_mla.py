@@ -246,3 +246,15 @@ def test_padded_graph_batch_with_latent_cache_equals_eager_step(shakespeare, q_l
     torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
     for s in seqs:
         llm.allocator.release(s.block_table)
+
+
+def test_int4_reaches_mla_projections_and_experts_and_both_paths_still_agree(tmp_path):
+    from tinyinfer.quant import quantize_model
+    llm = LLM(save_random_deepseek(tmp_path, "v3"), device="cpu", dtype="float32")
+    names = quantize_model(llm.model, group_size=32)
+    assert "layers.1.attn.kv_b_proj" in names and "layers.1.mlp.experts.7.gate_up_proj" in names
+    assert "layers.1.mlp.shared_experts.down_proj" in names
+    assert not any(".gate" == n[-5:] for n in names)              # the router stays dense, float32
+    ids = list(range(5, 120, 3))
+    naive, absorbed = (teacher_forced(llm, ids, 9, m) for m in ("naive", "absorbed"))
+    torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
