@@ -134,9 +134,15 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _kv_b_weight(self) -> Tensor:
         """kv_b_proj's weight as (H, nope + v, kv_lora_rank): rows [:nope] are W_UK_h, [nope:] W_UV_h.
-        A quantized layer is dequantized (it is small: kv_lora_rank x H x (nope + v))."""
+        The absorbed path multiplies by slices of it, which an INT4 layer cannot do, so a quantized
+        kv_b_proj is dequantized once and kept (it is small: kv_lora_rank x H x (nope + v))."""
         lin = self.kv_b_proj
-        w = lin.weight if isinstance(lin, nn.Linear) else lin.dequantize()
+        if isinstance(lin, nn.Linear):
+            w = lin.weight
+        else:
+            if getattr(self, "_kv_b_dense", None) is None:
+                self._kv_b_dense = lin.dequantize()
+            w = self._kv_b_dense
         return w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
 
     def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor],
