@@ -210,18 +210,40 @@ def load_gptq_awq(model: nn.Module, reader: ckpt.TensorReader, hf_config: dict, 
         if tuple(q.shape) != tuple(module.weight.shape):
             raise ckpt.CheckpointError(f"{sources} unpack to {tuple(q.shape)}, model expects "
                                        f"{tuple(module.weight.shape)} for {name}")
-        bias = None
-        if module.bias is not None:
-            bias = torch.cat([reader.get(f"{s}.bias") for s in sources]).to(device, dtype)
+        # A bias stays in the reader: checkpoint.load_weights fills it like any parameter.
+        bias = None if module.bias is None else torch.zeros(q.shape[0], dtype=dtype, device=device)
         group_size = q.shape[1] // s.shape[1]
         layer = Int4Linear.from_quantized(q.to(device), s.to(device), z.to(device), group_size, dtype,
                                           bias=bias, perm=None if perms[0] is None else perms[0].to(device))
         _replace(model, name, layer)
         for s_name in sources:
-            for t in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+            for t in ("qweight", "qzeros", "scales", "g_idx"):
                 reader.where.pop(f"{s_name}.{t}", None)
         done.append(name)
     if not done:
         raise ckpt.CheckpointError("config.json has a quantization_config but the checkpoint holds no "
                                    "packed .qweight tensors for this model's linears")
     return done
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine's entry point
+# ----------------------------------------------------------------------------------------------
+
+def load_weights(model: nn.Module, files: ckpt.CheckpointFiles, reader: ckpt.TensorReader,
+                 num_layers: int, tied: bool, dtype: torch.dtype, device: torch.device,
+                 quant: Optional[str] = None, progress: bool = False) -> None:
+    """checkpoint.load_weights, INT4-aware: a tinyinfer INT4 file, a GPTQ/AWQ directory, or a dense
+    checkpoint (quantized after loading when quant="int4")."""
+    if quant not in (None, "int4"):
+        raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
+    if is_int4_file(files.metadata):
+        load_int4(model, reader, files.metadata, dtype, device)
+        return
+    prequantized = "quantization_config" in files.config
+    if prequantized:
+        load_gptq_awq(model, reader, files.config, dtype, device)
+    ckpt.load_weights(model, reader, num_layers, tied, dtype, device, progress=progress)
+    if quant == "int4" and not prequantized:
+        from tinyinfer.quant import quantize_model
+        quantize_model(model, progress=progress)

@@ -1,0 +1,94 @@
+"""`python -m tinyinfer.quantize`: convert a checkpoint to a self-describing INT4 .safetensors file.
+
+    python -m tinyinfer.quantize --ckpt models/shakespeare-llama --out llama-int4.safetensors
+    python -m tinyinfer.generate --ckpt llama-int4.safetensors --prompt "ROMEO:"
+
+Every linear layer of the decoder becomes group-wise 4-bit (quant.py: round-to-nearest with a per-group
+clipping search); the embedding and lm_head stay in the checkpoint's dtype unless --quantize-head. The
+output holds the model config, group size and format version in its metadata; the tokenizer and
+generation config are copied beside it, so `generate --ckpt OUT` needs nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from tinyinfer import checkpoint as ckpt
+from tinyinfer.config import ModelConfig, parse_dtype
+from tinyinfer.model import build_model
+from tinyinfer.quant import GROUP_SIZES, quantize_model
+from tinyinfer.quant_io import save_int4
+
+SIDECARS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "generation_config.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tinyinfer.quantize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="Hugging Face model directory or .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file (tokenizer copied beside it)")
+    p.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
+                   help="input channels sharing one scale and zero point (default 128)")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="search each group's clipping range for the least error (default on; "
+                        "--no-clip-search gives plain min/max round-to-nearest)")
+    p.add_argument("--quantize-head", action=argparse.BooleanOptionalAction, default=False,
+                   help="also quantize lm_head (default off: it stays in the model dtype)")
+    p.add_argument("--device", default=None, help="where to run the quantizer (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="dtype of the unquantized tensors and scales' model "
+                   "(default: the checkpoint's own)")
+    return p
+
+
+def quantize_checkpoint(path: str, out: str, group_size: int = 128, clip_search: bool = True,
+                        quantize_head: bool = False, device: Optional[str] = None,
+                        dtype: Optional[str] = None, progress: bool = True) -> list[str]:
+    """Load `path`, quantize its linears, write `out` (+ tokenizer beside it); returns the names."""
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"--out {out!r} must end in .safetensors")
+    files = ckpt.locate(path)
+    if "quantization_config" in files.config:
+        raise ValueError(f"{path} is already quantized ({files.config['quantization_config'].get('quant_method')}); "
+                         "load it directly with tinyinfer.generate --ckpt")
+    cfg = ModelConfig.from_hf(files.config, files.generation_config)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = parse_dtype(dtype or (cfg.dtype if cfg.dtype in ("bfloat16", "float16", "float32") else "bfloat16"))
+    model = build_model(cfg, dt, dev)
+    ckpt.load_weights(model, ckpt.TensorReader(files.weight_files), cfg.num_layers,
+                      cfg.tie_word_embeddings, dt, dev, progress=progress)
+    names = quantize_model(model, group_size, quantize_head, clip_search, progress=progress)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    save_int4(model, out, files.config, group_size)
+    for name in SIDECARS:
+        src = os.path.join(files.tokenizer_dir, name)
+        if os.path.exists(src) and os.path.abspath(os.path.dirname(src)) != out_dir:
+            shutil.copy(src, os.path.join(out_dir, name))
+    return names
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        names = quantize_checkpoint(args.ckpt, args.out, args.group_size, args.clip_search,
+                                    args.quantize_head, args.device, args.dtype)
+    except (ckpt.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = os.path.getsize(args.out) / 2**20
+    print(f"wrote {args.out}: {len(names)} linears in INT4 (g{args.group_size}, "
+          f"{'clip search' if args.clip_search else 'min/max RTN'}), {size:.1f} MiB, "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
