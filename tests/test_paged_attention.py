@@ -154,7 +154,7 @@ def test_shipped_kernel_source_matches_float64_under_cpu_emulation(tmp_path):
     # cases; the program compares with a float64 evaluation of the contract and exits non-zero on a
     # mismatch, an unwritten (NaN-poisoned) output or a copy from outside the inputs.
     binary = tmp_path / "emulate_paged_attention"
-    build = subprocess.run([CXX, "-std=c++17", "-O1", "-Wno-unknown-pragmas", "-I", str(REPO / "cuda"),
+    build = subprocess.run([CXX, "-std=c++17", "-O0", "-Wno-unknown-pragmas", "-I", str(REPO / "cuda"),
                             "-I", str(REPO / "tests" / "host"),
                             str(REPO / "tests" / "host" / "emulate_paged_attention.cpp"), "-o", str(binary)],
                            capture_output=True, text=True)

@@ -1,6 +1,6 @@
 // Runs the shipped kernels of cuda/paged_attention.cu on a CPU (through emulate_cuda.h) against a
 // float64 evaluation of the op contract. Built and run by tests/test_paged_attention.py:
-//   g++ -std=c++17 -O1 -I cuda -I tests/host emulate_paged_attention.cpp; ./a.out [--full]
+//   g++ -std=c++17 -O0 -I cuda -I tests/host emulate_paged_attention.cpp; ./a.out [--full]
 // Each case: shuffled block tables, NaN in every unowned cache slot, -1 past each table's last block,
 // varlen queries (q_len 0 included), padding rows, output poisoned with NaN before the launch.
 #define TINYINFER_EMULATE 1
