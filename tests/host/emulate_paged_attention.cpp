@@ -174,8 +174,10 @@ int main(int argc, char** argv) {
   std::vector<Case> cases = {
       {{600, 37, 1, 300}, {1, 1, 1, 1}, 8, 2, 128, 128, 16, 3, false},         // decode GQA 4 -> 4-row kernel
       {{530, 16, 90}, {16, 16, 4}, 8, 2, 128, 128, 8, 2, false},              // verify: 64 rows, passes
-      {{280, 0, 45, 7}, {3, 0, 5, 7}, 4, 4, 64, 64, 32, 4, false},            // MHA, empty seq, q=len
+      {{300, 9, 2, 64}, {1, 1, 3, 1}, 4, 2, 64, 64, 16, 2, false},            // demo-llama GQA 4/2, 4-row
+                                                                              // kernel, 2 passes for q_len 3
       {{290, 33}, {2, 1}, 32, 1, 576, 512, 16, 2, true},                      // MLA alias, 2 head chunks
+      {{280, 0, 45, 7}, {3, 0, 5, 7}, 4, 4, 64, 64, 32, 4, false},            // MHA, empty seq, q=len
       {{300, 70}, {1, 2}, 16, 1, 64, 64, 16, 1, false},                       // MQA group 16
       {{40, 17}, {1, 3}, 16, 1, 576, 512, 16, 1, false},                      // MLA, V separate
       {{10, 5}, {0, 0}, 4, 2, 64, 64, 16, 3, false},                          // every row padding
