@@ -41,13 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode through CUDA graphs (GPU); --no-cuda-graphs launches eagerly")
     parser.add_argument("--quant", choices=["bf16", "int4", "both"], default="both",
                         help="synthetic grid: weight formats to run")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU: torch threads (0 = torch's default). On a busy machine 1 avoids "
-                             "OpenMP threads waiting on each other, which swamps a tiny model's step")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU: torch threads for both engines (0 = torch's default). A tiny model "
+                             "gains nothing from intra-op threads, and on a busy machine they wait on "
+                             "each other for longer than the step itself takes")
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    if args.threads > 0:
+    if args.threads > 0 and not is_gpu(device):
         torch.set_num_threads(args.threads)
     if args.ckpt:
         return compare_with_hf(args.ckpt, device, args.new_tokens, args.cuda_graphs)
@@ -137,6 +138,8 @@ def int4_unavailable() -> str | None:
         return f"INT4 not available ({err})"
     if not hasattr(quant, "quantize_model") or "int4_linear" not in kernels.CUDA_IMPLS:
         return "INT4 not available (no quantize_model / int4_linear kernel)"
+    if kernels.extension() is None:
+        return "INT4 not available (the CUDA extension did not build; the reference would take hours)"
     return None
 
 
@@ -193,7 +196,8 @@ def _kernel_breakdown(fn, steps: int, device) -> dict:
     return {"kernels_per_step": count / steps, **{f"{k}_us": v / steps for k, v in times.items()}}
 
 
-def _point(cfg, kv, alloc, runner, batch: int, context: int, steps: int, device) -> dict:
+def _point(cfg, kv, alloc, runner, batch: int, context: int, steps: int, device,
+           profile: bool = True) -> dict:
     """Decode `steps` tokens for `batch` sequences that start at `context` cached tokens (their K/V:
     the random pool contents). Times the engine's decode step: metadata, replay, argmax, read-back."""
     from tinyinfer.sampling import SamplingParams
@@ -226,7 +230,7 @@ def _point(cfg, kv, alloc, runner, batch: int, context: int, steps: int, device)
         step_s = (time.perf_counter() - t0) / steps
         row = {"batch": batch, "context": context, "steps": steps, "tok_s": batch / step_s,
                "ms_step": step_s * 1e3}
-        if is_gpu(device):
+        if is_gpu(device) and profile:
             graph = runner.graph_for(batch, len(seqs[0].block_table))
             found = _kernel_breakdown(graph.replay, 3, device) if graph is not None else {}
             if not found.get("kernels_per_step"):                  # profiler blind to graph nodes
@@ -257,9 +261,9 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
     for kv_heads in (32, 8):
         for fmt in formats:
             label = f"{'MHA' if kv_heads == 32 else 'GQA'} {fmt if gpu else 'fp32'}"
-            why = int4_unavailable() if fmt == "int4" else None
-            if why or (fmt == "int4" and not gpu):
-                skipped.append({"model": label, "reason": why or "INT4 runs on the GPU only"})
+            why = None if fmt == "bf16" else "INT4 runs on the GPU only" if not gpu else int4_unavailable()
+            if why:
+                skipped.append({"model": label, "reason": why})
                 print(f"{label}: skipped: {skipped[-1]['reason']}")
                 continue
             cfg = _config(gpu, kv_heads)
@@ -286,8 +290,13 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
                         t.normal_()                                # stands in for a prefilled context
                 alloc = BlockAllocator(num_blocks)
                 runner = GraphRunner(model, kv, capture=gpu and cuda_graphs)
+                eager = GraphRunner(model, kv, capture=False)
                 for batch, context, steps in fits:
                     row = {"model": label, **_point(cfg, kv, alloc, runner, batch, context, steps, device)}
+                    if gpu and cuda_graphs and batch == 1 and context == min(c for _, c, _ in fits):
+                        # The same step without graphs: what launch overhead costs at batch 1.
+                        row["eager_tok_s"] = _point(cfg, kv, alloc, eager, batch, context, 32, device,
+                                                    profile=False)["tok_s"]
                     # K/V read per step: every cached token of every sequence, mid-run context.
                     row["kv_bytes"] = batch * (context + steps / 2 + 1) * per_token
                     floor_s = (weights + row["kv_bytes"]) / (copy["gbps"] * 1e9)
@@ -299,10 +308,9 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
                                    linear_gbps=weights / max(row["linear_us"], 1e-9) / 1e3,
                                    attention_gbps=row["kv_bytes"] / max(row["attention_us"], 1e-9) / 1e3)
                     rows.append(row)
-                    print(format_table([row], ["model", "batch", "context", "tok_s", "ms_step", "floor_tok_s",
-                                               "vs_floor", "kernels_per_step", "kernel_share",
-                                               "linear_gbps", "attention_gbps"]), flush=True)
-                del kv, alloc, runner
+                    print(f"{label} batch {batch} context {context}: {row['tok_s']:.1f} tok/s, "
+                          f"{row['vs_floor']:.2f} of the floor", flush=True)
+                del kv, alloc, runner, eager
             del model
             gc.collect()
             if gpu:
@@ -311,7 +319,8 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
     print(f"\n{device_label(device)}; copy bandwidth {copy['gbps']:.1f} GB/s; CUDA graphs "
           f"{'on' if gpu and cuda_graphs else 'off'}; {where}")
     print(format_table(rows, ["model", "batch", "context", "tok_s", "ms_step", "floor_tok_s", "vs_floor",
-                              "kernels_per_step", "kernel_share", "linear_gbps", "attention_gbps"]))
+                              "eager_tok_s", "kernels_per_step", "kernel_share", "linear_gbps",
+                              "attention_gbps"]))
     summary = [summary_row(f"e2e {r['model']} bs{r['batch']} ctx{r['context']}", r["tok_s"], "tok/s",
                            vs_floor=r["vs_floor"]) for r in rows]
     return {"copy_gbps": copy["gbps"], "is_cpu_figure": not gpu, "cuda_graphs": gpu and cuda_graphs,
