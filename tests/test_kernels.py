@@ -1,0 +1,31 @@
+"""The CUDA road's bookkeeping, checked on any machine: every kernel in kernels.CUDA_IMPLS is bound in
+cuda/bindings.cpp, registered for the `cuda` key of an op that has a reference, and (when `make build`
+has run here) present in the compiled module -- so a forgotten m.def shows in CI, not on the GPU."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tinyinfer import kernels, ops
+
+BINDINGS = (kernels.CUDA_DIR / "bindings.cpp").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(kernels.CUDA_IMPLS))
+def test_each_cuda_impl_is_bound_and_registered(name):
+    assert re.search(rf'm\.def\(\s*"{name}"', BINDINGS), f'cuda/bindings.cpp lacks m.def("{name}", ...)'
+    assert callable(getattr(ops, name, None)), f"tinyinfer.ops has no op {name}"
+    assert callable(getattr(ops, f"{name}_reference", None)), f"tinyinfer.ops has no {name}_reference"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tinyinfer::{name}", "CUDA")
+
+
+def test_prebuilt_module_exposes_every_cuda_impl():
+    if kernels.find_cuda_home() is None or torch.version.cuda is None:
+        pytest.skip("no CUDA toolkit or CPU-only torch: the extension cannot be built here")
+    module = kernels.load_prebuilt(kernels.target_arch())
+    if module is None:
+        pytest.skip("no up-to-date prebuilt extension: run `make build` first")
+    missing = [name for name in kernels.CUDA_IMPLS if not callable(getattr(module, name, None))]
+    assert not missing, f"the compiled extension lacks {missing}"
