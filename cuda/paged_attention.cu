@@ -32,6 +32,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <atomic>
 #include <cstdint>
 
 #include "attention.cuh"
@@ -447,16 +448,24 @@ cudaError_t launch_split(const SplitArgs& s, cudaStream_t stream) {
   constexpr int kStages = attn_pipeline_stages(D);
   SplitSmemPlan plan = split_smem_plan(D, DV, TOK, kStages, ROWS, kThreads,
                                        static_cast<int>(sizeof(T)), s.v_alias);
-  // The opt-in above 48 KiB is per function; the largest plan (V not aliased) covers both cases.
-  static const cudaError_t attr_status = cudaFuncSetAttribute(
-      paged_attention_split_kernel<T, D, DV, TOK, ROWS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      split_smem_plan(D, DV, TOK, kStages, ROWS, kThreads, static_cast<int>(sizeof(T)), false)
-          .total_bytes);
-  if (attr_status != cudaSuccess) return attr_status;
+  // The opt-in above 48 KiB is per function and per device; the largest plan (V not aliased) covers
+  // both cases. Done once per device (a bit per device id), not per call.
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = uint64_t(1) << (device & 63);
+  if (!(configured.load() & bit)) {
+    err = cudaFuncSetAttribute(
+        paged_attention_split_kernel<T, D, DV, TOK, ROWS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        split_smem_plan(D, DV, TOK, kStages, ROWS, kThreads, static_cast<int>(sizeof(T)), false).total_bytes);
+    if (err != cudaSuccess) return err;
+    configured.fetch_or(bit);
+  }
   if (a.num_seqs > 0) {  // with no sequences every row is padding: the merge alone writes zeros
     dim3 grid(s.num_parts, a.num_kv_heads * s.head_chunks, a.num_seqs);
     paged_attention_split_kernel<T, D, DV, TOK, ROWS><<<grid, kThreads, plan.total_bytes, stream>>>(s);
-    cudaError_t err = cudaGetLastError();
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   MergeArgs m{a.out, a.ws_out, a.ws_max, a.ws_sum, a.seq_lens, a.query_start_loc,
