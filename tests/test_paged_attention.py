@@ -282,11 +282,22 @@ def test_kernel_replays_in_a_cuda_graph_with_new_lengths(cuda_extension):
 def test_kernel_rejects_unsupported_head_dim(cuda_extension):
     batch = make_batch([10], [1], 4, 2, 96, 96, 16, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="head dims"):
-        ops.paged_attention(*batch.args())
+        cuda_extension.paged_attention(*batch.args())
 
 
 @pytest.mark.cuda
 def test_kernel_rejects_non_power_of_two_block_size(cuda_extension):
     batch = make_batch([30], [1], 4, 2, 64, 64, 12, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="power-of-two block size"):
-        ops.paged_attention(*batch.args())
+        cuda_extension.paged_attention(*batch.args())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,dim,block", [(torch.float32, 64, 16), (torch.float16, 96, 16),
+                                             (torch.float16, 64, 12)])
+def test_op_takes_the_reference_path_with_a_warning_where_no_kernel_fits(cuda_extension, dtype, dim,
+                                                                          block):
+    batch = make_batch([30], [1], 4, 2, dim, dim, block, dtype, "cuda")
+    with pytest.warns(RuntimeWarning, match="reference path"):
+        out = ops.paged_attention(*batch.args())
+    torch.testing.assert_close(out, ops.paged_attention_reference(*batch.args()))

@@ -48,8 +48,30 @@ CUDA_IMPLS: dict[str, Callable[..., Any]] = {
     "fused_add_rmsnorm": lambda ext, *args: ext.fused_add_rmsnorm(*args),
     "rope_store_kv": lambda ext, *args: ext.rope_store_kv(*args),
     "int4_linear": lambda ext, *args: ext.int4_linear(*args),
-    "paged_attention": lambda ext, *args: ext.paged_attention(*args),
+    "paged_attention": lambda ext, *args: _paged_attention(ext, *args),
 }
+
+# Shapes the paged-attention kernel covers: (K head dim, V head dim) for Llama-family and MLA latents.
+PAGED_ATTENTION_DIMS = {(64, 64), (128, 128), (576, 512)}
+
+
+def _paged_attention(ext: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     *rest: Any) -> torch.Tensor:
+    """The kernel for fp16/bf16 and its head dims; anything else (e.g. an fp32 model on a GPU, other
+    head sizes) takes the reference path with one warning instead of failing."""
+    dims, block = (k_cache.shape[-1], v_cache.shape[-1]), k_cache.shape[1]
+    if (q.dtype in (torch.float16, torch.bfloat16) and dims in PAGED_ATTENTION_DIMS
+            and block & (block - 1) == 0):
+        return ext.paged_attention(q, k_cache, v_cache, *rest)
+    _warn_reference_once(f"paged_attention: no kernel for dtype {q.dtype}, head dims {dims}, "
+                         f"block size {block}")
+    from tinyinfer import ops
+    return ops.paged_attention_reference(q, k_cache, v_cache, *rest)
+
+
+def _warn_reference_once(what: str) -> None:
+    # Python's default warning filter shows each distinct message once per process.
+    warnings.warn(f"tinyinfer: {what}; using the (slow) reference path", RuntimeWarning, stacklevel=4)
 
 
 def sources() -> list[Path]:
