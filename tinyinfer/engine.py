@@ -142,12 +142,23 @@ class LLM:
         max_blocks = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [-1] * (max_blocks - len(s.block_table)) for s in seqs],
                               dtype=torch.int32)
+        dev = self.device
+        if all(n == 1 for n in num_new):
+            # Decode: one token per sequence, so O(B) Python beats a dozen tensor ops (the engine's own
+            # cost is what a small model's step is made of).
+            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, starts)]
+            flat = torch.tensor([ids, starts, slots]).to(dev)                      # (3, B) int64
+            small = torch.tensor(seq_lens + qsl, dtype=torch.int32).to(dev)        # (2B + 1,)
+            meta = AttentionMetadata(
+                slot_mapping=flat[2], block_tables=tables.to(dev), seq_lens=small[:len(seqs)],
+                query_start_loc=small[len(seqs):], max_q_len=1, query_start_loc_host=qsl,
+                prefill=all(st == 0 for st in starts))
+            return flat[0], flat[1], meta
         counts = torch.tensor(num_new)
         seq_idx = torch.repeat_interleave(torch.arange(len(seqs)), counts)           # (T,)
         positions = torch.repeat_interleave(torch.tensor(starts), counts)
         positions += torch.arange(len(ids)) - torch.repeat_interleave(torch.tensor(qsl[:-1]), counts)
         slots = tables[seq_idx, positions // bs].long() * bs + positions % bs        # (T,)
-        dev = self.device
         meta = AttentionMetadata(
             slot_mapping=slots.to(dev), block_tables=tables.to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
