@@ -85,6 +85,16 @@ def test_greedy_output_equals_plain_greedy(case, draft, k, prompts, reference):
     assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
 
 
+def test_verify_through_padded_graph_batches_matches_plain_greedy(prompts, reference):
+    # The GPU path: verification through GraphRunner's static, padded batch (k + 1 query rows per
+    # sequence, n-gram drafts of varying length leave padding rows), run uncaptured on the CPU.
+    from tinyinfer.cuda_graphs import GraphRunner
+    llm = LLM(TARGET, device="cpu", dtype="float32", draft="ngram", speculate_k=4, max_kv_tokens=POOL)
+    llm.speculator.graphs = GraphRunner(llm.model, llm.kv, q_len=5, capture=False)
+    out = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in out] == reference["batch"]
+
+
 def test_draft_identical_to_target_accepts_everything(prompts):
     llm = LLM(TARGET, device="cpu", dtype="float32", draft=TARGET, speculate_k=4, max_kv_tokens=POOL)
     llm.generate(prompts[:3], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 import torch
 
@@ -29,6 +29,9 @@ from tinyinfer.config import ModelConfig
 from tinyinfer.sampling import (STREAM_DRAFT, STREAM_SAMPLE, keyed_uniform, probabilities,
                                 rejection_sample)
 from tinyinfer.scheduler import Sequence, Status
+
+if TYPE_CHECKING:
+    from tinyinfer.engine import LLM
 
 MAX_K = 15      # verification feeds k + 1 <= 16 queries per sequence: the paged-attention kernel's range
 
@@ -105,7 +108,7 @@ class DraftModelProposer:
     """A small model run autoregressively k times. It keeps its own paged cache (an `LLM` of its own:
     model, allocator, block bookkeeping) with one shadow sequence per running target sequence."""
 
-    def __init__(self, draft_llm):
+    def __init__(self, draft_llm: LLM):
         self.llm = draft_llm
         self.shadows: dict[int, Sequence] = {}      # target seq id -> its state in the draft cache
 
@@ -168,7 +171,7 @@ class DraftModelProposer:
 class Speculator:
     """Runs the decode steps of an `LLM` speculatively (the engine still does the prefill)."""
 
-    def __init__(self, llm, proposer: Proposer, k: int):
+    def __init__(self, llm: LLM, proposer: Proposer, k: int):
         self.llm, self.proposer, self.k = llm, proposer, check_speculate_k(k)
         self.graphs = None                          # GraphRunner for the verify step (CUDA only)
         self.reset_stats()
@@ -286,7 +289,7 @@ class Speculator:
         return (bad.index_add_(0, seq_idx, (~ok).long()) == 0).tolist()
 
 
-def build(llm, draft: str, k: int) -> Speculator:
+def build(llm: LLM, draft: str, k: int) -> Speculator:
     """The speculator for `llm`: n-gram lookup, or a draft model with a pool as large as the target's."""
     if draft == "ngram":
         return Speculator(llm, NgramProposer(), k)
@@ -301,5 +304,5 @@ def build(llm, draft: str, k: int) -> Speculator:
         raise ValueError(f"draft {draft!r} uses another tokenizer than the target ({where}); a "
                          "draft must share the target's vocabulary, or use draft='ngram'")
     draft_llm = LLM(draft, device=str(llm.device), dtype=llm.dtype, max_kv_tokens=llm.kv_tokens,
-                    block_size=llm.block_size, verbose=llm.verbose)
+                    block_size=llm.block_size)
     return Speculator(llm, DraftModelProposer(draft_llm), k)
