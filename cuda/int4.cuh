@@ -101,6 +101,7 @@ struct Int4GemvParams {
   void* y;                  // gemv: (M, N); dequant: W (N, K); in x's dtype
   int M, N, K, group_size;  // N % 16 == 0, K % group_size == 0, group_size in {32, 64, 128}
   bool x_bf16, scales_bf16;
+  bool pdl;                 // launch the GEMV with programmatic dependent launch (sm_90+)
 };
 
 }  // namespace tinyinfer

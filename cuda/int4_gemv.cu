@@ -100,6 +100,22 @@ __device__ inline uint4 load_stream(const uint4* p) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90+): this kernel may start while the previous kernel in the
+// stream finishes. Before `wait` it touches only the weights (read-only, never produced on the GPU
+// during decode); x is read and y written after it. No-ops when launched without the attribute.
+__device__ inline void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ inline void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ inline void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
+
 __device__ inline uint32_t word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 // --- GEMV -----------------------------------------------------------------------------------------
@@ -135,6 +151,14 @@ int4_gemv_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, con
     xvalid[s] = 8 * s + g < M;
     xrow[s] = x + static_cast<size_t>(xvalid[s] ? 8 * s + g : 0) * K + 8 * t;
   }
+
+  // Pull this warp's first tiles into L2 while the previous kernel still runs (PDL), then wait for it.
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (kb_begin + u < kb_end) prefetch_l2(wp + static_cast<size_t>(kb_begin + u) * 32);
+  }
+  pdl_launch_dependents();
+  pdl_wait();
 
   float acc[MSETS][4] = {};
   for (int kb0 = kb_begin; kb0 < kb_end; kb0 += U) {
@@ -265,9 +289,19 @@ cudaError_t launch_typed(const Int4GemvParams& p, cudaStream_t stream) {
   const auto* sc = static_cast<const S*>(p.scales);
   const auto* x = static_cast<const T*>(p.x);
   auto* y = static_cast<T*>(p.y);
-  const dim3 block(kWarps * 32);
+  // Launched with the programmatic-stream-serialization attribute on sm_90+ (p.pdl), see pdl_wait.
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(NT);
+  cfg.blockDim = dim3(kWarps * 32);
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  cudaError_t err = cudaSuccess;
 #define TINYINFER_GEMV(G, MS) \
-  int4_gemv_kernel<T, S, G, MS><<<NT, block, 0, stream>>>(x, qw, sc, p.zeros, y, p.M, p.N, p.K, KB, NG)
+  err = cudaLaunchKernelEx(&cfg, int4_gemv_kernel<T, S, G, MS>, x, qw, sc, p.zeros, y, p.M, p.N, p.K, KB, NG)
 #define TINYINFER_GEMV_G(MS)                                   \
   switch (p.group_size) {                                      \
     case 32: TINYINFER_GEMV(32, MS); break;                    \
@@ -282,7 +316,7 @@ cudaError_t launch_typed(const Int4GemvParams& p, cudaStream_t stream) {
   }
 #undef TINYINFER_GEMV_G
 #undef TINYINFER_GEMV
-  return cudaGetLastError();
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T, typename S>
@@ -301,13 +335,24 @@ cudaError_t launch_dequant_typed(const Int4GemvParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t launch_int4_gemv_once(const Int4GemvParams& p, cudaStream_t stream) {
+  if (p.x_bf16) return p.scales_bf16 ? launch_typed<__nv_bfloat16, __nv_bfloat16>(p, stream)
+                                     : launch_typed<__nv_bfloat16, __half>(p, stream);
+  return p.scales_bf16 ? launch_typed<__half, __nv_bfloat16>(p, stream) : launch_typed<__half, __half>(p, stream);
+}
+
 }  // namespace
 
 cudaError_t launch_int4_gemv(const Int4GemvParams& p, cudaStream_t stream) {
   if (p.M <= 0 || p.M > 16) return cudaErrorInvalidValue;
-  if (p.x_bf16) return p.scales_bf16 ? launch_typed<__nv_bfloat16, __nv_bfloat16>(p, stream)
-                                     : launch_typed<__nv_bfloat16, __half>(p, stream);
-  return p.scales_bf16 ? launch_typed<__half, __nv_bfloat16>(p, stream) : launch_typed<__half, __half>(p, stream);
+  cudaError_t err = launch_int4_gemv_once(p, stream);
+  if (err != cudaSuccess && p.pdl) {     // a driver refusing the PDL attribute: plain launch instead
+    cudaGetLastError();
+    Int4GemvParams plain = p;
+    plain.pdl = false;
+    err = launch_int4_gemv_once(plain, stream);
+  }
+  return err;
 }
 
 cudaError_t launch_int4_dequant(const Int4GemvParams& p, cudaStream_t stream) {
