@@ -347,6 +347,9 @@ tinyinfer::Int4GemvParams int4_params(const Tensor& x, const Tensor& qweight, co
   p.group_size = static_cast<int>(group_size);
   p.x_bf16 = x.scalar_type() == torch::kBFloat16;
   p.scales_bf16 = scales.scalar_type() == torch::kBFloat16;
+  int major = 0;  // programmatic dependent launch needs sm_90+
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
+  p.pdl = major >= 9;
   return p;
 }
 
