@@ -27,7 +27,7 @@ import torch
 from tinyinfer import checkpoint as ckpt
 from tinyinfer.config import ModelConfig
 from tinyinfer.sampling import (STREAM_DRAFT, STREAM_SAMPLE, keyed_uniform, probabilities,
-                                rejection_sample)
+                                process_logits, rejection_sample)
 from tinyinfer.scheduler import Sequence, Status
 
 if TYPE_CHECKING:
@@ -55,12 +55,8 @@ def check_draft(draft: str, target: ModelConfig) -> None:
                          "draft from the same model family, or use draft='ngram'")
 
 
-def _gumbel_argmax(probs: torch.Tensor, seeds: list[int], steps: list[int], stream: int,
-                   greedy: bool = False) -> torch.Tensor:
-    """(B,) draws from the rows of probs (B, V) with keyed noise; one-hot (greedy) rows give their
-    argmax, so an all-greedy batch (`greedy`) needs no noise at all."""
-    if greedy:
-        return probs.argmax(dim=1)
+def _gumbel_argmax(probs: torch.Tensor, seeds: list[int], steps: list[int], stream: int) -> torch.Tensor:
+    """(B,) draws from the rows of probs (B, V) with keyed noise; one-hot (greedy) rows give their argmax."""
     u = keyed_uniform(seeds, steps, stream, probs.shape[1], probs.device)          # (B, V)
     return (probs.log() - torch.log(-torch.log(u))).argmax(dim=1)
 
@@ -140,7 +136,9 @@ class DraftModelProposer:
                 sh.block_table += self.llm.allocator.allocate(sh.blocks_needed(len(sh) + k - 1, bs))
         kmax = max(limits)
         V = self.llm.config.vocab_size
-        q = torch.zeros(len(seqs), kmax, V, device=self.llm.device)                # (B, kmax, V)
+        # Greedy requests draft their argmax: q is one-hot, which verify() assumes when probs is None.
+        greedy = all(s.params.greedy for s in seqs)
+        q = None if greedy else torch.zeros(len(seqs), kmax, V, device=self.llm.device)  # (B, kmax, V)
         tokens: list[list[int]] = [[] for _ in seqs]
         for j in range(kmax):
             act = [b for b, k in enumerate(limits) if k > j]
@@ -148,12 +146,14 @@ class DraftModelProposer:
             # prompt after a prefill / preemption); later passes: the previous draft token.
             num_new = [len(shadows[b]) - shadows[b].num_cached for b in act]
             logits = self.llm._forward([shadows[b] for b in act], num_new)         # (A, V)
-            probs = probabilities(logits, [seqs[b].params for b in act],
-                                  [shadows[b].token_ids for b in act])              # (A, V)
-            x = _gumbel_argmax(probs, [seqs[b].seed for b in act],
-                               [seqs[b].num_outputs + j for b in act], STREAM_DRAFT,
-                               all(seqs[b].params.greedy for b in act)).tolist()
-            q[act, j] = probs
+            params, hist = [seqs[b].params for b in act], [shadows[b].token_ids for b in act]
+            if greedy:
+                x = process_logits(logits, params, hist).argmax(dim=1).tolist()
+            else:
+                probs = probabilities(logits, params, hist)                         # (A, V)
+                x = _gumbel_argmax(probs, [seqs[b].seed for b in act],
+                                   [seqs[b].num_outputs + j for b in act], STREAM_DRAFT).tolist()
+                q[act, j] = probs
             for b, t in zip(act, x):
                 tokens[b].append(t)
                 shadows[b].token_ids.append(t)
@@ -256,6 +256,18 @@ class Speculator:
         params = [seqs[b].params for b, _ in rows]
         hist = [seqs[b].token_ids + prop.tokens[b][:j] if seqs[b].params.repetition_penalty != 1.0
                 else [] for b, j in rows]
+        if all(p.greedy for p in params):
+            # One-hot p: rejection sampling reduces to the longest prefix equal to the target's argmax
+            # plus the target's next token -- no distributions, no noise.
+            best = process_logits(logits, params, hist).argmax(dim=1).tolist()        # (T,)
+            accepted, tokens = [], []
+            for b, drafts in enumerate(prop.tokens):
+                row, n = best[starts[b]:starts[b + 1]], 0
+                while n < d[b] and drafts[n] == row[n]:
+                    n += 1
+                accepted.append(n)
+                tokens.append(drafts[:n] + [row[n]])
+            return accepted, tokens
         p_flat = probabilities(logits, params, hist)                                  # (T, V)
         idx = [[starts[b] + min(j, d[b]) for j in range(kmax + 1)] for b in range(B)]
         p = p_flat[torch.tensor(idx, device=dev)]                                     # (B, kmax+1, V)
@@ -273,8 +285,7 @@ class Speculator:
         if short:
             p_last = p[short, [d[b] for b in short]]                                  # (S, V)
             bonus = _gumbel_argmax(p_last, [seeds[b] for b in short],
-                                   [steps[b] + d[b] for b in short], STREAM_SAMPLE,
-                                   all(seqs[b].params.greedy for b in short)).tolist()
+                                   [steps[b] + d[b] for b in short], STREAM_SAMPLE).tolist()
             for b, t in zip(short, bonus):
                 accepted[b] = d[b]
                 tokens[b][d[b]] = t
