@@ -102,6 +102,14 @@ def shakespeare():
     return LLM(MLA, device="cpu", dtype="float32"), hf_model(MLA)
 
 
+@pytest.fixture(scope="module")
+def shakespeare_steps(shakespeare):
+    """HF's logits of PROMPT, and ours from a 5-token prefill + one decode step per token, per path."""
+    llm, hf = shakespeare
+    ids = llm.tokenizer.encode(PROMPT)
+    return hf_logits(hf, ids), {m: teacher_forced(llm, ids, 5, m) for m in ("naive", "absorbed")}
+
+
 def test_shakespeare_mla_matches_hf_logits_and_64_greedy_tokens(shakespeare):
     llm, hf = shakespeare
     ids = llm.tokenizer.encode(PROMPT)
@@ -112,19 +120,19 @@ def test_shakespeare_mla_matches_hf_logits_and_64_greedy_tokens(shakespeare):
 
 
 @pytest.mark.parametrize("mode", ["naive", "absorbed"])
-def test_shakespeare_mla_decode_steps_match_hf_in_both_paths(shakespeare, mode):
-    llm, hf = shakespeare
-    ids = llm.tokenizer.encode(PROMPT * 2)
-    assert_logits_close(teacher_forced(llm, ids, prefix=7, mode=mode), hf_logits(hf, ids))
+def test_shakespeare_mla_decode_steps_match_hf_in_both_paths(shakespeare_steps, mode):
+    ref, ours = shakespeare_steps
+    assert_logits_close(ours[mode], ref)
 
 
-def test_naive_and_absorbed_paths_agree(shakespeare):
-    llm, _ = shakespeare
-    ids = llm.tokenizer.encode(PROMPT * 2)
-    for prefix in (len(ids), 5):          # all prefill; then a short prefill + many decode steps
-        naive = teacher_forced(llm, ids, prefix, "naive")
-        absorbed = teacher_forced(llm, ids, prefix, "absorbed")
-        torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
+def test_naive_and_absorbed_paths_agree(shakespeare, shakespeare_steps):
+    _, ours = shakespeare_steps
+    naive, absorbed = ours["naive"], ours["absorbed"]
+    torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
+    llm, _ = shakespeare                  # and a whole prompt as one prefill, in each path
+    ids = llm.tokenizer.encode(PROMPT)
+    naive, absorbed = (teacher_forced(llm, ids, len(ids), m) for m in ("naive", "absorbed"))
+    torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
 
 
 @pytest.mark.parametrize("name", list(RANDOM_MODELS))
@@ -146,11 +154,11 @@ def test_random_deepseek_matches_hf(tmp_path, name):
 
 def test_moe_model_naive_and_absorbed_agree_and_batching_is_exact(tmp_path):
     llm = LLM(save_random_deepseek(tmp_path, "v3"), device="cpu", dtype="float32")
-    ids = list(range(5, 120, 3))
+    ids = list(range(5, 80, 3))
     naive, absorbed = (teacher_forced(llm, ids, 9, m) for m in ("naive", "absorbed"))
     torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
-    prompts = [list(range(5, 40)), [7], list(range(100, 117)), list(range(300, 380, 2))]
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    prompts = [list(range(5, 40)), [7], list(range(300, 380, 2))]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     together = llm.generate(prompts, params)
     for prompt, out in zip(prompts, together):
         assert out.token_ids == llm.generate([prompt], params)[0].token_ids
@@ -159,9 +167,8 @@ def test_moe_model_naive_and_absorbed_agree_and_batching_is_exact(tmp_path):
 
 def test_batched_generation_equals_each_prompt_alone_and_returns_all_blocks(shakespeare):
     llm, _ = shakespeare
-    prompts = ["ROMEO:", "To be, or not to be", "KING HENRY:\nNow, lords, to France",
-               list(range(5, 60)), "O"]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompts = ["ROMEO:", "KING HENRY:\nNow, lords, to France", list(range(5, 60)), "O"]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     together = llm.generate(prompts, params)
     for prompt, out in zip(prompts, together):
         alone = llm.generate([prompt], params)[0]
@@ -251,10 +258,10 @@ def test_padded_graph_batch_with_latent_cache_equals_eager_step(shakespeare, q_l
 def test_int4_reaches_mla_projections_and_experts_and_both_paths_still_agree(tmp_path):
     from tinyinfer.quant import quantize_model
     llm = LLM(save_random_deepseek(tmp_path, "v3"), device="cpu", dtype="float32")
-    names = quantize_model(llm.model, group_size=32)
+    names = quantize_model(llm.model, group_size=32, clip_search=False)
     assert "layers.1.attn.kv_b_proj" in names and "layers.1.mlp.experts.7.gate_up_proj" in names
     assert "layers.1.mlp.shared_experts.down_proj" in names
     assert not any(".gate" == n[-5:] for n in names)              # the router stays dense, float32
-    ids = list(range(5, 120, 3))
+    ids = list(range(5, 80, 3))
     naive, absorbed = (teacher_forced(llm, ids, 9, m) for m in ("naive", "absorbed"))
     torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5 * float(naive.abs().max()))
