@@ -111,7 +111,7 @@ def test_runner_declines_steps_outside_its_shapes(llm):
 def test_padded_decode_generates_what_eager_decode_does(llm):
     # Sequences finish at different times, so the batch crosses buckets (7 -> 8, 5 -> 8, 3 -> 4, ...);
     # with buckets (1, 2, 4) the first steps (7 > 4) run eagerly, the later ones padded.
-    params = [SamplingParams(temperature=0.0, max_tokens=6 + 5 * i, ignore_eos=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True)
               for i in range(len(PROMPTS))]
     llm.graph_runner = None
     eager = [o.token_ids for o in llm.generate(PROMPTS, params)]
@@ -193,9 +193,13 @@ def test_verify_shape_graph_matches_eager():
 # The batched CPU body of paged_attention (what the padded batch runs through on a CPU)
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("q_lens", [[4, 1, 0, 0, 16], [1, 1, 1, 1, 1]])
+@pytest.mark.parametrize("seq_lens,q_lens,pad", [
+    ([37, 1, 0, 12, 20], [4, 1, 0, 0, 16], 3),     # verify-like runs, a padding sequence, q_len 0
+    ([37, 1, 3, 12, 20], [1, 1, 1, 1, 1], 3),      # decode, padded to a bucket
+    ([20, 20, 20, 20, 20], [1, 1, 1, 1, 1], 0),    # decode, equal lengths: the unmasked path
+    ([20, 20, 20, 20, 20], [2, 2, 1, 3, 2], 1)])
 @pytest.mark.parametrize("hq,hkv,d,dv", [(4, 2, 64, 64), (8, 8, 32, 32), (6, 1, 16, 16), (4, 1, 40, 32)])
-def test_batched_paged_attention_equals_reference(hq, hkv, d, dv, q_lens):
+def test_batched_paged_attention_equals_reference(hq, hkv, d, dv, seq_lens, q_lens, pad):
     from tinyinfer.ops import paged_attention_batched, paged_attention_reference
     gen = torch.Generator().manual_seed(hq * 100 + d)
     bs, nb = 8, 64
@@ -203,9 +207,6 @@ def test_batched_paged_attention_equals_reference(hq, hkv, d, dv, q_lens):
     v_cache = torch.full((nb, bs, hkv, dv), float("nan")) if dv != 32 or d == dv else None
     if v_cache is None:                                   # MLA-style: V is a strided view of K
         v_cache = k_cache[..., :dv]
-    # 5 sequences incl. a padding one (q_len 0, seq_len 0) and q_len 0 with a context (or one query
-    # each: the decode layout); 3 padding rows.
-    seq_lens = [37, 1, 0 if q_lens[2] == 0 else 3, 12, 20]
     perm = torch.randperm(nb, generator=gen).tolist()
     tables = torch.full((5, 6), 10**6, dtype=torch.int32)       # garbage past the last block
     for b, n in enumerate(seq_lens):
@@ -216,9 +217,9 @@ def test_batched_paged_attention_equals_reference(hq, hkv, d, dv, q_lens):
             if v_cache.data_ptr() != k_cache.data_ptr():
                 v_cache[blocks[p // bs], p % bs] = torch.randn(hkv, dv, generator=gen)
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(int(qsl[-1]) + 3, hq, d, generator=gen)
+    q = torch.randn(int(qsl[-1]) + pad, hq, d, generator=gen)
     args = (k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), qsl, 0.3)
     want = paged_attention_reference(q, *args)
     got = paged_attention_batched(q, *args)
-    assert torch.isfinite(got).all() and torch.equal(got[-3:], torch.zeros(3, hq, dv))
+    assert torch.isfinite(got).all() and torch.equal(got[len(q) - pad:], torch.zeros(pad, hq, dv))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -87,26 +87,29 @@ def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     T, Hq, D = q.shape
     block_size, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     B, dev = seq_lens.shape[0], q.device
-    out = q.new_zeros(T, Hq, Dv)
     lens, qsl = seq_lens.tolist(), query_start_loc.tolist()             # one host read each
     L = max(lens, default=0)
     Q = max((b - a for a, b in zip(qsl, qsl[1:])), default=0)
     if L == 0 or Q == 0:
-        return out
-    lens, q_lens = seq_lens.long(), (query_start_loc[1:] - query_start_loc[:-1]).long()   # (B,)
+        return q.new_zeros(T, Hq, Dv)
+    decode = Q == 1 and qsl[B] == B                     # one query per sequence: the common step
+    full = min(lens) == L                               # every sequence L long: nothing to mask
     pos = torch.arange(L, device=dev)
-    in_seq = pos[None, :] < lens[:, None]                               # (B, L)
-    # Entries past a sequence's last block may hold anything: read block 0 there, masked below.
-    blocks = block_tables[:, pos // block_size]
-    slots = torch.where(in_seq, blocks, 0) * block_size + pos % block_size        # (B, L)
+    blocks = block_tables[:, pos // block_size]                         # (B, L)
+    if not full:
+        in_seq = pos[None, :] < seq_lens[:, None]                       # (B, L)
+        # Entries past a sequence's last block may hold anything: read block 0 there, masked below.
+        blocks = torch.where(in_seq, blocks, 0)
+    slots = blocks.long() * block_size + pos % block_size               # (B, L)
     k = k_cache.flatten(0, 1)[slots].float()                            # (B, L, Hkv, D)
     v = v_cache.flatten(0, 1)[slots].float()                            # (B, L, Hkv, Dv)
-    # Unused slots may hold NaN: masking adds -inf to a score (NaN stays NaN) and P @ V has 0 x NaN.
-    k = torch.where(in_seq[:, :, None, None], k, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
-    v = torch.where(in_seq[:, :, None, None], v, 0.0).transpose(1, 2)  # (B, Hkv, L, Dv)
-    decode = Q == 1 and qsl[B] == B                                     # one query per sequence
+    if not full:
+        # Unused slots may hold NaN: masking adds -inf to a score (NaN stays NaN), P @ V has 0 x NaN.
+        k = torch.where(in_seq[:, :, None, None], k, 0.0)
+        v = torch.where(in_seq[:, :, None, None], v, 0.0)
     if decode:
-        qp = q[:B].float().view(B, 1, Hq, D)
+        # The query sits at position len - 1 and sees exactly the sequence's keys.
+        qp, mask = q[:B].float().view(B, 1, Hq, D), None if full else in_seq[:, None, None, :]
     else:
         # Query row t of sequence b is its i-th query, i = t - qsl[b]; rows past qsl[B]: padding.
         rows = torch.arange(T, device=dev)
@@ -116,12 +119,16 @@ def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         i_of = rows[real] - starts[b_of]
         qp = q.new_zeros(B, Q, Hq, D, dtype=torch.float32)
         qp[b_of, i_of] = q[real].float()
-    # Query i of sequence b sits at position len_b - q_len_b + i and sees keys 0 .. that position.
-    q_pos = lens[:, None] - q_lens[:, None] + torch.arange(Q, device=dev)[None, :]   # (B, Q)
-    causal = pos[None, None, :] <= q_pos[:, :, None]                    # (B, Q, L)
-    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=causal[:, None],
-                                       scale=scale, enable_gqa=Hq != Hkv)   # (B, Hq, Q, Dv)
+        # Query i of sequence b sits at position len_b - q_len_b + i and sees keys 0 .. there.
+        q_lens = starts[1:] - starts[:-1]                               # (B,)
+        q_pos = seq_lens[:, None] - q_lens[:, None] + torch.arange(Q, device=dev)[None, :]  # (B, Q)
+        mask = (pos[None, None, :] <= q_pos[:, :, None])[:, None]       # (B, 1, Q, L)
+    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     o = o.transpose(1, 2)                                               # (B, Q, Hq, Dv)
+    if decode and T == B:
+        return o.reshape(B, Hq, Dv).to(q.dtype)
+    out = q.new_zeros(T, Hq, Dv)                                        # padding rows stay zero
     if decode:
         out[:B] = o.reshape(B, Hq, Dv)
     else:
