@@ -108,8 +108,14 @@ def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         k = torch.where(in_seq[:, :, None, None], k, 0.0)
         v = torch.where(in_seq[:, :, None, None], v, 0.0)
     if decode:
-        # The query sits at position len - 1 and sees exactly the sequence's keys.
-        qp, mask = q[:B].float().view(B, 1, Hq, D), None if full else in_seq[:, None, None, :]
+        # The query sits at position len - 1 and sees exactly the sequence's keys. The query heads of
+        # one KV head then share keys and mask: fold them into the query axis, so K/V are not
+        # expanded to every query head (MQA and MLA: 1 KV head for all of them).
+        qh = q[:B].float().view(B, Hkv, Hq // Hkv, D)                  # (B, Hkv, group, D)
+        mask = None if full else in_seq[:, None, None, :]
+        o = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=scale)
+        o = o.reshape(B, 1, Hq, Dv)                                     # (B, Q = 1, Hq, Dv)
     else:
         # Query row t of sequence b is its i-th query, i = t - qsl[b]; rows past qsl[B]: padding.
         rows = torch.arange(T, device=dev)
@@ -123,9 +129,9 @@ def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         q_lens = starts[1:] - starts[:-1]                               # (B,)
         q_pos = seq_lens[:, None] - q_lens[:, None] + torch.arange(Q, device=dev)[None, :]  # (B, Q)
         mask = (pos[None, None, :] <= q_pos[:, :, None])[:, None]       # (B, 1, Q, L)
-    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-    o = o.transpose(1, 2)                                               # (B, Q, Hq, Dv)
+        o = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+        o = o.transpose(1, 2)                                           # (B, Q, Hq, Dv)
     if decode and T == B:
         return o.reshape(B, Hq, Dv).to(q.dtype)
     out = q.new_zeros(T, Hq, Dv)                                        # padding rows stay zero
