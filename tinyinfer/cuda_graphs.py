@@ -62,7 +62,7 @@ class StaticBatch:
 
     Device buffers (their views are what the graphs read):
         i64 (3, T_max): input ids | positions | slot mapping
-        i32 (2 * B_max + 1 + B_max * MB_max,): seq lens | query_start_loc | block tables
+        i32 (table_off + B_max * MB_max,): seq lens | query_start_loc | (gap) | block tables
     A graph for (bucket b, table width mb) reads views of their prefixes: ids i64[0, :b*q_len], ...,
     block tables i32[off : off + b*mb].view(b, mb)."""
 
@@ -70,7 +70,7 @@ class StaticBatch:
                  device: torch.device):
         self.max_seqs, self.q_len, self.max_blocks, self.block_size = max_seqs, q_len, max_blocks, block_size
         self.device = device
-        self.table_off = 2 * max_seqs + 1
+        self.table_off = -(-(2 * max_seqs + 1) // 32) * 32    # tables start 128-byte aligned
         n32 = self.table_off + max_seqs * max_blocks
         self.i64 = torch.zeros(3, max_seqs * q_len, dtype=torch.int64, device=device)
         self.i32 = torch.zeros(n32, dtype=torch.int32, device=device)
