@@ -164,7 +164,9 @@ class GraphRunner:
         self.batch = StaticBatch(self.buckets[-1], q_len, self.max_blocks, bs, self.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], Tensor] = {}       # (T_bucket, vocab) float32
-        self.pool = pool
+        # One memory pool for every graph of this runner (and of runners given it: `pool=`); graphs
+        # never replay concurrently, so their intermediates can share memory.
+        self.pool = pool if pool is not None or not self.capture else torch.cuda.graph_pool_handle()
         self.disabled: Optional[str] = None                   # why graphs are off, once known
         if self.capture:
             self.disabled = graph_unsafe_reason(model)
@@ -227,8 +229,6 @@ class GraphRunner:
             self.batch.i32.copy_(saved32)
 
     def _capture_padded(self, bucket: int, width: int) -> None:
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         # Warm up on a side stream (lazy initialisation: cuBLAS handles and workspaces, autotuning)
         # so that none of it lands in the graph.
         side = torch.cuda.Stream(self.device)
