@@ -294,6 +294,9 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
                         t.normal_()                                # stands in for a prefilled context
                 alloc = BlockAllocator(num_blocks)
                 runner = GraphRunner(model, kv, capture=gpu and cuda_graphs)
+                if runner.capture and runner.disabled:
+                    print(f"{label}: CUDA graphs off: {runner.disabled}")
+                    skipped.append({"model": label, "reason": f"CUDA graphs off: {runner.disabled}"})
                 eager = GraphRunner(model, kv, capture=False)
                 for batch, context, steps in fits:
                     row = {"model": label, **_point(cfg, kv, alloc, runner, batch, context, steps, device)}
