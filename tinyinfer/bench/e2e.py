@@ -315,8 +315,10 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
                                    linear_gbps=weights / max(row["linear_us"], 1e-9) / 1e3,
                                    attention_gbps=row["kv_bytes"] / max(row["attention_us"], 1e-9) / 1e3)
                     rows.append(row)
+                    extra = "".join(f", {k} {row[k]:.3g}" for k in ("eager_tok_s", "kernels_per_step",
+                                    "kernel_share", "linear_gbps", "attention_gbps") if k in row)
                     print(f"{label} batch {batch} context {context}: {row['tok_s']:.1f} tok/s, "
-                          f"{row['vs_floor']:.2f} of the floor", flush=True)
+                          f"{row['vs_floor']:.2f} of the floor{extra}", flush=True)   # logged as it goes
                 del kv, alloc, runner, eager
             del model
             gc.collect()
