@@ -75,12 +75,13 @@ def test_clip_search_never_worse_than_rtn_in_any_group(g):
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(96, 512, generator=gen) * 0.02
     w[torch.rand(w.shape, generator=gen) < 0.01] *= 8               # heavy-tailed, like real weights
-    def group_sq_err(clip):
-        q, s, z = quant.quantize_weight(w, g, clip_search=clip)
-        return (quant.dequantize(q, s, z, g) - w).square().reshape(96, -1, g).sum(-1)
-    rtn, clip = group_sq_err(False), group_sq_err(True)
-    assert bool((clip <= rtn).all())
-    assert clip.sum() < 0.95 * rtn.sum()                             # and it actually helps
+    def group_err(clip, power):                   # the error the search minimizes, per group
+        q, s, z = quant.quantize_weight(w, g, clip_search=clip, power=power)
+        return (quant.dequantize(q, s, z, g) - w).abs().pow(power).reshape(96, -1, g).sum(-1)
+    for power in (2, 4):
+        rtn, clip = group_err(False, power), group_err(True, power)
+        assert bool((clip <= rtn).all())
+        assert clip.sum() < 0.95 * rtn.sum()                         # and it actually helps
 
 
 @pytest.mark.parametrize("m", [1, 3, 17])

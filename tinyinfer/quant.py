@@ -22,6 +22,7 @@ math (`nibble_row`, `nibble_k`). K is zero-padded to a multiple of 64 (only with
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -57,11 +58,11 @@ def _round_up_to(scale: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(low, bits + 1, bits).view(dtype).float()
 
 
-def _rtn(w: Tensor, ratio: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    # w (R, ng, G) float32; ratio (R, ng, 1) shrinks [min, max] (1 = plain min/max). The range always
-    # holds 0 so that z is a valid 0..15 level.
-    lo = w.amin(-1, keepdim=True).clamp(max=0) * ratio
-    hi = w.amax(-1, keepdim=True).clamp(min=0) * ratio
+def _rtn(w: Tensor, lo: Tensor, hi: Tensor, ratio: float, scale_dtype: torch.dtype
+         ) -> tuple[Tensor, Tensor, Tensor]:
+    # w (R, ng, G) float32; lo <= 0 <= hi (R, ng, 1) its groups' min and max, shrunk by ratio
+    # (1 = plain min/max). The range always holds 0 so that z is a valid 0..15 level.
+    lo, hi = lo * ratio, hi * ratio
     tiny = torch.finfo(scale_dtype).tiny
     s = _round_up_to(((hi - lo) / 15).clamp(min=tiny), scale_dtype)      # (R, ng, 1)
     z = torch.round(-lo / s).clamp(0, 15)
@@ -69,27 +70,38 @@ def _rtn(w: Tensor, ratio: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Te
     return q, s, z
 
 
+def reconstruction_error(w: Tensor, w_hat: Tensor, power: int = 4) -> Tensor:
+    """Per-group error sum |w - w_hat|^power over the last dim: what the clipping search minimizes."""
+    d = (w_hat - w).abs()
+    return (d.square().square() if power == 4 else d.pow(power)).sum(-1, keepdim=True)
+
+
 def quantize_weight(w: Tensor, group_size: int = 128, clip_search: bool = True,
                     scale_dtype: torch.dtype = torch.float16, grid: int = 20,
-                    min_ratio: float = 0.7) -> tuple[Tensor, Tensor, Tensor]:
+                    min_ratio: float = 0.7, power: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize W (N, K) -> q uint8 (N, K) in 0..15, scales (N, K/G) scale_dtype, zeros uint8 (N, K/G).
 
     With clip_search, each group also tries shrinking its range to ratio * [min, max] for `grid`
-    ratios down to `min_ratio` and keeps the one with the smallest squared reconstruction error; the
-    ratio 1 (plain RTN) is among the candidates, so the search is never worse than RTN."""
+    ratios down to `min_ratio` and keeps the one with the smallest reconstruction error
+    sum |w - w_hat|^power; the ratio 1 (plain RTN) is among the candidates, so the search is never
+    worse than RTN. Why power 4 and not the squared error: squared error clips too eagerly -- on the
+    demo model it lowers the KL divergence from the bf16 model but raises perplexity by 3 %, because
+    the few largest weights it clips matter more than their share of the squared error; the 4th power
+    weighs those errors more and improves both (README, INT4 accuracy table)."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"group size {group_size} does not divide K={k}")
     qs, ss, zs = [], [], []
     for rows in torch.split(w, max(1, (1 << 22) // k)):                   # bound the temporary memory
         wg = rows.float().reshape(rows.shape[0], -1, group_size)          # (R, ng, G)
-        best = _rtn(wg, torch.ones_like(wg[..., :1]), scale_dtype)
+        lo = wg.amin(-1, keepdim=True).clamp(max=0)
+        hi = wg.amax(-1, keepdim=True).clamp(min=0)
+        best = _rtn(wg, lo, hi, 1.0, scale_dtype)
         if clip_search:
-            best_err = ((best[0] - best[2]) * best[1] - wg).square().sum(-1, keepdim=True)
+            best_err = reconstruction_error(wg, (best[0] - best[2]) * best[1], power)
             for i in range(1, grid):
-                ratio = torch.full_like(wg[..., :1], 1 - (1 - min_ratio) * i / (grid - 1))
-                q, s, z = _rtn(wg, ratio, scale_dtype)
-                err = ((q - z) * s - wg).square().sum(-1, keepdim=True)
+                q, s, z = _rtn(wg, lo, hi, 1 - (1 - min_ratio) * i / (grid - 1), scale_dtype)
+                err = reconstruction_error(wg, (q - z) * s, power)
                 better = err < best_err
                 best = tuple(torch.where(better, new, old) for new, old in zip((q, s, z), best))
                 best_err = torch.where(better, err, best_err)
@@ -102,9 +114,9 @@ def quantize_weight(w: Tensor, group_size: int = 128, clip_search: bool = True,
 
 def dequantize(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
     """q (N, K) integer levels, scales/zeros (N, K/G) -> W (N, K) float32, exactly (q - z) * s."""
-    z = zeros.float().repeat_interleave(group_size, dim=1)
-    s = scales.float().repeat_interleave(group_size, dim=1)
-    return (q.float() - z) * s
+    n, k = q.shape
+    qg = q.reshape(n, k // group_size, group_size).float()                 # (N, ng, G)
+    return ((qg - zeros.float()[..., None]) * scales.float()[..., None]).reshape(n, k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,9 +175,13 @@ def from_kernel_layout(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int
     """Inverse of `to_kernel_layout`: -> q (N, K) uint8, scales (N, K/G), zeros (N, K/G)."""
     nt, kb = qweight.shape[:2]
     ng = scales.shape[1]
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    nib = (qweight.unsqueeze(-1) >> shifts) & 0xF                          # (nt, kb, 32, 4, 8)
-    nib = nib.view(nt, kb, 8, 4, 2, 2, 2, 2, 2).permute(_perm(_PACKED_AXES, _DENSE_AXES))
+    if sys.byteorder == "little":     # byte b of a word holds nibbles 2b (low) and 2b + 1 (high)
+        by = qweight.contiguous().view(torch.uint8).view(nt, kb, 32, 4, 4)
+        nib = torch.stack([by & 0xF, by >> 4], dim=-1)                     # (nt, kb, 32, 4, 4, 2)
+    else:
+        shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+        nib = (qweight.unsqueeze(-1) >> shifts) & 0xF                      # (nt, kb, 32, 4, 8)
+    nib = nib.reshape(nt, kb, 8, 4, 2, 2, 2, 2, 2).permute(_perm(_PACKED_AXES, _DENSE_AXES))
     q = nib.reshape(nt * 16, kb * TILE_K)[:, :k].to(torch.uint8)
     group_size = kb * TILE_K // ng
 
