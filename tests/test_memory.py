@@ -86,3 +86,9 @@ def test_cli_reads_a_checkpoint_and_marks_its_own_attention(capsys):
     mla_line = next(line for line in out.splitlines() if line.strip().startswith("MLA"))
     assert "576" in mla_line and "this model" in mla_line
     assert f"{4 * 576 * 2:,}" in mla_line          # 4 layers x 576 values x 2 bytes per token
+
+
+def test_cli_reads_a_single_safetensors_file(capsys):
+    main(["--ckpt", os.path.join(MODELS, "shakespeare-llama", "model.safetensors")])
+    out = capsys.readouterr().out
+    assert "3.67 M parameters (counted in the checkpoint's tensors" in out and "this model" in out

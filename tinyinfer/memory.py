@@ -101,27 +101,54 @@ def count_params(s: Shape) -> int:
     return layers + embed + d
 
 
-def checkpoint_params(path: str) -> Optional[tuple[int, int]]:
-    """(parameter count, bytes on disk) from the safetensors headers only (no tensor is read);
-    None when the path holds no safetensors file."""
+def _headers(path: str) -> list[dict]:
     files = ([path] if path.endswith(".safetensors") else
              [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")])
-    if not files:
-        return None
-    count = nbytes = 0
+    headers = []
     for f in files:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+            headers.append(json.loads(fh.read(n)))
+    return headers
+
+
+def checkpoint_params(path: str) -> Optional[tuple[int, int]]:
+    """(parameter count, bytes on disk) from the safetensors headers only (no tensor is read);
+    None when the path holds no safetensors file, or packed integer (INT4) weights, whose element
+    count is not the parameter count."""
+    count = nbytes = 0
+    headers = _headers(path)
+    for header in headers:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if info["dtype"][0] in "IU":
+                return None
             numel = 1
             for dim in info["shape"]:
                 numel *= dim
             count += numel
             nbytes += numel * DTYPE_BYTES.get(info["dtype"], 2)
-    return count, nbytes
+    return (count, nbytes) if headers else None
+
+
+def read_config(path: str) -> dict:
+    """config.json of a checkpoint directory, a config.json itself, or a .safetensors file's config
+    (beside it, or in its metadata as tinyinfer's INT4 files carry it)."""
+    if path.endswith(".json"):
+        cfg_path = path
+    elif path.endswith(".safetensors"):
+        meta = _headers(path)[0].get("__metadata__") or {}
+        if "config" in meta:
+            return json.loads(meta["config"])
+        cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    else:
+        cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"no config.json at {cfg_path}; pass a checkpoint directory, a "
+                                ".safetensors file or a config.json")
+    with open(cfg_path) as f:
+        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,8 +284,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tinyinfer.memory", description=(
         "Weight and KV-cache memory of a model, from a checkpoint's config.json or a shape given on "
         "the command line (flags override the checkpoint's values)."))
-    p.add_argument("--ckpt", help="checkpoint directory (config.json; safetensors headers give the "
-                   "exact parameter count) or a config.json file")
+    p.add_argument("--ckpt", help="checkpoint directory or .safetensors file (its config; the "
+                   "safetensors headers give the exact parameter count), or a config.json")
     p.add_argument("--params", type=parse_count, help="parameter count, e.g. 70B (default: from the "
                    "checkpoint's tensors, else from the shape)")
     p.add_argument("--layers", type=int, help="number of layers")
@@ -277,11 +304,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     cfg, on_disk = {}, None
     if a.ckpt:
-        cfg_path = a.ckpt if a.ckpt.endswith(".json") else os.path.join(a.ckpt, "config.json")
-        if not os.path.exists(cfg_path):
-            p.error(f"no config.json at {cfg_path}; pass a checkpoint directory or a config.json")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        if not os.path.exists(a.ckpt):
+            p.error(f"--ckpt {a.ckpt}: no such file or directory")
+        try:
+            cfg = read_config(a.ckpt)
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            p.error(str(e))
         if not a.ckpt.endswith(".json"):
             on_disk = checkpoint_params(a.ckpt)
     shape = None
