@@ -270,7 +270,9 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2[:, self.perm]
-        y = ops.int4_linear(x2, self.qweight, self.scales, self.zeros, self.group_size)
+        # The kernel takes fp16/bf16 activations; a float32 model runs the reference on any device.
+        op = ops.int4_linear_reference if x2.dtype == torch.float32 else ops.int4_linear
+        y = op(x2, self.qweight, self.scales, self.zeros, self.group_size)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
