@@ -22,10 +22,10 @@ def ext():
 
 
 def _random_int4(n, k, g, scale_dtype, gen):
-    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    s = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.002).to(scale_dtype)
-    z = torch.randint(0, 16, (n, k // g), generator=gen, dtype=torch.uint8)
-    return [t.cuda() for t in quant.to_kernel_layout(q, s, z, g)]
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8).cuda()
+    s = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.002).to(scale_dtype).cuda()
+    z = torch.randint(0, 16, (n, k // g), generator=gen, dtype=torch.uint8).cuda()
+    return quant.to_kernel_layout(q, s, z, g)                           # repacked on the GPU
 
 
 def _check(ext, m, n, k, g, dtype, scale_dtype=torch.float16, seed=0):
@@ -56,6 +56,13 @@ def test_int4_kernel_matches_reference_small_odd_shapes(ext, m, n, k, g, dtype):
 @pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (14336, 4096)])
 def test_int4_kernel_matches_reference_llama_shapes(ext, m, n, k):
     _check(ext, m, n, k, 128, torch.bfloat16)
+
+
+@pytest.mark.sanitizer
+def test_int4_gemv_and_dequant_kernels_small(ext):
+    # Both kernels (M <= 16: GEMV; M > 16: dequantize + matmul), K padded to 64 (g32), odd tile counts.
+    for m in (3, 11, 20):
+        _check(ext, m, 48, 96, 32, torch.float16)
 
 
 @pytest.mark.parametrize("g", [32, 64, 128])
