@@ -110,7 +110,7 @@ def quality_table(ckpt: str = "models/shakespeare-llama", text_path: str = "data
 
     base_model = llm.model
     base, targets = evaluate()
-    rows = [{"config": "bf16 (unquantized)", "kl": 0.0, "top1": 1.0,
+    rows = [{"config": "unquantized (bf16 weights)", "kl": 0.0, "top1": 1.0,
              "ppl": math.exp(-base.gather(1, targets[:, None]).mean().item())}]
     for g in (32, 64, 128):
         for clip in (False, True):
