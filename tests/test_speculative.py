@@ -218,3 +218,18 @@ def test_draft_with_another_vocabulary_is_rejected(tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="vocabulary of 2048 tokens"):
         LLM(TARGET, device="cpu", draft=str(bad))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("draft", [DRAFT, "ngram"], ids=["draft-model", "ngram"])
+def test_on_gpu_speculative_greedy_equals_plain_greedy(cuda_extension, draft):
+    # float32 on the GPU: verifying k+1 rows and decoding one row then round alike, so a near-tie
+    # cannot flip between the two runs (bf16 could). fp32 attention takes the reference path, which
+    # cannot be captured, so both runs are eager (graph == eager is tested in test_cuda_graphs.py).
+    prompts = ["ROMEO:", "KING HENRY:\nNow, lords, to France", "To be, or not to be"]
+    params = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    plain = LLM(TARGET, device="cuda", dtype="float32", cuda_graphs=False).generate(prompts, params)
+    spec = LLM(TARGET, device="cuda", dtype="float32", cuda_graphs=False, draft=draft, speculate_k=4)
+    outs = spec.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert spec.allocator.num_free == spec.allocator.num_blocks

@@ -82,7 +82,9 @@ class LLM:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got {self.device}; "
                              "leave it unset (or False) on the CPU")
-        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # Default: on for half precision; fp32 attention runs the reference op, which cannot be captured.
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
         self.graph_runner = GraphRunner(self.model, self.kv) if use_graphs else None
         self.speculator = None if draft is None else speculative.build(self, draft, speculate_k)
 

@@ -130,8 +130,15 @@ class Check:
     # 2. CUDA tests -----------------------------------------------------------------------------
     def tests(self) -> None:
         junit = self.out / "pytest-cuda.xml"
+        # With pytest-xdist (on the GPU image), tests run in worker processes: a test that crashes
+        # its process is reported as failed and the others still run and report.
+        try:
+            import xdist  # noqa: F401
+            workers = ["-n", "4"]
+        except ImportError:
+            workers = []
         code, text, secs = run_logged([sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-q", "-rs",
-                                       "-p", "no:cacheprovider", f"--junitxml={junit}"],
+                                       "-p", "no:cacheprovider", f"--junitxml={junit}", *workers],
                                       self.out / "tests.log", self.budget("tests"))
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
         try:

@@ -155,8 +155,12 @@ def _nvidia_wheel_includes() -> list[Path]:
 def compile_flags(arch: str) -> tuple[list[str], list[str]]:
     """(C++ flags, nvcc flags) for one arch. The wheel headers go *after* the toolkit's (-idirafter),
     so they only fill gaps; only bindings.cpp (g++) needs them, the .cu files include no torch."""
-    cxx = CXX_FLAGS + [f"-idirafter{p}" for p in _nvidia_wheel_includes()]
-    nvcc = NVCC_FLAGS + [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    # Match torch's C++ ABI explicitly: a host compiler whose default differs (seen on a GPU image's
+    # own gcc) otherwise builds std::string differently, and the first TORCH_CHECK that fails --
+    # its message crosses into libc10 -- crashes the process instead of raising.
+    abi = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
+    cxx = CXX_FLAGS + abi + [f"-idirafter{p}" for p in _nvidia_wheel_includes()]
+    nvcc = NVCC_FLAGS + abi + [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     return cxx, nvcc
 
 

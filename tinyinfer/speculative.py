@@ -315,5 +315,6 @@ def build(llm: LLM, draft: str, k: int) -> Speculator:
         raise ValueError(f"draft {draft!r} uses another tokenizer than the target ({where}); a "
                          "draft must share the target's vocabulary, or use draft='ngram'")
     draft_llm = LLM(draft, device=str(llm.device), dtype=llm.dtype, max_kv_tokens=llm.kv_tokens,
+                    cuda_graphs=llm.graph_runner is not None,
                     block_size=llm.block_size)
     return Speculator(llm, DraftModelProposer(draft_llm), k)
