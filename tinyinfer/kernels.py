@@ -155,9 +155,8 @@ def _nvidia_wheel_includes() -> list[Path]:
 def compile_flags(arch: str) -> tuple[list[str], list[str]]:
     """(C++ flags, nvcc flags) for one arch. The wheel headers go *after* the toolkit's (-idirafter),
     so they only fill gaps; only bindings.cpp (g++) needs them, the .cu files include no torch."""
-    # Match torch's C++ ABI explicitly: a host compiler whose default differs (seen on a GPU image's
-    # own gcc) otherwise builds std::string differently, and the first TORCH_CHECK that fails --
-    # its message crosses into libc10 -- crashes the process instead of raising.
+    # Match torch's C++ ABI explicitly rather than trust the host compiler's default: TORCH_CHECK
+    # messages (std::string) cross into libc10.
     abi = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
     cxx = CXX_FLAGS + abi + [f"-idirafter{p}" for p in _nvidia_wheel_includes()]
     nvcc = NVCC_FLAGS + abi + [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
@@ -169,9 +168,22 @@ def fingerprint(arch: str) -> str:
     h = hashlib.sha256()
     for path in sources() + headers():
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    meta = [compile_flags(arch), torch.__version__, torch.version.cuda, sys.version_info[:2], EXTENSION_NAME]
+    meta = [compile_flags(arch), host_cxx(), torch.__version__, torch.version.cuda, sys.version_info[:2],
+            EXTENSION_NAME]
     h.update(json.dumps(meta, default=str).encode())
     return h.hexdigest()
+
+
+# The host C++ compiler that compiles bindings.cpp and links the module. Prefer the distribution's own
+# g++: a toolchain whose driver links libstdc++ statically (seen on a GPU image: a `c++` on PATH that
+# wraps g++ with its own -B library path) puts a second, uninitialised copy of the C++ streams in the
+# module, and the first TORCH_CHECK that formats its message crashes the process (seen in
+# std::ostream::_M_insert inside the module). $CXX, when set, wins.
+SYSTEM_CXX = "/usr/bin/g++"
+
+
+def host_cxx() -> str:
+    return os.environ.get("CXX") or (SYSTEM_CXX if Path(SYSTEM_CXX).is_file() else "c++")
 
 
 def _cpp_extension() -> Any:
@@ -180,6 +192,7 @@ def _cpp_extension() -> Any:
     if home is not None:
         os.environ["CUDA_HOME"] = str(home)  # read by cpp_extension at import
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))  # ninja's -j
+    os.environ["CXX"] = host_cxx()             # read by cpp_extension when it builds
     import torch.utils.cpp_extension as cpp_extension
     if home is not None:
         cpp_extension.CUDA_HOME = str(home)  # in case it was imported earlier with the wrong guess
