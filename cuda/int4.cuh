@@ -26,14 +26,7 @@
 
 #include <cstdint>
 
-#ifndef __CUDACC__
-#ifndef __host__
-#define __host__
-#endif
-#ifndef __device__
-#define __device__
-#endif
-#endif
+#include "common.cuh"  // defines __host__ / __device__ away for g++
 
 namespace tinyinfer {
 namespace int4 {

@@ -14,18 +14,10 @@
 
 #include "fused.cuh"
 
+#include "check.h"
+
 using namespace tinyinfer;
 
-static int failures = 0;
-
-#define CHECK(cond, ...)                                \
-  do {                                                  \
-    if (!(cond) && ++failures <= 20) {                  \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                         \
-      std::printf("\n");                                \
-    }                                                   \
-  } while (0)
 
 // Round to bfloat16 (nearest, ties to even) and back: what a bf16 tensor op does to its fp32 result.
 static float round_bf16(float x) {

@@ -12,18 +12,10 @@
 
 #include "store_kv.cuh"
 
+#include "check.h"
+
 using namespace tinyinfer;
 
-static int failures = 0;
-
-#define CHECK(cond, ...)                                           \
-  do {                                                             \
-    if (!(cond) && ++failures <= 20) {                             \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);            \
-      std::printf(__VA_ARGS__);                                    \
-      std::printf("\n");                                           \
-    }                                                              \
-  } while (0)
 
 struct alignas(16) Word16 { uint32_t x, y, z, w; };  // stands in for CUDA's uint4
 struct alignas(8) Word8 { uint32_t x, y; };          // uint2
