@@ -45,7 +45,8 @@ def device_label(device: torch.device) -> str:
     if is_gpu(device):
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / GiB:.0f} GiB)"
-    return f"CPU ({platform.machine()}, {os.cpu_count()} threads) -- CPU figures are ratios only"
+    return (f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+            "threads) -- CPU figures are ratios only")
 
 
 def l2_bytes(device: torch.device) -> int:
