@@ -33,3 +33,16 @@ def cuda_extension():
     kernel test cannot pass by silently running the reference instead."""
     from tinyinfer import kernels
     return kernels.require_extension()
+
+
+@pytest.fixture(scope="session")
+def prebuilt_extension():
+    """The module `make build` compiled on this machine (also without a GPU); skips where it cannot
+    exist (no toolkit, CPU-only torch) or is stale."""
+    from tinyinfer import kernels
+    if kernels.find_cuda_home() is None or torch.version.cuda is None:
+        pytest.skip("no CUDA toolkit or CPU-only torch: the extension cannot be built here")
+    module = kernels.load_prebuilt(kernels.target_arch())
+    if module is None:
+        pytest.skip("no up-to-date prebuilt extension: run `make build` first")
+    return module
