@@ -515,7 +515,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("scales"), pybind11::arg("zeros"),
         pybind11::arg("group_size"), pybind11::arg("out"));
   m.def("paged_attention", &paged_attention, "Causal attention of 1..16 new queries per sequence over the "
-        "paged K/V cache (split-KV + log-sum-exp merge); contract in ARCHITECTURE.md",
+        "paged K/V cache (split-KV + log-sum-exp merge); contract in docs/architecture.md",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
         pybind11::arg("seq_lens"), pybind11::arg("query_start_loc"), pybind11::arg("scale"));
   m.def("store_kv", &store_kv, "Write K/V rows into their paged-cache slots (slot -1 skipped)",

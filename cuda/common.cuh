@@ -1,6 +1,6 @@
 // common.cuh -- index math every tinyinfer kernel shares: where a token lives in the paged KV cache.
 //
-// The paged cache (see ARCHITECTURE.md, "KV layout") stores each layer as
+// The paged cache (see docs/architecture.md, "KV layout") stores each layer as
 //     cache[num_blocks, block_size, n_kv_heads, head_dim]     (any strides; last dim unit-stride)
 // A *slot* is a flat index over (block, offset): slot = block * block_size + offset; slot -1 means
 // "padding, skip". A sequence's *block table* lists its physical blocks, so its position p lives in

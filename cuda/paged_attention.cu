@@ -2,7 +2,7 @@
 // split-KV ("flash-decoding"): many CTAs stream disjoint slices of the cache, a second kernel merges
 // their partial softmaxes (see attention.cuh for the log-sum-exp algebra).
 //
-// Layout (the op contract in ARCHITECTURE.md): q (T, Hq, D); k_cache (NB, BS, Hkv, D) and
+// Layout (the op contract in docs/architecture.md): q (T, Hq, D); k_cache (NB, BS, Hkv, D) and
 // v_cache (NB, BS, Hkv, Dv), any strides with a unit last stride and 16-byte aligned rows (MLA passes
 // v_cache = k_cache[..., :512], which this kernel notices and loads each latent row once);
 // block_tables (B, MB) int32; seq_lens (B,) int32; query_start_loc (B+1,) int32; out (T, Hq, Dv).

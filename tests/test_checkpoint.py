@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_util import LLAMA
 from tinyinfer import LLM
-from tinyinfer.checkpoint import CheckpointError
-from tinyinfer.config import ConfigError
+from tinyinfer.loading.checkpoint import CheckpointError
+from tinyinfer.loading.config import ConfigError
 
 IDS = [1, 45, 300, 12, 77, 501, 9]
 

@@ -10,8 +10,11 @@ import torch
 
 from hf_util import DRAFT, LLAMA, MLA
 from tinyinfer import LLM, SamplingParams
-from tinyinfer.cuda_graphs import GraphRunner, StaticBatch
-from tinyinfer.scheduler import Sequence
+from tinyinfer.engine.batch import build_batch
+from tinyinfer.engine.cuda_graphs import GraphRunner, StaticBatch
+from tinyinfer.engine.sequence import Sequence
+from tinyinfer.ops import reference
+from tinyinfer.ops.cpu import paged_attention_batched
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "To be", "KING RICHARD III:\nNow is the winter",
            "First Citizen:\nBefore we proceed any further, hear me speak.", "A", "MENENIUS:\nWhy"]
@@ -25,28 +28,37 @@ def llm():
 def _prefilled(llm, lengths, extra):
     """Sequences of random tokens: `lengths[i]` already cached, `extra[i]` more waiting to be fed."""
     gen = torch.Generator().manual_seed(sum(lengths))
-    seqs = []
-    for n, e in zip(lengths, extra):
+    engine, seqs = llm.engine, []
+    for i, (n, e) in enumerate(zip(lengths, extra)):
         ids = torch.randint(3, llm.config.vocab_size, (n + e,), generator=gen).tolist()
-        seq = Sequence(ids, SamplingParams(max_tokens=1), 0)
-        seq.block_table = llm.allocator.allocate(seq.blocks_needed(n + e, llm.block_size))
-        llm._forward([seq], [n])
+        seq = Sequence(f"t{i}", ids, SamplingParams(max_tokens=1), 0)
+        engine.blocks.grow(seq, n + e)
+        engine.runner.execute(build_batch([seq], [n], engine.block_size))
+        seq.num_cached = n
         seqs.append(seq)
     return seqs
 
 
 def _release(llm, seqs):
     for s in seqs:
-        llm.allocator.release(s.block_table)
+        llm.engine.blocks.free(s)
+
+
+def _batch(llm, seqs, num_new):
+    return build_batch(seqs, num_new, llm.engine.block_size)
+
+
+def _eager(llm, seqs, num_new):
+    """Logits of every new row, launched eagerly (the runner does not advance the sequences)."""
+    return llm.engine.runner.execute(_batch(llm, seqs, num_new), all_logits=True)
 
 
 def test_static_metadata_is_the_eager_metadata_plus_contract_padding(llm):
     seqs = _prefilled(llm, [5, 40, 17], [1, 3, 2])
     num_new = [1, 3, 2]
-    _, positions, meta = llm._prepare(seqs, num_new)
-    batch = StaticBatch(max_seqs=8, q_len=4, max_blocks=16, block_size=llm.block_size,
-                        device=torch.device("cpu"))
-    T = batch.fill(seqs, num_new, bucket=4, width=8)
+    _, positions, meta = _batch(llm, seqs, num_new).to_device(torch.device("cpu"))
+    batch = StaticBatch(max_seqs=8, q_len=4, max_blocks=16, device=torch.device("cpu"))
+    T = batch.fill(_batch(llm, seqs, num_new), bucket=4, width=8)
     ids_s, pos_s, meta_s = batch.meta(bucket=4, width=8)
     assert T == 6 and ids_s.shape == (16,) and meta_s.block_tables.shape == (4, 8)
     assert torch.equal(pos_s[:T], positions) and torch.equal(meta_s.slot_mapping[:T], meta.slot_mapping)
@@ -63,18 +75,17 @@ def test_block_table_rows_follow_changed_tables(llm):
     # Host rows are rewritten only when a table differs: a rolled-back and regrown table (same length,
     # different last block) and a width change must both show up.
     seqs = _prefilled(llm, [20, 33], [1, 1])
-    batch = StaticBatch(max_seqs=4, q_len=1, max_blocks=8, block_size=llm.block_size,
-                        device=torch.device("cpu"))
-    batch.fill(seqs, [1, 1], bucket=2, width=4)
-    spare = llm.allocator.allocate(1)
+    batch = StaticBatch(max_seqs=4, q_len=1, max_blocks=8, device=torch.device("cpu"))
+    batch.fill(_batch(llm, seqs, [1, 1]), bucket=2, width=4)
+    spare = llm.engine.blocks.allocator.allocate(1)
     old = seqs[1].block_table[-1]
     seqs[1].block_table[-1] = spare[0]
-    batch.fill(seqs, [1, 1], bucket=2, width=4)
+    batch.fill(_batch(llm, seqs, [1, 1]), bucket=2, width=4)
     assert batch.meta(2, 4)[2].block_tables[1, :3].tolist() == seqs[1].block_table
-    batch.fill(seqs, [1, 1], bucket=2, width=8)
+    batch.fill(_batch(llm, seqs, [1, 1]), bucket=2, width=8)
     assert batch.meta(2, 8)[2].block_tables[1, :3].tolist() == seqs[1].block_table
     seqs[1].block_table[-1] = old
-    llm.allocator.release(spare)
+    llm.engine.blocks.allocator.release(spare)
     _release(llm, seqs)
 
 
@@ -82,28 +93,27 @@ def test_block_table_rows_follow_changed_tables(llm):
 def test_padded_step_logits_equal_eager_step(llm, q_len, num_new):
     # 3 sequences -> bucket 4: one padding sequence, padding rows; logits of every real row match.
     seqs = _prefilled(llm, [9, 31, 70], num_new)
-    eager = llm._forward(seqs, num_new, all_logits=True)                       # (T, vocab)
-    for s, n in zip(seqs, num_new):
-        s.num_cached -= n                                                      # same step again
-    runner = GraphRunner(llm.model, llm.kv, q_len=q_len, capture=False)
-    assert runner.can_run(seqs, num_new) and runner.bucket(len(seqs)) == 4
-    padded = runner.run(seqs, num_new)
+    eager = _eager(llm, seqs, num_new)                                          # (T, vocab)
+    runner = GraphRunner(llm.model, llm.engine.runner.kv, q_len=q_len, capture=False)
+    assert runner.can_run(_batch(llm, seqs, num_new)) and runner.bucket(len(seqs)) == 4
+    padded = runner.run(_batch(llm, seqs, num_new))
     assert padded.shape == eager.shape
     torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
     _release(llm, seqs)
 
 
 def test_runner_declines_steps_outside_its_shapes(llm):
-    runner = GraphRunner(llm.model, llm.kv, q_len=2, buckets=(1, 2), capture=False)
-    seqs = _prefilled(llm, [4, 4, 4], [1, 1, 1])
-    assert not runner.can_run(seqs, [1, 1, 1])                                 # 3 > biggest bucket
-    assert not runner.can_run(seqs[:2], [3, 1])                                # longer than q_len
-    assert runner.can_run(seqs[:2], [2, 1])
+    kv = llm.engine.runner.kv
+    runner = GraphRunner(llm.model, kv, q_len=2, buckets=(1, 2), capture=False)
+    seqs = _prefilled(llm, [4, 4, 4], [3, 3, 3])
+    assert not runner.can_run(_batch(llm, seqs, [1, 1, 1]))                    # 3 > biggest bucket
+    assert not runner.can_run(_batch(llm, seqs[:2], [3, 1]))                   # longer than q_len
+    assert runner.can_run(_batch(llm, seqs[:2], [2, 1]))
     _release(llm, seqs)
     with pytest.raises(ValueError, match="q_len=17"):
-        GraphRunner(llm.model, llm.kv, q_len=17, capture=False)
+        GraphRunner(llm.model, kv, q_len=17, capture=False)
     with pytest.raises(ValueError, match="CUDA device"):
-        GraphRunner(llm.model, llm.kv, capture=True)
+        GraphRunner(llm.model, kv, capture=True)
 
 
 def test_padded_decode_generates_what_eager_decode_does(llm):
@@ -111,15 +121,15 @@ def test_padded_decode_generates_what_eager_decode_does(llm):
     # with buckets (1, 2, 4) the first steps (7 > 4) run eagerly, the later ones padded.
     params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True)
               for i in range(len(PROMPTS))]
-    llm.graph_runner = None
+    runner = llm.engine.runner
     eager = [o.token_ids for o in llm.generate(PROMPTS, params)]
     try:
         for buckets in ((1, 2, 4, 8), (1, 2, 4)):
-            llm.graph_runner = GraphRunner(llm.model, llm.kv, buckets=buckets, capture=False)
+            runner.graphs[1] = GraphRunner(llm.model, runner.kv, buckets=buckets, capture=False)
             assert [o.token_ids for o in llm.generate(PROMPTS, params)] == eager
     finally:
-        llm.graph_runner = None
-    assert llm.allocator.num_free == llm.allocator.num_blocks
+        runner.graphs.clear()
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
 
 
 def test_cuda_graphs_flag_needs_cuda():
@@ -136,7 +146,7 @@ def gpu_pair(request, cuda_extension):
     """The same demo model twice on the GPU: graphs off and on (same dtype, same kernels)."""
     kw = dict(device="cuda", max_kv_tokens=16384)
     eager, graphs = LLM(request.param, cuda_graphs=False, **kw), LLM(request.param, cuda_graphs=True, **kw)
-    assert graphs.graph_runner.disabled is None, graphs.graph_runner.disabled
+    assert graphs.engine.runner.graphs[1].disabled is None, graphs.engine.runner.graphs[1].disabled
     yield eager, graphs
     del eager, graphs
     torch.cuda.empty_cache()
@@ -152,7 +162,8 @@ def test_graph_decode_equals_eager_decode(gpu_pair, batch):
     want = [o.token_ids for o in eager.generate(PROMPTS[:batch], params)]
     got = [o.token_ids for o in graphs.generate(PROMPTS[:batch], params)]
     assert got == want
-    assert graphs.graph_runner.num_graphs() >= 1 and graphs.graph_runner.disabled is None
+    runner = graphs.engine.runner.graphs[1]
+    assert runner.num_graphs() >= 1 and runner.disabled is None
 
 
 @pytest.mark.cuda
@@ -160,14 +171,12 @@ def test_graph_step_logits_match_eager_at_odd_batch_and_across_replays(gpu_pair)
     # 3 sequences run in the bucket of 4; replaying the same graph for three steps in a row must track
     # the new metadata each time (a stale buffer would repeat the first step's logits).
     _, llm = gpu_pair
-    runner = llm.graph_runner
+    runner = llm.engine.runner.graphs[1]
     seqs = _prefilled(llm, [7, 100, 33], [3, 3, 3])
     before = runner.num_graphs()
     for _ in range(3):
-        eager = llm._forward(seqs, [1, 1, 1], all_logits=True).clone()
-        for s in seqs:
-            s.num_cached -= 1
-        got = runner.run(seqs, [1, 1, 1])
+        eager = _eager(llm, seqs, [1, 1, 1]).clone()
+        got = runner.run(_batch(llm, seqs, [1, 1, 1]))
         for s in seqs:
             s.num_cached += 1
         torch.testing.assert_close(got, eager, rtol=0, atol=2e-2 * eager.abs().max().item())
@@ -179,13 +188,11 @@ def test_graph_step_logits_match_eager_at_odd_batch_and_across_replays(gpu_pair)
 def test_verify_shape_graph_matches_eager(gpu_pair):
     # q_len k+1 = 5 (speculative verification), mixed query lengths in one padded bucket.
     _, llm = gpu_pair
-    runner = GraphRunner(llm.model, llm.kv, q_len=5)
+    runner = GraphRunner(llm.model, llm.engine.runner.kv, q_len=5)
     assert runner.disabled is None, runner.disabled
     seqs = _prefilled(llm, [12, 64, 200], [5, 2, 5])
-    eager = llm._forward(seqs, [5, 2, 5], all_logits=True).clone()
-    for s, n in zip(seqs, [5, 2, 5]):
-        s.num_cached -= n
-    got = runner.run(seqs, [5, 2, 5])
+    eager = _eager(llm, seqs, [5, 2, 5]).clone()
+    got = runner.run(_batch(llm, seqs, [5, 2, 5]))
     torch.testing.assert_close(got, eager, rtol=0, atol=2e-2 * eager.abs().max().item())
     assert runner.num_graphs() == 1
     _release(llm, seqs)
@@ -202,7 +209,6 @@ def test_verify_shape_graph_matches_eager(gpu_pair):
     ([20, 20, 20, 20, 20], [2, 2, 1, 3, 2], 1)])
 @pytest.mark.parametrize("hq,hkv,d,dv", [(4, 2, 64, 64), (8, 8, 32, 32), (6, 1, 16, 16), (4, 1, 40, 32)])
 def test_batched_paged_attention_equals_reference(hq, hkv, d, dv, seq_lens, q_lens, pad):
-    from tinyinfer.ops import paged_attention_batched, paged_attention_reference
     gen = torch.Generator().manual_seed(hq * 100 + d)
     bs, nb = 8, 64
     k_cache = torch.full((nb, bs, hkv, d), float("nan"))
@@ -221,7 +227,7 @@ def test_batched_paged_attention_equals_reference(hq, hkv, d, dv, seq_lens, q_le
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
     q = torch.randn(int(qsl[-1]) + pad, hq, d, generator=gen)
     args = (k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), qsl, 0.3)
-    want = paged_attention_reference(q, *args)
+    want = reference.paged_attention(q, *args)
     got = paged_attention_batched(q, *args)
     assert torch.isfinite(got).all() and torch.equal(got[len(q) - pad:], torch.zeros(pad, hq, dv))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from tinyinfer import kernels, ops
+from tinyinfer.ops import cuda as ops_cuda
+from tinyinfer.ops import reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (T, Hkv, D, Dv, block_size); Dv = 0 is MLA (one latent head, no V). D = 5 forces 2-byte words,
@@ -43,7 +45,7 @@ def _inputs(T, H, D, Dv, BS, dtype, device, seed, cache_dtype=None):
 def _check_against_reference(k, v, k_cache, v_cache, slots, seed=None):
     want_k = k_cache.clone()
     want_v = v_cache.clone() if v_cache is not None else None
-    ops.store_kv_reference(k, v, want_k, want_v, slots)
+    reference.store_kv(k, v, want_k, want_v, slots)
     ops.store_kv(k, v, k_cache, v_cache, slots)
     torch.cuda.synchronize()
     assert torch.equal(_bits(k_cache), _bits(want_k)), f"k_cache differs from the reference (seed {seed})"
@@ -76,10 +78,10 @@ def test_cuda_impl_falls_back_to_the_reference_without_extension(monkeypatch):
     monkeypatch.setattr(kernels, "extension", lambda: None)
     def kernel_must_not_run(ext, *args):
         raise AssertionError("called the extension although there is none")
-    impl = kernels._cuda_impl("store_kv", kernel_must_not_run, ops.store_kv_reference)
+    impl = ops_cuda._cuda_impl("store_kv", kernel_must_not_run, reference.store_kv)
     k, v, k_cache, v_cache, slots = _inputs(11, 2, 8, 8, 4, torch.float32, "cpu", seed=0)
     want_k, want_v = k_cache.clone(), v_cache.clone()
-    ops.store_kv_reference(k, v, want_k, want_v, slots)
+    reference.store_kv(k, v, want_k, want_v, slots)
     impl(k, v, k_cache, v_cache, slots)
     assert torch.equal(_bits(k_cache), _bits(want_k)) and torch.equal(_bits(v_cache), _bits(want_v))
 
@@ -166,7 +168,7 @@ def test_strided_sources_and_caches(cuda_extension, dtype):
     assert not k_cache.is_contiguous()
     slots = _slots(T, NUM_BLOCKS * BS, "cuda", gen)
     want = kv.clone()
-    ops.store_kv_reference(k, v, want[:, :, 0], want[:, :, 1], slots)
+    reference.store_kv(k, v, want[:, :, 0], want[:, :, 1], slots)
     ops.store_kv(k, v, k_cache, v_cache, slots)
     torch.cuda.synchronize()
     assert torch.equal(_bits(kv), _bits(want))
@@ -197,7 +199,7 @@ def test_replays_in_a_cuda_graph_with_new_slots(cuda_extension):
     k_new, v_new, _, _, slots_new = _inputs(8, 2, 64, 64, 16, torch.bfloat16, "cuda", seed=6)
     k.copy_(k_new), v.copy_(v_new), slots.copy_(slots_new)
     want_k, want_v = k_cache.clone(), v_cache.clone()
-    ops.store_kv_reference(k, v, want_k, want_v, slots)
+    reference.store_kv(k, v, want_k, want_v, slots)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(_bits(k_cache), _bits(want_k)) and torch.equal(_bits(v_cache), _bits(want_v))

@@ -36,7 +36,7 @@ def test_tiny_pool_preempts_and_still_matches_ample_pool(ample_outputs):
     tiny = LLM(LLAMA, device="cpu", dtype="float32", max_kv_tokens=12 * 16)
     outs = tiny.generate(PROMPTS, _mixed_params())
     assert [o.token_ids for o in outs] == [o.token_ids for o in ample_outputs]
-    assert tiny.allocator.num_free == tiny.allocator.num_blocks
+    assert tiny.stats["free_blocks"] == tiny.stats["num_blocks"]
     assert tiny.stats["preemptions"] > 0
 
 
@@ -54,7 +54,7 @@ def test_request_larger_than_the_pool_is_rejected_while_others_finish():
     assert outs[1].finish_reason == "error" and isinstance(outs[1].error, RequestError)
     assert "whole pool" in str(outs[1].error)
     assert [len(outs[0].token_ids), len(outs[2].token_ids)] == [16, 16]
-    assert llm.allocator.num_free == llm.allocator.num_blocks
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
 
 
 @pytest.mark.parametrize("prompt,max_tokens,pattern", [
@@ -84,7 +84,7 @@ def test_nan_logits_end_only_that_request_and_free_its_blocks(ample_outputs):
     assert outs[1].finish_reason == "error" and "NaN/inf logits" in str(outs[1].error)
     assert outs[0].token_ids == ample_outputs[0].token_ids
     assert outs[2].token_ids == ample_outputs[2].token_ids
-    assert llm.allocator.num_free == llm.allocator.num_blocks
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
     assert llm.generate([PROMPTS[0]], _mixed_params()[0])[0].token_ids == ample_outputs[0].token_ids
 
 

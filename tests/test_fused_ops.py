@@ -1,7 +1,7 @@
-"""The fused decode-path ops: rms_norm, fused_add_rmsnorm and rope_store_kv (tinyinfer/ops.py).
+"""The fused decode-path ops: rms_norm, fused_add_rmsnorm and rope_store_kv (tinyinfer/ops/).
 
 CPU: each reference computes exactly what the unfused model math it replaced computed (written out
-again here, as model.py and attention.py had it), bit for bit in float32 and bf16, and agrees with an
+again here, as the model and attention had it), bit for bit in float32 and bf16, and agrees with an
 independent float64 formula; the whole demo model, run fused, equals the unfused layer-by-layer
 forward bit for bit. CUDA: the kernels (cuda/fused_norm.cu, cuda/rope_store_kv.cu) against those
 references on fresh random inputs, per-dtype tolerances, NaN-poisoned caches and outputs.
@@ -13,8 +13,9 @@ import torch
 
 from hf_util import LLAMA
 from tinyinfer import LLM, ops
-from tinyinfer.attention import AttentionMetadata, RotaryEmbedding, apply_rope, attend
-from tinyinfer.config import ModelConfig, rope_inv_freq
+from tinyinfer.layers.attention import AttentionMetadata, attend
+from tinyinfer.layers.rotary import RotaryEmbedding, default_inv_freq, rope_parameters
+from tinyinfer.ops import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-3, rtol=1e-3),
@@ -41,14 +42,27 @@ def _unfused_rms_norm(x, weight, eps):
     return weight * xf.to(x.dtype)
 
 
+def _step_cos_sin(positions, inv_freq, dtype):
+    # The step's cos/sin as the model computed them before the rotary table (and as HF does):
+    # freqs = positions x inv_freq in float32, cat(freqs, freqs), cos / sin, rounded to the dtype.
+    freqs = positions[:, None].float() * inv_freq.to(positions.device)[None, :]    # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                                       # (T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _unfused_rope(x, cos, sin):
+    # attention.py's apply_rope before the fusion: rotate_half.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
+
+
 def _rope_table(T: int, D: int, dtype, device, seed: int, max_pos: int = 4096):
+    """Random positions, the inverse frequencies, and the rotary table (max_pos, D) in `dtype`."""
     gen = torch.Generator().manual_seed(seed)
     positions = torch.randint(0, max_pos, (T,), generator=gen).to(device)
-    cfg = ModelConfig(vocab_size=8, hidden_size=D, intermediate_size=8, num_layers=1, num_heads=1,
-                      num_kv_heads=1, head_dim=D, rope_theta=10000.0)
-    rotary = RotaryEmbedding(rope_inv_freq(cfg, D)).to(device)
-    cos, sin = rotary(positions, dtype)                                       # (T, D) each
-    return positions, rotary.inv_freq, cos, sin
+    inv_freq = default_inv_freq(10000.0, D)
+    rotary = RotaryEmbedding(inv_freq, max_pos, dtype, torch.device(device))
+    return positions, inv_freq, rotary.cos_sin_cache
 
 
 def _rope_inputs(T, Hq, Hkv, D, BS, dtype, device, seed, num_blocks=9):
@@ -58,12 +72,12 @@ def _rope_inputs(T, Hq, Hkv, D, BS, dtype, device, seed, num_blocks=9):
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen).to(device, dtype)
     q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
     q, k, v = q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
-    _, _, cos, sin = _rope_table(T, D, dtype, device, seed)
+    positions, _, table = _rope_table(T, D, dtype, device, seed)
     k_cache = torch.full((num_blocks, BS, Hkv, D), float("nan"), dtype=dtype, device=device)
     v_cache = torch.full((num_blocks, BS, Hkv, D), float("nan"), dtype=dtype, device=device)
     slots = torch.randperm(num_blocks * BS, generator=gen)[:T]
     slots[torch.rand(T, generator=gen) < 0.25] = -1
-    return q, k, v, cos, sin, k_cache, v_cache, slots.to(device)
+    return q, k, v, table, positions, k_cache, v_cache, slots.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,12 +105,13 @@ def test_rms_norm_reference_matches_the_float64_formula():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rope_store_kv_reference_is_apply_rope_then_store_kv_bit_for_bit(dtype):
-    q, k, v, cos, sin, k_cache, v_cache, slots = _rope_inputs(23, 4, 2, 64, 16, dtype, "cpu", _seed())
+def test_rope_store_kv_from_the_table_is_per_step_rope_then_store_kv_bit_for_bit(dtype):
+    q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(23, 4, 2, 64, 16, dtype, "cpu", _seed())
     want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
-    want_q, want_k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)        # attention.py, unfused
+    cos, sin = _step_cos_sin(pos, default_inv_freq(10000.0, 64), dtype)   # as computed per step
+    want_q, want_k = _unfused_rope(q, cos, sin), _unfused_rope(k, cos, sin)
     ops.store_kv(want_k, v, want_k_cache, want_v_cache, slots)
-    got_q, got_k = ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    got_q, got_k = ops.rope_store_kv(q, k, v, table, pos, k_cache, v_cache, slots)
     assert torch.equal(_bits(got_q), _bits(want_q)) and torch.equal(_bits(got_k), _bits(want_k))
     # NaN-poisoned slots compare as bits too: padding (-1) and unused slots stay untouched.
     assert torch.equal(_bits(k_cache), _bits(want_k_cache))
@@ -108,13 +123,14 @@ def test_rope_store_kv_reference_is_apply_rope_then_store_kv_bit_for_bit(dtype):
 def test_rope_reference_is_a_complex_rotation_of_each_half_pair():
     # RoPE in the rotate_half layout = multiplying z_i = x[i] + i x[i + D/2] by exp(i * pos * inv_freq_i).
     T, H, D = 11, 3, 32
-    positions, inv_freq, cos, sin = _rope_table(T, D, torch.float32, "cpu", _seed(), max_pos=300)
+    positions, inv_freq, table = _rope_table(T, D, torch.float32, "cpu", _seed(), max_pos=300)
+    cos, sin = reference.rope_rows(table, positions)
     x = torch.randn(T, H, D)
     z = torch.complex(x[..., :D // 2].double(), x[..., D // 2:].double())          # (T, H, D/2)
     angle = positions.double()[:, None] * inv_freq.double()[None, :]               # (T, D/2)
     rotated = z * torch.polar(torch.ones_like(angle), angle)[:, None, :]
     want = torch.cat((rotated.real, rotated.imag), dim=-1)
-    torch.testing.assert_close(ops.rope_reference(x, cos, sin).double(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference.apply_rotary(x, cos, sin).double(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_fake_implementations_and_schemas_agree_with_the_references():
@@ -127,18 +143,18 @@ def test_fake_implementations_and_schemas_agree_with_the_references():
 
 
 def _unfused_forward(model, input_ids, positions, meta, kv_caches):
-    """Transformer.forward as it was before the fusions: separate residual adds and norms, apply_rope
-    then store_kv."""
+    """Transformer.forward as it was before the fusions: separate residual adds and norms, cos/sin
+    computed for the step, apply_rope then store_kv."""
     x = model.embed_tokens(input_ids)
-    cos, sin = model.rotary(positions, x.dtype)
+    cos, sin = _step_cos_sin(positions, rope_parameters(model.cfg)[1], x.dtype)
     T = x.shape[0]
     for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
         attn, ln = layer.attn, layer.input_layernorm
         q, k, v = attn.qkv_proj(_unfused_rms_norm(x, ln.weight, ln.eps)).split(attn.splits, dim=-1)
-        q = apply_rope(q.view(T, attn.num_heads, attn.head_dim), cos, sin)
-        k = apply_rope(k.view(T, attn.num_kv_heads, attn.head_dim), cos, sin)
+        q = _unfused_rope(q.view(T, attn.num_heads, attn.head_dim), cos, sin)
+        k = _unfused_rope(k.view(T, attn.num_kv_heads, attn.head_dim), cos, sin)
         v = v.view(T, attn.num_kv_heads, attn.head_dim)
-        ops.store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+        reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = attend(q, k, v, k_cache, v_cache, meta, attn.scale)
         x = x + attn.o_proj(out.reshape(T, -1))
         ln = layer.post_attention_layernorm
@@ -153,7 +169,7 @@ def _one_sequence_step(start: int, n: int, num_blocks: int) -> tuple[torch.Tenso
         slot_mapping=positions.clone(), block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
         seq_lens=torch.tensor([start + n], dtype=torch.int32),
         query_start_loc=torch.tensor([0, n], dtype=torch.int32), max_q_len=n,
-        query_start_loc_host=[0, n], prefill=start == 0)
+        query_start_loc_host=[0, n], seq_lens_host=[start + n], prefill=start == 0)
 
 
 @torch.inference_mode()
@@ -202,14 +218,14 @@ def test_fused_add_rmsnorm_kernel_equals_reference(cuda_extension, T, hidden, dt
     gen = torch.Generator().manual_seed(_seed())
     x, residual = (torch.randn(T, hidden, generator=gen).to("cuda", dtype) for _ in range(2))
     weight = (1 + 0.5 * torch.randn(hidden, generator=gen)).to("cuda", dtype)
-    want_y, want_residual = ops.fused_add_rmsnorm_reference(x, residual, weight, 1e-5)
+    want_y, want_residual = reference.fused_add_rmsnorm(x, residual, weight, 1e-5)
     _poison_free_memory(x, x)
     y, new_residual = ops.fused_add_rmsnorm(x, residual, weight, 1e-5)
     torch.cuda.synchronize()
     assert torch.equal(_bits(new_residual), _bits(want_residual)), "x + residual is one rounding: exact"
     torch.testing.assert_close(y, want_y, **NORM_TOL[dtype])
     _poison_free_memory(x)
-    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), ops.rms_norm_reference(x, weight, 1e-5),
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5),
                                **NORM_TOL[dtype])
 
 
@@ -220,11 +236,11 @@ def test_norm_kernels_read_strided_rows_and_leading_dims(cuda_extension, dtype):
     wide = torch.randn(2, 9, 640, generator=gen).to("cuda", dtype)
     x, residual = wide[..., :512], wide[..., 128:]          # rows with stride 640, not contiguous
     weight = torch.randn(512, generator=gen).to("cuda", dtype)
-    want_y, want_residual = ops.fused_add_rmsnorm_reference(x, residual, weight, 1e-6)
+    want_y, want_residual = reference.fused_add_rmsnorm(x, residual, weight, 1e-6)
     y, new_residual = ops.fused_add_rmsnorm(x, residual, weight, 1e-6)
     assert y.shape == x.shape and torch.equal(_bits(new_residual), _bits(want_residual))
     torch.testing.assert_close(y, want_y, **NORM_TOL[dtype])
-    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6), ops.rms_norm_reference(x, weight, 1e-6),
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6),
                                **NORM_TOL[dtype])
 
 
@@ -243,11 +259,11 @@ ROPE_SHAPES = [  # (T, Hq, Hkv, D, block_size)
 @pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "T{}-Hq{}-Hkv{}-D{}-BS{}".format(*s))
 def test_rope_store_kv_kernel_equals_reference(cuda_extension, shape, dtype):
     T, Hq, Hkv, D, BS = shape
-    q, k, v, cos, sin, k_cache, v_cache, slots = _rope_inputs(T, Hq, Hkv, D, BS, dtype, "cuda", _seed())
+    q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(T, Hq, Hkv, D, BS, dtype, "cuda", _seed())
     want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
-    want_q, want_k = ops.rope_store_kv_reference(q, k, v, cos, sin, want_k_cache, want_v_cache, slots)
+    want_q, want_k = reference.rope_store_kv(q, k, v, table, pos, want_k_cache, want_v_cache, slots)
     _poison_free_memory(want_q, want_k)
-    got_q, got_k = ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    got_q, got_k = ops.rope_store_kv(q, k, v, table, pos, k_cache, v_cache, slots)
     torch.cuda.synchronize()
     torch.testing.assert_close(got_q, want_q, **TOL[dtype])
     torch.testing.assert_close(got_k, want_k, **TOL[dtype])
@@ -261,17 +277,18 @@ def test_rope_store_kv_kernel_equals_reference(cuda_extension, shape, dtype):
 def test_fused_kernels_small_case(cuda_extension):
     # The case compute-sanitizer replays in make gpu-check: both kernels, vector and scalar paths.
     for T, Hq, Hkv, D, BS in [(5, 4, 2, 64, 16), (3, 3, 1, 10, 4)]:
-        q, k, v, cos, sin, k_cache, v_cache, slots = _rope_inputs(T, Hq, Hkv, D, BS, torch.bfloat16, "cuda", 1)
+        q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(T, Hq, Hkv, D, BS, torch.bfloat16,
+                                                                    "cuda", 1)
         want_k_cache = k_cache.clone()
-        want_q, _ = ops.rope_store_kv_reference(q, k, v, cos, sin, want_k_cache, v_cache.clone(), slots)
-        got_q, _ = ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+        want_q, _ = reference.rope_store_kv(q, k, v, table, pos, want_k_cache, v_cache.clone(), slots)
+        got_q, _ = ops.rope_store_kv(q, k, v, table, pos, k_cache, v_cache, slots)
         torch.testing.assert_close(got_q, want_q, **TOL[torch.bfloat16])
         torch.testing.assert_close(k_cache, want_k_cache, equal_nan=True, **TOL[torch.bfloat16])
     for hidden in (256, 1001):
         x, residual = (torch.randn(3, hidden, device="cuda", dtype=torch.float16) for _ in range(2))
         weight = torch.randn(hidden, device="cuda", dtype=torch.float16)
         y, _ = ops.fused_add_rmsnorm(x, residual, weight, 1e-5)
-        torch.testing.assert_close(y, ops.fused_add_rmsnorm_reference(x, residual, weight, 1e-5)[0],
+        torch.testing.assert_close(y, reference.fused_add_rmsnorm(x, residual, weight, 1e-5)[0],
                                    **NORM_TOL[torch.float16])
 
 
@@ -279,11 +296,11 @@ def test_fused_kernels_small_case(cuda_extension):
 def test_fused_ops_replay_in_a_cuda_graph_with_new_positions_and_slots(cuda_extension):
     # Launch shapes depend only on tensor shapes: a captured step must follow new values on replay.
     dtype, (T, Hq, Hkv, D, BS) = torch.bfloat16, (4, 8, 2, 64, 16)
-    q, k, v, cos, sin, k_cache, v_cache, slots = _rope_inputs(T, Hq, Hkv, D, BS, dtype, "cuda", seed=2)
+    q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(T, Hq, Hkv, D, BS, dtype, "cuda", seed=2)
     x, residual = (torch.randn(T, 256, device="cuda", dtype=dtype) for _ in range(2))
     weight = torch.randn(256, device="cuda", dtype=dtype)
     def step():
-        return ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots), \
+        return ops.rope_store_kv(q, k, v, table, pos, k_cache, v_cache, slots), \
             ops.fused_add_rmsnorm(x, residual, weight, 1e-5)
     step()                                  # warm up outside the capture (loads the extension)
     torch.cuda.synchronize()
@@ -291,13 +308,13 @@ def test_fused_ops_replay_in_a_cuda_graph_with_new_positions_and_slots(cuda_exte
     with torch.cuda.graph(graph):
         (got_q, _), (got_y, _) = step()
     new = _rope_inputs(T, Hq, Hkv, D, BS, dtype, "cuda", seed=3)
-    for dst, src in zip((q, k, v, cos, sin), new[:5]):
+    for dst, src in zip((q, k, v, table, pos), new[:5]):
         dst.copy_(src)
     slots.copy_(new[7])
     x.copy_(torch.randn_like(x))
     want_k_cache = k_cache.clone()
-    want_q, _ = ops.rope_store_kv_reference(q, k, v, cos, sin, want_k_cache, v_cache.clone(), slots)
-    want_y, _ = ops.fused_add_rmsnorm_reference(x, residual, weight, 1e-5)
+    want_q, _ = reference.rope_store_kv(q, k, v, table, pos, want_k_cache, v_cache.clone(), slots)
+    want_y, _ = reference.fused_add_rmsnorm(x, residual, weight, 1e-5)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(got_q, want_q, **TOL[dtype])
@@ -307,7 +324,8 @@ def test_fused_ops_replay_in_a_cuda_graph_with_new_positions_and_slots(cuda_exte
 
 @pytest.mark.cuda
 def test_fused_ops_bad_arguments_get_clear_errors(cuda_extension):
-    q, k, v, cos, sin, k_cache, v_cache, slots = _rope_inputs(4, 4, 2, 64, 16, torch.float16, "cuda", seed=4)
+    q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(4, 4, 2, 64, 16, torch.float16, "cuda", seed=4)
+    cos, sin = reference.rope_rows(table, pos)
     with pytest.raises(RuntimeError, match="int64"):
         cuda_extension.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots.int())
     with pytest.raises(RuntimeError, match="convert cos"):

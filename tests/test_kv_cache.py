@@ -1,7 +1,7 @@
 """BlockAllocator bookkeeping: capacity, double free, ref counts."""
 import pytest
 
-from tinyinfer.kv_cache import BlockAllocator, OutOfBlocks
+from tinyinfer.engine.block_manager import BlockAllocator, OutOfBlocks
 
 
 def test_allocates_distinct_blocks_up_to_capacity_then_raises():

@@ -58,7 +58,7 @@ def test_batched_generation_equals_each_prompt_alone():
         alone = llm.generate([prompt], params)[0]
         assert out.token_ids == alone.token_ids
         assert out.text == alone.text
-    assert llm.allocator.num_free == llm.allocator.num_blocks
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
 
 
 def test_generation_with_varied_max_tokens_frees_blocks_as_sequences_finish():
@@ -67,4 +67,4 @@ def test_generation_with_varied_max_tokens_frees_blocks_as_sequences_finish():
     outs = llm.generate(["A", "B", "C", "D"], params)
     assert [len(o.token_ids) for o in outs] == [1, 5, 33, 17]
     assert all(o.finish_reason == "length" for o in outs)
-    assert llm.allocator.num_free == llm.allocator.num_blocks
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]

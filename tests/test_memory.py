@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tinyinfer.memory import (Shape, checkpoint_params, count_params, int4_bytes, kv_bytes_per_token,
-                              kv_values_per_token_layer, main, shape_from_hf, weight_bytes)
+                              kv_values_per_token_layer, shape_from_hf, weight_bytes)
+from tinyinfer.memory.__main__ import main
 
 MODELS = os.path.join(os.path.dirname(__file__), "..", "models")
 LLAMA_7B_LIKE = Shape(num_layers=32, hidden_size=4096, num_heads=32)

@@ -12,12 +12,12 @@ import torch
 
 from hf_util import MLA, assert_logits_close, first_near_tie, hf_greedy, hf_logits, hf_model
 from tinyinfer import LLM, SamplingParams
-from tinyinfer.attention import AttentionMetadata
-from tinyinfer.config import ConfigError, ModelConfig
-from tinyinfer.kv_cache import PagedKVCache
+from tinyinfer.layers.attention import AttentionMetadata
+from tinyinfer.loading.config import ConfigError, ModelConfig
+from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.memory import kv_bytes_per_token, shape_from_hf
-from tinyinfer.mla import set_mla_mode
-from tinyinfer.model import Transformer
+from tinyinfer.layers.mla import set_mla_mode
+from tinyinfer.models.transformer import Transformer
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "mscale": 0.707,
@@ -90,7 +90,7 @@ def teacher_forced(llm: LLM, ids: list[int], prefix: int, mode: str) -> torch.Te
                 slot_mapping=table[pos // bs].long() * bs + pos % bs, block_tables=table[None],
                 seq_lens=torch.tensor([b], dtype=torch.int32, device=llm.device),
                 query_start_loc=torch.tensor([0, b - a], dtype=torch.int32, device=llm.device),
-                max_q_len=b - a, query_start_loc_host=[0, b - a], prefill=a == 0)
+                max_q_len=b - a, query_start_loc_host=[0, b - a], seq_lens_host=[b], prefill=a == 0)
             hidden = llm.model(torch.tensor(ids[a:b], device=llm.device), pos, meta, kv.layers())
             out.append(llm.model.compute_logits(hidden))
     set_mla_mode(llm.model, "auto")
@@ -162,7 +162,7 @@ def test_moe_model_naive_and_absorbed_agree_and_batching_is_exact(tmp_path):
     together = llm.generate(prompts, params)
     for prompt, out in zip(prompts, together):
         assert out.token_ids == llm.generate([prompt], params)[0].token_ids
-    assert llm.allocator.num_free == llm.allocator.num_blocks
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
 
 
 def test_batched_generation_equals_each_prompt_alone_and_returns_all_blocks(shakespeare):
@@ -173,13 +173,13 @@ def test_batched_generation_equals_each_prompt_alone_and_returns_all_blocks(shak
     for prompt, out in zip(prompts, together):
         alone = llm.generate([prompt], params)[0]
         assert out.token_ids == alone.token_ids and out.text == alone.text
-    assert llm.allocator.num_free == llm.allocator.num_blocks
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
 
 
 def test_latent_cache_holds_one_row_of_rank_plus_rope_per_token_per_layer(shakespeare):
     llm, _ = shakespeare
     cfg = llm.config
-    for k_cache, v_cache in llm.kv.layers():
+    for k_cache, v_cache in llm.engine.runner.kv.layers():
         assert k_cache.shape[1:] == (16, 1, 512 + 64) and v_cache is None
     # bytes per token, from the engine's own accounting and from the chapter's formula
     k_dims, v_dims = Transformer.kv_dims(cfg)
@@ -235,28 +235,30 @@ def test_generate_figures_and_bench_report_kv_bytes_against_mha(shakespeare):
 def test_padded_graph_batch_with_latent_cache_equals_eager_step(shakespeare, q_len, num_new):
     # The CUDA-graph runner's padded batch (padding sequence of q_len 0, padding rows with slot -1),
     # run without capture on the CPU: the absorbed path gives the eager step's logits.
-    from tinyinfer.cuda_graphs import GraphRunner
-    from tinyinfer.scheduler import Sequence
+    from tinyinfer.engine.batch import build_batch
+    from tinyinfer.engine.cuda_graphs import GraphRunner
+    from tinyinfer.engine.sequence import Sequence
     llm, _ = shakespeare
+    engine, bs = llm.engine, llm.engine.block_size
     gen = torch.Generator().manual_seed(1)
     seqs = []
-    for n, e in zip([9, 40, 70], num_new):
-        seq = Sequence(torch.randint(3, 1000, (n + e,), generator=gen).tolist(),
+    for i, (n, e) in enumerate(zip([9, 40, 70], num_new)):
+        seq = Sequence(str(i), torch.randint(3, 1000, (n + e,), generator=gen).tolist(),
                        SamplingParams(max_tokens=1), 0)
-        seq.block_table = llm.allocator.allocate(seq.blocks_needed(n + e, llm.block_size))
-        llm._forward([seq], [n])
+        engine.blocks.grow(seq, n + e)
+        engine.runner.execute(build_batch([seq], [n], bs))
+        seq.num_cached = n
         seqs.append(seq)
-    eager = llm._forward(seqs, num_new, all_logits=True)
-    for s, n in zip(seqs, num_new):
-        s.num_cached -= n
-    padded = GraphRunner(llm.model, llm.kv, q_len=q_len, capture=False).run(seqs, num_new)
+    eager = engine.runner.execute(build_batch(seqs, num_new, bs), all_logits=True)
+    padded = GraphRunner(llm.model, engine.runner.kv, q_len=q_len, capture=False).run(
+        build_batch(seqs, num_new, bs))
     torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
     for s in seqs:
-        llm.allocator.release(s.block_table)
+        engine.blocks.free(s)
 
 
 def test_int4_reaches_mla_projections_and_experts_and_both_paths_still_agree(tmp_path):
-    from tinyinfer.quant import quantize_model
+    from tinyinfer.quant.quantizer import quantize_model
     llm = LLM(save_random_deepseek(tmp_path, "v3"), device="cpu", dtype="float32")
     names = quantize_model(llm.model, group_size=32, clip_search=False)
     assert "layers.1.attn.kv_b_proj" in names and "layers.1.mlp.experts.7.gate_up_proj" in names

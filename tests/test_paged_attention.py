@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyinfer import kernels, ops
+from tinyinfer import ops
+from tinyinfer.ops import reference
+from tinyinfer.ops.cuda import CUDA_IMPLS
 
 
 @dataclass
@@ -113,7 +115,7 @@ CPU_CASES = {
 def test_reference_matches_float64_attention(name):
     seq_lens, q_lens, hq, hkv, d, dv, bs, mla = CPU_CASES[name]
     batch = make_batch(seq_lens, q_lens, hq, hkv, d, dv, bs, torch.float32, mla=mla, seed=len(name))
-    got = ops.paged_attention_reference(*batch.args())
+    got = reference.paged_attention(*batch.args())
     want = dense_float64(batch)
     assert not got.isnan().any(), "NaN in the output: an unused (NaN) cache slot was read"
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
@@ -121,26 +123,26 @@ def test_reference_matches_float64_attention(name):
 
 def test_reference_writes_zeros_in_padding_rows():
     batch = make_batch([12, 7], [3, 2], 4, 2, 8, 8, 4, torch.float32, pad_rows=5)
-    out = ops.paged_attention_reference(*batch.args())
+    out = reference.paged_attention(*batch.args())
     assert torch.equal(out[5:], torch.zeros_like(out[5:]))
 
 
 def test_reference_honours_strided_caches():
     batch = make_batch([25, 40], [3, 1], 4, 2, 16, 8, 8, torch.float32, strided=True)
     assert not batch.k_cache.is_contiguous() and not batch.v_cache.is_contiguous()
-    torch.testing.assert_close(ops.paged_attention_reference(*batch.args()).double(), dense_float64(batch),
+    torch.testing.assert_close(reference.paged_attention(*batch.args()).double(), dense_float64(batch),
                                atol=2e-5, rtol=1e-5)
 
 
 def test_op_on_cpu_agrees_with_the_reference():
     # Off a GPU the op runs a PyTorch body (the reference, or a batched equivalent of it).
     batch = make_batch([9, 17, 0], [2, 1, 0], 4, 2, 8, 8, 4, torch.float32)
-    torch.testing.assert_close(ops.paged_attention(*batch.args()), ops.paged_attention_reference(*batch.args()),
+    torch.testing.assert_close(ops.paged_attention(*batch.args()), reference.paged_attention(*batch.args()),
                                atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_is_registered_for_cuda():
-    assert "paged_attention" in kernels.CUDA_IMPLS
+    assert "paged_attention" in CUDA_IMPLS
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,7 +191,7 @@ def poisoned_call(fn, batch: Batch) -> torch.Tensor:
 
 def check_kernel(batch: Batch, dtype: torch.dtype) -> None:
     got = poisoned_call(ops.paged_attention, batch)
-    want = ops.paged_attention_reference(*batch.args())
+    want = reference.paged_attention(*batch.args())
     torch.cuda.synchronize()
     assert not got.isnan().any(), "NaN in the kernel output: unwritten row or an unused slot was read"
     torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=1e-2)
@@ -274,7 +276,7 @@ def test_kernel_replays_in_a_cuda_graph_with_new_lengths(cuda_extension):
     first.query_start_loc.copy_(second.query_start_loc)
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(out.float(), ops.paged_attention_reference(*second.args()).float(), atol=1e-2,
+    torch.testing.assert_close(out.float(), reference.paged_attention(*second.args()).float(), atol=1e-2,
                                rtol=1e-2)
 
 
@@ -300,4 +302,4 @@ def test_op_takes_the_reference_path_with_a_warning_where_no_kernel_fits(cuda_ex
     batch = make_batch([30], [1], 4, 2, dim, dim, block, dtype, "cuda")
     with pytest.warns(RuntimeWarning, match="reference path"):
         out = ops.paged_attention(*batch.args())
-    torch.testing.assert_close(out, ops.paged_attention_reference(*batch.args()))
+    torch.testing.assert_close(out, reference.paged_attention(*batch.args()))

@@ -3,7 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from tinyinfer import ops, quant
+from tinyinfer import ops
+from tinyinfer.quant import format as qformat
+from tinyinfer.quant import quantizer
+from tinyinfer.layers.linear import Int4Linear
 
 
 def _levels(n, k, gen):
@@ -19,11 +22,11 @@ def _group_params(n, k, g, gen, scale_dtype=torch.float16):
 def test_pack_unpack_nibbles_exact():
     gen = torch.Generator().manual_seed(0)
     q = _levels(32, 256, gen)
-    packed = quant.pack_nibbles(q)
+    packed = qformat.pack_nibbles(q)
     assert packed.shape == (32, 128) and packed.dtype == torch.uint8
     # Documented order: even k in the low nibble.
     assert torch.equal(packed & 0xF, q[:, 0::2]) and torch.equal(packed >> 4, q[:, 1::2])
-    assert torch.equal(quant.unpack_nibbles(packed), q)
+    assert torch.equal(qformat.unpack_nibbles(packed), q)
 
 
 @pytest.mark.parametrize("n,k,g", [(16, 64, 64), (48, 96, 32), (32, 256, 128), (576, 256, 128)])
@@ -33,7 +36,7 @@ def test_kernel_layout_follows_the_index_formula(n, k, g):
     gen = torch.Generator().manual_seed(1)
     q = _levels(n, k, gen)
     s, z = _group_params(n, k, g, gen)
-    words, _, _ = quant.to_kernel_layout(q, s, z, g)
+    words, _, _ = qformat.to_kernel_layout(q, s, z, g)
     kp = -(-k // 64) * 64
     assert words.shape == (n // 16, kp // 64, 32, 4) and words.dtype == torch.int32
     nt, kb, lane, j, i = torch.meshgrid(*(torch.arange(d) for d in (n // 16, kp // 64, 32, 4, 8)),
@@ -50,10 +53,10 @@ def test_kernel_layout_round_trip_and_scale_pairs(n, k, g):
     gen = torch.Generator().manual_seed(2)
     q = _levels(n, k, gen)
     s, z = _group_params(n, k, g, gen, torch.bfloat16)
-    words, sk, zk = quant.to_kernel_layout(q, s, z, g)
+    words, sk, zk = qformat.to_kernel_layout(q, s, z, g)
     # Entry 2r + h of a tile's 16 scales is row r + 8h.
     assert torch.equal(sk[1, 0, 2 * 3 + 1], s[16 + 3 + 8, 0]) and torch.equal(zk[0, k // g - 1, 2 * 5], z[5, -1])
-    q2, s2, z2 = quant.from_kernel_layout(words, sk, zk, k)
+    q2, s2, z2 = qformat.from_kernel_layout(words, sk, zk, k)
     assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(z2, z)
 
 
@@ -64,9 +67,9 @@ def test_rtn_error_per_group_within_half_a_scale(g, scale_dtype):
     w = torch.randn(64, 256, generator=gen) * 0.05
     w[0, :g] = 0.3                              # a constant group, and a group with one outlier
     w[1, 5] = 2.0
-    q, s, z = quant.quantize_weight(w, g, clip_search=False, scale_dtype=scale_dtype)
+    q, s, z = quantizer.quantize_weight(w, g, clip_search=False, scale_dtype=scale_dtype)
     assert q.dtype == torch.uint8 and int(q.max()) <= 15 and s.dtype == scale_dtype
-    err = (quant.dequantize(q, s, z, g) - w.double()).abs().reshape(64, -1, g).amax(-1)
+    err = (qformat.dequantize(q, s, z, g) - w.double()).abs().reshape(64, -1, g).amax(-1)
     assert bool((err <= s.double() / 2 * (1 + 1e-6)).all())
 
 
@@ -76,8 +79,8 @@ def test_clip_search_never_worse_than_rtn_in_any_group(g):
     w = torch.randn(96, 512, generator=gen) * 0.02
     w[torch.rand(w.shape, generator=gen) < 0.01] *= 8               # heavy-tailed, like real weights
     def group_err(clip, power):                   # the error the search minimizes, per group
-        q, s, z = quant.quantize_weight(w, g, clip_search=clip, power=power)
-        return (quant.dequantize(q, s, z, g) - w).abs().pow(power).reshape(96, -1, g).sum(-1)
+        q, s, z = quantizer.quantize_weight(w, g, clip_search=clip, power=power)
+        return (qformat.dequantize(q, s, z, g) - w).abs().pow(power).reshape(96, -1, g).sum(-1)
     for power in (2, 4):
         rtn, clip = group_err(False, power), group_err(True, power)
         assert bool((clip <= rtn).all())
@@ -91,7 +94,7 @@ def test_int4_linear_reference_equals_float64(m, n, k, g):
     q = _levels(n, k, gen)
     s, z = _group_params(n, k, g, gen)
     x = torch.randn(m, k, generator=gen)
-    y = ops.int4_linear(x, *quant.to_kernel_layout(q, s, z, g), g)
+    y = ops.int4_linear(x, *qformat.to_kernel_layout(q, s, z, g), g)
     w64 = (q.double() - z.double().repeat_interleave(g, 1)) * s.double().repeat_interleave(g, 1)
     torch.testing.assert_close(y.double(), x.double() @ w64.T, rtol=1e-5, atol=1e-5)
 
@@ -103,9 +106,9 @@ def test_int4_linear_applies_act_order_permutation_and_bias():
     s, z = _group_params(n, k, g, gen)
     perm = torch.randperm(k, generator=gen)
     bias = torch.randn(n, generator=gen)
-    layer = quant.Int4Linear.from_quantized(q, s, z, g, torch.float32, bias=bias, perm=perm)
+    layer = Int4Linear.from_quantized(q, s, z, g, torch.float32, bias=bias, perm=perm)
     # The kernel-order weight multiplies x[:, perm]: the dense weight puts column perm[i] at i.
-    w_kernel = quant.dequantize(q, s, z, g).double()
+    w_kernel = qformat.dequantize(q, s, z, g).double()
     w_dense = torch.zeros_like(w_kernel)
     w_dense[:, perm] = w_kernel
     x = torch.randn(2, 5, k, generator=gen)
@@ -117,14 +120,14 @@ def test_int4_linear_applies_act_order_permutation_and_bias():
 def test_bad_shapes_get_clear_errors():
     lin = nn.Linear(96, 32, bias=False)
     with pytest.raises(ValueError, match="does not divide the input width K=96"):
-        quant.Int4Linear.from_linear(lin, group_size=64)
+        quantizer.quantize_linear(lin, group_size=64)
     with pytest.raises(ValueError, match="not supported"):
-        quant.Int4Linear.from_linear(lin, group_size=16)
+        quantizer.quantize_linear(lin, group_size=16)
     with pytest.raises(ValueError, match="multiple of 16, got N=40"):
-        quant.Int4Linear.from_linear(nn.Linear(128, 40), group_size=128)
+        quantizer.quantize_linear(nn.Linear(128, 40), group_size=128)
     q = torch.zeros(32, 128, dtype=torch.uint8)
     with pytest.raises(ValueError, match="do not match weight"):
-        quant.Int4Linear.from_quantized(q, torch.ones(32, 2, dtype=torch.float16),
+        Int4Linear.from_quantized(q, torch.ones(32, 2, dtype=torch.float16),
                                         torch.zeros(32, 1, dtype=torch.uint8), 64, torch.float32)
 
 
@@ -140,14 +143,14 @@ class _Tiny(nn.Module):
 def test_quantize_model_replaces_linears_but_not_head_or_embedding():
     torch.manual_seed(7)
     model = _Tiny()
-    names = quant.quantize_model(model, group_size=64)
+    names = quantizer.quantize_model(model, group_size=64)
     assert names == ["proj"]
-    assert isinstance(model.proj, quant.Int4Linear) and isinstance(model.lm_head, nn.Linear)
+    assert isinstance(model.proj, Int4Linear) and isinstance(model.lm_head, nn.Linear)
     assert isinstance(model.odd, nn.Linear) and isinstance(model.embed_tokens, nn.Embedding)
-    assert quant.quantize_model(_Tiny(), 64, quantize_head=True) == ["proj", "lm_head"]
+    assert quantizer.quantize_model(_Tiny(), 64, quantize_head=True) == ["proj", "lm_head"]
 
 
 def test_linear_weight_bytes_at_g128_within_0_27_of_bf16():
-    layer = quant.Int4Linear(4096, 4096, 128, torch.bfloat16)
+    layer = Int4Linear(4096, 4096, 128, torch.bfloat16)
     int4_bytes = sum(b.numel() * b.element_size() for b in (layer.qweight, layer.scales, layer.zeros))
     assert int4_bytes / (4096 * 4096 * 2) <= 0.27

@@ -7,7 +7,9 @@ float32 reference, <= 1e-3 for fp16 and 1e-2 for bf16 activations.
 import pytest
 import torch
 
-from tinyinfer import ops, quant
+from tinyinfer import ops
+from tinyinfer.quant import format as qformat
+from tinyinfer.ops import reference
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -25,14 +27,14 @@ def _random_int4(n, k, g, scale_dtype, gen):
     q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8).cuda()
     s = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.002).to(scale_dtype).cuda()
     z = torch.randint(0, 16, (n, k // g), generator=gen, dtype=torch.uint8).cuda()
-    return quant.to_kernel_layout(q, s, z, g)                           # repacked on the GPU
+    return qformat.to_kernel_layout(q, s, z, g)                           # repacked on the GPU
 
 
 def _check(ext, m, n, k, g, dtype, scale_dtype=torch.float16, seed=0):
     gen = torch.Generator().manual_seed(seed + m * 7 + n + k + g)
     qw, sc, zs = _random_int4(n, k, g, scale_dtype, gen)
     x = torch.randn(m, k, generator=gen).to(dtype).cuda()
-    ref = ops.int4_linear_reference(x.float(), qw, sc, zs, g)          # float32 reference
+    ref = reference.int4_linear(x.float(), qw, sc, zs, g)          # float32 reference
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
     ext.int4_linear_out(x, qw, sc, zs, g, out)
     torch.cuda.synchronize()
@@ -114,5 +116,5 @@ def test_int4_linear_captures_in_a_cuda_graph(ext):
         y = ops.int4_linear(x, qw, sc, zs, 128)
     x.copy_(torch.randn(2, 512, device="cuda", dtype=torch.float16))
     graph.replay()
-    ref = ops.int4_linear_reference(x.float(), qw, sc, zs, 128)
+    ref = reference.int4_linear(x.float(), qw, sc, zs, 128)
     assert (y.float() - ref).abs().max() / ref.abs().max() <= 1e-3

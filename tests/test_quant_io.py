@@ -11,8 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tinyinfer import LLM, quant, quant_io
-from tinyinfer import checkpoint as ckpt
+from tinyinfer import LLM
+from tinyinfer.quant import io as quant_io
+from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.quant import quantizer
+from tinyinfer.layers.linear import Int4Linear
 
 LLAMA = "models/shakespeare-llama"
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -61,7 +64,7 @@ def test_gptq_import_dequantizes_exactly(v1, act_order):
     t = _pack_gptq(q, z, s, g_idx, v1)
     qq, ss, zz, perm = quant_io.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], v1)
     assert (perm is not None) == act_order
-    layer = quant.Int4Linear.from_quantized(qq, ss, zz, g, torch.float32, perm=perm)
+    layer = Int4Linear.from_quantized(qq, ss, zz, g, torch.float32, perm=perm)
     want = (q.float() - z.float()[g_idx].T) * s.float()[g_idx].T      # W[n, k] with k's own group
     assert torch.equal(layer.dequantize(), want)
     assert layer.scales.dtype == torch.float16                       # fp16 scales stay fp16
@@ -73,7 +76,7 @@ def test_gptq_v1_zero_point_zero_reads_as_sixteen():
     t = _pack_gptq(q, torch.zeros(1, 16, dtype=torch.long), torch.ones(1, 16).half(),
                    torch.zeros(32, dtype=torch.long), v1=True)
     qq, ss, zz, _ = quant_io.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], True)
-    assert torch.equal(quant.Int4Linear.from_quantized(qq, ss, zz, 32, torch.float32).dequantize(),
+    assert torch.equal(Int4Linear.from_quantized(qq, ss, zz, 32, torch.float32).dequantize(),
                        torch.full((16, 32), 3.0 - 16))
 
 
@@ -93,7 +96,7 @@ def test_awq_import_dequantizes_exactly():
     q, z, s = _random(n, k, g, gen)
     t = _pack_awq(q, z, s)
     qq, ss, zz = quant_io.unpack_awq(t["qweight"], t["qzeros"], t["scales"])
-    layer = quant.Int4Linear.from_quantized(qq, ss, zz, g, torch.float32)
+    layer = Int4Linear.from_quantized(qq, ss, zz, g, torch.float32)
     want = (q.float() - z.float().repeat_interleave(g, 0).T) * s.float().repeat_interleave(g, 0).T
     assert torch.equal(layer.dequantize(), want)
 
@@ -111,7 +114,7 @@ def _gptq_checkpoint(tmp_path, group_size=128):
     for name, w in dense.items():
         base = name[:-len(".weight")]
         if name.endswith("proj.weight"):
-            q, s, z = quant.quantize_weight(w, group_size, clip_search=False)
+            q, s, z = quantizer.quantize_weight(w, group_size, clip_search=False)
             levels[base] = (q, s, z)
             t = _pack_gptq(q, z.T, s.T.contiguous(), torch.arange(w.shape[1]) // group_size, v1=False)
             tensors.update({f"{base}.{k}": v for k, v in t.items()})
@@ -129,7 +132,7 @@ def _gptq_checkpoint(tmp_path, group_size=128):
 def test_gptq_directory_loads_and_matches_our_int4_of_the_same_levels(tmp_path):
     path, levels = _gptq_checkpoint(tmp_path)
     llm = LLM(str(path), device="cpu")
-    assert isinstance(llm.model.layers[0].attn.qkv_proj, quant.Int4Linear)
+    assert isinstance(llm.model.layers[0].attn.qkv_proj, Int4Linear)
     # The same integer levels, put in place by hand (q, k, v fused along N), give the same logits.
     ref = LLM(LLAMA, device="cpu")
     for i, layer in enumerate(ref.model.layers):
@@ -140,7 +143,7 @@ def test_gptq_directory_loads_and_matches_our_int4_of_the_same_levels(tmp_path):
             q, s, z = (torch.cat([levels[f"model.layers.{i}.{sub}.{p}"][j] for p in parts]) for j in range(3))
             parent, child = ours.split(".")
             setattr(getattr(layer, parent), child,
-                    quant.Int4Linear.from_quantized(q, s, z, 128, torch.float32))
+                    Int4Linear.from_quantized(q, s, z, 128, torch.float32))
     ids = llm.tokenizer.encode("ROMEO: But soft, what light")
     assert torch.equal(llm.logits(ids), ref.logits(ids))
 
@@ -154,7 +157,7 @@ def test_quantize_cli_save_load_round_trip_gives_identical_logits(tmp_path):
     assert meta["format"] == "tinyinfer-int4" and meta["group_size"] == "128"
     loaded = LLM(str(out), device="cpu")
     converted = LLM(LLAMA, device="cpu")
-    quant.quantize_model(converted.model, clip_search=False)
+    quantizer.quantize_model(converted.model, clip_search=False)
     ids = loaded.tokenizer.encode("JULIET: O Romeo, Romeo")
     assert torch.equal(loaded.logits(ids), converted.logits(ids))
     # 4 bits + fp16 scale + uint8 zero per 128 weights: the file is far smaller than bf16

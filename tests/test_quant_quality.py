@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tinyinfer import LLM
-from tinyinfer.quant import Int4Linear, quantize_model
+from tinyinfer.layers.linear import Int4Linear
+from tinyinfer.quant.quantizer import quantize_model
 
 LLAMA = "models/shakespeare-llama"
 WINDOW, WINDOWS = 256, 12
@@ -27,7 +28,7 @@ def evaluation():
     targets = torch.cat([torch.tensor(w[1:]) for w in windows])
 
     def logprobs(model) -> torch.Tensor:
-        llm.model = model
+        llm.engine.runner.model = model
         return torch.cat([llm.logits(w)[:-1].log_softmax(-1) for w in windows])
 
     base_model = llm.model

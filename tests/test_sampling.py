@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tinyinfer.sampling import (SamplingParams, STREAM_SAMPLE, keyed_uniform, probabilities,
+from tinyinfer.layers.sampler import (SamplingParams, STREAM_SAMPLE, keyed_uniform, probabilities,
                                 process_logits, rejection_sample, sample)
 
 INF = math.inf

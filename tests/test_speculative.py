@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tinyinfer import LLM, SamplingParams
-from tinyinfer.checkpoint import CheckpointError
-from tinyinfer.speculative import NgramProposer
+from tinyinfer.loading.checkpoint import CheckpointError
+from tinyinfer.engine.proposers import NgramProposer
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = str(ROOT / "models" / "shakespeare-llama")
@@ -88,9 +88,10 @@ def test_greedy_output_equals_plain_greedy(case, draft, k, prompts, reference):
 def test_verify_through_padded_graph_batches_matches_plain_greedy(prompts, reference):
     # The GPU path: verification through GraphRunner's static, padded batch (k + 1 query rows per
     # sequence, n-gram drafts of varying length leave padding rows), run uncaptured on the CPU.
-    from tinyinfer.cuda_graphs import GraphRunner
+    from tinyinfer.engine.cuda_graphs import GraphRunner
     llm = LLM(TARGET, device="cpu", dtype="float32", draft="ngram", speculate_k=4, max_kv_tokens=POOL)
-    llm.speculator.graphs = GraphRunner(llm.model, llm.kv, q_len=5, capture=False)
+    runner = llm.engine.runner
+    runner.graphs[5] = GraphRunner(llm.model, runner.kv, q_len=5, capture=False)
     out = llm.generate(prompts, GREEDY)
     assert [o.token_ids for o in out] == reference["batch"]
 
@@ -106,9 +107,9 @@ def test_draft_identical_to_target_accepts_everything(prompts):
 def test_rejected_blocks_return_to_both_pools(prompts):
     llm = speculative_llm(DRAFT, 8)
     llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=40, seed=3))
-    draft = llm.speculator.proposer.llm
-    assert llm.allocator.num_free == llm.allocator.num_blocks
-    assert draft.allocator.num_free == draft.allocator.num_blocks
+    draft = llm.engine.speculator.proposer
+    assert llm.stats["free_blocks"] == llm.stats["num_blocks"]
+    assert draft.blocks.num_free == draft.blocks.num_blocks and not draft.shadows
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -135,7 +136,7 @@ def test_sampled_triples_follow_the_target_distribution(draft, plain):
     llm = speculative_llm(DRAFT if draft == "model" else "ngram", 4)
     params = [SamplingParams(temperature=1.0, top_k=4, max_tokens=3, seed=1000 + i, ignore_eos=True)
               for i in range(n)]
-    llm.speculator.reset_stats()
+    llm.engine.speculator.reset_stats()
     outs = llm.generate([prompt] * n, params)
     if draft == "model":    # the draft path must really have rejected and accepted drafts
         assert 0.05 < llm.figures()["acceptance_rate"] < 0.95
@@ -232,4 +233,4 @@ def test_on_gpu_speculative_greedy_equals_plain_greedy(cuda_extension, draft):
     spec = LLM(TARGET, device="cuda", dtype="float32", cuda_graphs=False, draft=draft, speculate_k=4)
     outs = spec.generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
-    assert spec.allocator.num_free == spec.allocator.num_blocks
+    assert spec.stats["free_blocks"] == spec.stats["num_blocks"]

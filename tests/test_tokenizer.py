@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tinyinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+from tinyinfer.engine.output import IncrementalDetokenizer
+from tinyinfer.loading.tokenizer import Tokenizer
 
 CKPT = Path(__file__).resolve().parent.parent / "models" / "shakespeare-llama"
 

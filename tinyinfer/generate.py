@@ -9,8 +9,8 @@ import json
 import sys
 import time
 
-from tinyinfer.checkpoint import CheckpointError
-from tinyinfer.config import ConfigError
+from tinyinfer.loading.checkpoint import CheckpointError
+from tinyinfer.loading.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,9 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tinyinfer.engine import LLM, RequestError
+    from tinyinfer.engine.llm import LLM
     from tinyinfer.memory import kv_figures
-    from tinyinfer.sampling import SamplingParams
+    from tinyinfer.sampling_params import SamplingParams
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -69,18 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    printed = 0
     first_token_at = None
 
-    def on_token(seq) -> None:
-        nonlocal printed, first_token_at
+    def on_token(delta) -> None:
+        nonlocal first_token_at
         if first_token_at is None:
             first_token_at = time.perf_counter()
-        if not args.json:
-            end = seq.stream_len() if seq.finish_reason is None else len(seq.text)
-            sys.stdout.write(seq.text[printed:end])
+        if not args.json and delta.new_text:
+            sys.stdout.write(delta.new_text)
             sys.stdout.flush()
-            printed = max(printed, end)
 
     if not args.json:
         sys.stdout.write(args.prompt)
@@ -106,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"prompt": args.prompt, "text": out.text, "token_ids": out.token_ids,
                           **figures}))
     else:
-        sys.stdout.write(out.text[printed:] + "\n")
+        sys.stdout.write("\n")
         extra = "".join(f" | {k}: {v}" for k, v in figures.items()
                         if k not in ("prompt_tokens", "generated_tokens", "ttft_s",
                                      "decode_tokens_per_s", "load_s", "device", "dtype"))

@@ -1,4 +1,4 @@
-"""`make gpu-check`: turn a few minutes on a GPU into verified kernels and figures (../GPU-CHECK.md).
+"""`make gpu-check`: turn a few minutes on a GPU into verified kernels and figures (docs/gpu-check.md).
 
 One command, < 8 minutes, nothing installed, run from the repo (PYTHONPATH=.):
   1. build the extension for the card in front of it (MAX_JOBS = cores); copy the library to
@@ -32,7 +32,7 @@ from tinyinfer.bench import bench_names, load_bench
 from tinyinfer.bench.common import format_table, git_commit
 
 REPO = kernels.REPO_ROOT
-BUDGET_S = 450                       # whole check; GPU-CHECK.md promises < 8 min
+BUDGET_S = 450                       # whole check; docs/gpu-check.md promises < 8 min
 CAPS_S = {"build": 200, "tests": 150, "sanitizer": 150, "bench": 150}
 
 

@@ -3,7 +3,7 @@
     python -m tinyinfer.quantize --ckpt models/shakespeare-llama --out llama-int4.safetensors
     python -m tinyinfer.generate --ckpt llama-int4.safetensors --prompt "ROMEO:"
 
-Every linear layer of the decoder becomes group-wise 4-bit (quant.py: round-to-nearest with a per-group
+Every linear layer of the decoder becomes group-wise 4-bit (quant/quantizer.py: round-to-nearest with a per-group
 clipping search); the embedding and lm_head stay in the checkpoint's dtype unless --quantize-head. The
 output holds the model config, group size and format version in its metadata; the tokenizer and
 generation config are copied beside it, so `generate --ckpt OUT` needs nothing else.
@@ -19,11 +19,12 @@ from typing import Optional
 
 import torch
 
-from tinyinfer import checkpoint as ckpt
-from tinyinfer.config import ModelConfig, parse_dtype
-from tinyinfer.model import build_model
-from tinyinfer.quant import GROUP_SIZES, quantize_model
-from tinyinfer.quant_io import save_int4
+from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.loading.config import ModelConfig, parse_dtype
+from tinyinfer.models.transformer import build_model
+from tinyinfer.quant.format import GROUP_SIZES
+from tinyinfer.quant.io import save_int4
+from tinyinfer.quant.quantizer import quantize_model
 
 SIDECARS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "generation_config.json")

@@ -9,9 +9,7 @@ bandwidth; the achieved share of it; and a breakdown from the profiler: kernels 
 time / step time, GB/s of the linears and of attention. On a CPU a small shape runs instead and
 says it is a CPU figure.
 
-With --ckpt: tinyinfer vs Hugging Face generate() on that checkpoint, decode tokens/s at batch 1 and
-batch 16 (prompts of mixed length), greedy; decode time = time(N tokens) - time(1 token), so prefill
-is left out of both. On a CPU a tiny model is overhead-bound: this measures each engine's own cost.
+With --ckpt: tinyinfer vs Hugging Face generate() on that checkpoint (bench/hf.py).
 """
 from __future__ import annotations
 
@@ -21,16 +19,24 @@ import time
 
 import torch
 
+from tinyinfer import kernels
 from tinyinfer.bench.common import GiB, copy_bandwidth, device_label, format_table, is_gpu, summary_row
+from tinyinfer.bench.hf import compare_with_hf
+from tinyinfer.engine.batch import build_batch
+from tinyinfer.engine.block_manager import BlockAllocator
+from tinyinfer.engine.cuda_graphs import GraphRunner
+from tinyinfer.engine.kv_cache import PagedKVCache
+from tinyinfer.engine.sequence import Sequence
+from tinyinfer.loading.config import ModelConfig
+from tinyinfer.models.transformer import Transformer, build_model
+from tinyinfer.ops.cuda import CUDA_IMPLS
+from tinyinfer.quant.quantizer import quantize_model
+from tinyinfer.sampling_params import SamplingParams
 
 GPU_CHECK_ARGS = [[]]
 GRID = [(1, 128, 128), (1, 1024, 32), (1, 8192, 32), (1, 32768, 32),     # (batch, context, steps)
         (8, 1024, 32), (32, 1024, 32), (64, 1024, 32)]
 CPU_GRID = [(1, 128, 32), (1, 512, 16), (8, 128, 16)]
-TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First "
-        "Citizen: You are all resolved rather to die than to famish? All: Resolved. resolved. First "
-        "Citizen: First, you know Caius Marcius is chief enemy to the people. All: We know't, we "
-        "know't. First Citizen: Let us kill him, and we'll have corn at our own price.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,73 +57,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     if args.threads > 0 and not is_gpu(device):
         torch.set_num_threads(args.threads)
     if args.ckpt:
-        return compare_with_hf(args.ckpt, device, args.new_tokens, args.cuda_graphs)
+        return compare_with_hf(args.ckpt, device, args.new_tokens, args.cuda_graphs)   # bench/hf.py
     return synthetic_grid(device, args.quant, args.cuda_graphs)
-
-
-# ------------------------------------------------------------------------------------------------
-# tinyinfer vs HF generate() on a checkpoint
-# ------------------------------------------------------------------------------------------------
-
-def _prompts(tokenizer, batch: int) -> list[list[int]]:
-    ids = tokenizer.encode(TEXT)
-    if batch == 1:
-        return [ids[:16]]
-    return [ids[:8 + (i * 53) % 64] for i in range(batch)]              # lengths 8..71, mixed
-
-
-def _decode_rate(generate, prompts: list[list[int]], n: int) -> tuple[float, float]:
-    """(decode tokens/s, CPU ms per decode step): time(n tokens) - time(1 token), best of three.
-    The process's CPU time is the engine's own cost even on a machine busy with other work."""
-    generate(prompts, 2)                                                 # warm-up
-    wall = cpu = float("inf")
-    for _ in range(3):
-        t0, c0 = time.perf_counter(), time.process_time()
-        generate(prompts, 1)
-        t1, c1 = time.perf_counter(), time.process_time()
-        generate(prompts, n)
-        t2, c2 = time.perf_counter(), time.process_time()
-        wall, cpu = min(wall, (t2 - t1) - (t1 - t0)), min(cpu, (c2 - c1) - (c1 - c0))
-    return len(prompts) * (n - 1) / wall, cpu / (n - 1) * 1e3
-
-
-def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) -> dict:
-    from transformers import AutoModelForCausalLM
-    from tinyinfer import LLM, SamplingParams
-    dtype = "float32" if not is_gpu(device) else "bfloat16"
-    llm = LLM(path, device=str(device), dtype=dtype, cuda_graphs=cuda_graphs and is_gpu(device))
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    pad = llm.config.eos_token_ids[0] if llm.config.eos_token_ids else 0
-
-    def ours(prompts, k):
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True))
-
-    @torch.inference_mode()
-    def theirs(prompts, k):
-        width = max(len(p) for p in prompts)                             # left padding, masked
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
-                    do_sample=False, pad_token_id=pad)
-
-    rows = []
-    for batch in (1, 16):
-        prompts = _prompts(llm.tokenizer, batch)
-        tps, ms = _decode_rate(ours, prompts, n)
-        hf_tps, hf_ms = _decode_rate(theirs, prompts, n)
-        rows.append({"batch": batch, "prompt_lens": f"{min(map(len, prompts))}-{max(map(len, prompts))}",
-                     "tinyinfer_tok_s": tps, "hf_tok_s": hf_tps, "ratio": tps / hf_tps,
-                     "tinyinfer_cpu_ms_step": ms, "hf_cpu_ms_step": hf_ms, "cpu_time_ratio": hf_ms / ms})
-    where = "" if is_gpu(device) else " -- CPU figure: overhead-bound, ratios within this run only"
-    print(f"{device_label(device)}; {path}, {dtype}, greedy, {n} new tokens{where}")
-    print(format_table(rows, ["batch", "prompt_lens", "tinyinfer_tok_s", "hf_tok_s", "ratio",
-                              "tinyinfer_cpu_ms_step", "hf_cpu_ms_step", "cpu_time_ratio"]))
-    print("ratio: tokens/s over HF's (wall clock); cpu_time_ratio: HF's CPU time per decode step over "
-          "tinyinfer's (steadier on a busy machine); > 1 means tinyinfer is faster")
-    summary = [summary_row(f"e2e {path.rstrip('/').split('/')[-1]} bs{r['batch']} vs HF generate",
-                           r["tinyinfer_tok_s"], "tok/s", vs_torch=r["ratio"]) for r in rows]
-    return {"ckpt": path, "dtype": dtype, "new_tokens": n, "is_cpu_figure": not is_gpu(device),
-            "rows": rows, "summary": summary}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +66,6 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) 
 # ------------------------------------------------------------------------------------------------
 
 def _config(gpu: bool, kv_heads: int):
-    from tinyinfer.config import ModelConfig
     if gpu:
         return ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                            num_heads=32, num_kv_heads=kv_heads, head_dim=128,
@@ -136,12 +76,8 @@ def _config(gpu: bool, kv_heads: int):
 
 
 def int4_unavailable() -> str | None:
-    try:
-        from tinyinfer import kernels, quant
-    except ImportError as err:
-        return f"INT4 not available ({err})"
-    if not hasattr(quant, "quantize_model") or "int4_linear" not in kernels.CUDA_IMPLS:
-        return "INT4 not available (no quantize_model / int4_linear kernel)"
+    if "int4_linear" not in CUDA_IMPLS:
+        return "INT4 not available (no int4_linear kernel)"
     if kernels.extension() is None:
         return "INT4 not available (the CUDA extension did not build; the reference would take hours)"
     return None
@@ -149,7 +85,6 @@ def int4_unavailable() -> str | None:
 
 @torch.inference_mode()
 def _random_model(cfg, dtype: torch.dtype, device: torch.device, int4: bool):
-    from tinyinfer.model import build_model
     model = build_model(cfg, dtype, device)
     gen = torch.Generator(device).manual_seed(0)
     for name, p in model.named_parameters():
@@ -158,7 +93,6 @@ def _random_model(cfg, dtype: torch.dtype, device: torch.device, int4: bool):
         else:
             p.normal_(0.0, 0.02, generator=gen)
     if int4:
-        from tinyinfer.quant import quantize_model
         quantize_model(model, group_size=128, clip_search=False)
         gc.collect()
         torch.cuda.empty_cache() if is_gpu(device) else None
@@ -170,7 +104,7 @@ def _weight_bytes(model, cfg) -> int:
     lm_head and the norms; not the embedding table (one row per token is read)."""
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith("embed_tokens") or "inv_freq" in name or t is None or id(t) in seen:
+        if name.startswith("embed_tokens") or "cos_sin_cache" in name or t is None or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
@@ -204,18 +138,16 @@ def _point(cfg, kv, alloc, runner, batch: int, context: int, steps: int, device,
            profile: bool = True) -> dict:
     """Decode `steps` tokens for `batch` sequences that start at `context` cached tokens (their K/V:
     the random pool contents). Times the engine's decode step: metadata, replay, argmax, read-back."""
-    from tinyinfer.sampling import SamplingParams
-    from tinyinfer.scheduler import Sequence
     seqs = []
-    for _ in range(batch):
-        seq = Sequence([1] * (context + 1), SamplingParams(max_tokens=steps), 0)
+    for i in range(batch):
+        seq = Sequence(str(i), [1] * (context + 1), SamplingParams(max_tokens=steps), 0)
         seq.block_table = alloc.allocate(_blocks(context, steps, kv.block_size))
         seq.num_cached = context
         seqs.append(seq)
     ones = [1] * batch
 
     def step():
-        toks = runner.run(seqs, ones).argmax(dim=-1).tolist()
+        toks = runner.run(build_batch(seqs, ones, kv.block_size)).argmax(dim=-1).tolist()
         for s, t in zip(seqs, toks):
             s.num_cached += 1
             s.token_ids.append(t)
@@ -253,9 +185,6 @@ def _blocks(context: int, steps: int, block_size: int) -> int:
 
 
 def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
-    from tinyinfer.cuda_graphs import GraphRunner
-    from tinyinfer.kv_cache import BlockAllocator, PagedKVCache
-    from tinyinfer.model import Transformer
     gpu = is_gpu(device)
     copy = copy_bandwidth(device)
     grid = GRID if gpu else CPU_GRID

@@ -4,7 +4,7 @@ fused_add_rmsnorm (cuda/fused_norm.cu) reads x, the residual stream and the weig
 the new stream: (4 T d + d) values. The baseline is the model's former path: `residual + x`, then
 RMSNorm as separate torch ops (about six launches). rope_store_kv (cuda/rope_store_kv.cu) reads q, k,
 v and the step's cos/sin rows and writes rotated q, rotated k and the cache rows: T D (2 Hq + 5 Hkv + 2)
-values. Its baseline is apply_rope on q and k in torch ops, then the store_kv kernel. At decode sizes
+values. Its baseline is the rotary gather and rotation of q and k in torch ops, then the store_kv kernel. At decode sizes
 both are latency-bound (a few KB per call), so us/call is the figure that matters there; GB/s and
 the share of copy bandwidth matter for prefill-sized T. Inputs rotate over > 4x L2.
 """
@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from tinyinfer import ops
-from tinyinfer.attention import apply_rope
+from tinyinfer.ops.reference import apply_rotary, rope_rows
 from tinyinfer.bench.common import (copy_bandwidth, device_label, format_table, gbps, is_gpu,
                                     rotation_count, summary_row, time_calls)
 
@@ -58,21 +58,23 @@ def _rope_case(case, dtype, device, runs, cache_bytes) -> dict:
     v_cache = torch.zeros_like(k_cache)
     n = rotation_count(T * D * (Hq + 2 * Hkv + 2) * es, device)
     qkv = torch.randn(n, T, (Hq + 2 * Hkv) * D, device=device, dtype=dtype)
-    tables = torch.randn(n, 2, T, D, device=device, dtype=dtype)
+    cos_sin = torch.randn(4096, D, device=device, dtype=dtype)                  # rotary table
+    positions = torch.randint(0, 4096, (n, T), device=device)
     slots = torch.stack([torch.randperm(num_blocks * BS, device=device)[:T] for _ in range(n)])
 
     def split(i: int):
         q, k, v = qkv[i].split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        return q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D), tables[i, 0], tables[i, 1]
+        return q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
 
     def kernel(i: int) -> None:
-        q, k, v, cos, sin = split(i)
-        ops.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots[i])
+        q, k, v = split(i)
+        ops.rope_store_kv(q, k, v, cos_sin, positions[i], k_cache, v_cache, slots[i])
 
     def torch_baseline(i: int) -> None:
-        q, k, v, cos, sin = split(i)
-        apply_rope(q, cos, sin)
-        ops.store_kv(apply_rope(k, cos, sin), v, k_cache, v_cache, slots[i])
+        q, k, v = split(i)
+        cos, sin = rope_rows(cos_sin, positions[i])
+        apply_rotary(q, cos, sin)
+        ops.store_kv(apply_rotary(k, cos, sin), v, k_cache, v_cache, slots[i])
 
     moved = T * D * (2 * Hq + 5 * Hkv + 2) * es
     return _timed(name, moved, kernel, torch_baseline, n, device, runs)

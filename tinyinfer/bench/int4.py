@@ -98,7 +98,7 @@ def quality_table(ckpt: str = "models/shakespeare-llama", text_path: str = "data
                   window: int = 256) -> list[dict]:
     """KL(base || int4), top-1 agreement and perplexity on held-out text, per group size / clipping."""
     from tinyinfer import LLM
-    from tinyinfer.quant import quantize_model
+    from tinyinfer.quant.quantizer import quantize_model
     llm = LLM(ckpt, device="cpu", dtype="float32")
     ids = llm.tokenizer.encode(open(text_path).read())
     windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]

@@ -19,7 +19,15 @@ import os
 import torch
 
 from tinyinfer.bench.common import device_label, format_table, is_gpu, summary_row, time_calls
+from tinyinfer.engine.batch import build_batch
+from tinyinfer.engine.block_manager import BlockManager
+from tinyinfer.engine.kv_cache import PagedKVCache
+from tinyinfer.engine.llm import LLM
+from tinyinfer.engine.sequence import Sequence
+from tinyinfer.layers.mla import set_mla_mode
 from tinyinfer.memory import Shape, kv_bytes_per_token, kv_values_per_token_layer, shape_from_hf
+from tinyinfer.models.transformer import Transformer
+from tinyinfer.sampling_params import SamplingParams
 
 GPU_CHECK_ARGS = [[]]
 DEFAULT_CKPT = os.path.join(os.path.dirname(__file__), "..", "..", "models", "shakespeare-mla")
@@ -60,47 +68,36 @@ def cache_table(ckpt: str) -> list[dict]:
 def decode_step_timer(llm, batch: int, context: int):
     """Prefill `batch` sequences of `context` tokens into a fresh cache, then return fn() running one
     decode step (one new token per sequence at position `context`) and the cache it uses."""
-    from tinyinfer.attention import AttentionMetadata
-    from tinyinfer.kv_cache import PagedKVCache
-    from tinyinfer.model import Transformer
-
     cfg, dev, bs = llm.config, llm.device, 16
-    per_seq = (context + 1 + bs - 1) // bs
     k_dims, v_dims = Transformer.kv_dims(cfg)
-    kv = PagedKVCache(cfg.num_layers, batch * per_seq, bs, k_dims, v_dims, llm.dtype, dev)
-    tables = torch.arange(batch * per_seq, dtype=torch.int32, device=dev).view(batch, per_seq)
+    blocks = BlockManager(batch * -(-(context + 1) // bs), bs)
+    kv = PagedKVCache(cfg.num_layers, blocks.num_blocks, bs, k_dims, v_dims, llm.dtype, dev)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, cfg.vocab_size, (batch, context + 1), generator=gen).to(dev)
+    seqs = []
+    for b in range(batch):
+        ids = torch.randint(3, cfg.vocab_size, (context + 1,), generator=gen).tolist()
+        seqs.append(Sequence(str(b), ids, SamplingParams(), 0))
+        blocks.grow(seqs[-1], context + 1)
 
-    def meta_for(start: int, stop: int) -> tuple[torch.Tensor, AttentionMetadata]:
-        n = stop - start
-        pos = torch.arange(start, stop, device=dev).repeat(batch)                    # (B*n,)
-        seq = torch.arange(batch, device=dev).repeat_interleave(n)
-        qsl = [i * n for i in range(batch + 1)]
-        meta = AttentionMetadata(
-            slot_mapping=tables[seq, pos // bs].long() * bs + pos % bs, block_tables=tables,
-            seq_lens=torch.full((batch,), stop, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev), max_q_len=n,
-            query_start_loc_host=qsl, prefill=start == 0)
-        return pos, meta
+    def forward(num_new: int) -> torch.Tensor:
+        ids, pos, meta = build_batch(seqs, [num_new] * batch, bs).to_device(dev)
+        return llm.model.compute_logits(llm.model(ids, pos, meta, kv.layers()))
 
     with torch.inference_mode():
-        pos, meta = meta_for(0, context)
-        llm.model(ids[:, :context].flatten(), pos, meta, kv.layers())
-    pos, meta = meta_for(context, context + 1)
-    step_ids = ids[:, context]
+        forward(context)
+    for s in seqs:
+        s.num_cached = context
+    step_batch = build_batch(seqs, [1] * batch, bs)
 
     @torch.inference_mode()
     def step(_: int) -> torch.Tensor:
-        return llm.model.compute_logits(llm.model(step_ids, pos, meta, kv.layers()))
+        ids, pos, meta = step_batch.to_device(dev)
+        return llm.model.compute_logits(llm.model(ids, pos, meta, kv.layers()))
 
     return step
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    from tinyinfer import LLM
-    from tinyinfer.mla import set_mla_mode
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     rows = cache_table(args.ckpt)

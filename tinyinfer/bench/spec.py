@@ -27,6 +27,19 @@ from pathlib import Path
 import torch
 
 from tinyinfer.bench.common import device_label, format_table, is_gpu, summary_row, time_calls
+from tinyinfer.engine.batch import build_batch
+from tinyinfer.engine.block_manager import BlockManager
+from tinyinfer.engine.kv_cache import PagedKVCache
+from tinyinfer.engine.llm import LLM
+from tinyinfer.engine.llm_engine import LLMEngine
+from tinyinfer.engine.model_runner import ModelRunner
+from tinyinfer.engine.proposers import DraftModelProposer, NgramProposer, Proposal
+from tinyinfer.engine.sequence import Sequence
+from tinyinfer.engine.speculative import Speculator
+from tinyinfer.loading.config import ModelConfig
+from tinyinfer.loading.tokenizer import Tokenizer
+from tinyinfer.models.transformer import Transformer, build_model
+from tinyinfer.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET, DRAFT = ROOT / "models" / "shakespeare-llama", ROOT / "models" / "shakespeare-draft"
@@ -54,32 +67,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------- models
 
-def synthetic_llm(cfg, dtype: torch.dtype, device: torch.device, kv_tokens: int, tokenizer):
-    """The engine around a random-weight model (no checkpoint to read): the same attributes
-    LLM.__init__ sets after loading weights. The lm_head is scaled so the logits have a clear argmax
-    (random models otherwise have near-ties, where bf16 rounding decides)."""
-    from tinyinfer.cuda_graphs import GraphRunner
-    from tinyinfer.engine import LLM
-    from tinyinfer.model import build_model
-    llm = LLM.__new__(LLM)
-    llm.device, llm.verbose, llm.config, llm.dtype, llm.tokenizer = device, False, cfg, dtype, tokenizer
+def synthetic_llm(cfg, dtype: torch.dtype, device: torch.device, kv_tokens: int, tokenizer) -> LLM:
+    """The engine around a random-weight model (no checkpoint to read). The lm_head is scaled so the
+    logits have a clear argmax (random models otherwise have near-ties, where bf16 rounding decides)."""
     with torch.inference_mode():
-        llm.model = build_model(cfg, dtype, device)
+        model = build_model(cfg, dtype, device)
         gen = torch.Generator(device).manual_seed(cfg.num_layers)
-        for name, p in llm.model.named_parameters():
+        for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02 * (10.0 if name.startswith("lm_head") else 1.0), generator=gen)
-    llm.block_size = 16
-    llm._init_cache(kv_tokens)
-    llm.graph_runner = GraphRunner(llm.model, llm.kv) if is_gpu(device) else None
-    llm.speculator = None
-    return llm
+    kv = PagedKVCache(cfg.num_layers, kv_tokens // 16, 16, *Transformer.kv_dims(cfg), dtype, device)
+    runner = ModelRunner(model, kv, cuda_graphs=is_gpu(device))
+    return LLM.from_engine(LLMEngine.from_runner(runner, tokenizer))
 
 
 def synthetic_configs(gpu: bool):
-    from tinyinfer.config import ModelConfig
     if not gpu:
         return (ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4,
                             num_heads=4, num_kv_heads=4, head_dim=64, max_position_embeddings=1024),
@@ -102,7 +106,6 @@ class OracleProposer:
         self.rng = random.Random(0)
 
     def propose(self, seqs, limits):
-        from tinyinfer.speculative import Proposal
         self.inner.propose(seqs, limits)
         tokens = []
         for s, k in zip(seqs, limits):
@@ -114,12 +117,14 @@ class OracleProposer:
     def accepted(self, seqs, lengths, num_accepted):
         self.inner.accepted(seqs, lengths, num_accepted)
 
+    def forget(self, seq):
+        self.inner.forget(seq)
+
 
 # ---------------------------------------------------------------------------------------------- timing
 
 def decode_rate(llm, prompts: list[list[int]], n: int, device: torch.device) -> tuple[float, list]:
     """Decode tokens/s: (time for n tokens - time for 1 token) leaves the prefill out."""
-    from tinyinfer.sampling import SamplingParams
 
     def timed(max_tokens: int):
         torch.cuda.synchronize(device) if is_gpu(device) else None
@@ -130,42 +135,43 @@ def decode_rate(llm, prompts: list[list[int]], n: int, device: torch.device) -> 
 
     timed(n)                                    # warm-up: graphs captured, caches touched
     t1, _ = timed(1)
-    if llm.speculator is not None:
-        llm.speculator.reset_stats()
+    if llm.engine.speculator is not None:
+        llm.engine.speculator.reset_stats()
     tn, outs = timed(n)
     return len(prompts) * (n - 1) / max(tn - t1, 1e-9), outs
 
 
-def step_time(llm, forward, num_new: int, context: int, device: torch.device) -> float:
-    """Median time of one forward of `num_new` tokens per sequence at `context` cached tokens."""
-    from tinyinfer.sampling import SamplingParams
-    from tinyinfer.scheduler import Sequence
-    seq = Sequence(list(range(3, 3 + context + num_new)), SamplingParams(), 0)
-    seq.block_table = llm.allocator.allocate(seq.blocks_needed(len(seq), llm.block_size))
+def step_time(runner: ModelRunner, num_new: int, context: int, device: torch.device) -> float:
+    """Median time of one forward of `num_new` tokens per sequence at `context` cached tokens, as
+    the engine runs it (a CUDA graph where the step fits one; host-synchronised)."""
+    blocks = BlockManager(runner.num_blocks, runner.block_size)
+    seq = Sequence("timed", list(range(3, 3 + context + num_new)), SamplingParams(), 0)
+    blocks.grow(seq, len(seq))
     try:
-        llm._forward([seq], [context])          # prefill the context
-        seq_num = seq.num_cached
+        runner.execute(build_batch([seq], [context], runner.block_size))    # prefill the context
+        seq.num_cached = context
+        batch = build_batch([seq], [num_new], runner.block_size)
 
         def one(_i: int) -> None:
-            forward([seq], [num_new])
-            seq.num_cached = seq_num            # roll back: the same step again
+            runner.execute(batch, all_logits=num_new > 1).sum().item()      # the host waits
         return time_calls(one, device, runs=7, warmup=3, target_run_s=0.05).median_s
     finally:
-        llm.allocator.release(seq.block_table)
+        blocks.free(seq)
 
 
 def bench_rows(name: str, llm, proposer_for, prompts, n: int, k_max: int, t_draft: float,
                device: torch.device, plain_rate: float, speculators: dict) -> list[dict]:
-    from tinyinfer.speculative import Speculator
+    engine = llm.engine
     context = len(prompts[0]) + n // 2
-    t_decode = step_time(llm, llm._forward, 1, context, device)
+    t_decode = step_time(engine.runner, 1, context, device)
     rows = []
     for k in range(1, k_max + 1):
-        spec = llm.speculator = speculators.setdefault(k, Speculator(llm, None, k))
+        spec = engine.speculator = speculators.setdefault(
+            k, Speculator(engine.runner, engine.blocks, NgramProposer(), k))
         spec.proposer = proposer_for(k)
-        t_verify = step_time(llm, spec._verify_forward, k + 1, context, device)
+        t_verify = step_time(engine.runner, k + 1, context, device)
         rate, _ = decode_rate(llm, prompts, n, device)
-        fig = llm.speculator.figures()
+        fig = spec.figures()
         tau = fig["tokens_per_target_step"]
         predicted = tau * t_decode / (k * t_draft + t_verify)
         measured = rate / plain_rate
@@ -175,13 +181,11 @@ def bench_rows(name: str, llm, proposer_for, prompts, n: int, k_max: int, t_draf
                      "measured_S": measured, "predicted_S": predicted,
                      "measured/predicted": measured / predicted})
         print(format_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
-    llm.speculator = None
+    engine.speculator = None
     return rows
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    from tinyinfer.engine import LLM
-    from tinyinfer.speculative import DraftModelProposer, NgramProposer
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     gpu = is_gpu(device)
@@ -190,7 +194,6 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     print(device_label(device))
     print(format_table([], COLUMNS))
     if synthetic:
-        from tinyinfer.tokenizer import Tokenizer
         tok = Tokenizer.from_dir(TARGET)
         cfg_t, cfg_d = synthetic_configs(gpu)
         kv_tokens = args.batch * (256 + n + 2 * args.k_max) + 4096
@@ -203,16 +206,16 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     prompts = [target.tokenizer.encode(PROMPT)] * args.batch
     plain_rate, plain_outs = decode_rate(target, prompts, n, device)
     context = len(prompts[0]) + n // 2
-    t_draft = step_time(draft, draft._forward, 1, context, device)
+    t_draft = step_time(draft.engine.runner, 1, context, device)
     rows, speculators = [], {}         # one Speculator per k: verify graphs are captured once
     if synthetic:
         reference = {tuple(o.prompt_token_ids): o.token_ids for o in plain_outs}
         for alpha in args.alphas:
             rows += bench_rows(f"oracle a={alpha}", target, lambda k: OracleProposer(
-                DraftModelProposer(draft), reference, alpha, cfg_t.vocab_size), prompts, n,
+                DraftModelProposer(draft.engine.runner), reference, alpha, cfg_t.vocab_size), prompts, n,
                 args.k_max, t_draft, device, plain_rate, speculators)
     else:
-        rows += bench_rows("draft model", target, lambda k: DraftModelProposer(draft), prompts, n,
+        rows += bench_rows("draft model", target, lambda k: DraftModelProposer(draft.engine.runner), prompts, n,
                            args.k_max, t_draft, device, plain_rate, speculators)
     rep = [target.tokenizer.encode(REPEAT)] * args.batch
     rep_rate, _ = decode_rate(target, rep, n, device)

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinyinfer.config import ModelConfig
-from tinyinfer.model import SwiGLU
+from tinyinfer.loading.config import ModelConfig
+from tinyinfer.layers.mlp import SwiGLU
 
 
 class Router(nn.Module):

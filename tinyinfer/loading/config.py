@@ -6,7 +6,6 @@ messages that name the field (so a checkpoint we cannot run is refused before an
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -230,19 +229,3 @@ def _deepseek_fields(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
         n_group=cfg.get("n_group") or 1, topk_group=cfg.get("topk_group") or 1,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
         routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)))
-
-
-def rope_inv_freq(cfg: ModelConfig, dim: int) -> torch.Tensor:
-    """Inverse frequencies for RoPE over `dim` dims, with Llama 3 scaling when configured."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    rs = cfg.rope_scaling
-    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
-        factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old_ctx = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor,
-                               torch.where(wavelen < old_ctx / high, inv_freq, blended))
-    return inv_freq

@@ -1,6 +1,7 @@
-"""`make build`: compile the CUDA extension ahead of time and show the compiler's resource report.
+"""`python -m tinyinfer.kernels build` (what `make build` runs): compile the CUDA extension ahead of
+time and show the compiler's resource report (ptxas registers, shared memory, spills per kernel).
 
-    python -m tinyinfer.kernels build [--arch 90a]     # what `make build` runs
+    python -m tinyinfer.kernels build [--arch 90a]     # ahead-of-time build
     python -m tinyinfer.kernels info                   # toolkit, arch, sources, build directory
 
 Works on a machine without a GPU (given nvcc and a CUDA build of torch): it compiles and imports the
@@ -152,3 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     arch = args.arch or kernels.target_arch()
     return build(arch) if args.command == "build" else info(arch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,8 +30,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from tinyinfer.attention import MAX_KERNEL_Q_LEN, AttentionMetadata
-from tinyinfer.kv_cache import PagedKVCache
+from tinyinfer import kernels
+from tinyinfer.engine.batch import StepBatch
+from tinyinfer.engine.kv_cache import PagedKVCache
+from tinyinfer.layers.attention import AttentionMetadata
+from tinyinfer.ops.cuda import CUDA_IMPLS
+from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_TABLE_WIDTH = 64          # blocks: 1k tokens at block size 16
@@ -41,14 +45,12 @@ def graph_unsafe_reason(model: nn.Module) -> Optional[str]:
     """Why decode of `model` on CUDA cannot be captured, or None when it can. A captured step must not
     synchronise with the host, so every op in it needs its CUDA kernel (the references index with
     host-side values) and no layer may read values back (MoE routing does, to slice the batch)."""
-    from tinyinfer import kernels, ops
-    kernels.register_cuda_kernels()
     if kernels.extension() is None:
         return "the CUDA extension is not available (the reference ops synchronise with the host)"
-    needed = [op for op in ("store_kv", "rope_store_kv", "paged_attention") if hasattr(ops, op)]
+    needed = ["store_kv", "rope_store_kv", "paged_attention"]
     if any(type(m).__name__ == "Int4Linear" for m in model.modules()):
         needed.append("int4_linear")
-    missing = [op for op in needed if op not in kernels.CUDA_IMPLS]
+    missing = [op for op in needed if op not in CUDA_IMPLS]
     if missing:
         return f"no CUDA kernel is registered for {', '.join(missing)}"
     unsafe = sorted({type(m).__name__ for m in model.modules() if getattr(m, "graph_safe", True) is False})
@@ -66,9 +68,8 @@ class StaticBatch:
     A graph for (bucket b, table width mb) reads views of their prefixes: ids i64[0, :b*q_len], ...,
     block tables i32[off : off + b*mb].view(b, mb)."""
 
-    def __init__(self, max_seqs: int, q_len: int, max_blocks: int, block_size: int,
-                 device: torch.device):
-        self.max_seqs, self.q_len, self.max_blocks, self.block_size = max_seqs, q_len, max_blocks, block_size
+    def __init__(self, max_seqs: int, q_len: int, max_blocks: int, device: torch.device):
+        self.max_seqs, self.q_len, self.max_blocks = max_seqs, q_len, max_blocks
         self.device = device
         self.table_off = -(-(2 * max_seqs + 1) // 32) * 32    # tables start 128-byte aligned
         n32 = self.table_off + max_seqs * max_blocks
@@ -87,34 +88,28 @@ class StaticBatch:
         meta = AttentionMetadata(
             slot_mapping=self.i64[2, :T], block_tables=self.i32[off:off + B * width].view(B, width),
             seq_lens=self.i32[:B], query_start_loc=self.i32[self.max_seqs:self.max_seqs + B + 1],
-            max_q_len=self.q_len, query_start_loc_host=[0] * (B + 1), prefill=False)
+            max_q_len=self.q_len, query_start_loc_host=[0] * (B + 1), seq_lens_host=[0] * B,
+            prefill=False)
         return self.i64[0, :T], self.i64[1, :T], meta
 
-    def fill(self, seqs: Sequence, num_new: Sequence[int], bucket: int, width: int) -> int:
-        """Write the step of `seqs` (sequence i feeds tokens [num_cached, num_cached + num_new[i]))
-        padded to `bucket` sequences with tables `width` wide; returns the real row count T."""
+    def fill(self, batch: StepBatch, bucket: int, width: int) -> int:
+        """Write `batch` padded to `bucket` sequences with tables `width` wide; returns the real row
+        count T."""
         if self.copied is not None:
             self.copied.synchronize()         # the previous copy may still be reading the mirrors
-        bs, q = self.block_size, self.q_len
-        ids, positions, slots, seq_lens, qsl = [], [], [], [], [0]
-        for s, n in zip(seqs, num_new):
-            st, table = s.num_cached, s.block_table
-            ids += s.token_ids[st:st + n]
-            pos = range(st, st + n)
-            positions += pos
-            slots += [table[p // bs] * bs + p % bs for p in pos]
-            seq_lens.append(st + n)
-            qsl.append(qsl[-1] + n)
+        q = self.q_len
+        ids, positions, slots = batch.input_ids, batch.positions, batch.slot_mapping
+        seq_lens, qsl, n = batch.seq_lens, batch.query_start_loc, batch.num_seqs
         T, pad = len(ids), bucket * q - len(ids)
         # Padding rows: token 0 at position 0, slot -1 (never stored); padding sequences own no
         # query rows (query_start_loc stays at T) and no cached tokens.
         self.h64[:, :bucket * q] = torch.tensor([ids + [0] * pad, positions + [0] * pad,
                                                  slots + [-1] * pad])
-        nb = bucket - len(seqs)
+        nb = bucket - n
         self.h32[:bucket] = torch.tensor(seq_lens + [0] * nb, dtype=torch.int32)
         self.h32[self.max_seqs:self.max_seqs + bucket + 1] = torch.tensor(qsl + [T] * nb,
                                                                           dtype=torch.int32)
-        self._fill_tables(seqs, width)
+        self._fill_tables(batch.block_tables, width)
         # Entries past a sequence's last block (and padding rows) keep stale values: the contract
         # says they are never read.
         self.i64.copy_(self.h64, non_blocking=True)            # small: 3 x T_max int64
@@ -124,15 +119,14 @@ class StaticBatch:
             self.copied.record()
         return T
 
-    def _fill_tables(self, seqs: Sequence, width: int) -> None:
+    def _fill_tables(self, block_tables: list[list[int]], width: int) -> None:
         # Block tables change only when a sequence gains a block (every block_size steps) or the batch
         # changes, so each host row remembers the table it holds and is rewritten only if it differs
         # (a list comparison runs in C).
         if width != self.width:
             self.width, self.rows = width, [None] * self.max_seqs
         tables = self.h32[self.table_off:self.table_off + self.max_seqs * width].view(-1, width)
-        for i, s in enumerate(seqs):
-            table = s.block_table
+        for i, table in enumerate(block_tables):
             if self.rows[i] != table:
                 tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
                 self.rows[i] = list(table)
@@ -161,7 +155,7 @@ class GraphRunner:
         context = max_context or model.cfg.max_context
         self.max_blocks = min(-(-context // bs), kv.num_blocks)
         self.widths = self._widths(self.max_blocks)
-        self.batch = StaticBatch(self.buckets[-1], q_len, self.max_blocks, bs, self.device)
+        self.batch = StaticBatch(self.buckets[-1], q_len, self.max_blocks, self.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], Tensor] = {}       # (T_bucket, vocab) float32
         # One memory pool for every graph of this runner (and of runners given it: `pool=`); graphs
@@ -185,17 +179,17 @@ class GraphRunner:
     def bucket(self, num_seqs: int) -> Optional[int]:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def can_run(self, seqs: Sequence, num_new: Sequence[int]) -> bool:
+    def can_run(self, batch: StepBatch) -> bool:
         """True when this step fits a graph: at most the biggest bucket of sequences, 1..q_len new
         tokens each, block tables within the captured width."""
-        return (self.disabled is None and 0 < len(seqs) <= self.buckets[-1]
-                and all(1 <= n <= self.q_len for n in num_new)
-                and all(len(s.block_table) <= self.max_blocks for s in seqs))
+        return (self.disabled is None and 0 < batch.num_seqs <= self.buckets[-1]
+                and all(1 <= n <= self.q_len for n in batch.num_new)
+                and batch.max_blocks <= self.max_blocks)
 
     @torch.inference_mode()
-    def run(self, seqs: Sequence, num_new: Sequence[int]) -> Tensor:
-        bucket, width = self._shape(len(seqs), max(len(s.block_table) for s in seqs))
-        T = self.batch.fill(seqs, num_new, bucket, width)
+    def run(self, batch: StepBatch) -> Tensor:
+        bucket, width = self._shape(batch.num_seqs, batch.max_blocks)
+        T = self.batch.fill(batch, bucket, width)
         if not self.capture or self.disabled:
             return self._forward(bucket, width)[:T]            # padded, uncaptured (CPU tests)
         key = (bucket, width)

@@ -11,60 +11,24 @@ Two ways to attend:
     over the cached rows directly, with V = the latent part of the same row; then apply W_UV to the
     attention output. Nothing is decompressed, so decode reads only the small latent cache.
 Both give the same numbers (tests/test_mla.py checks it). Read more: DeepSeek-AI, "DeepSeek-V2", 2024,
-section 2.1 (MLA) and appendix C (absorption); YaRN: Peng et al., 2023.
+section 2.1 (MLA) and appendix C (absorption); its YaRN rope lives in layers/rotary.py.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from tinyinfer import ops
-from tinyinfer.attention import AttentionMetadata, RotaryEmbedding, apply_rope, attend
-from tinyinfer.config import ModelConfig, rope_inv_freq
-from tinyinfer.model import RMSNorm
+from tinyinfer.layers.attention import AttentionMetadata, attend
+from tinyinfer.layers.norm import RMSNorm
+from tinyinfer.layers.rotary import RotaryEmbedding, apply_rope, yarn_mscale
+from tinyinfer.loading.config import ModelConfig
 
 MODES = ("auto", "naive", "absorbed")
 LATENT_NORM_EPS = 1e-6      # DeepSeek's q_a_layernorm / kv_a_layernorm use their own eps, not rms_norm_eps
-
-
-# ----------------------------------------------------------------------------------------------
-# RoPE for the rope dims: YaRN frequencies, the softmax-scale correction, DeepSeek's pair layout
-# ----------------------------------------------------------------------------------------------
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def yarn_rotary(cfg: ModelConfig, dim: int) -> RotaryEmbedding:
-    """YaRN (Peng et al. 2023): high-frequency dims keep their frequency, low-frequency dims are
-    interpolated by `factor`, a linear ramp between; cos/sin are scaled by mscale/mscale_all_dim."""
-    rs = cfg.rope_scaling
-    factor, old_ctx = rs["factor"], rs["original_max_position_embeddings"]
-    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
-    base = cfg.rope_theta
-
-    def dim_for_rotations(n: float) -> float:      # the dim whose wavelength fits n times in old_ctx
-        return dim * math.log(old_ctx / (n * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = dim_for_rotations(beta_fast), dim_for_rotations(beta_slow)
-    if rs.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    extrapolated = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    interpolated = extrapolated / factor
-    inv_freq = interpolated * ramp + extrapolated * (1 - ramp)
-    scaling = rs.get("attention_factor")
-    if scaling is None:
-        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
-        scaling = (yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all
-                   else yarn_mscale(factor))
-    return RotaryEmbedding(inv_freq, float(scaling))
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
@@ -78,20 +42,6 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
-def apply_rope_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on DeepSeek's layout, where dims (2i, 2i+1) form pair i. x (T, H, R); cos, sin (T, R) in
-    the cat(freqs, freqs) layout. The output lists the rotated first members of the pairs, then the
-    second members: a fixed permutation of the dims, the same for q and k, so q . k is unchanged and
-    the cached rope key is in the same order Hugging Face's DeepSeek-V3 code produces."""
-    half = x.shape[-1] // 2
-    c, s = cos[:, None, :half], sin[:, None, :half]
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The attention module
-# ----------------------------------------------------------------------------------------------
 
 class MultiHeadLatentAttention(nn.Module):
     """Same interface as attention.MultiHeadAttention. `mode`: 'auto' (naive for fresh prefill,
@@ -122,16 +72,6 @@ class MultiHeadLatentAttention(nn.Module):
         # One row per token: [latent (kv_lora_rank) | rope key (qk_rope_head_dim)]; V is a view of it.
         return (1, cfg.kv_lora_rank + cfg.qk_rope_head_dim), None
 
-    @staticmethod
-    def rotary(cfg: ModelConfig) -> RotaryEmbedding:
-        rs = cfg.rope_scaling
-        if rs and rs.get("rope_type", rs.get("type")) == "yarn":
-            return yarn_rotary(cfg, cfg.qk_rope_head_dim)
-        return RotaryEmbedding(rope_inv_freq(cfg, cfg.qk_rope_head_dim))
-
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return apply_rope_pairs(x, cos, sin) if self.interleaved else apply_rope(x, cos, sin)
-
     def _kv_b_weight(self) -> Tensor:
         """kv_b_proj's weight as (H, nope + v, kv_lora_rank): rows [:nope] are W_UK_h, [nope:] W_UV_h.
         The absorbed path multiplies by slices of it, which an INT4 layer cannot do, so a quantized
@@ -145,7 +85,7 @@ class MultiHeadLatentAttention(nn.Module):
             w = self._kv_b_dense
         return w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
 
-    def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor],
+    def forward(self, x: Tensor, positions: Tensor, rotary: RotaryEmbedding,
                 meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor | None = None) -> Tensor:
         T, H, r = x.shape[0], self.num_heads, self.kv_lora_rank
         if hasattr(self, "q_proj"):
@@ -155,9 +95,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = q.view(T, H, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.rope], dim=-1)   # (T, r), (T, rope)
         latent = self.kv_a_layernorm(latent)
-        cos, sin = rope
-        q_pe = self._rope(q_pe, cos, sin)                                         # (T, H, rope)
-        k_pe = self._rope(k_pe[:, None, :], cos, sin)                             # (T, 1, rope)
+        cos, sin = rotary.cos_sin(positions)                                      # (T, rope) each
+        q_pe = apply_rope(q_pe, cos, sin, self.interleaved)                       # (T, H, rope)
+        k_pe = apply_rope(k_pe[:, None, :], cos, sin, self.interleaved)           # (T, 1, rope)
         row = torch.cat((latent[:, None, :], k_pe), dim=-1)                       # (T, 1, r + rope)
         ops.store_kv(row, None, k_cache, None, meta.slot_mapping)
         naive = self.mode == "naive" or (self.mode == "auto" and meta.prefill)
@@ -191,8 +131,8 @@ class MultiHeadLatentAttention(nn.Module):
         local[used] = torch.arange(used.numel(), dtype=torch.int32, device=q.device)
         tables = torch.where(read, local[meta.block_tables.long().clamp(min=0)], -1).int()
         k_blocks, v_blocks = self._decompress(k_cache[used, :, 0])                # (U, BS, H, .)
-        return ops.paged_attention_reference(q, k_blocks, v_blocks, tables, meta.seq_lens,
-                                             meta.query_start_loc, self.scale)
+        return attend(q, None, None, k_blocks, v_blocks, replace(meta, block_tables=tables),
+                      self.scale)
 
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, row: Tensor, k_cache: Tensor,
                   meta: AttentionMetadata) -> Tensor:

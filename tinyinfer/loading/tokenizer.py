@@ -1,14 +1,9 @@
-"""Tokenizer: text <-> token ids for a checkpoint, and incremental detokenization for streaming.
+"""Tokenizer: text <-> token ids for a checkpoint.
 
-Two formats cover the Llama family: SentencePiece `tokenizer.model` (Llama 1/2, Mistral, TinyLlama) and
-Hugging Face `tokenizer.json` (Llama 3, DeepSeek), read through the optional `tokenizers` library.
-`tokenizer_config.json`, when present, says whether to add BOS and names the BOS/EOS tokens.
-
-Streaming is the subtle part. Decoding one token at a time is wrong twice over: a byte-fallback piece
-(`<0xF0>`) may be a quarter of an emoji, and SentencePiece drops the leading space of the first piece it
-decodes. `IncrementalDetokenizer` therefore decodes a short window of recent tokens twice, with and
-without the new ones, emits the difference, and holds text back while it ends in an incomplete UTF-8
-sequence (U+FFFD) -- the "prefix/read offset" scheme used by serving engines such as vLLM.
+Two formats cover the Llama family: SentencePiece `tokenizer.model` (Kudo & Richardson, 2018: Llama 1/2,
+Mistral, TinyLlama) and Hugging Face `tokenizer.json` (Llama 3, DeepSeek), read through the optional
+`tokenizers` library. `tokenizer_config.json`, when present, says whether to add BOS and names the
+BOS/EOS tokens. Streaming detokenization lives with the rest of output processing (engine/output.py).
 """
 from __future__ import annotations
 
@@ -16,9 +11,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-# Tokens of context kept before the unread ones: enough that a piece's leading space is decoded as
-# "inside the text" rather than "at its start".
-_WINDOW = 5
 
 
 class _SentencePiece:
@@ -178,53 +170,3 @@ class Tokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self._backend.piece(int(token_id))
-
-
-class IncrementalDetokenizer:
-    """Turns a stream of token ids into a stream of text that is always valid UTF-8.
-
-    The pieces returned by `push` (then `flush` at the end) concatenate to the text the output adds
-    after the prompt: decode(prompt + output) minus decode(prompt) -- so a leading space of the first
-    output token is kept; with an empty (or BOS-only) prompt that is exactly decode(output).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]):
-        self.tokenizer = tokenizer
-        self.tokens = [int(t) for t in prompt_ids]
-        self.read_offset = len(self.tokens)  # tokens before this are already emitted (or prompt)
-        self.prefix_offset = self._window_start()  # start of the decoding window
-        self.text = ""  # everything emitted so far
-
-    def _window_start(self) -> int:
-        # The window must not start inside a character: some decoders (tokenizers' ByteFallback) turn a
-        # whole run of byte pieces into U+FFFDs when it starts with a continuation byte. A character
-        # spans at most 4 byte pieces, so step back at most 3.
-        end = len(self.tokens)
-        start = max(0, end - _WINDOW)
-        for _ in range(3):
-            if start == 0 or not self.tokenizer.decode(self.tokens[start:end]).startswith("\ufffd"):
-                break
-            start -= 1
-        return start
-
-    def _advance(self, force: bool) -> str:
-        decode = self.tokenizer.decode
-        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
-        full = decode(self.tokens[self.prefix_offset:])
-        # U+FFFD at the end: an incomplete UTF-8 sequence that later byte pieces may complete.
-        if not force and (len(full) <= len(prefix) or full.endswith("\ufffd")):
-            return ""
-        new = full[len(prefix):]
-        self.prefix_offset = self._window_start()
-        self.read_offset = len(self.tokens)
-        self.text += new
-        return new
-
-    def push(self, token_id: int) -> str:
-        """Add one generated token; return the newly printable text (often '', never broken UTF-8)."""
-        self.tokens.append(int(token_id))
-        return self._advance(force=False)
-
-    def flush(self) -> str:
-        """At the end of a sequence: return held-back text (an incomplete sequence decodes to U+FFFD)."""
-        return self._advance(force=True) if self.read_offset < len(self.tokens) else ""

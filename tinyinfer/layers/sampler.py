@@ -17,11 +17,12 @@ norm(max(0, p - q)); if all k are accepted draw a bonus token from p. The emitte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from itertools import chain
 from typing import Sequence
 
 import torch
+
+from tinyinfer.sampling_params import SamplingParams
 
 # Streams of keyed randomness: one purpose each, so no two decisions at the same (seed, step) share noise.
 STREAM_SAMPLE = 0    # plain sampling (and the bonus token of a fully accepted speculative run)
@@ -30,64 +31,6 @@ STREAM_ACCEPT = 2    # the accept/reject uniform of each draft slot
 STREAM_RESIDUAL = 3  # the draw from norm(max(0, p - q)) after a rejection
 
 _MASK32 = 0xFFFFFFFF
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    """What a request asks of the sampler. temperature 0 means greedy; top_k 0 means off."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int = 16
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        def bad(field: str, value: object, want: str) -> ValueError:
-            return ValueError(f"SamplingParams.{field}={value!r} is invalid: {want}")
-
-        def is_int(x: object) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def is_real(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        if not is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", self.temperature, "use a finite number >= 0 (0 means greedy)")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "use an integer >= 0 (0 turns top-k off)")
-        if not is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise bad("top_p", self.top_p, "use a number in (0, 1] (1 turns top-p off)")
-        if not is_real(self.min_p) or not (0.0 <= self.min_p <= 1.0):
-            raise bad("min_p", self.min_p, "use a number in [0, 1] (0 turns min-p off)")
-        rp = self.repetition_penalty
-        if not is_real(rp) or not math.isfinite(rp) or rp <= 0:
-            raise bad("repetition_penalty", rp, "use a finite number > 0 (1 turns it off)")
-        if self.seed is not None and not is_int(self.seed):
-            raise bad("seed", self.seed, "use an integer or None")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, "use an integer >= 1")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.stop is not None:
-            if not all(isinstance(s, str) and s for s in self.stop):
-                raise bad("stop", self.stop, "use a non-empty string or a list of non-empty strings")
-            self.stop = list(self.stop)
-        if self.stop_token_ids is not None:
-            if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-                raise bad("stop_token_ids", self.stop_token_ids, "use a list of token ids >= 0")
-            self.stop_token_ids = list(self.stop_token_ids)
-        if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", self.ignore_eos, "use True or False")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 # --- logits processors ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""INT4 checkpoints on disk: tinyinfer's own self-describing file, and GPTQ / AWQ imports.
+"""INT4 checkpoints on disk: tinyinfer's own self-describing file, and GPTQ / AWQ imports
+(Frantar et al., "GPTQ", ICLR 2023; Lin et al., "AWQ", MLSys 2024).
 
 tinyinfer INT4 file: one .safetensors holding, under our module names (`layers.0.attn.qkv_proj`, ...),
-for each quantized linear the canonical tensors of quant.py (`.qweight` uint8 (N, K/2), `.scales`
+for each quantized linear the canonical tensors of quant/format.py (`.qweight` uint8 (N, K/2), `.scales`
 (N, K/G), `.zeros` uint8 (N, K/G), optionally `.perm` int64 (K) and `.bias`), and every other
 parameter as is (`embed_tokens.weight`, norms, `lm_head.weight`). Metadata: format "tinyinfer-int4",
 format_version, group_size, the Hugging Face config JSON under "config" and the quantized module
@@ -27,8 +28,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tinyinfer import checkpoint as ckpt
-from tinyinfer.quant import Int4Linear, pack_nibbles, unpack_nibbles
+from tinyinfer.layers.linear import Int4Linear
+from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.quant.format import pack_nibbles, unpack_nibbles
 
 FORMAT = "tinyinfer-int4"
 FORMAT_VERSION = 1
@@ -224,26 +226,3 @@ def load_gptq_awq(model: nn.Module, reader: ckpt.TensorReader, hf_config: dict, 
         raise ckpt.CheckpointError("config.json has a quantization_config but the checkpoint holds no "
                                    "packed .qweight tensors for this model's linears")
     return done
-
-
-# ----------------------------------------------------------------------------------------------
-# The engine's entry point
-# ----------------------------------------------------------------------------------------------
-
-def load_weights(model: nn.Module, files: ckpt.CheckpointFiles, reader: ckpt.TensorReader,
-                 num_layers: int, tied: bool, dtype: torch.dtype, device: torch.device,
-                 quant: Optional[str] = None, progress: bool = False) -> None:
-    """checkpoint.load_weights, INT4-aware: a tinyinfer INT4 file, a GPTQ/AWQ directory, or a dense
-    checkpoint (quantized after loading when quant="int4")."""
-    if quant not in (None, "int4"):
-        raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
-    if is_int4_file(files.metadata):
-        load_int4(model, reader, files.metadata, dtype, device)
-        return
-    prequantized = "quantization_config" in files.config
-    if prequantized:
-        load_gptq_awq(model, reader, files.config, dtype, device)
-    ckpt.load_weights(model, reader, num_layers, tied, dtype, device, progress=progress)
-    if quant == "int4" and not prequantized:
-        from tinyinfer.quant import quantize_model
-        quantize_model(model, progress=progress)

@@ -1,8 +1,8 @@
-"""The road every CUDA kernel travels: build, load, and register it as the `cuda` impl of its op.
+"""The build road of the CUDA kernels: compile `cuda/` into one extension and load it.
 
-Each op in `tinyinfer.ops` has a pure-PyTorch reference body. This module compiles the hand-written
-kernels in `cuda/` into one extension through `torch.utils.cpp_extension` and registers them for
-the `cuda` dispatch key, so `ops.store_kv(...)` runs the kernel on a GPU and the reference elsewhere.
+The hand-written kernels in `cuda/` are compiled into one extension through `torch.utils.cpp_extension`
+(PyTorch's C++/CUDA extension mechanism); `tinyinfer/ops/cuda.py` registers them as the `cuda` impl of
+their ops, so `ops.store_kv(...)` runs the kernel on a GPU and the reference elsewhere.
 
 - One list of sources (`sources()`) and flags (`CXX_FLAGS`, `NVCC_FLAGS`); builds target the
   device's own architecture only (`target_arch()`; sm_90a when no GPU is visible), which keeps
@@ -13,7 +13,7 @@ the `cuda` dispatch key, so `ops.store_kv(...)` runs the kernel on a GPU and the
   device; otherwise, on a CUDA device, compiles it just in time (ninja, cached, one line on stderr);
   otherwise returns None -- with one clear warning on a GPU machine, where the slow path is a surprise.
 
-Adding a kernel: see `CUDA_IMPLS` below and the top of cuda/bindings.cpp.
+Adding a kernel: see tinyinfer/ops/cuda.py and the top of cuda/bindings.cpp.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = REPO_ROOT / "cuda"
 BUILD_ROOT = REPO_ROOT / "build" / "ext"
 EXTENSION_NAME = "tinyinfer_cuda"
@@ -39,40 +39,6 @@ CXX_FLAGS = ["-O3"]
 # compiler print registers, spills and shared memory per kernel (`make build` shows that report).
 # No --use_fast_math: kernels that want fast intrinsics (__expf) say so where they use them.
 NVCC_FLAGS = ["-O3", "-lineinfo", "-Xptxas=-v"]
-
-# Op name in tinyinfer.ops -> how its CUDA impl calls the extension: (extension module, *op args).
-# To add a kernel: write cuda/<family>.cu, bind it in cuda/bindings.cpp (m.def), add one line here.
-CUDA_IMPLS: dict[str, Callable[..., Any]] = {
-    "store_kv": lambda ext, *args: ext.store_kv(*args),
-    "rms_norm": lambda ext, *args: ext.rms_norm(*args),
-    "fused_add_rmsnorm": lambda ext, *args: ext.fused_add_rmsnorm(*args),
-    "rope_store_kv": lambda ext, *args: ext.rope_store_kv(*args),
-    "int4_linear": lambda ext, *args: ext.int4_linear(*args),
-    "paged_attention": lambda ext, *args: _paged_attention(ext, *args),
-}
-
-# Shapes the paged-attention kernel covers: (K head dim, V head dim) for Llama-family and MLA latents.
-PAGED_ATTENTION_DIMS = {(64, 64), (128, 128), (576, 512)}
-
-
-def _paged_attention(ext: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     *rest: Any) -> torch.Tensor:
-    """The kernel for fp16/bf16 and its head dims; anything else (e.g. an fp32 model on a GPU, other
-    head sizes) takes the reference path with one warning instead of failing."""
-    dims, block = (k_cache.shape[-1], v_cache.shape[-1]), k_cache.shape[1]
-    if (q.dtype in (torch.float16, torch.bfloat16) and dims in PAGED_ATTENTION_DIMS
-            and block & (block - 1) == 0):
-        return ext.paged_attention(q, k_cache, v_cache, *rest)
-    _warn_reference_once(f"paged_attention: no kernel for dtype {q.dtype}, head dims {dims}, "
-                         f"block size {block}")
-    from tinyinfer import ops
-    return ops.paged_attention_reference(q, k_cache, v_cache, *rest)
-
-
-def _warn_reference_once(what: str) -> None:
-    # Python's default warning filter shows each distinct message once per process.
-    warnings.warn(f"tinyinfer: {what}; using the (slow) reference path", RuntimeWarning, stacklevel=4)
-
 
 def sources() -> list[Path]:
     # bindings.cpp first: torch's headers make it the slowest single compile, so with few cores
@@ -277,31 +243,3 @@ def require_extension() -> Any:
     if module is None:
         raise RuntimeError(f"tinyinfer CUDA extension unavailable: {reason}")
     return module
-
-
-# ----------------------------------------------------------------------------------------------
-# Registration: the cuda impl of each op calls the extension, or the reference when there is none
-# ----------------------------------------------------------------------------------------------
-
-def _cuda_impl(name: str, impl: Callable[..., Any], reference: Callable[..., Any]) -> Callable[..., Any]:
-    def cuda_impl(*args: Any) -> Any:
-        ext = extension()  # compiled (or loaded) at the first call on a CUDA tensor, never at import
-        return reference(*args) if ext is None else impl(ext, *args)
-    cuda_impl.__name__ = f"{name}_cuda"
-    return cuda_impl
-
-
-@functools.cache
-def register_cuda_kernels() -> None:
-    """Register every CUDA_IMPLS entry for the `cuda` key of its op. Cheap: compiles nothing.
-    Ops not (yet) defined in tinyinfer.ops are skipped. Idempotent (cached)."""
-    from tinyinfer import ops
-    for name, impl in CUDA_IMPLS.items():
-        op, reference = getattr(ops, name, None), getattr(ops, f"{name}_reference", None)
-        if op is not None and reference is not None:
-            op.register_kernel("cuda")(_cuda_impl(name, impl, reference))
-
-
-if __name__ == "__main__":
-    from tinyinfer.kernels_build import main
-    sys.exit(main())

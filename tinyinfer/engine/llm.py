@@ -1,0 +1,104 @@
+"""`LLM`: the offline API, a thin loop over the online engine (engine/llm_engine.py).
+
+    from tinyinfer import LLM, SamplingParams
+    llm = LLM("models/shakespeare-llama")
+    outs = llm.generate(["ROMEO:", "JULIET:"], SamplingParams(temperature=0.0, max_tokens=64))
+
+Every request of a `generate` call runs as one continuously batched workload; a bad request ends with
+finish_reason "error" (and its RequestError) while the others finish normally.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence as Seq, Union
+
+import torch
+
+from tinyinfer.engine.llm_engine import LLMEngine, Prompt
+from tinyinfer.engine.output import RequestDelta, RequestOutput
+from tinyinfer.engine.sequence import RequestError
+from tinyinfer.sampling_params import SamplingParams
+
+
+class LLM:
+    """Offline generation. Takes the same options as LLMEngine (device, dtype, quant, draft,
+    speculate_k, max_kv_tokens, block_size, verbose, cuda_graphs, ...)."""
+
+    def __init__(self, path: str, **options):
+        self.engine = LLMEngine(path, **options)
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        return llm
+
+    # The model and its surroundings, for callers that look inside (tests, benchmarks).
+    config = property(lambda self: self.engine.config)
+    tokenizer = property(lambda self: self.engine.tokenizer)
+    model = property(lambda self: self.engine.runner.model)
+    device = property(lambda self: self.engine.device)
+    dtype = property(lambda self: self.engine.dtype)
+    stats = property(lambda self: self.engine.stats)
+
+    def figures(self) -> dict:
+        return self.engine.figures()
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """One teacher-forced forward over `token_ids` (used exactly as given): (len, vocab) float32."""
+        return self.engine.logits(token_ids)
+
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
+                 params: Union[SamplingParams, Seq[SamplingParams], None] = None,
+                 on_token: Optional[Callable[[RequestDelta], None]] = None) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in prompt order. `on_token` is called
+        with each step's RequestDelta of every request (streaming)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        engine = self.engine
+        outputs: list[RequestOutput] = []
+        live: dict[str, RequestOutput] = {}
+        for prompt, sp in zip(prompts, plist):
+            out = RequestOutput(prompt_token_ids=[])
+            outputs.append(out)
+            try:
+                rid = engine.add_request(prompt, sp)
+            except RequestError as err:
+                out.prompt_token_ids = list(prompt) if not isinstance(prompt, str) else []
+                out.finish_reason, out.error = "error", err
+                continue
+            out.prompt_token_ids = list(engine.requests[rid].seq.prompt_ids)
+            live[rid] = out
+        try:
+            while live and engine.has_unfinished():
+                for delta in engine.step():
+                    out = live.get(delta.request_id)
+                    if out is None:
+                        continue
+                    out.token_ids += delta.new_token_ids
+                    out.text += delta.new_text
+                    if delta.finished:
+                        out.finish_reason, out.error = delta.finish_reason, delta.error
+                        del live[delta.request_id]
+                    if on_token is not None:
+                        on_token(delta)
+        finally:
+            for rid, out in live.items():           # interrupted (KeyboardInterrupt, a raising callback)
+                engine.abort(rid)
+                out.finish_reason, out.error = "error", RuntimeError("generation interrupted")
+            if live:
+                engine.step()                       # deliver the aborts: the engine is clean again
+        return outputs
+
+    def close(self) -> None:
+        """Release the engine (its KV cache and CUDA graphs go with it)."""
+        self.engine = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

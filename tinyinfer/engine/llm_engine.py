@@ -1,0 +1,272 @@
+"""`LLMEngine`: the online engine. Requests arrive and leave at any time; each `step()` runs one
+continuously batched step over every live request (Yu et al., "Orca", OSDI 2022):
+
+    schedule (prefill or decode) -> build the step's batch -> model runner -> sample (or verify drafts)
+    -> append tokens, detokenize, check stops -> one RequestDelta per request that progressed
+
+    engine = LLMEngine("models/shakespeare-llama")
+    rid = engine.add_request("ROMEO:", SamplingParams(max_tokens=32))   # validated now: RequestError
+    while engine.has_unfinished():
+        for delta in engine.step():
+            print(delta.request_id, delta.new_text, delta.finish_reason)
+    engine.abort(rid)      # frees its KV blocks at once; no-op (False) for unknown / finished ids
+
+Requests added between two steps join the running batch at the next step. A request that fails inside
+the engine (NaN logits) ends alone with finish_reason "error"; the others continue.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from tinyinfer.engine.batch import build_batch
+from tinyinfer.engine.block_manager import BlockManager
+from tinyinfer.engine.model_runner import ModelRunner
+from tinyinfer.engine.output import RequestDelta, TextStream
+from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
+                                        check_same_tokenizer)
+from tinyinfer.engine.scheduler import Scheduler
+from tinyinfer.engine.sequence import RequestError, Sequence
+from tinyinfer.engine.speculative import Speculator, check_speculate_k
+from tinyinfer.layers.sampler import sample
+from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.loading.config import ModelConfig
+from tinyinfer.loading.tokenizer import Tokenizer
+from tinyinfer.loading.weights import choose_dtype
+from tinyinfer.sampling_params import SamplingParams
+
+Prompt = Union[str, list[int]]
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    text: TextStream
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LLMEngine:
+    def __init__(self, path: str, device: Optional[str] = None, dtype: Optional[str] = None,
+                 quant: Optional[str] = None, draft: Optional[str] = None, speculate_k: int = 4,
+                 max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False,
+                 cuda_graphs: Optional[bool] = None, max_num_seqs: int = 256,
+                 max_prefill_tokens: int = 8192):
+        if quant not in (None, "int4"):
+            raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
+        check_speculate_k(speculate_k)
+        self.device = torch.device(device or default_device())
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+        self.verbose = verbose
+        files = ckpt.locate(path)
+        self.config = ModelConfig.from_hf(files.config, files.generation_config)
+        for note in self.config.notes:
+            self._say(note)
+        if draft not in (None, "ngram"):
+            check_draft(draft, self.config)         # bad path / vocabulary: before any work
+        self.dtype = choose_dtype(self.config, self.device, dtype)
+        self.tokenizer = Tokenizer.from_dir(files.tokenizer_dir)
+        # Decode steps replay CUDA graphs (default on for half precision on CUDA: fp32 attention runs
+        # the reference op, which cannot be captured); cuda_graphs=False runs them eagerly.
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got {self.device}; "
+                             "leave it unset (or False) on the CPU")
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
+        runner = ModelRunner.load(files, self.config, self.device, self.dtype, quant, max_kv_tokens,
+                                  block_size, use_graphs, say=self._say)
+        self._setup(runner, self.tokenizer, max_num_seqs, max_prefill_tokens)
+        if draft is not None:
+            self.set_speculator(self._proposer(draft, use_graphs), speculate_k)
+
+    def _setup(self, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int,
+               max_prefill_tokens: int) -> None:
+        self.runner, self.tokenizer, self.config = runner, tokenizer, runner.config
+        self.device, self.dtype, self.block_size = runner.device, runner.dtype, runner.block_size
+        self.kv_tokens = runner.num_blocks * runner.block_size
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_prefill_tokens)
+        self.speculator: Optional[Speculator] = None
+        self.requests: dict[str, _Request] = {}
+        self._pending: list[RequestDelta] = []      # final deltas of aborted requests
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_runner(cls, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int = 256,
+                    max_prefill_tokens: int = 8192) -> "LLMEngine":
+        """An engine around a model runner built elsewhere (benchmarks: random-weight models)."""
+        engine = cls.__new__(cls)
+        engine.verbose = False
+        engine._setup(runner, tokenizer, max_num_seqs, max_prefill_tokens)
+        return engine
+
+    def set_speculator(self, proposer: Proposer, k: int) -> Speculator:
+        """Decode speculatively from now on: `proposer` drafts up to k tokens per step."""
+        self.speculator = Speculator(self.runner, self.blocks, proposer, k)
+        return self.speculator
+
+    def _proposer(self, draft: str, use_graphs: bool) -> Proposer:
+        if draft == "ngram":
+            return NgramProposer()
+        files = ckpt.locate(draft)
+        check_same_tokenizer(draft, Tokenizer.from_dir(files.tokenizer_dir), self.tokenizer)
+        cfg = ModelConfig.from_hf(files.config, files.generation_config)
+        # The draft's pool is as large as the target's, so it never runs dry before the target does.
+        runner = ModelRunner.load(files, cfg, self.device, self.dtype, None, self.kv_tokens,
+                                  self.block_size, use_graphs, self.runner.graph_pool)
+        return DraftModelProposer(runner)
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(f"tinyinfer: {msg}", file=sys.stderr)
+
+    @property
+    def stats(self) -> dict:
+        return {"preemptions": self.scheduler.num_preemptions, "free_blocks": self.blocks.num_free,
+                "num_blocks": self.blocks.num_blocks, "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting)}
+
+    def figures(self) -> dict:
+        """Figures for the CLI's summary line (speculation: acceptance rate, tokens per target step)."""
+        return self.speculator.figures() if self.speculator is not None else {}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Queue a request; it joins the batch at the next step. Raises RequestError if it cannot run."""
+        params = params if params is not None else SamplingParams()
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already in use by an unfinished request")
+        if prompt == "":
+            raise RequestError("empty prompt: give at least one token or character")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate(ids, params)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(rid, ids, params, seed, tuple(self.config.eos_token_ids))
+        self.requests[rid] = _Request(seq, TextStream(self.tokenizer, ids, params.stop or []))
+        self.scheduler.add(seq)
+        return rid
+
+    def _validate(self, ids: list, params: SamplingParams) -> None:
+        limit, vocab = self.config.max_context, self.config.vocab_size
+        if not ids:
+            raise RequestError("empty prompt: give at least one token or character")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        total = len(ids) + params.max_tokens
+        if total > limit:
+            raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
+                               f"exceeds the model's context of {limit} tokens; shorten the prompt or "
+                               "lower max_tokens")
+        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
+            raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} needs more "
+                               f"KV cache than the whole pool holds ({self.kv_tokens} tokens); raise "
+                               "max_kv_tokens or lower max_tokens")
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now and free its KV blocks; its final delta (finish_reason "abort") comes
+        with the next step. Unknown or already finished ids are a no-op: returns False."""
+        req = self.requests.get(str(request_id))
+        if req is None or req.seq.finished:
+            return False
+        self._finish(req, "abort")
+        self._pending.append(self._delta(req, []))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestDelta]:
+        deltas, self._pending = self._pending, []
+        for d in deltas:
+            self.requests.pop(d.request_id, None)
+        lookahead = self.speculator.k if self.speculator is not None else 0
+        seqs, prefill = self.scheduler.schedule(lookahead)
+        if not seqs:
+            return deltas
+        if self.speculator is not None and not prefill:
+            emitted = self.speculator.step(seqs)
+        else:
+            emitted = self._sample_step(seqs)
+        for seq, tokens in zip(seqs, emitted):
+            req = self.requests[seq.request_id]
+            if tokens is None:
+                self._finish(req, "error", RequestError(
+                    f"request {seq.request_id}: the model produced NaN/inf logits at output position "
+                    f"{seq.num_outputs}; the request was stopped (its KV blocks were freed)"))
+                tokens = []
+            new = []
+            for tok in tokens:
+                new.append(tok)
+                if self._append(req, tok):          # nothing after a stop is emitted
+                    break
+            deltas.append(self._delta(req, new))
+            if seq.finished:
+                del self.requests[seq.request_id]
+        return deltas
+
+    def _sample_step(self, seqs: list[Sequence]) -> list[list[int] | None]:
+        num_new = [len(s) - s.num_cached for s in seqs]
+        logits = self.runner.execute(build_batch(seqs, num_new, self.block_size))     # (B, vocab)
+        for s, n in zip(seqs, num_new):
+            s.num_cached += n
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        tokens = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
+                        [s.seed for s in seqs], [s.num_outputs for s in seqs]).tolist()
+        return [[t] if ok else None for t, ok in zip(tokens, finite)]
+
+    def _append(self, req: _Request, tok: int) -> bool:
+        """Append one generated token; True if the request finished with it."""
+        seq = req.seq
+        seq.token_ids.append(tok)
+        if tok in seq.stop_ids:                     # eos / stop ids end the text, unrendered
+            reason = "stop"
+        elif req.text.push(tok):
+            reason = "stop"                         # a stop string: the text was cut before it
+        else:
+            reason = "length" if seq.num_outputs >= seq.params.max_tokens else None
+        if reason is None:
+            return False
+        if req.text.finish():                       # text held back for an unfinished character
+            reason = "stop"
+        self._finish(req, reason)
+        return True
+
+    def _finish(self, req: _Request, reason: str, error: Optional[Exception] = None) -> None:
+        self.scheduler.finish(req.seq, reason, error)
+        if self.speculator is not None:
+            self.speculator.forget(req.seq)
+
+    def _delta(self, req: _Request, new_tokens: list[int]) -> RequestDelta:
+        seq = req.seq
+        return RequestDelta(seq.request_id, new_tokens, req.text.take(final=seq.finished),
+                            seq.finished, seq.finish_reason, seq.error)
+
+    # ------------------------------------------------------------------ teacher forcing
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """One teacher-forced forward over `token_ids` (used exactly as given): (len, vocab) float32."""
+        if not token_ids or len(token_ids) > self.config.max_context:
+            raise RequestError(f"logits() needs 1..{self.config.max_context} tokens, "
+                               f"got {len(token_ids)}")
+        seq = Sequence("logits", list(token_ids), SamplingParams(max_tokens=1), 0)
+        if not self.blocks.can_grow(seq, len(seq)):
+            raise RequestError(f"{len(seq)} tokens need {self.blocks.blocks_needed(seq, len(seq))} KV "
+                               f"blocks, only {self.blocks.num_free} are free")
+        self.blocks.grow(seq, len(seq))
+        try:
+            return self.runner.execute(build_batch([seq], [len(seq)], self.block_size),
+                                       all_logits=True)
+        finally:
+            self.blocks.free(seq)

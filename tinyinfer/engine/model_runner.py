@@ -1,0 +1,87 @@
+"""The model runner: a model, its paged KV cache and its CUDA graphs, executing one step's batch.
+
+`execute(batch)` takes a `StepBatch` (engine/batch.py: plain host lists, so a runner can live in another
+process) and returns float32 logits; it never touches a `Sequence` -- the engine advances their cached
+counts after the step. Decode steps (one new token per sequence) replay CUDA graphs on a GPU, and so do
+speculative verify steps once `enable_verify_graphs(k + 1)` is called; every other step runs eagerly.
+The cache is sized once at load: a token budget (given, or from free memory) cut into blocks
+(Kwon et al., "PagedAttention", SOSP 2023).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from tinyinfer.engine.batch import StepBatch
+from tinyinfer.engine.cuda_graphs import GraphRunner
+from tinyinfer.engine.kv_cache import PagedKVCache, default_kv_tokens
+from tinyinfer.loading.checkpoint import CheckpointFiles
+from tinyinfer.loading.config import ModelConfig
+from tinyinfer.loading.weights import load_model
+from tinyinfer.models.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv: PagedKVCache, cuda_graphs: bool = False,
+                 graph_pool: Optional[tuple] = None):
+        self.model, self.kv = model, kv
+        self.config: ModelConfig = model.cfg
+        self.device = kv.k_caches[0].device
+        self.dtype = kv.k_caches[0].dtype
+        self.block_size, self.num_blocks = kv.block_size, kv.num_blocks
+        # q_len -> graphs of steps with up to q_len new tokens per sequence (1: decode).
+        self.graphs: dict[int, GraphRunner] = {}
+        if cuda_graphs:
+            self.graphs[1] = GraphRunner(model, kv, pool=graph_pool)
+
+    @classmethod
+    def load(cls, files: CheckpointFiles, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+             quant: Optional[str] = None, kv_tokens: Optional[int] = None, block_size: int = 16,
+             cuda_graphs: bool = False, graph_pool: Optional[tuple] = None,
+             say: Callable[[str], None] = lambda msg: None) -> "ModelRunner":
+        """Load the checkpoint's model on `device` and allocate its KV cache (kv_tokens tokens, or
+        what fits in memory when None)."""
+        model = load_model(files, cfg, dtype, device, quant)
+        k_dims, v_dims = Transformer.kv_dims(cfg)
+        per_token = PagedKVCache.bytes_per_token(cfg.num_layers, k_dims, v_dims, dtype)
+        if kv_tokens is None:
+            kv_tokens = max(block_size, default_kv_tokens(device, per_token, cfg.max_context))
+        if kv_tokens < block_size:
+            raise ValueError(f"max_kv_tokens={kv_tokens} is smaller than one block ({block_size} tokens)")
+        num_blocks = kv_tokens // block_size
+        kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, k_dims, v_dims, dtype, device)
+        say(f"KV cache: {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens "
+            f"({num_blocks * block_size * per_token / 2**20:.1f} MiB, {per_token} bytes/token)")
+        return cls(model, kv, cuda_graphs, graph_pool)
+
+    @property
+    def graph_pool(self) -> Optional[tuple]:
+        """The memory pool every graph of this runner shares (a draft model's runner may share it)."""
+        return self.graphs[1].pool if 1 in self.graphs else None
+
+    def enable_verify_graphs(self, q_len: int) -> None:
+        """Capture steps of up to q_len new tokens per sequence too (speculative verification)."""
+        if 1 in self.graphs and q_len not in self.graphs:
+            self.graphs[q_len] = GraphRunner(self.model, self.kv, q_len=q_len, pool=self.graph_pool)
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch, all_logits: bool = False) -> Tensor:
+        """float32 logits of the last new token of each sequence, (B, vocab), or of every new token,
+        (T, vocab), when all_logits."""
+        graphs = self._graphs_for(batch, all_logits)
+        if graphs is not None:
+            return graphs.run(batch)           # (T, vocab); a decode step has T == B
+        input_ids, positions, meta = batch.to_device(self.device)
+        hidden = self.model(input_ids, positions, meta, self.kv.layers())            # (T, hidden)
+        if not all_logits:
+            hidden = hidden[meta.query_start_loc[1:].long() - 1]                     # (B, hidden)
+        return self.model.compute_logits(hidden)
+
+    def _graphs_for(self, batch: StepBatch, all_logits: bool) -> Optional[GraphRunner]:
+        if not all_logits:
+            runner = self.graphs.get(1)
+        else:
+            runner = next((g for q, g in sorted(self.graphs.items()) if q > 1), None)
+        return runner if runner is not None and runner.can_run(batch) else None

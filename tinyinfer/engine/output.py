@@ -1,0 +1,140 @@
+"""Output processing: a request's generated tokens become streamed text, stop strings end it, and each
+step reports what every request gained.
+
+Streaming is the subtle part. Decoding one token at a time is wrong twice over: a byte-fallback piece
+(`<0xF0>`) may be a quarter of an emoji, and SentencePiece drops the leading space of the first piece it
+decodes. `IncrementalDetokenizer` therefore decodes a short window of recent tokens twice, with and
+without the new ones, emits the difference, and holds text back while it ends in an incomplete UTF-8
+sequence (U+FFFD) -- the "prefix/read offset" scheme used by serving engines such as vLLM (Kwon et al.,
+SOSP 2023). `TextStream` adds stop strings: the text is cut where one starts, and a tail that may
+still become one is held back from the stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from tinyinfer.loading.tokenizer import Tokenizer
+
+# Tokens of context kept before the unread ones: enough that a piece's leading space is decoded as
+# "inside the text" rather than "at its start".
+_WINDOW = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into a stream of text that is always valid UTF-8.
+
+    The pieces returned by `push` (then `flush` at the end) concatenate to the text the output adds
+    after the prompt: decode(prompt + output) minus decode(prompt) -- so a leading space of the first
+    output token is kept; with an empty (or BOS-only) prompt that is exactly decode(output).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.tokens = [int(t) for t in prompt_ids]
+        self.read_offset = len(self.tokens)  # tokens before this are already emitted (or prompt)
+        self.prefix_offset = self._window_start()  # start of the decoding window
+        self.text = ""  # everything emitted so far
+
+    def _window_start(self) -> int:
+        # The window must not start inside a character: some decoders (tokenizers' ByteFallback) turn a
+        # whole run of byte pieces into U+FFFDs when it starts with a continuation byte. A character
+        # spans at most 4 byte pieces, so step back at most 3.
+        end = len(self.tokens)
+        start = max(0, end - _WINDOW)
+        for _ in range(3):
+            if start == 0 or not self.tokenizer.decode(self.tokens[start:end]).startswith("\ufffd"):
+                break
+            start -= 1
+        return start
+
+    def _advance(self, force: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = decode(self.tokens[self.prefix_offset:])
+        # U+FFFD at the end: an incomplete UTF-8 sequence that later byte pieces may complete.
+        if not force and (len(full) <= len(prefix) or full.endswith("\ufffd")):
+            return ""
+        new = full[len(prefix):]
+        self.prefix_offset = self._window_start()
+        self.read_offset = len(self.tokens)
+        self.text += new
+        return new
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the newly printable text (often '', never broken UTF-8)."""
+        self.tokens.append(int(token_id))
+        return self._advance(force=False)
+
+    def flush(self) -> str:
+        """At the end of a sequence: return held-back text (an incomplete sequence decodes to U+FFFD)."""
+        return self._advance(force=True) if self.read_offset < len(self.tokens) else ""
+
+
+class TextStream:
+    """The output text of one request: incremental detokenization plus its stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stops: Sequence[str]):
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = list(stops)
+        self.text = ""                             # the output so far, cut at a stop string
+        self.sent = 0                              # characters already handed out by take()
+        self._checked = 0                          # text before this offset holds no stop string
+
+    def push(self, token_id: int) -> bool:
+        """Add one generated token's text; True if the text now contains a stop string (cut there)."""
+        self.text += self.detok.push(token_id)
+        return self._stop_hit()
+
+    def finish(self) -> bool:
+        """The request ends: add the held-back text; True if that completes a stop string."""
+        self.text += self.detok.flush()
+        return self._stop_hit()
+
+    def take(self, final: bool) -> str:
+        """The text not handed out yet; while not final, a tail that may be the start of a stop
+        string is held back."""
+        end = len(self.text) if final else len(self.text) - self._held()
+        new = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return new
+
+    def _stop_hit(self) -> bool:
+        for stop in self.stops:
+            idx = self.text.find(stop, max(0, self._checked - len(stop) + 1))
+            if idx >= 0:
+                self.text = self.text[:idx]
+                return True
+        self._checked = len(self.text)
+        return False
+
+    def _held(self) -> int:
+        held = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:k]):
+                    held = k
+                    break
+        return held
+
+
+@dataclass
+class RequestDelta:
+    """What one request gained in one engine step (LLMEngine.step returns one per request that
+    progressed). Concatenating a request's new_token_ids / new_text gives its whole output."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str                       # stop-string prefixes are held back until resolved
+    finished: bool = False
+    finish_reason: Optional[str] = None  # "stop" | "length" | "error" | "abort" once finished
+    error: Optional[Exception] = None
+
+
+@dataclass
+class RequestOutput:
+    """A finished request, as LLM.generate returns it."""
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None  # "stop" | "length" | "error" | "abort"
+    error: Optional[Exception] = None

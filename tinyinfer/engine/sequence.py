@@ -1,0 +1,60 @@
+"""A request as the scheduler and the model runner see it: its token ids, its block table in the paged
+KV cache, how many of its tokens are cached, and its sampling state -- no text (output processing,
+engine/output.py, owns the text). Continuous batching moves sequences between WAITING, RUNNING and
+FINISHED between steps (Yu et al., "Orca", OSDI 2022).
+"""
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+from tinyinfer.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request cannot run (empty, too long for the context or the KV pool, non-finite logits)."""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request's tokens (prompt + generated), block table and sampling state."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int,
+                 eos_ids: tuple[int, ...] = ()):
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.token_ids = list(prompt_ids)          # prompt + generated
+        self.params = params
+        self.seed = seed                           # keys the sampler's randomness (layers/sampler.py)
+        # Token ids that end the request (they are kept in token_ids, never rendered as text).
+        self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
+        self.block_table: list[int] = []
+        self.num_cached = 0                        # tokens whose K/V are in the cache
+        self.status = Status.WAITING
+        self.finish_reason: Optional[str] = None   # "stop" | "length" | "error" | "abort"
+        self.error: Optional[Exception] = None
+        self.num_preemptions = 0
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {len(self.prompt_ids)} prompt + {self.num_outputs} "
+                f"output tokens, {self.num_cached} cached, {self.status.value})")

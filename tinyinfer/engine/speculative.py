@@ -1,0 +1,158 @@
+"""Speculative decoding: a cheap proposer drafts up to k tokens, the target checks them in one pass.
+
+One decode step for a batch (Leviathan et al., "Fast Inference from Transformers via Speculative
+Decoding", 2023; Chen et al., "Accelerating LLM Decoding with Speculative Sampling", 2023):
+
+    propose   d_b <= k draft tokens per sequence, with their distributions q (one-hot for n-gram drafts)
+    verify    ONE target forward over [last token, d_1 .. d_db] per sequence (varlen, paged cache)
+              -> target distributions p at the d_b + 1 positions
+    accept    layers/sampler.rejection_sample: keep d_i with probability min(1, p/q); at the first
+              rejection draw from norm(max(0, p - q)); if all are kept draw a bonus token from p. The
+              emitted tokens follow p exactly, so greedy output equals plain greedy decoding.
+    rollback  BlockManager.truncate drops the rejected positions from the target cache (emptied blocks
+              go back); the draft model's cache is cut to the accepted prefix and catches up next step.
+
+The speculator uses the target's model runner and block manager, never the engine; it returns the
+tokens each sequence emits, and the engine appends them one by one (stop conditions included).
+Proposers: engine/proposers.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from tinyinfer.engine.batch import build_batch
+from tinyinfer.engine.block_manager import BlockManager
+from tinyinfer.engine.model_runner import ModelRunner
+from tinyinfer.engine.proposers import Proposal, Proposer, gumbel_argmax
+from tinyinfer.engine.sequence import Sequence
+from tinyinfer.layers.sampler import STREAM_SAMPLE, probabilities, process_logits, rejection_sample
+from tinyinfer.ops.limits import MAX_SPECULATE_K
+
+
+def check_speculate_k(k: object) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATE_K:
+        raise ValueError(f"speculate_k={k!r} is invalid: use an integer from 1 to {MAX_SPECULATE_K} "
+                         f"(verification scores k + 1 <= {MAX_SPECULATE_K + 1} positions per sequence)")
+    return k
+
+
+class Speculator:
+    """Runs the decode steps of an engine speculatively (the engine still does the prefill)."""
+
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, proposer: Proposer, k: int):
+        self.runner, self.blocks, self.proposer, self.k = runner, blocks, proposer, check_speculate_k(k)
+        # On a GPU, verification replays graphs of k + 1 query rows per sequence (shorter drafts
+        # leave padding rows), sharing the decode graphs' memory pool.
+        runner.enable_verify_graphs(k + 1)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.proposed = self.accepted = self.emitted = self.seq_steps = self.steps = 0
+
+    def figures(self) -> dict:
+        return {"speculate_k": self.k,
+                "acceptance_rate": round(self.accepted / max(1, self.proposed), 4),
+                "tokens_per_target_step": round(self.emitted / max(1, self.seq_steps), 3)}
+
+    def limits(self, seqs: list[Sequence]) -> list[int]:
+        # Never draft past max_tokens: a step emits at most d + 1 tokens (this also keeps every
+        # verified position inside the model's context, which add_request checked).
+        return [max(0, min(self.k, s.params.max_tokens - s.num_outputs - 1)) for s in seqs]
+
+    def forget(self, seq: Sequence) -> None:
+        self.proposer.forget(seq)
+
+    def step(self, seqs: list[Sequence]) -> list[list[int] | None]:
+        """One speculative decode step: per sequence, the tokens to emit (the kept drafts, then the
+        corrected or bonus token), or None where the target's logits were not finite."""
+        prop = self.proposer.propose(seqs, self.limits(seqs))
+        d = [len(t) for t in prop.tokens]
+        lengths = [len(s) for s in seqs]
+        num_new = [n + 1 for n in d]
+        for s, t in zip(seqs, prop.tokens):
+            s.token_ids.extend(t)                   # temporarily: the verify pass reads them
+        try:
+            batch = build_batch(seqs, num_new, self.runner.block_size)
+        finally:
+            for s, L in zip(seqs, lengths):
+                del s.token_ids[L:]
+        logits = self.runner.execute(batch, all_logits=True)                         # (T, V)
+        for s, n in zip(seqs, num_new):
+            s.num_cached += n
+        accepted, tokens = self.verify(seqs, prop, logits)
+        finite = self._finite_rows(logits, d)
+        out: list[list[int] | None] = []
+        for b, s in enumerate(seqs):
+            n = accepted[b]
+            # The target cache keeps the sequence so far + the n accepted drafts; the token that ends
+            # this run is new (not cached yet), exactly as after a plain decode step.
+            self.blocks.truncate(s, lengths[b] + n)
+            if not finite[b]:
+                out.append(None)
+                continue
+            self.proposed, self.accepted, self.seq_steps = (self.proposed + d[b],
+                                                            self.accepted + n, self.seq_steps + 1)
+            self.emitted += n + 1
+            out.append(tokens[b][:n + 1])
+        self.steps += 1
+        self.proposer.accepted(seqs, lengths, accepted)
+        return out
+
+    def verify(self, seqs: list[Sequence], prop: Proposal, logits: torch.Tensor
+               ) -> tuple[list[int], list[list[int]]]:
+        """Acceptance by rejection sampling. Returns per sequence the number of drafts kept and the
+        tokens to emit (kept drafts, then the corrected or bonus token)."""
+        dev = logits.device
+        d = [len(t) for t in prop.tokens]
+        B, kmax, V = len(seqs), max(d), logits.shape[1]
+        starts = [0]
+        for n in d:
+            starts.append(starts[-1] + n + 1)
+        # Slot j of sequence b is the distribution after its tokens + drafts 1..j; the repetition
+        # penalty needs that history, other requests skip building it.
+        rows = [(b, j) for b in range(B) for j in range(d[b] + 1)]
+        params = [seqs[b].params for b, _ in rows]
+        hist = [seqs[b].token_ids + prop.tokens[b][:j] if seqs[b].params.repetition_penalty != 1.0
+                else [] for b, j in rows]
+        if all(p.greedy for p in params):
+            # One-hot p: rejection sampling reduces to the longest prefix equal to the target's argmax
+            # plus the target's next token -- no distributions, no noise.
+            best = process_logits(logits, params, hist).argmax(dim=1).tolist()        # (T,)
+            accepted, tokens = [], []
+            for b, drafts in enumerate(prop.tokens):
+                row, n = best[starts[b]:starts[b + 1]], 0
+                while n < d[b] and drafts[n] == row[n]:
+                    n += 1
+                accepted.append(n)
+                tokens.append(drafts[:n] + [row[n]])
+            return accepted, tokens
+        p_flat = probabilities(logits, params, hist)                                  # (T, V)
+        idx = [[starts[b] + min(j, d[b]) for j in range(kmax + 1)] for b in range(B)]
+        p = p_flat[torch.tensor(idx, device=dev)]                                     # (B, kmax+1, V)
+        x = torch.tensor([t + [0] * (kmax - len(t)) for t in prop.tokens], dtype=torch.long,
+                         device=dev).view(B, kmax)                                    # (B, kmax)
+        q = prop.probs if prop.probs is not None else \
+            torch.nn.functional.one_hot(x, V).float()                                 # (B, kmax, V)
+        seeds = [s.seed for s in seqs]
+        steps = [s.num_outputs for s in seqs]
+        acc, toks = rejection_sample(p, q, x, seeds, steps)
+        accepted, tokens = acc.tolist(), toks.tolist()
+        # Rows that drafted fewer than kmax and kept them all end with a bonus token from p at slot
+        # d_b, drawn with the noise rejection_sample uses for a bonus at that step.
+        short = [b for b in range(B) if d[b] < kmax and accepted[b] >= d[b]]
+        if short:
+            p_last = p[short, [d[b] for b in short]]                                  # (S, V)
+            bonus = gumbel_argmax(p_last, [seeds[b] for b in short],
+                                  [steps[b] + d[b] for b in short], STREAM_SAMPLE).tolist()
+            for b, t in zip(short, bonus):
+                accepted[b] = d[b]
+                tokens[b][d[b]] = t
+        return accepted, tokens
+
+    @staticmethod
+    def _finite_rows(logits: torch.Tensor, d: list[int]) -> list[bool]:
+        ok = torch.isfinite(logits).all(dim=1)                                        # (T,)
+        sizes = torch.tensor([n + 1 for n in d], device=logits.device)
+        seq_idx = torch.repeat_interleave(torch.arange(len(d), device=logits.device), sizes)
+        bad = torch.zeros(len(d), dtype=torch.long, device=logits.device)
+        return (bad.index_add_(0, seq_idx, (~ok).long()) == 0).tolist()

@@ -1,0 +1,78 @@
+"""The CUDA kernels of `cuda/` as the `cuda` impl of each op (the override half of the custom-op design).
+
+For every op named in `CUDA_IMPLS`, the `cuda` dispatch key runs the hand-written kernel from the
+extension that `tinyinfer.kernels` builds or loads; when there is no extension (no toolkit, a failed
+build) or the shapes are outside the kernel's limits (ops/limits.py), the impl runs the op's reference
+(ops/reference.py) -- the same function that is the op's body, so there is one reference per op.
+Registering compiles nothing: the extension is built or loaded at the first call on a CUDA tensor.
+
+Adding a kernel: write cuda/<family>.cu, bind it in cuda/bindings.cpp (m.def), add one line here.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from tinyinfer import kernels
+from tinyinfer.ops import library, limits, reference
+
+
+def _paged_attention(ext: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     *rest: Any) -> torch.Tensor:
+    # The kernel for fp16/bf16, its head dims and power-of-two blocks; anything else (an fp32 model
+    # on a GPU, other head sizes) takes the reference. Callers keep query runs <= MAX_KERNEL_Q_LEN
+    # (layers/attention.py sends longer ones to ops.paged_prefill_attention).
+    dims, block = (k_cache.shape[-1], v_cache.shape[-1]), k_cache.shape[1]
+    if limits.paged_attention_kernel_covers(q.dtype, *dims, block):
+        return ext.paged_attention(q, k_cache, v_cache, *rest)
+    _warn_reference_once(f"paged_attention: no kernel for dtype {q.dtype}, head dims {dims}, "
+                         f"block size {block}")
+    return reference.paged_attention(q, k_cache, v_cache, *rest)
+
+
+def _int4_linear(ext: Any, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    # The kernels take fp16/bf16 activations; a float32 model runs the reference on any device.
+    if x.dtype not in limits.KERNEL_DTYPES or zeros.is_floating_point():
+        return reference.int4_linear(x, qweight, scales, zeros, group_size)
+    return ext.int4_linear(x, qweight, scales, zeros, group_size)
+
+
+def _rope_store_kv(ext: Any, q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping):
+    # The kernel reads the step's cos/sin rows; gather them from the table.
+    return ext.rope_store_kv(q, k, v, *reference.rope_rows(cos_sin_cache, positions), k_cache,
+                             v_cache, slot_mapping)
+
+
+# Op name in tinyinfer.ops -> how its CUDA impl calls the extension: (extension module, *op args).
+CUDA_IMPLS: dict[str, Callable[..., Any]] = {
+    "store_kv": lambda ext, *args: ext.store_kv(*args),
+    "rms_norm": lambda ext, *args: ext.rms_norm(*args),
+    "fused_add_rmsnorm": lambda ext, *args: ext.fused_add_rmsnorm(*args),
+    "rope_store_kv": _rope_store_kv,
+    "int4_linear": _int4_linear,
+    "paged_attention": _paged_attention,
+}
+
+
+def _warn_reference_once(what: str) -> None:
+    # Python's default warning filter shows each distinct message once per process.
+    warnings.warn(f"tinyinfer: {what}; using the (slow) reference path", RuntimeWarning, stacklevel=4)
+
+
+def _cuda_impl(name: str, impl: Callable[..., Any], ref: Callable[..., Any]) -> Callable[..., Any]:
+    def cuda_impl(*args: Any) -> Any:
+        ext = kernels.extension()  # compiled (or loaded) at the first call on a CUDA tensor
+        return ref(*args) if ext is None else impl(ext, *args)
+    cuda_impl.__name__ = f"{name}_cuda"
+    return cuda_impl
+
+
+@functools.cache
+def register_cuda_kernels() -> None:
+    """Register every CUDA_IMPLS entry for the `cuda` key of its op (once per process; cheap)."""
+    for name, impl in CUDA_IMPLS.items():
+        getattr(library, name).register_kernel("cuda")(_cuda_impl(name, impl, getattr(reference, name)))
