@@ -1,0 +1,1 @@
+"""Loading checkpoints: config, weights, tokenizer, GGUF."""
