@@ -54,7 +54,7 @@ def smollm2_gguf() -> str:
 
 
 def quantize(w: np.ndarray, qtype: str, rng: np.random.Generator) -> np.ndarray:
-    """The bytes of W (N, K) float32 stored as `qtype`: gguf's own quantizer where it has one (F16,
+    """The bytes of W (..., K) float32 stored as `qtype`: gguf's own quantizer where it has one (F16,
     BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); gguf has no K-quant quantizer, so K-quant tensors are random
     blocks whose fp16 scales are set to small finite values (the data is then whatever they decode to)."""
     if qtype == "F32":
@@ -64,12 +64,12 @@ def quantize(w: np.ndarray, qtype: str, rng: np.random.Generator) -> np.ndarray:
     if qtype not in K_QUANT_FP16_FIELDS:
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
     size, fields = K_QUANT_FP16_FIELDS[qtype]
-    n, k = w.shape
-    blocks = rng.integers(0, 256, size=(n, k // 256, size), dtype=np.uint8)
+    *rows, k = w.shape
+    blocks = rng.integers(0, 256, size=(*rows, k // 256, size), dtype=np.uint8)
     for off in fields:
-        scale = rng.uniform(-0.01, 0.01, size=(n, k // 256)).astype(np.float16)
-        blocks[..., off:off + 2] = scale.view(np.uint8).reshape(n, k // 256, 2)
-    return blocks.reshape(n, -1)
+        scale = rng.uniform(-0.01, 0.01, size=(*rows, k // 256, 1)).astype(np.float16)
+        blocks[..., off:off + 2] = scale.view(np.uint8)
+    return blocks.reshape(*rows, -1)
 
 
 def stored_values(data: np.ndarray, qtype: str) -> np.ndarray:

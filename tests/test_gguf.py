@@ -45,7 +45,8 @@ def int4_to_float(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
 
 def test_config_matches_transformers(ckpt, smollm2):
     from transformers import AutoConfig
-    hf = AutoConfig.from_pretrained(*_hf_args(smollm2)[:1], gguf_file=_hf_args(smollm2)[1]).to_dict()
+    folder, name = _hf_args(smollm2)
+    hf = AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
     ours = ckpt.config
     assert ours["architectures"] == ["LlamaForCausalLM"] and ours["model_type"] == hf["model_type"]
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -1,0 +1,262 @@
+"""GGUF loading on small synthetic files written with gguf.GGUFWriter: every tensor type, the name and
+config mapping of each architecture (checked against transformers where it loads the file), the
+q/k row permutation round trip, and clear errors for bad files."""
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from gguf_util import (VOCAB, base_meta, llama_cpp_permute, quantize, stored_values, write_gguf)
+from test_gguf import int4_to_float
+from tinyinfer.loading.gguf import GGUFError, load_gguf
+
+H, F, HEADS, KV, LAYERS, EXPERTS = 64, 128, 4, 2, 2, 4     # hidden, ffn, heads, kv heads
+# transformers' GGUF loader ignores qwen3's attention.key_length and qwen3moe's
+# expert_feed_forward_length and takes its class defaults (128, 768): the qwen3 files use those
+# values so that it loads them, and we can compare.
+HEAD_DIM = {"qwen3": 128, "qwen3moe": 128}
+MOE_F = 768
+GGUF_ARCH = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "qwen3moe": "qwen3moe"}
+
+
+def build(tmp_path, family: str, qtype: str = "F32", tied: bool = False, legacy_experts: bool = False):
+    """Write a random `family` model; returns (path, {HF name: float32 values it must load as})."""
+    rng = np.random.default_rng(0)
+    arch = GGUF_ARCH[family]
+    D = HEAD_DIM.get(family, H // HEADS)
+    meta = base_meta(arch, layers=LAYERS, hidden=H, ffn=F, heads=HEADS, kv_heads=KV)
+    if family in HEAD_DIM:
+        meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = D
+    if family in ("mixtral", "qwen3moe"):
+        meta.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": 2})
+    if family == "qwen3moe":
+        meta[f"{arch}.expert_feed_forward_length"] = MOE_F
+    tensors, want = {}, {}
+
+    def add(gguf_name, hf_name, shape, qt="F32", heads=None):
+        data = quantize(rng.standard_normal(shape).astype(np.float32), qt, rng)   # HF row order
+        # llama.cpp's converter writes q/k rows permuted; quantization is row-wise, so permuting
+        # the stored rows (blocks) is the same as quantizing the permuted weight
+        tensors[gguf_name] = (llama_cpp_permute(data, heads) if heads else data, qt)
+        want[hf_name] = stored_values(data, qt)
+
+    add("token_embd.weight", "model.embed_tokens.weight", (VOCAB, H))
+    add("output_norm.weight", "model.norm.weight", (H,))
+    if not tied:
+        add("output.weight", "lm_head.weight", (VOCAB, H), qtype)
+    permute = family in ("llama", "mixtral")
+    for i in range(LAYERS):
+        b, p = f"blk.{i}.", f"model.layers.{i}."
+        add(b + "attn_norm.weight", p + "input_layernorm.weight", (H,))
+        add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", (H,))
+        for g, hf, rows, heads in (("attn_q", "q_proj", HEADS * D, HEADS), ("attn_k", "k_proj", KV * D, KV),
+                                   ("attn_v", "v_proj", KV * D, None)):
+            add(f"{b}{g}.weight", f"{p}self_attn.{hf}.weight", (rows, H), qtype, heads if permute else None)
+            if family == "qwen2":
+                add(f"{b}{g}.bias", f"{p}self_attn.{hf}.bias", (rows,))
+        add(b + "attn_output.weight", p + "self_attn.o_proj.weight", (H, HEADS * D), qtype)
+        if family in ("qwen3", "qwen3moe"):
+            add(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight", (D,))
+            add(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", (D,))
+        if family == "qwen3moe":
+            _experts(add, b, p + "mlp.", ("gate_proj", "up_proj", "down_proj"), MOE_F, qtype, False)
+        elif family == "mixtral":
+            _experts(add, b, p + "block_sparse_moe.", ("w1", "w3", "w2"), F, qtype, legacy_experts)
+        else:
+            for g in ("gate", "up"):
+                add(f"{b}ffn_{g}.weight", f"{p}mlp.{g}_proj.weight", (F, H), qtype)
+            add(b + "ffn_down.weight", p + "mlp.down_proj.weight", (H, F), qtype)
+    path = write_gguf(str(tmp_path / f"{family}-{qtype}.gguf"), arch, meta, tensors)
+    return path, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _split_experts(want).items()}
+
+
+def _experts(add, b, p, names, inter, qtype, legacy):
+    gate, up, down = names
+    add(b + "ffn_gate_inp.weight", p + "gate.weight", (EXPERTS, H))
+    if legacy:                       # older Mixtral files: one tensor per expert
+        for e in range(EXPERTS):
+            for g, hf, shape in (("gate", gate, (inter, H)), ("up", up, (inter, H)), ("down", down, (H, inter))):
+                add(f"{b}ffn_{g}.{e}.weight", f"{p}experts.{e}.{hf}.weight", shape, qtype)
+        return
+    for g, hf, shape in (("gate", gate, (inter, H)), ("up", up, (inter, H)), ("down", down, (H, inter))):
+        add(f"{b}ffn_{g}_exps.weight", f"{p}experts.*.{hf}.weight", (EXPERTS, *shape), qtype)
+
+
+def _split_experts(want: dict) -> dict:
+    out = {}
+    for name, v in want.items():
+        if ".experts.*." in name:
+            out.update({name.replace("*", str(e)): v[e] for e in range(v.shape[0])})
+        else:
+            out[name] = v
+    return out
+
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2", "qwen3", "qwen3moe"])
+def test_names_values_and_config(tmp_path, family):
+    """Every tensor under its Hugging Face name and shape, with the values written (llama / mixtral
+    q/k: written permuted as llama.cpp does, read back in Hugging Face order)."""
+    path, want = build(tmp_path, family)
+    ckpt = load_gguf(path)
+    assert set(ckpt.tensors) == set(want)
+    for name, values in want.items():
+        assert ckpt.tensors[name].shape == tuple(values.shape), name
+        assert torch.equal(ckpt.tensors[name].dense(), values), name
+    cfg = ckpt.config
+    arch = {"llama": "Llama", "mixtral": "Mixtral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+            "qwen3moe": "Qwen3Moe"}[family]
+    assert cfg["architectures"] == [f"{arch}ForCausalLM"]
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["vocab_size"]) == (H, LAYERS, HEADS, KV, VOCAB)
+    assert cfg["head_dim"] == HEAD_DIM.get(family, H // HEADS)
+    assert (cfg["rms_norm_eps"], cfg["rope_theta"], cfg["max_position_embeddings"]) == (1e-6, 1e4, 256)
+    assert not cfg["tie_word_embeddings"]
+    if family == "mixtral":
+        assert (cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["intermediate_size"]) == (EXPERTS, 2, F)
+    if family == "qwen3moe":
+        assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]) == (EXPERTS, 2, MOE_F)
+        assert cfg["norm_topk_prob"] is True
+
+
+def test_mixtral_per_expert_tensors(tmp_path):
+    """Older Mixtral files store each expert apart (blk.N.ffn_gate.E.weight): same names."""
+    path, want = build(tmp_path, "mixtral", legacy_experts=True)
+    ckpt = load_gguf(path)
+    assert set(ckpt.tensors) == set(want)
+    assert all(torch.equal(ckpt.tensors[n].dense(), v) for n, v in want.items())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3moe"])
+def test_matches_transformers(tmp_path, family):
+    """Config and every tensor against transformers loading the same file (it has no Mixtral GGUF
+    support). llama: q/k in Q4_0, so the un-permutation is also checked on a quantized tensor."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path, _ = build(tmp_path, family, qtype="Q4_0" if family == "llama" else "F32")
+    ckpt = load_gguf(path)
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    hf_cfg = AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
+    for key in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id", "norm_topk_prob"):
+        assert ckpt.config.get(key) == hf_cfg.get(key), key
+    assert np.float32(ckpt.config["rms_norm_eps"]) == np.float32(hf_cfg["rms_norm_eps"])
+    assert ckpt.config["rope_theta"] == hf_cfg["rope_parameters"]["rope_theta"]
+    state = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).state_dict()
+    ours = {n: t.dense() for n, t in ckpt.tensors.items()}
+    if family == "qwen3moe":      # transformers fuses the experts: gate_up (E, 2I, H), down (E, H, I)
+        for i in range(LAYERS):
+            p = f"model.layers.{i}.mlp.experts."
+            for fused, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+                stacked = torch.stack([torch.cat([ours.pop(f"{p}{e}.{part}.weight") for part in parts])
+                                       for e in range(EXPERTS)])
+                ours[p + fused] = stacked
+    assert set(ours) == set(state)
+    for n, values in ours.items():
+        assert torch.equal(values, state[n]), n
+
+
+QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+          "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_tensor_types(tmp_path, qtype):
+    """Each storage type decodes to gguf's own values (K-quants: random blocks, gguf has no
+    K-quant quantizer); Q4_0 / Q4_1 also repack exactly into INT4 g32; types with a quantizer are
+    close to the weights they quantized."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((32, 256)).astype(np.float32)        # K = 256: one K-quant super-block
+    stored = quantize(w, qtype, rng)
+    meta = base_meta("llama", layers=1, hidden=256, heads=2, kv_heads=2)
+    tensors = {"token_embd.weight": (rng.standard_normal((VOCAB, 256)).astype(np.float32), "F32"),
+               "blk.0.ffn_gate.weight": (stored, qtype),
+               "blk.0.attn_k.weight": (llama_cpp_permute(stored, 2), qtype)}
+    ckpt = load_gguf(write_gguf(str(tmp_path / f"{qtype}.gguf"), "llama", meta, tensors))
+    gate, k = ckpt.tensors["model.layers.0.mlp.gate_proj.weight"], ckpt.tensors["model.layers.0.self_attn.k_proj.weight"]
+    assert gate.ggml_type == qtype and gate.shape == (32, 256)
+    want = torch.from_numpy(stored_values(stored, qtype).reshape(32, 256))
+    assert torch.equal(gate.dense(), want) and torch.equal(k.dense(), want)
+    if qtype in ("F16", "BF16"):            # stored values come back in their own dtype unchanged
+        dt = getattr(torch, {"F16": "float16", "BF16": "bfloat16"}[qtype])
+        assert torch.equal(gate.dense(dt), torch.from_numpy(w).to(dt))
+    if qtype not in ("F32", "F16", "BF16", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        tol = {"Q8_0": 0.01, "Q5_0": 0.07, "Q5_1": 0.07, "Q4_0": 0.15, "Q4_1": 0.15}[qtype]
+        assert float((gate.dense() - torch.from_numpy(w)).abs().max()) < tol * float(np.abs(w).max())
+    assert gate.is_int4 == (qtype in ("Q4_0", "Q4_1"))
+    if gate.is_int4:
+        for t in (gate, k):
+            q, s, z = t.int4()
+            assert q.dtype == torch.uint8 and q.shape == (32, 256) and int(q.max()) <= 15
+            assert s.dtype == torch.float16 and s.shape == (32, 8)
+            assert z.dtype == (torch.uint8 if qtype == "Q4_0" else torch.float16) and z.shape == (32, 8)
+            if qtype == "Q4_0":
+                assert bool((z == 8).all())
+            assert torch.equal(int4_to_float(q, s, z), want)
+
+
+def _llama_file(tmp_path, name="m.gguf", drop=(), meta_extra=None, tensors_extra=None, arch="llama"):
+    meta = {k: v for k, v in base_meta("llama", layers=1).items() if k not in drop}
+    meta = {k.replace("llama.", f"{arch}.", 1): v for k, v in meta.items()}
+    meta.update(meta_extra or {})
+    tensors = {"token_embd.weight": (np.zeros((VOCAB, 64), np.float32), "F32"), **(tensors_extra or {})}
+    return write_gguf(str(tmp_path / name), arch, meta, tensors)
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(GGUFError, match="does not exist"):
+        load_gguf(str(tmp_path / "missing.gguf"))
+    (tmp_path / "text.gguf").write_text("not a gguf file at all")
+    with pytest.raises(GGUFError, match="cannot read .*text.gguf as GGUF"):
+        load_gguf(str(tmp_path / "text.gguf"))
+    with pytest.raises(GGUFError, match="architecture 'gemma2' is not supported"):
+        load_gguf(_llama_file(tmp_path, "g.gguf", arch="gemma2"))
+    with pytest.raises(GGUFError, match="lacks the required key 'llama.block_count'"):
+        load_gguf(_llama_file(tmp_path, "k.gguf", drop=("llama.block_count",)))
+    iq4 = np.random.default_rng(0).integers(0, 256, (64, 2 * 18), dtype=np.uint8)
+    with pytest.raises(GGUFError, match="blk.0.ffn_up.weight is stored as IQ4_NL"):
+        load_gguf(_llama_file(tmp_path, "t.gguf", tensors_extra={"blk.0.ffn_up.weight": (iq4, "IQ4_NL")}))
+    norm = (np.ones(16, np.float32), "F32")
+    with pytest.raises(GGUFError, match="blk.0.attn_q_norm.weight has no Hugging Face counterpart"):
+        load_gguf(_llama_file(tmp_path, "n.gguf", tensors_extra={"blk.0.attn_q_norm.weight": norm}))
+    with pytest.raises(GGUFError, match="rope.scaling.type is 'longrope'"):
+        load_gguf(_llama_file(tmp_path, "r.gguf", meta_extra={"llama.rope.scaling.type": "longrope",
+                                                             "llama.rope.scaling.factor": 2.0}))
+    with pytest.raises(GGUFError, match="rope_freqs.weight"):
+        load_gguf(_llama_file(tmp_path, "f.gguf", tensors_extra={"rope_freqs.weight": (np.ones(8, np.float32), "F32")}))
+    with pytest.raises(GGUFError, match="partial rotary"):
+        load_gguf(_llama_file(tmp_path, "p.gguf", meta_extra={"llama.rope.dimension_count": 8}))
+
+
+def test_truncated_file(tmp_path):
+    path = _llama_file(tmp_path, tensors_extra={"blk.0.ffn_up.weight": (np.ones((128, 64), np.float32), "F32")})
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(GGUFError, match="truncated"):
+        load_gguf(path)
+    with open(path, "r+b") as f:                 # cut inside the header
+        f.truncate(200)
+    with pytest.raises(GGUFError, match="truncated or corrupt"):
+        load_gguf(path)
+
+
+def test_rope_scaling_and_generation_config(tmp_path):
+    meta = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 64, "tokenizer.ggml.eot_token_id": 5,
+            "tokenizer.chat_template": "{{ messages }}", "tokenizer.ggml.padding_token_id": 0}
+    ckpt = load_gguf(_llama_file(tmp_path, meta_extra=meta))
+    assert ckpt.config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 64}
+    assert ckpt.config["tie_word_embeddings"] and "lm_head.weight" not in ckpt.tensors
+    assert ckpt.generation_config == {"bos_token_id": VOCAB - 2, "eos_token_id": [VOCAB - 1, 5],
+                                      "pad_token_id": 0}
+    assert ckpt.chat_template == "{{ messages }}"
+    linear = load_gguf(_llama_file(tmp_path, "l.gguf", meta_extra={"llama.rope.scaling.type": "linear",
+                                                                  "llama.rope.scaling.factor": 2.0}))
+    assert linear.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
