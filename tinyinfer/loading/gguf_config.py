@@ -5,7 +5,8 @@ names, prefixed by the architecture (`llama.block_count`, `qwen2.attention.head_
 list is llama.cpp's gguf-py `Keys`). Supported architectures and what they become:
 
     GGUF `general.architecture`   Hugging Face architecture
-    llama                         LlamaForCausalLM (Llama, Mistral, SmolLM: same math)
+    llama                         LlamaForCausalLM (Llama, Mistral, SmolLM: same math; GGUF
+                                  records no sliding window, so Mistral 7B v0.1 runs without one)
     llama + expert_count > 0      MixtralForCausalLM (llama.cpp files Mixtral as llama)
     qwen2                         Qwen2ForCausalLM (q/k/v projections carry a bias)
     qwen3                         Qwen3ForCausalLM (per-head RMSNorm on q and k)
@@ -13,18 +14,24 @@ list is llama.cpp's gguf-py `Keys`). Supported architectures and what they becom
 
 Differences from transformers' own GGUF loader (which we otherwise match field for field):
   * head_dim comes from `attention.key_length` when the file has it (transformers ignores it for
-    qwen3, where head_dim is not hidden_size / heads);
+    qwen3, whose head_dim often differs from hidden_size / heads, and takes its class default 128);
   * qwen3moe's `moe_intermediate_size` comes from `expert_feed_forward_length` (transformers leaves
     the class default);
   * llama files with experts become Mixtral (transformers loads them as a dense Llama);
   * `architectures` is set (transformers leaves it None); float32 values are given as the shortest
     decimal of the stored float32 (see gguf_file.py).
-Anything the model would need and we cannot express -- partial rotary, Llama 3 `rope_freqs`
-factors, an unknown rope scaling type, shared experts -- is refused by name.
+Llama 3.x files carry no rope scaling keys: llama.cpp's converter bakes Hugging Face's "llama3" rope
+scaling into a tensor, rope_freqs.weight, the factor each rotary frequency is divided by. We recover the
+rope_scaling fields from it (`llama3_rope`; transformers ignores the tensor and so runs such files
+without their rope scaling). Anything the model would need and we cannot express -- partial rotary,
+other per-dimension factors, an unknown rope scaling type, shared experts -- is refused by name.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any, Iterable, Optional
+
+import numpy as np
 
 from tinyinfer.loading.gguf_file import GGUFError, Metadata
 
@@ -68,11 +75,23 @@ def _rope_scaling(meta: Metadata, arch: str) -> dict | None:
     rope = {"rope_type": "yarn", "factor": factor,
             "original_max_position_embeddings": meta.require(
                 f"{arch}.rope.scaling.original_context_length", "yarn rope scaling")}
-    for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
-                        ("attn_factor", "attention_factor")):
+    for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
         if f"{arch}.rope.scaling.{key}" in meta:
             rope[hf_key] = meta.get(f"{arch}.rope.scaling.{key}")
     return rope
+
+
+_ROPE_KEYS = {"type", "factor", "original_context_length", "finetuned", "yarn_beta_fast",
+              "yarn_beta_slow"}
+
+
+def _check_rope_keys(meta: Metadata, arch: str, keys: Iterable[str]) -> None:
+    """Refuse rope scaling parameters we do not map (YaRN attention / extrapolation factors...)."""
+    prefix = f"{arch}.rope.scaling."
+    for key in keys:
+        if key.startswith(prefix) and key[len(prefix):] not in _ROPE_KEYS:
+            raise GGUFError(f"{meta.path}: metadata {key} = {meta.get(key)!r} is a rope scaling "
+                            "parameter tinyinfer does not support")
 
 
 def _torch_dtype(tensor_types: dict[str, str]) -> str:
@@ -128,15 +147,14 @@ def _experts(meta: Metadata, arch: str, moe: bool) -> dict[str, Any]:
             "decoder_sparse_step": 1, "mlp_only_layers": []}
 
 
-def hf_config(meta: Metadata, tensor_types: dict[str, str], vocab_size: int) -> dict[str, Any]:
+def hf_config(meta: Metadata, tensor_types: dict[str, str], vocab_size: int,
+              rope_freqs: Optional[np.ndarray] = None) -> dict[str, Any]:
     """config.json of the model in the file; `tensor_types` maps GGUF tensor names to their type
-    names (e.g. "Q4_1"), `vocab_size` is the token count (metadata or token_embd rows)."""
+    names (e.g. "Q4_1"), `vocab_size` is the token count (metadata or token_embd rows),
+    `rope_freqs` the values of the file's rope_freqs.weight, if any."""
     arch = architecture(meta)
     moe = arch == "qwen3moe" or is_mixtral(meta, arch)
     hf_arch, model_type = MIXTRAL if is_mixtral(meta, arch) else ARCHITECTURES[arch]
-    if "rope_freqs.weight" in tensor_types:
-        raise GGUFError(f"{meta.path}: the file holds rope_freqs.weight (per-dimension RoPE "
-                        "factors, as llama.cpp stores Llama 3.1 rope scaling); not supported")
     hidden = meta.require(f"{arch}.embedding_length", "hidden_size")
     config: dict[str, Any] = {
         "architectures": [hf_arch], "model_type": model_type, "vocab_size": vocab_size,
@@ -158,7 +176,17 @@ def hf_config(meta: Metadata, tensor_types: dict[str, str], vocab_size: int) -> 
         config["intermediate_size"] = meta.get(f"{arch}.feed_forward_length")
     config.update(_attention(meta, arch, hidden))
     config.update(_experts(meta, arch, moe))
+    _check_rope_keys(meta, arch, meta.keys())
     if (rope := _rope_scaling(meta, arch)) is not None:
+        config["rope_scaling"] = rope
+    if rope_freqs is not None:
+        if arch != "llama" or rope is not None:
+            raise GGUFError(f"{meta.path}: rope_freqs.weight (per-dimension RoPE factors) in a "
+                            f"{arch} file{' that also sets rope scaling' if rope else ''}; only "
+                            "Llama 3 files carry them, alone")
+        if (rope := llama3_rope(rope_freqs, config["rope_theta"], config["head_dim"])) is None:
+            raise GGUFError(f"{meta.path}: rope_freqs.weight holds per-dimension RoPE factors that "
+                            "are not Llama 3 rope scaling; not supported")
         config["rope_scaling"] = rope
     if (window := meta.get(f"{arch}.attention.sliding_window")) is not None:
         config["sliding_window"] = window
@@ -195,3 +223,41 @@ def _unique(values: Iterable[Any]) -> list[int]:
         if v is not None and v not in out:
             out.append(v)
     return out
+
+
+def llama3_factors(rope: dict, theta: float, head_dim: int) -> np.ndarray:
+    """The factor llama3 rope scaling divides each rotary frequency by (Meta's Llama 3.1 formula,
+    as transformers' rope_config "llama3"): 1 for short wavelengths, `factor` for long ones, and
+    1 / ((1 - s) / factor + s) between, s = (L / wavelength - low) / (high - low) clamped to [0, 1]."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    s = (rope["original_max_position_embeddings"] * inv_freq / (2 * math.pi) - low) / (high - low)
+    return 1 / ((1 - np.clip(s, 0, 1)) / factor + np.clip(s, 0, 1))
+
+
+def llama3_rope(factors: np.ndarray, theta: float, head_dim: int) -> Optional[dict]:
+    """The llama3 rope_scaling that produces `factors` (head_dim / 2 values), or None if none does.
+
+    In the formula above s is linear in the frequency, s = a * inv_freq + b, and only (factor, a, b)
+    matter: (low, high, L) enter through b = -low / (high - low) and a = L / (2 pi (high - low)).
+    factor is the largest value; a and b are fitted on the blended entries; low = 1 (Meta's value)
+    fixes the rest. The result is accepted only if it reproduces every factor (float32 rounding)."""
+    f = np.asarray(factors, dtype=np.float64)
+    if f.shape != (head_dim // 2,):
+        return None
+    factor = float(f.max())
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    blended = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if factor <= 1 or blended.sum() < 2:
+        return None
+    s = (1 / f[blended] - 1 / factor) / (1 - 1 / factor)
+    a, b = np.polyfit(inv_freq[blended], s, 1)
+    if b >= 0 or a <= 0:
+        return None
+    span = -1 / b                                                     # high - low with low = 1
+    rope = {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0,
+            "high_freq_factor": round(1 + span, 4),
+            "original_max_position_embeddings": int(round(2 * math.pi * a * span))}
+    if np.allclose(llama3_factors(rope, theta, head_dim), f, rtol=1e-5, atol=0):
+        return rope
+    return None

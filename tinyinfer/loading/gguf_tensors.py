@@ -175,6 +175,8 @@ def _hf_names(gguf_name: str, family: str, shape: tuple[int, ...], path: str
               ) -> list[tuple[str, Optional[int], str]]:
     """(HF name, expert index within the stored tensor or None, GGUF part) for one tensor."""
     base, _, suffix = gguf_name.rpartition(".")
+    if gguf_name == "rope_freqs.weight" and family == "llama":
+        return []                            # Llama 3 rope scaling: read into the config
     if base in _GLOBAL and suffix == "weight":
         return [(f"{_GLOBAL[base]}.weight", None, base)]
     m = _NAME.match(gguf_name)
