@@ -110,6 +110,16 @@ def test_sentencepiece_vocabulary(tmp_path):
             want, skip_special_tokens=skip)
 
 
+def test_pad_id_on_a_normal_token_stays_text(tmp_path):
+    """A pad id pointing at an ordinary piece must not turn that piece into a special token."""
+    sp = _sentencepiece()
+    piece = sp.id_to_piece(sp.encode("the")[0])
+    ours = _ours(_spm_file(tmp_path, "pad.gguf", {"tokenizer.ggml.padding_token_id": sp.piece_to_id(piece)}))
+    assert ours.pad_id == sp.piece_to_id(piece)
+    ids = ours.tokenizer.encode("the other", add_special_tokens=False).ids
+    assert ids == sp.encode("the other") and ours.tokenizer.decode(ids) == "the other"
+
+
 def test_sentencepiece_without_space_prefix(tmp_path):
     import sentencepiece
     from sentencepiece import sentencepiece_model_pb2

@@ -15,8 +15,8 @@ or per-token `scores`, each token's type (1 normal, 2 unknown, 3 control, 4 user
     "▁" for spaces, one added in front of the text unless `add_space_prefix` is false, unknown
     characters spelled as <0xNN> byte pieces. SentencePiece merges the pair whose merged piece has
     the highest score; we turn the scores into an ordered merge list that does exactly that.
-Control tokens (and the tokens at the bos/eos/unk/pad ids) become special added tokens, user-defined
-ones plain added tokens, so both are matched whole in the text as llama.cpp does.
+Control and unknown tokens (and the bos/eos/unk/pad tokens unless typed normal) become special added
+tokens, user-defined ones plain added tokens, so both are matched whole in the text as llama.cpp does.
 
 The ids are those of the model's own tokenizer as llama.cpp reproduces it, and equal those of the
 tokenizer transformers builds from the same file (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`)
@@ -39,7 +39,7 @@ from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normaliz
 
 from tinyinfer.loading.gguf_file import GGUFError, Metadata
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4          # tokenizer.ggml.token_type values
 
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -167,11 +167,13 @@ def build_tokenizer(meta: Metadata) -> GGUFTokenizer:
             raise GGUFError(f"{meta.path}: tokenizer.ggml.{key}_token_id = {value} is outside the "
                             f"vocabulary of {len(tokens)} tokens")
         ids[key] = value
+    # Control and unknown tokens are special (llama.cpp matches both whole); so are the bos/eos/
+    # pad/unk tokens unless the file calls them normal text (a pad id pointing at "!", say).
     named = {v for v in ids.values() if v is not None}
-    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                           for i, kind_i in enumerate(types) if kind_i == CONTROL or i in named])
+    special = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN) or (i in named and t != NORMAL)]
+    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
     tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                   for i, kind_i in enumerate(types) if kind_i == USER_DEFINED and i not in named])
+                   for i, t in enumerate(types) if t == USER_DEFINED and i not in special])
     # llama.cpp (and transformers) add BOS to SentencePiece vocabularies that do not say otherwise
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")) and ids["bos"] is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and ids["eos"] is not None
