@@ -13,6 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".cache", "models")
@@ -125,3 +126,12 @@ def base_meta(arch: str, *, layers: int = 2, hidden: int = 64, ffn: int = 128, h
         "tokenizer.ggml.token_type": [1] * (VOCAB - 2) + [3, 3], "tokenizer.ggml.merges": ["a b", "ab c"],
         "tokenizer.ggml.bos_token_id": VOCAB - 2, "tokenizer.ggml.eos_token_id": VOCAB - 1,
     }
+
+
+def int4_to_float(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """INT4 canonical -> float32: (q - z) * s for integer zeros, q * s + z for floating ones."""
+    n, k = q.shape
+    qg = q.float().reshape(n, scales.shape[1], -1)
+    s, z = scales.float()[..., None], zeros.float()[..., None]
+    w = qg * s + z if zeros.is_floating_point() else (qg - z) * s
+    return w.reshape(n, k)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from gguf_util import smollm2_gguf
+from gguf_util import int4_to_float, smollm2_gguf
 from tinyinfer.loading.gguf import load_gguf
 
 pytest.importorskip("transformers")
@@ -32,15 +32,6 @@ def ckpt(smollm2):
 
 def _hf_args(path: str) -> tuple[str, str]:
     return os.path.dirname(path), os.path.basename(path)
-
-
-def int4_to_float(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """INT4 canonical -> float32: (q - z) * s for integer zeros, q * s + z for floating ones."""
-    n, k = q.shape
-    qg = q.float().reshape(n, scales.shape[1], -1)
-    s, z = scales.float()[..., None], zeros.float()[..., None]
-    w = qg * s + z if zeros.is_floating_point() else (qg - z) * s
-    return w.reshape(n, k)
 
 
 def test_config_matches_transformers(ckpt, smollm2):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from gguf_util import (VOCAB, base_meta, llama_cpp_permute, quantize, stored_values, write_gguf)
-from test_gguf import int4_to_float
+from gguf_util import (VOCAB, base_meta, int4_to_float, llama_cpp_permute, quantize, stored_values,
+                       write_gguf)
 from tinyinfer.loading.gguf import load_gguf
 
 H, F, HEADS, KV, LAYERS, EXPERTS = 64, 128, 4, 2, 2, 4     # hidden, ffn, heads, kv heads
