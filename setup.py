@@ -27,7 +27,8 @@ setup(
     description="A small, from-scratch LLM inference engine: paged KV cache, INT4, MLA, speculative decoding",
     packages=find_packages(include=["tinyinfer", "tinyinfer.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "safetensors", "sentencepiece", "numpy", "ninja", "tqdm"],
-    extras_require={"test": ["pytest", "transformers>=5.0", "tokenizers", "protobuf"], "tokenizers": ["tokenizers"]},
+    install_requires=["torch>=2.11", "safetensors", "sentencepiece", "numpy", "ninja", "tqdm", "tokenizers",
+                      "gguf>=0.10"],
+    extras_require={"test": ["pytest", "transformers>=5.0", "protobuf", "accelerate"]},
     cmdclass={"build_kernels": BuildKernels},
 )

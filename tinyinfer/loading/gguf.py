@@ -1,4 +1,5 @@
-"""Loading a GGUF checkpoint (llama.cpp's single-file format: ggml's docs/gguf.md).
+"""Loading a GGUF checkpoint (llama.cpp's single-file format, specified in the ggml project's GGUF
+document).
 
     ckpt = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     ckpt.config              # Hugging Face config.json as a dict (gguf_config.py)

@@ -1,4 +1,5 @@
-"""Opening a GGUF file and reading its metadata (llama.cpp's format, docs: ggml's docs/gguf.md).
+"""Opening a GGUF file and reading its metadata (llama.cpp's format, specified in the ggml project's
+GGUF document).
 
 A GGUF file is a header of typed key/value metadata (`general.architecture`, `llama.block_count`,
 `tokenizer.ggml.tokens`, ...), a table of tensor descriptions and the tensor data. The parsing itself is
