@@ -6,13 +6,13 @@ CKPT ?= models/shakespeare-llama
 .PHONY: install run test test-deps bench build gpu-check
 
 install:
-	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece" 2>/dev/null || $(PYTHON) -m pip install -e .
+	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf" 2>/dev/null || $(PYTHON) -m pip install -e .
 
 run: install
 	$(PYTHON) -m tinyinfer.generate --ckpt $(CKPT) --prompt "$(PROMPT)" --max-new-tokens 64
 
 test-deps: install
-	@$(PYTHON) -c "import pytest, transformers, tokenizers, google.protobuf" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
+	@$(PYTHON) -c "import pytest, transformers, accelerate, google.protobuf" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
 
 test: test-deps
 	$(PYTHON) -m pytest -q tests

@@ -53,8 +53,8 @@ class _HFTokenizers:
         try:
             import tokenizers
         except ImportError as err:
-            raise ImportError(f"{path} needs the optional 'tokenizers' package: "
-                              "pip install tokenizers (or pip install -e '.[tokenizers]')") from err
+            raise ImportError(f"{path} needs the 'tokenizers' package: pip install -e . "
+                              "(or pip install tokenizers)") from err
         try:
             self.tk = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises plain Exception for malformed JSON
