@@ -1,5 +1,5 @@
-"""Chunked prefill and the attention over a cached prefix: the gather + SDPA op and the mixed-step
-dispatch against float64 attention; a step never exceeds max_num_batched_tokens; running decodes get
+"""Chunked prefill and the attention over a cached prefix: the gather + SDPA op, the mixed-step
+dispatch and the CPU op on very unequal contexts against float64 attention; a step never exceeds max_num_batched_tokens; running decodes get
 a token every step while a long prompt is admitted in chunks (without chunking they stall for its
 whole prefill); outputs are identical with chunking on and off, with speculative decoding too; decode-
 only steps take the CUDA-graph runner and mixed steps run eagerly."""
@@ -11,11 +11,12 @@ import torch
 from engine_util import WriteGuard, assert_all_free, random_ids
 from hf_util import DRAFT, LLAMA
 from paged_util import dense_float64, make_batch
-from tinyinfer import LLM, LLMEngine, SamplingParams
+from tinyinfer import LLM, LLMEngine, SamplingParams, ops
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.proposers import DraftModelProposer, NgramProposer
 from tinyinfer.layers.attention import AttentionMetadata, attend
 from tinyinfer.ops import reference
+from tinyinfer.ops.cpu import length_groups
 
 CASES = {   # name: (seq_lens, q_lens, hq, hkv, d, dv, bs, mla, num_decodes)
     "prefix_gqa": ([70, 33, 120], [40, 33, 17], 8, 2, 16, 16, 8, False, 0),
@@ -42,6 +43,16 @@ def test_prefix_attention_and_mixed_dispatch_match_float64(name):
         got = attend(b.q, None, None, b.k_cache, b.v_cache, meta, b.scale)
     assert got.shape == want.shape and not got.isnan().any(), "an unused (NaN) cache slot was read"
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seq_lens,q_lens", [([400, 3, 17, 1, 150, 9], [1] * 6),
+                                              ([400, 3, 17, 0, 150, 9], [4, 1, 1, 0, 16, 1])])
+def test_cpu_op_splits_very_unequal_contexts_and_matches_float64(seq_lens, q_lens):
+    assert [len(g) for g in length_groups(seq_lens)] == [4, 1, 1]
+    b = make_batch(seq_lens, q_lens, 4, 2, 16, 16, 8, torch.float32, seed=len(q_lens))
+    got = ops.paged_attention(*b.args())                    # the op's CPU kernel
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), dense_float64(b), atol=2e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ engines

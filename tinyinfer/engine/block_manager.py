@@ -52,6 +52,7 @@ class BlockAllocator:
         self.ref_counts = [0] * num_blocks
         self.hashes: list[Optional[bytes]] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}                           # block hash -> block id
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
@@ -69,6 +70,7 @@ class BlockAllocator:
                 b, _ = self.evictable.popitem(last=False)
                 del self.cached[self.hashes[b]]
                 self.hashes[b] = None
+                self.evictions += 1
             self.ref_counts[b] = 1
             blocks.append(b)
         return blocks
