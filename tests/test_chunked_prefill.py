@@ -12,8 +12,10 @@ from engine_util import WriteGuard, assert_all_free, random_ids
 from hf_util import DRAFT, LLAMA
 from paged_util import dense_float64, make_batch
 from tinyinfer import LLM, LLMEngine, SamplingParams, ops
+from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.proposers import DraftModelProposer, NgramProposer
+from tinyinfer.engine.sequence import Sequence
 from tinyinfer.layers.attention import AttentionMetadata, attend
 from tinyinfer.ops import reference
 from tinyinfer.ops.cpu import length_groups
@@ -182,3 +184,47 @@ def test_decode_only_steps_take_the_graph_runner_and_mixed_steps_run_eagerly(lla
     mixed = [n for n in guard.steps if max(n) > 1 and min(n) == 1]
     assert replayed and all(set(n) == {1} for n in replayed)
     assert mixed and len(replayed) == sum(1 for n in guard.steps if set(n) == {1})
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_gpu_prefill_over_a_cached_prefix_matches_a_fresh_prefill(cuda_extension, dtype, tol):
+    llm = LLM(LLAMA, device="cuda", dtype=dtype, max_kv_tokens=8192)
+    ids = random_ids(300, 5)
+    fresh = llm.logits(ids)                                  # (300, V): one fresh prefill
+    engine = llm.engine
+    seq = Sequence("gpu", ids, SamplingParams(max_tokens=1), 0)
+    engine.blocks.grow(seq, len(ids))
+    try:
+        engine.runner.execute(build_batch([seq], [200], engine.block_size))
+        seq.num_cached = 200                                 # 100 queries over 200 cached tokens
+        tail = engine.runner.execute(build_batch([seq], [100], engine.block_size), all_logits=True)
+    finally:
+        engine.blocks.free(seq)
+    scale = fresh.abs().max().item()
+    torch.testing.assert_close(tail, fresh[200:], atol=tol * scale, rtol=0)
+
+
+@pytest.mark.cuda
+def test_gpu_engine_with_caching_chunks_and_graphs(cuda_extension):
+    prompts = [random_ids(60, 6) + random_ids(5 + 7 * i, 110 + i) for i in range(6)]
+    prompts.append(random_ids(400, 7))
+    fp32 = LLM(LLAMA, device="cuda", dtype="float32", max_kv_tokens=8192)
+    want = [o.token_ids for o in LLM.from_engine(engine_for(
+        fp32, enable_chunked_prefill=False, enable_prefix_caching=False)).generate(prompts, GREEDY)]
+    engine = engine_for(fp32, max_num_batched_tokens=32, max_num_seqs=8)
+    for _ in range(2):
+        assert [o.token_ids for o in LLM.from_engine(engine).generate(prompts, GREEDY)] == want
+    assert engine.stats["prefix_cache_hits"] > 0
+    assert_all_free(engine)
+    half = LLM(LLAMA, device="cuda", max_kv_tokens=8192)     # bf16: decode steps replay graphs
+    engine = engine_for(half, max_num_batched_tokens=32, max_num_seqs=8)
+    guard = WriteGuard(engine)
+    outs = LLM.from_engine(engine).generate(prompts, GREEDY)
+    guard.remove()
+    assert all(len(o.token_ids) == 40 for o in outs)
+    assert half.engine.runner.graphs[1].num_graphs() > 0
+    assert any(max(n) > 1 and min(n) == 1 for n in guard.steps)          # mixed steps ran eagerly
+    assert_all_free(engine)

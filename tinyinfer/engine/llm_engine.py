@@ -14,7 +14,9 @@ continuously batched step over every live request (Yu et al., "Orca", OSDI 2022)
 
 Requests added between two steps join the running batch at the next step. A request that fails inside
 the engine (NaN logits) ends alone with finish_reason "error"; the others continue. With speculative
-decoding a step runs two passes: the verify pass of the decodes, then the prefill chunks.
+decoding a step runs two passes: the verify pass of the decodes, then the prefill chunks. Options
+beyond LLM's loading ones: max_num_seqs, max_num_batched_tokens (the tokens of one step; 512),
+enable_chunked_prefill, enable_prefix_caching (both on; engine/scheduler.py, engine/block_manager.py).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
 from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
                                         check_same_tokenizer)
-from tinyinfer.engine.scheduler import Scheduler
+from tinyinfer.engine.scheduler import Scheduler, check_limits
 from tinyinfer.engine.sequence import RequestError, Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
 from tinyinfer.layers.sampler import sample
@@ -65,6 +67,7 @@ class LLMEngine:
         if quant not in (None, "int4"):
             raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
         check_speculate_k(speculate_k)
+        check_limits(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
@@ -91,27 +94,27 @@ class LLMEngine:
         if draft is not None:
             self.set_speculator(self._proposer(draft, use_graphs), speculate_k)
 
-    def _setup(self, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int,
-               max_num_batched_tokens: int, chunked_prefill: bool, prefix_caching: bool) -> None:
+    def _setup(self, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int = 256,
+               max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
+               enable_prefix_caching: bool = True) -> None:
         self.runner, self.tokenizer, self.config = runner, tokenizer, runner.config
         self.device, self.dtype, self.block_size = runner.device, runner.dtype, runner.block_size
         self.kv_tokens = runner.num_blocks * runner.block_size
-        self.blocks = BlockManager(runner.num_blocks, runner.block_size, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, chunked_prefill)
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                                   enable_chunked_prefill)
         self.speculator: Optional[Speculator] = None
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []      # final deltas of aborted requests
         self._ids = itertools.count()
 
     @classmethod
-    def from_runner(cls, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int = 256,
-                    max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
-                    enable_prefix_caching: bool = True) -> "LLMEngine":
-        """An engine around a model runner built elsewhere (benchmarks: random-weight models)."""
+    def from_runner(cls, runner: ModelRunner, tokenizer: Tokenizer, **options) -> "LLMEngine":
+        """An engine around a model runner built elsewhere (benchmarks: random-weight models), with
+        the scheduling options of __init__ (max_num_seqs, ..., enable_prefix_caching)."""
         engine = cls.__new__(cls)
         engine.verbose = False
-        engine._setup(runner, tokenizer, max_num_seqs, max_num_batched_tokens,
-                      enable_chunked_prefill, enable_prefix_caching)
+        engine._setup(runner, tokenizer, **options)
         return engine
 
     def set_speculator(self, proposer: Proposer, k: int) -> Speculator:
@@ -235,8 +238,7 @@ class LLMEngine:
         return deltas
 
     def _sample_step(self, seqs: list[Sequence], num_new: list[int]) -> list[list[int] | None]:
-        """Feed num_new[b] tokens of each sequence; those that reach their end sample one token,
-        prompt chunks short of it get [] (None: non-finite logits)."""
+        """Feed num_new[b] tokens each; sequences at their end sample (None: non-finite logits)."""
         logits = self.runner.execute(build_batch(seqs, num_new, self.block_size))     # (B, vocab)
         for s, n in zip(seqs, num_new):
             s.num_cached += n

@@ -52,16 +52,22 @@ def check_positive(name: str, value: object) -> int:
     return value
 
 
+def check_limits(max_num_seqs: object, max_num_batched_tokens: object, chunked_prefill: bool) -> None:
+    """The scheduler's limits, checked before anything loads."""
+    check_positive("max_num_seqs", max_num_seqs)
+    check_positive("max_num_batched_tokens", max_num_batched_tokens)
+    if chunked_prefill and max_num_batched_tokens < max_num_seqs:
+        raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} is smaller than "
+                         f"max_num_seqs={max_num_seqs}: a step must fit one token of every running "
+                         "sequence; raise max_num_batched_tokens or lower max_num_seqs")
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512, chunked_prefill: bool = True):
+        check_limits(max_num_seqs, max_num_batched_tokens, chunked_prefill)
         self.blocks = blocks
-        self.max_num_seqs = check_positive("max_num_seqs", max_num_seqs)
-        self.max_num_batched_tokens = check_positive("max_num_batched_tokens", max_num_batched_tokens)
-        if chunked_prefill and max_num_batched_tokens < max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} is smaller than "
-                             f"max_num_seqs={max_num_seqs}: a step must fit one token of every running "
-                             "sequence; raise max_num_batched_tokens or lower max_num_seqs")
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
