@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from tinyinfer import LLMEngine
+from tinyinfer import LLM, LLMEngine
+
+
+def engine_for(llm: LLM, **options) -> LLMEngine:
+    """A fresh engine (empty prefix cache, new counters) around an already loaded model runner."""
+    return LLMEngine.from_runner(llm.engine.runner, llm.tokenizer, **options)
 
 
 def random_ids(n: int, seed: int, vocab: int = 1024) -> list[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_util import WriteGuard, assert_all_free, random_ids
+from engine_util import WriteGuard, assert_all_free, engine_for, random_ids
 from hf_util import DRAFT, LLAMA
 from paged_util import dense_float64, make_batch
 from tinyinfer import LLM, LLMEngine, SamplingParams, ops
@@ -68,9 +68,6 @@ def llama():
 def draft_runner():
     return LLM(DRAFT, device="cpu", dtype="float32", max_kv_tokens=4096).engine.runner
 
-
-def engine_for(llm: LLM, **options) -> LLMEngine:
-    return LLMEngine.from_runner(llm.engine.runner, llm.tokenizer, **options)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)

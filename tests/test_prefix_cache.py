@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from engine_util import WriteGuard, assert_all_free, random_ids
+from engine_util import WriteGuard, assert_all_free, engine_for, random_ids
 from hf_util import LLAMA, MLA
 from tinyinfer import LLM, LLMEngine, SamplingParams
 from tinyinfer.engine.block_manager import BlockManager
@@ -94,10 +94,6 @@ def test_speculative_rollback_cannot_cut_committed_blocks():
 
 
 # ------------------------------------------------------------------------------------------ engines
-
-def engine_for(llm: LLM, **options) -> LLMEngine:
-    """A fresh engine (empty cache, new counters) around an already loaded model runner."""
-    return LLMEngine.from_runner(llm.engine.runner, llm.tokenizer, **options)
 
 
 def run(engine: LLMEngine, prompts, params):
