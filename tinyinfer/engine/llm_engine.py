@@ -139,15 +139,14 @@ class LLMEngine:
 
     @property
     def stats(self) -> dict:
-        """Counters; prefix_cache_queries / _hits are tokens looked up at admission / found cached."""
         return {"preemptions": self.scheduler.num_preemptions, "free_blocks": self.blocks.num_free,
                 "num_blocks": self.blocks.num_blocks, "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting), "prefix_cache_queries": self.blocks.queries,
                 "prefix_cache_hits": self.blocks.hits}
 
     def figures(self) -> dict:
-        """Figures for the CLI's summary line: the prefix-cache hit rate; with speculation the
-        acceptance rate and tokens per target step."""
+        """Figures for the CLI's summary line: the prefix-cache hit rate (of stats' token counts);
+        with speculation the acceptance rate and tokens per target step."""
         fig = self.speculator.figures() if self.speculator is not None else {}
         if self.blocks.enable_caching:
             fig["prefix_cache_hit_rate"] = round(self.blocks.hits / max(1, self.blocks.queries), 4)
@@ -246,7 +245,8 @@ class LLMEngine:
         out: list[list[int] | None] = [[] for _ in seqs]
         if not rows:
             return out
-        done, logits = [seqs[b] for b in rows], logits[rows]                          # (R, vocab)
+        done = [seqs[b] for b in rows]
+        logits = logits if len(rows) == len(seqs) else logits[rows]                   # (R, vocab)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         tokens = sample(logits, [s.params for s in done], [s.token_ids for s in done],
                         [s.seed for s in done], [s.num_outputs for s in done]).tolist()
