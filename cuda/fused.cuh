@@ -11,9 +11,8 @@
 
 #include "common.cuh"  // also defines __host__ / __device__ away for g++
 
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#if defined(__CUDACC__) || defined(TINYINFER_EMULATE)
+#include "ptx.cuh"  // element conversions (to_float / from_float)
 #endif
 
 namespace tinyinfer {
@@ -122,15 +121,5 @@ __host__ __device__ inline RopeUnit rope_unit(int64_t u, int64_t num_q_heads, in
   return RopeUnit{false, c / cols, (c % cols) * vec};
 }
 
-#ifdef __CUDACC__
-// Element conversions shared by both kernels (round to nearest even on the way back).
-__device__ inline float to_float(float x) { return x; }
-__device__ inline float to_float(__half x) { return __half2float(x); }
-__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ inline T from_float(float x);
-template <> __device__ inline float from_float<float>(float x) { return x; }
-template <> __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-#endif
 
 }  // namespace tinyinfer

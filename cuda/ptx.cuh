@@ -23,12 +23,16 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #ifdef TINYINFER_EMULATE
 #include "emulate_ptx.h"  // host implementations, same names and semantics (tests/host/)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+// The kernel's dynamic shared memory as a char array (the emulator gives each CTA its own buffer).
+#define TI_DYNAMIC_SMEM(name) extern __shared__ __align__(16) char name[]
 
 namespace tinyinfer {
 namespace ptx {
@@ -164,6 +168,19 @@ __device__ inline float ex2(float x) {
 #endif  // TINYINFER_EMULATE
 
 namespace tinyinfer {
+
+// Element conversions (round to nearest even) and raw bits, shared by every kernel.
+__device__ inline float to_float(float x) { return x; }
+__device__ inline float to_float(__half x) { return __half2float(x); }
+__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ inline T from_float(float x);
+template <> __device__ inline float from_float<float>(float x) { return x; }
+template <> __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ inline uint16_t raw_bits(__half x) { return __half_as_ushort(x); }
+__device__ inline uint16_t raw_bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+template <typename T> __host__ __device__ constexpr bool is_bf16() { return std::is_same<T, __nv_bfloat16>::value; }
+
 namespace ptx {
 
 // fma on two packed values of the type T names (__half -> f16x2, __nv_bfloat16 -> bf16x2).

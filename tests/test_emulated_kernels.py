@@ -24,6 +24,8 @@ FULL = os.environ.get("TINYINFER_EMULATE_FULL") == "1"
 # (program, what it proves)
 PROGRAMS = {
     "emulate_ptx": "mma.m16n8k16 / ldmatrix / packed-math emulation equals plain matrix products",
+    "emulate_int4": "INT4 linear M 1..64 (GEMV / GEMM tiles, split-K clusters, float offsets) and the "
+                    "dequantize kernel equal float64",
 }
 
 

@@ -71,6 +71,10 @@ inline __half __float2half_rn(float f) {
   _Float16 v = static_cast<_Float16>(f);  // IEEE round-to-nearest-even
   __half h; std::memcpy(&h.bits, &v, 2); return h;
 }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
 inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline float __fmul_rn(float a, float b) { return a * b; }
