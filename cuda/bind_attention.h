@@ -5,6 +5,7 @@
 #include "attention.cuh"
 
 namespace tinyinfer {
+cudaError_t paged_attention_make_plan(const PagedAttentionArgs& shapes, PagedAttentionPlan* plan);
 cudaError_t paged_attention_launch(const PagedAttentionArgs& args, const PagedAttentionPlan& plan,
                                    cudaStream_t stream);
 }  // namespace tinyinfer
@@ -66,23 +67,20 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
     TORCH_CHECK(t->device() == q_in.device(), "paged_attention: block_tables, seq_lens and query_start_loc "
                 "must be on q's device ", q_in.device(), ", got ", t->device());
   }
-  TORCH_CHECK(B <= 65535 && T < (int64_t(1) << 31) && MB * BS < (int64_t(1) << 31),
-              "paged_attention: shape too large for the launch grid: B=", B, " (max 65535), T=", T,
+  TORCH_CHECK(B < 65535 && T < (int64_t(1) << 31) && MB * BS < (int64_t(1) << 31),
+              "paged_attention: shape too large for the launch grid: B=", B, " (max 65534), T=", T,
               ", max_blocks*block_size=", MB * BS);
   Tensor out = torch::empty({T, Hq, Dv}, q_in.options());
   if (T == 0) return out;
 
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
+  // The kernel reads q rows with 16-byte loads: unit last stride, 16-byte aligned rows and heads.
+  const int64_t qe = q_in.element_size();
+  const bool q_ok = q_in.stride(2) == 1 && q_in.stride(0) * qe % 16 == 0 && q_in.stride(1) * qe % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(q_in.data_ptr()) % 16 == 0;
+  const Tensor q = q_ok ? q_in : q_in.contiguous();
   const Tensor block_tables = block_tables_in.stride(1) == 1 ? block_tables_in : block_tables_in.contiguous();
   const Tensor seq_lens = seq_lens_in.contiguous(), query_start_loc = query_start_loc_in.contiguous();
-  const tinyinfer::PagedAttentionPlan plan = tinyinfer::paged_attention_plan(
-      static_cast<int>(T), static_cast<int>(B), static_cast<int>(MB), static_cast<int>(BS),
-      static_cast<int>(Hq), static_cast<int>(Hkv), static_cast<int>(Dv));
-  // Split-KV workspace, sized from shapes only: partial outputs, then per-partition maxima and sums.
-  Tensor ws = torch::empty({plan.workspace_floats}, q.options().dtype(torch::kFloat32));
-  const int64_t partials = T * Hq * plan.num_partitions;
-
   tinyinfer::PagedAttentionArgs a{};
   a.q = q.data_ptr();
   a.q_s0 = q.stride(0);
@@ -100,9 +98,6 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
   a.seq_lens = seq_lens.data_ptr<int32_t>();
   a.query_start_loc = query_start_loc.data_ptr<int32_t>();
   a.out = out.data_ptr();
-  a.ws_out = ws.data_ptr<float>();
-  a.ws_max = a.ws_out + partials * Dv;
-  a.ws_sum = a.ws_max + partials;
   a.num_tokens = static_cast<int>(T);
   a.num_seqs = static_cast<int>(B);
   a.max_blocks = static_cast<int>(MB);
@@ -118,6 +113,18 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
   // MLA passes v_cache = k_cache[..., :Dv]: same rows, so the kernel loads each latent row once.
   a.v_aliases_k = v_cache.data_ptr() == k_cache.data_ptr() && v_cache.stride(0) == k_cache.stride(0) &&
                   v_cache.stride(1) == k_cache.stride(1) && v_cache.stride(2) == k_cache.stride(2) && Dv <= D;
+  // The plan depends on shapes and the device only (CUDA-graph safe); with more than one partition per
+  // sequence the partial results go through a workspace sized from it.
+  tinyinfer::PagedAttentionPlan plan{};
+  check_launch(tinyinfer::paged_attention_make_plan(a, &plan), "paged_attention (plan)");
+  Tensor ws;
+  if (plan.workspace_floats > 0) {
+    ws = torch::empty({plan.workspace_floats}, q.options().dtype(torch::kFloat32));
+    const int64_t partials = T * Hq * plan.num_splits;
+    a.ws_out = ws.data_ptr<float>();
+    a.ws_max = a.ws_out + partials * Dv;
+    a.ws_sum = a.ws_max + partials;
+  }
   check_launch(tinyinfer::paged_attention_launch(a, plan, c10::cuda::getCurrentCUDAStream()), "paged_attention");
   return out;
 }

@@ -26,6 +26,8 @@ PROGRAMS = {
     "emulate_ptx": "mma.m16n8k16 / ldmatrix / packed-math emulation equals plain matrix products",
     "emulate_int4": "INT4 linear M 1..64 (GEMV / GEMM tiles, split-K clusters, float offsets) and the "
                     "dequantize kernel equal float64",
+    "emulate_paged_attention": "tensor-core paged attention (decode, verify q_len 5-16, MHA/GQA/MQA, MLA "
+                               "576/512, one and several partitions) equals float64",
 }
 
 
