@@ -109,8 +109,17 @@ void check_rope_cache(const Tensor& cache, const Tensor& q, const Tensor& src, c
               "strides ", cache.strides(), "; the cache is written in place, so allocate it with that layout");
 }
 
-std::tuple<Tensor, Tensor> rope_store_kv(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cos,
-                                         const Tensor& sin, const Tensor& k_cache, const Tensor& v_cache,
+// A (T,) int64 per-token index tensor on q's device (positions, slot_mapping).
+Tensor token_index(const Tensor& t, int64_t T, const Tensor& q, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == T && t.scalar_type() == torch::kInt64, "rope_store_kv: ", name,
+              " must be int64 of shape (", T, ",), got ", t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), "rope_store_kv: ", name, " is on ", t.device(), " but q is on ", q.device());
+  return t.contiguous();
+}
+
+// RoPE from the model's cos/sin table gathered at each token's position, + the K/V cache write.
+std::tuple<Tensor, Tensor> rope_store_kv(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cos_sin_cache,
+                                         const Tensor& positions, const Tensor& k_cache, const Tensor& v_cache,
                                          const Tensor& slot_mapping) {
   TORCH_CHECK(q.is_cuda(), "rope_store_kv: q must be a CUDA tensor, got one on ", q.device());
   TORCH_CHECK(q.dim() == 3, "rope_store_kv: q must be (T, n_heads, head_dim), got shape ", q.sizes());
@@ -121,25 +130,19 @@ std::tuple<Tensor, Tensor> rope_store_kv(const Tensor& q, const Tensor& k, const
   const Tensor qq = rope_input(q, T, q, "q"), kk = rope_input(k, T, q, "k"), vv = rope_input(v, T, q, "v");
   TORCH_CHECK(k.size(2) == D, "rope_store_kv: k has head_dim ", k.size(2), " but q has ", D);
   TORCH_CHECK(v.size(1) == k.size(1), "rope_store_kv: v has ", v.size(1), " heads but k has ", k.size(1));
-  Tensor tables[2];
-  const char* table_names[2] = {"cos", "sin"};
-  for (int i = 0; i < 2; ++i) {
-    const Tensor& table = i == 0 ? cos : sin;
-    TORCH_CHECK(table.dim() == 2 && table.size(0) == T && table.size(1) == D, "rope_store_kv: ", table_names[i],
-                " must be (T, head_dim) = (", T, ", ", D, "), got shape ", table.sizes());
-    check_same_dtype_device(table, q, "rope_store_kv", table_names[i], "q");
-    tables[i] = table.stride(1) == 1 && table.stride(0) >= 0 ? table : table.contiguous();
-  }
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == D && cos_sin_cache.size(0) > 0,
+              "rope_store_kv: cos_sin_cache must be (max_positions, head_dim=", D, ") with rows [cos | sin], got "
+              "shape ", cos_sin_cache.sizes());
+  check_same_dtype_device(cos_sin_cache, q, "rope_store_kv", "cos_sin_cache", "q");
+  const Tensor table = cos_sin_cache.stride(1) == 1 && cos_sin_cache.stride(0) >= 0 ? cos_sin_cache
+                                                                                   : cos_sin_cache.contiguous();
   check_rope_cache(k_cache, q, k, "k_cache", "k");
   check_rope_cache(v_cache, q, v, "v_cache", "v");
   TORCH_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1),
               "rope_store_kv: v_cache ", v_cache.sizes(), " and k_cache ", k_cache.sizes(),
               " must agree on num_blocks and block_size");
-  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == T && slot_mapping.scalar_type() == torch::kInt64,
-              "rope_store_kv: slot_mapping must be int64 of shape (", T, ",), got ", slot_mapping.scalar_type(),
-              " of shape ", slot_mapping.sizes());
-  TORCH_CHECK(slot_mapping.device() == q.device(), "rope_store_kv: slot_mapping is on ", slot_mapping.device(),
-              " but q is on ", q.device());
+  const Tensor slots = token_index(slot_mapping, T, q, "slot_mapping");
+  const Tensor pos = token_index(positions, T, q, "positions");
   TORCH_CHECK(T < (int64_t(1) << 31), "rope_store_kv: ", T, " tokens in one call; split the batch below 2^31");
   const int64_t units = (Hq + k.size(1)) * (D / 2) + k.size(1) * v.size(2);  // per token, 1 value per unit
   TORCH_CHECK(units <= int64_t(65535) * 128, "rope_store_kv: ", units, " values per token exceed the launch "
@@ -149,13 +152,13 @@ std::tuple<Tensor, Tensor> rope_store_kv(const Tensor& q, const Tensor& k, const
   if (T == 0) return {q_out, k_out};
 
   const c10::cuda::CUDAGuard guard(q.device());
-  const Tensor slots = slot_mapping.contiguous();
   tinyinfer::RopeStoreKVParams p{};
   p.q = qq.data_ptr();
   p.k = kk.data_ptr();
   p.v = vv.data_ptr();
-  p.cos = tables[0].data_ptr();
-  p.sin = tables[1].data_ptr();
+  p.cos_sin = table.data_ptr();
+  p.positions = pos.data_ptr<int64_t>();
+  p.num_positions = table.size(0);
   p.q_out = q_out.data_ptr();
   p.k_out = k_out.data_ptr();
   p.k_cache = k_cache.data_ptr();
@@ -174,8 +177,7 @@ std::tuple<Tensor, Tensor> rope_store_kv(const Tensor& q, const Tensor& k, const
   p.k_head_stride = kk.stride(1);
   p.v_token_stride = vv.stride(0);
   p.v_head_stride = vv.stride(1);
-  p.cos_stride = tables[0].stride(0);
-  p.sin_stride = tables[1].stride(0);
+  p.cos_sin_stride = table.stride(0);
   p.k_cache_strides = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   p.v_cache_strides = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
   check_launch(tinyinfer::launch_rope_store_kv(p, dtype, c10::cuda::getCurrentCUDAStream()), "rope_store_kv");

@@ -40,7 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight"), pybind11::arg("eps"));
   m.def("fused_add_rmsnorm", &fused_add_rmsnorm, "(rms_norm(x + residual) * weight, x + residual) in one kernel",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("eps"));
-  m.def("rope_store_kv", &rope_store_kv, "RoPE on q and k + K/V write into the paged cache; returns (q, k)",
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cos"), pybind11::arg("sin"),
-        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("slot_mapping"));
+  m.def("rope_store_kv", &rope_store_kv, "RoPE on q and k from the cos/sin table rows at each token's position, "
+        "+ K/V write into the paged cache; returns (rotated q, rotated k)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cos_sin_cache"),
+        pybind11::arg("positions"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("slot_mapping"));
 }
