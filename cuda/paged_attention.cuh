@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) paged_attention_kernel(const P
       // 1. scores of this warp's (key group, m-tile) items, masked, and their row maxima
 #pragma unroll
       for (int it = 0; it < IPW; ++it) {
-        const int id = warp + it * W, kg = id / MT, mt = id % MT;
+        const int id = warp + it * W, kg = id / MT, mt = id % MT;  // item: (key group, m-tile)
         if (id >= ITEMS) continue;
 #pragma unroll
         for (int n = 0; n < 2; ++n)
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) paged_attention_kernel(const P
 #pragma unroll
       for (int it = 0; it < IPW; ++it) {
         const int id = warp + it * W, kg = id / MT, mt = id % MT;
-        if (id >= ITEMS) continue;
+        if (id >= ITEMS) continue;  // the same items as in step 1
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = mt * 16 + g + 8 * h;
@@ -223,14 +223,15 @@ __global__ void __launch_bounds__(C::kThreads, 1) paged_attention_kernel(const P
     // Row sums: each item's quad partials -> lred[key group][row]; a row's l is their sum.
 #pragma unroll
     for (int it = 0; it < IPW; ++it) {
-      const int id = warp + it * W, kg = id / MT, mt = id % MT;
+      const int id = warp + it * W;
       if (id >= ITEMS) continue;
+      const int row0 = (id % MT) * 16 + g, kg = id / MT;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float v = lsum[it][h];
         v += __shfl_xor_sync(0xffffffffu, v, 1);
         v += __shfl_xor_sync(0xffffffffu, v, 2);
-        if (t == 0) lred[kg * R + mt * 16 + g + 8 * h] = v;
+        if (t == 0) lred[kg * R + row0 + 8 * h] = v;
       }
     }
     __syncthreads();
