@@ -10,7 +10,8 @@
 // Stages stream through a STAGES-deep cp.async pipeline into shared memory: the warps' weight words
 // (each copied by the lane that later reads it), the stage's scales and zeros, and x's slice
 // (M rows, shared by all warps: one barrier per stage). Weights, scales and zeros of the first
-// STAGES - 1 stages are issued before griddepcontrol.wait (they are never written on the GPU), x after.
+// STAGES - 1 stages are issued before griddepcontrol.wait, x after: so the kernel launched just before
+// int4_linear in the stream must not write the weight tensors (the engine writes them once, at load).
 // Split-K: grid (ceil(NT / (WN R)), SPLIT) launched as clusters of 1 x SPLIT x 1; CTA y of a cluster
 // takes stages [y S / SPLIT, (y + 1) S / SPLIT) and the partial sums meet in distributed shared memory.
 //
