@@ -3,7 +3,7 @@ PYTHON ?= python3
 PROMPT ?= ROMEO:
 CKPT ?= models/shakespeare-llama
 
-.PHONY: install run test test-deps bench build gpu-check
+.PHONY: install run test test-deps bench build gpu-check gpu-tune
 
 install:
 	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf" 2>/dev/null || $(PYTHON) -m pip install -e .
@@ -28,3 +28,10 @@ build:
 # On a GPU machine: build for the card, CUDA tests, compute-sanitizer, benchmarks -> $$OUT or gpu-check-out/.
 gpu-check:
 	PYTHONPATH=. $(PYTHON) -m tinyinfer.gpu_check
+
+# On a GPU machine: build every kernel variant of the tuning space, check and time each (L2-rotated inputs,
+# CUDA-graph medians), print the tables and the configuration for cuda/tuned.cuh -> $$OUT or gpu-tune-out/.
+# Without a GPU it says so and exits 2; `$(PYTHON) -m tinyinfer.gpu_tune --build-only` compiles the
+# variants anywhere nvcc is installed.
+gpu-tune:
+	PYTHONPATH=. $(PYTHON) -m tinyinfer.gpu_tune

@@ -1,11 +1,11 @@
 // attention.cuh -- index and softmax arithmetic shared by the paged-attention kernels and their host
 // tests. Plain __host__ __device__ inline functions: no CUDA runtime, no torch, so g++ compiles this
-// header for tests/host/test_attention.cpp and nvcc for cuda/paged_attention.cu.
+// header for tests/host/test_attention.cpp and nvcc for cuda/paged_attention.cuh.
 //
-// Split-KV ("flash-decoding") in one paragraph: a sequence's keys are cut into partitions of
-// `partition_tokens` keys; each partition p yields, per query row, an unnormalised partial output
-// O_p = sum_j exp2(s_j - m_p) v_j together with its running maximum m_p and sum l_p = sum_j exp2(s_j - m_p)
-// (scores s are kept in log2 units: the kernel folds log2(e) into the query scale). The merge rescales
+// Split-KV ("flash-decoding") in one paragraph: a sequence's keys are cut into partitions
+// (attn_partition_keys of its actual length); each partition p yields, per query row, an unnormalised
+// partial output O_p = sum_j exp2(s_j - m_p) v_j together with its running maximum m_p and sum
+// l_p = sum_j exp2(s_j - m_p) (scores s are kept in log2 units: the kernel scales them by scale * log2(e)). The merge rescales
 // every partition to the global maximum M = max_p m_p:  out = sum_p O_p w_p / sum_p l_p w_p,
 // w_p = exp2(m_p - M). A partition whose keys are all masked for a row has m_p = -inf, l_p = 0 and
 // O_p = 0: its weight must be exactly 0, never exp2(-inf - -inf) = NaN.
@@ -38,20 +38,20 @@ __host__ __device__ inline int64_t key_row_offset(const int32_t* table_row, int 
   return cache_row_start(st, block, pos % block_size, head);
 }
 
-// ---- partitions --------------------------------------------------------------------------------------
+// ---- split-KV partitions, from the actual sequence length ------------------------------------------
 
-__host__ __device__ inline int num_partitions(int tokens, int partition_tokens) {
-  return (tokens + partition_tokens - 1) / partition_tokens;
+// Keys per partition for a sequence of seq_len keys cut into at most num_splits partitions: an even share,
+// rounded up to whole tiles, but never below min_chunk keys (short contexts use fewer partitions instead
+// of many tiny ones). Read from seq_lens on the device, so the grid (num_splits CTAs per sequence and
+// head chunk) stays fixed for CUDA graphs while the work follows the real length.
+__host__ __device__ inline int attn_partition_keys(int seq_len, int num_splits, int tile, int min_chunk) {
+  int part = (seq_len + num_splits - 1) / num_splits;
+  part = (part + tile - 1) / tile * tile;
+  return part > min_chunk ? part : min_chunk;
 }
 
-// Partition length chosen from tensor shapes only (so a CUDA graph replays for any seq_lens): start
-// at 256 keys (8 tiles of 32: enough work per CTA to amortise its pipeline fill) and double while the
-// grid would exceed ~2048 CTAs (more only adds merge traffic). ctas_per_partition = B * Hkv * chunks.
-__host__ __device__ inline int choose_partition_tokens(int64_t ctas_per_partition, int max_tokens) {
-  int part = 256;
-  while (part < 8192 && ctas_per_partition * num_partitions(max_tokens, part) > 2048) part *= 2;
-  return part;
-}
+// Partitions that hold keys (the merge reads these); partition p covers [p * part, min(L, (p + 1) * part)).
+__host__ __device__ inline int attn_live_partitions(int seq_len, int part) { return (seq_len + part - 1) / part; }
 
 // ---- log-sum-exp merge (scores in log2 units) --------------------------------------------------------
 
@@ -84,49 +84,41 @@ __host__ __device__ inline float lse_weight(float m_p, LseState total) {
   return rescale_factor(m_p, total.m) / total.l;
 }
 
-// ---- shared-memory plan of the split kernel (host computes the launch size from it) -------------------
+// ---- tile configuration and shared-memory plan of the split kernel (cuda/paged_attention.cuh) ------
 
-// Rows of K/V tiles are padded by 8 elements (16 bytes) so that 8 lanes reading the same column chunk
-// of 8 consecutive rows hit 8 different bank groups.
-constexpr int kRowPad = 8;
-
-// cp.async pipeline depth: 4 stages (3 tiles in flight) for D <= 128; MLA's 576-wide rows fit 3.
-__host__ __device__ constexpr int attn_pipeline_stages(int head_dim) { return head_dim <= 128 ? 4 : 3; }
-constexpr int kAttnThreads = 128;
-// Keys per pipeline tile: 32 (16 for MLA, whose rows are 4.5x wider).
-__host__ __device__ constexpr int attn_tile_tokens(int head_dim) { return head_dim <= 128 ? 32 : 16; }
-
-struct SplitSmemPlan {
-  int k_stage_elems;   // one pipeline stage of K: tile_tokens * (D + pad)
-  int v_stage_elems;   // one stage of V (0 when V aliases K)
-  int stage_bytes;     // all K/V stages, or the output-reduction scratch reusing them, whichever is larger
-  int total_bytes;
+// W warps, TK keys per pipeline tile (a multiple of 16), STAGES-deep cp.async pipeline.
+template <int W_, int TK_, int STAGES_>
+struct AttnTile {
+  static constexpr int kWarps = W_, kThreads = 32 * W_, TK = TK_, STAGES = STAGES_;
 };
 
-__host__ __device__ inline SplitSmemPlan split_smem_plan(int head_dim, int head_dim_v, int tile_tokens,
-                                                         int stages, int rows, int threads,
-                                                         int elem_bytes, bool v_aliases_k) {
-  SplitSmemPlan s;
-  s.k_stage_elems = tile_tokens * (head_dim + kRowPad);
-  s.v_stage_elems = v_aliases_k ? 0 : tile_tokens * (head_dim_v + kRowPad);
-  int kv_bytes = stages * (s.k_stage_elems + s.v_stage_elems) * elem_bytes;
-  int pairs = head_dim_v / 2;
-  int subsets = pairs >= threads ? 1 : threads / pairs;  // token subsets whose partial outputs are summed
-  int scratch = subsets > 1 ? subsets * rows * head_dim_v * 4 : 0;
-  s.stage_bytes = kv_bytes > scratch ? kv_bytes : scratch;
-  s.stage_bytes = (s.stage_bytes + 15) / 16 * 16;
-  int slices = threads / tile_tokens;
-  int q_bytes = rows * head_dim * 4;                    // scaled queries, fp32
-  int red_bytes = slices * rows * tile_tokens * 4;      // per-slice partial scores
-  int p_bytes = rows * tile_tokens * 4;                 // scores, then probabilities
-  int row_bytes = 6 * rows * 4;                         // m, l, alpha, row t, head, position
-  s.total_bytes = s.stage_bytes + q_bytes + red_bytes + p_bytes + row_bytes;
+// Rows of K, V, Q and P tiles are padded by 8 elements (16 bytes): the 8 row addresses of an ldmatrix
+// then fall into 8 different 16-byte bank groups.
+constexpr int kRowPad = 8;
+
+struct AttnSmemPlan {
+  int k_stage, v_stage;  // elements per pipeline stage (v_stage 0 when V aliases K)
+  int v_off, q_off, p_off, f_off, i_off, total_bytes;  // byte offsets of the regions
+};
+
+// rows = 16 MT query rows per pass. Floats: per-key-group row maxima and row sums [TK/16][rows], running
+// maxima [2][rows]; ints: row token, row head, row position [3][rows].
+__host__ __device__ inline AttnSmemPlan attn_smem_plan(int head_dim, int head_dim_v, int tile, int stages, int rows,
+                                                       int elem_bytes, bool v_aliases_k) {
+  auto up16 = [](int x) { return (x + 15) / 16 * 16; };
+  AttnSmemPlan s;
+  s.k_stage = tile * (head_dim + kRowPad);
+  s.v_stage = v_aliases_k ? 0 : tile * (head_dim_v + kRowPad);
+  s.v_off = up16(stages * s.k_stage * elem_bytes);
+  s.q_off = up16(s.v_off + stages * s.v_stage * elem_bytes);
+  s.p_off = up16(s.q_off + rows * (head_dim + kRowPad) * elem_bytes);
+  s.f_off = up16(s.p_off + rows * (tile + kRowPad) * elem_bytes);
+  s.i_off = up16(s.f_off + (2 * (tile / 16) + 2) * rows * 4);
+  s.total_bytes = up16(s.i_off + 3 * rows * 4);
   return s;
 }
 
-// ---- launcher arguments and plan (shared by paged_attention.cu and bindings.cpp) ---------------------
-
-constexpr int kAttnMaxRows = 16;  // query rows (heads x new tokens) a CTA holds in registers per pass
+// ---- launcher arguments and plan (shared by paged_attention.cu and bindings) ----------------------------
 
 enum class PagedAttentionDtype { kHalf, kBFloat16 };
 
@@ -139,7 +131,7 @@ struct PagedAttentionArgs {
   const int32_t* seq_lens;                            // (B,)
   const int32_t* query_start_loc;                     // (B + 1,)
   void* out;                                          // (T, Hq, Dv) contiguous
-  float* ws_out; float* ws_max; float* ws_sum;        // workspace, see PagedAttentionPlan
+  float* ws_out; float* ws_max; float* ws_sum;        // workspace (num_splits > 1), see PagedAttentionPlan
   int num_tokens, num_seqs, max_blocks, num_q_heads, num_kv_heads, head_dim, head_dim_v, block_size;
   int block_shift;                                    // log2(block_size): block sizes are powers of two
   float scale;
@@ -147,36 +139,48 @@ struct PagedAttentionArgs {
   bool v_aliases_k;                                   // v is k's first Dv columns: load rows once
 };
 
-// Everything about the launch that depends on shapes alone (never on seq_lens / query_start_loc).
+// Everything about the launch that depends on shapes and the device alone (never on seq_lens or
+// query_start_loc), so a captured CUDA graph stays valid for any lengths.
 struct PagedAttentionPlan {
   int chunk_heads;        // query heads of one KV group handled by one CTA
   int head_chunks;        // ceil(group / chunk_heads)
-  int partition_tokens;   // keys per split-KV partition
-  int num_partitions;     // P = ceil(MB * BS / partition_tokens)
-  int rows_per_pass;      // query rows a CTA holds per pass over its partition: 4 or 16
-  int64_t workspace_floats;  // T * Hq * P * (Dv + 2): partial outputs, then maxima, then sums
+  int m_tiles;            // MT: 16-row m-tiles of (head, query) rows per pass (1, 2 or 4)
+  int num_splits;         // P: CTAs per (sequence, KV head, head chunk) along the keys
+  int min_chunk;          // fewest keys a partition takes (attn_partition_keys)
+  int64_t workspace_floats;  // P > 1: T * Hq * P * (Dv + 2) (partial outputs, maxima, sums); else 0
 };
 
-inline PagedAttentionPlan paged_attention_plan(int num_tokens, int num_seqs, int max_blocks,
-                                               int block_size, int num_q_heads, int num_kv_heads,
-                                               int head_dim_v) {
-  PagedAttentionPlan plan;
-  const int group = num_q_heads / num_kv_heads;
-  plan.chunk_heads = group < kAttnMaxRows ? group : kAttnMaxRows;
+// The largest m-tile count a head dim supports (registers for the output accumulators).
+__host__ __device__ constexpr int attn_max_m_tiles(int head_dim) { return head_dim <= 128 ? 4 : 2; }
+
+// Plan, part 1 (shapes only): a CTA takes chunk_heads query heads of one KV head x every new query of a
+// sequence; MT m-tiles of 16 rows per pass from the mean q_len T / B (any q_len is correct: more rows
+// take more passes over the partition).
+inline PagedAttentionPlan attn_plan_shapes(const PagedAttentionArgs& a, int min_chunk) {
+  PagedAttentionPlan plan{};
+  const int group = a.num_q_heads / a.num_kv_heads, max_mt = attn_max_m_tiles(a.head_dim);
+  plan.chunk_heads = group < 16 * max_mt ? group : 16 * max_mt;
   plan.head_chunks = (group + plan.chunk_heads - 1) / plan.chunk_heads;
-  const int max_tokens = max_blocks * block_size;
-  plan.partition_tokens = choose_partition_tokens(
-      static_cast<int64_t>(num_seqs) * num_kv_heads * plan.head_chunks, max_tokens);
-  plan.num_partitions = num_partitions(max_tokens, plan.partition_tokens);
-  if (plan.num_partitions < 1) plan.num_partitions = 1;
-  plan.workspace_floats = static_cast<int64_t>(num_tokens) * num_q_heads * plan.num_partitions *
-                          (head_dim_v + 2);
-  // Rows a CTA meets: its heads x the sequence's q_len. Only T / B (the mean q_len) is known from
-  // shapes; with T <= B (decode, the CUDA-graph buckets) a GQA-4 group fits the lighter 4-row kernel,
-  // which keeps 3 CTAs per SM. Either kernel is correct for any q_len (more rows = more passes).
-  const int64_t mean_q = num_seqs > 0 ? (num_tokens + num_seqs - 1) / num_seqs : 1;
-  plan.rows_per_pass = plan.chunk_heads * mean_q <= 4 && head_dim_v <= 128 ? 4 : kAttnMaxRows;
+  const int mean_q = a.num_seqs > 0 ? (a.num_tokens + a.num_seqs - 1) / a.num_seqs : 1;
+  const int rows = plan.chunk_heads * (mean_q > 0 ? mean_q : 1);
+  const int mt = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
+  plan.m_tiles = mt < max_mt ? mt : max_mt;
+  plan.min_chunk = min_chunk;
+  plan.num_splits = 1;
   return plan;
+}
+
+// Plan, part 2 (shapes and the device): key partitions per sequence so that the CTAs fill `fill` x the
+// resident slots (SMs x CTAs per SM), with no partition shorter than min_chunk keys at the longest
+// context the block table allows; the workspace they need.
+inline void attn_plan_splits(const PagedAttentionArgs& a, int slots, float fill, PagedAttentionPlan* plan) {
+  const int64_t ctas = static_cast<int64_t>(a.num_seqs) * a.num_kv_heads * plan->head_chunks;
+  int64_t p = ctas > 0 ? static_cast<int64_t>(fill * slots) / ctas : 1;
+  const int64_t most = (static_cast<int64_t>(a.max_blocks) * a.block_size + plan->min_chunk - 1) / plan->min_chunk;
+  p = p < most ? p : most;
+  plan->num_splits = p < 1 ? 1 : static_cast<int>(p);
+  plan->workspace_floats = plan->num_splits == 1 ? 0 : static_cast<int64_t>(a.num_tokens) * a.num_q_heads *
+                                                           plan->num_splits * (a.head_dim_v + 2);
 }
 
 inline int log2_if_power_of_two(int x) {

@@ -1,7 +1,7 @@
 // fused.cuh -- parameters and element math of the fused decode-path kernels (cuda/fused_norm.cu,
 // cuda/rope_store_kv.cu). No CUDA runtime, no torch: g++ compiles it for tests/host/test_fused.cpp.
 //
-// Both kernels reproduce the reference ops of tinyinfer/ops.py operation by operation: every
+// Both kernels reproduce the reference ops of tinyinfer/ops/reference.py operation by operation: every
 // product and sum the reference rounds to the model dtype is rounded here too (through a caller's
 // `Round` functor), and products/sums are never contracted into FMAs. That keeps the elementwise part
 // bit-identical to the reference; only the RMSNorm's sum of squares is summed in another order.
@@ -11,9 +11,8 @@
 
 #include "common.cuh"  // also defines __host__ / __device__ away for g++
 
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#if defined(__CUDACC__) || defined(TINYINFER_EMULATE)
+#include "ptx.cuh"  // element conversions (to_float / from_float)
 #endif
 
 namespace tinyinfer {
@@ -65,8 +64,8 @@ struct RopeStoreKVParams {
   const void* q;                 // (T, Hq, D)
   const void* k;                 // (T, Hkv, D)
   const void* v;                 // (T, Hkv, Dv)
-  const void* cos;               // (T, D) row stride cos_stride
-  const void* sin;               // (T, D) row stride sin_stride
+  const void* cos_sin;           // (P, D) row stride cos_sin_stride: row p = [cos(p f_i) s, sin(p f_i) s], i < D/2
+  const int64_t* positions;      // (T,) row of cos_sin per token; outside [0, P) -> NaN outputs
   void* q_out;                   // (T, Hq, D) contiguous: rotated q
   void* k_out;                   // (T, Hkv, D) contiguous: rotated k (what the cache receives)
   void* k_cache;                 // (NB, BS, Hkv, D)
@@ -74,10 +73,11 @@ struct RopeStoreKVParams {
   const int64_t* slot_mapping;   // (T,) -1 = padding: rotated, but not stored
   int64_t num_tokens, num_q_heads, num_kv_heads, head_dim, head_dim_v;
   int64_t num_blocks, block_size;
+  int64_t num_positions;         // P
   int64_t q_token_stride, q_head_stride;
   int64_t k_token_stride, k_head_stride;
   int64_t v_token_stride, v_head_stride;
-  int64_t cos_stride, sin_stride;
+  int64_t cos_sin_stride;
   CacheStrides k_cache_strides;
   CacheStrides v_cache_strides;
 };
@@ -85,6 +85,7 @@ struct RopeStoreKVParams {
 // rotate_half pairs dim i of the first half with dim i + D/2: with x1 = x[:D/2], x2 = x[D/2:],
 //     out[:D/2] = x1 * cos[:D/2] + (-x2) * sin[:D/2]
 //     out[D/2:] = x2 * cos[D/2:] +   x1  * sin[D/2:]
+// (rope_store_kv reads one (cos, sin) pair per i from its table: cos1 = cos2, sin1 = sin2.)
 // A thread owns pair index j (0 <= j < D/2) and writes out[j] and out[j + D/2] from the same two
 // loads. `Round` maps a float to the nearest value of the model dtype (identity for fp32); each
 // product and the sum are rounded as the reference's separate tensor ops round them.
@@ -122,15 +123,5 @@ __host__ __device__ inline RopeUnit rope_unit(int64_t u, int64_t num_q_heads, in
   return RopeUnit{false, c / cols, (c % cols) * vec};
 }
 
-#ifdef __CUDACC__
-// Element conversions shared by both kernels (round to nearest even on the way back).
-__device__ inline float to_float(float x) { return x; }
-__device__ inline float to_float(__half x) { return __half2float(x); }
-__device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ inline T from_float(float x);
-template <> __device__ inline float from_float<float>(float x) { return x; }
-template <> __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-#endif
 
 }  // namespace tinyinfer

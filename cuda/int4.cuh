@@ -3,7 +3,7 @@
 // fp16/bf16 values without an int->float conversion per element. `__host__ __device__` and free of
 // CUDA types, so tests/host/test_int4.cpp checks every nibble value at every position on the CPU.
 //
-// Kernel layout (tinyinfer/quant.py builds it): W (N x K) is cut into tiles of 16 rows x 64 columns;
+// Kernel layout (tinyinfer/quant/format.py builds it): W (N x K) is cut into tiles of 16 rows x 64 columns;
 // tile (nt, kb) is 32 lanes x 4 int32 words, 512 contiguous bytes, so a warp reads it with one
 // 16-byte load per lane. Word j of lane l feeds that lane's A operand of one tensor-core
 // `mma.m16n8k16` (A = 16 rows of W x 16 k, B = 16 k x 8 activation rows):
@@ -85,16 +85,40 @@ __host__ __device__ inline uint32_t bf16_zero_bits(uint32_t z) {
 
 }  // namespace int4
 
-// What bindings.cpp hands the launchers of cuda/int4_gemv.cu (raw pointers; layouts as above).
-struct Int4GemvParams {
-  const void* x;            // (M, K) activations, fp16 or bf16 (x_bf16)
+// Tile configuration of the M <= 64 kernel (cuda/int4_mm.cuh): WN x WK warps per CTA, R 16-row tiles per
+// warp, KPS 64-column blocks per warp and stage, STAGES-deep cp.async pipeline. cuda/tuned.cuh picks one
+// per range of M.
+template <int WN_, int WK_, int R_, int KPS_, int STAGES_>
+struct Int4Tile {
+  static constexpr int WN = WN_, WK = WK_, R = R_, KPS = KPS_, STAGES = STAGES_;
+  static constexpr int kWarps = WN * WK, kThreads = 32 * kWarps, kTiles = WN * R, KS = WK * KPS;
+};
+
+// Split-K factor (CTAs per cluster along K) from shapes and occupancy only, so a CUDA graph replays the
+// same launch: double it while the CTAs over N (ctas_n) fill fewer than `fill` x the resident slots and
+// every CTA keeps at least two stages; at most 8 (the portable cluster size).
+__host__ __device__ inline int int4_choose_split(int ctas_n, int stages, int slots, float fill) {
+  int split = 1;
+  while (split < 8 && ctas_n * split < fill * slots && stages >= 4 * split) split *= 2;
+  return split;
+}
+
+// Two kinds of per-group zero information (tensor `zeros`, same shape as `scales`):
+//   kUint8: integer zero points z (uint8):        w = (q - z) * s     (tinyinfer's quantizer, GPTQ, AWQ)
+//   kFloat: float offsets m (the scales' dtype):  w = q * s + m       (GGUF Q4_1's "min")
+enum class Int4Zeros { kUint8 = 0, kFloat = 1 };
+
+// What bindings.cpp hands the launchers of cuda/int4_linear.cu (raw pointers; layouts as above).
+struct Int4LinearParams {
+  const void* x;            // (M, K) activations, fp16 or bf16 (x_bf16), rows 16-byte aligned
   const void* qweight;      // (N/16, Kp/64, 32, 4) int32
   const void* scales;       // (N/16, Kp/G, 16) fp16 or bf16 (scales_bf16)
-  const uint8_t* zeros;     // (N/16, Kp/G, 16)
-  void* y;                  // gemv: (M, N); dequant: W (N, K); in x's dtype
+  const void* zeros;        // (N/16, Kp/G, 16) uint8, or the scales' dtype for kFloat
+  void* y;                  // int4_linear: (M, N); dequant: W (N, K); in x's dtype
   int M, N, K, group_size;  // N % 16 == 0, K % group_size == 0, group_size in {32, 64, 128}
   bool x_bf16, scales_bf16;
-  bool pdl;                 // launch the GEMV with programmatic dependent launch (sm_90+)
+  Int4Zeros zero_kind;
+  bool pdl;                 // launch with programmatic dependent launch (sm_90+)
 };
 
 }  // namespace tinyinfer

@@ -1,18 +1,23 @@
 // rope_store_kv.cu -- rotary position embedding of q and k, fused with the K/V write into the paged
 // cache: the attention block's whole "after the QKV projection, before attention" step in one launch.
 //
-// Computes, for every token t (cos/sin rows are the step's table, computed once for all layers):
-//     q_out[t, h] = rope(q[t, h], cos[t], sin[t])           for the Hq query heads
-//     k_out[t, h] = rope(k[t, h], cos[t], sin[t])           for the Hkv key heads
+// Computes, for every token t, with (c, s) = the two halves of cos_sin[positions[t]] -- a table of P
+// positions computed once per model (row p = [cos(p f_i) a, sin(p f_i) a] for i < D/2, a the
+// attention scaling), gathered here instead of computed per step:
+//     q_out[t, h] = rope(q[t, h], c, s)                     for the Hq query heads
+//     k_out[t, h] = rope(k[t, h], c, s)                     for the Hkv key heads
 //     k_cache[slot / BS, slot % BS, h] = k_out[t, h]
 //     v_cache[slot / BS, slot % BS, h] = v[t, h]             when slot = slot_mapping[t] >= 0
-// with rope(x, c, s) = x * c + rotate_half(x) * s in the Hugging Face layout (dim i pairs with
-// i + D/2). Padding tokens (slot -1) are still rotated (their q rows are ignored downstream) but
-// never stored. Each product and sum is rounded like the reference's separate tensor ops
-// (fused.cuh), so the output matches the reference bit for bit in every dtype.
+// with rope(x, c, s) = x * cat(c, c) + rotate_half(x) * cat(s, s) in the Hugging Face layout (dim i
+// pairs with i + D/2). Padding tokens (slot -1) are still rotated (their q rows are ignored downstream)
+// but never stored; a position outside [0, P) -- a caller bug the kernel cannot report without a host
+// sync -- rotates with NaN, so it cannot pass unnoticed. Each product and sum is rounded like the
+// reference's separate tensor ops (fused.cuh), so the output is bit for bit the reference's, and the
+// same bits as the former kernel that read per-token cos/sin rows equal to the table rows.
 //
 // Memory layout: q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv) with any token/head strides (the
-// model passes views into its fused QKV projection output); cos, sin (T, D) with any row stride;
+// model passes views into its fused QKV projection output); cos_sin (P, D) with any row stride;
+// positions, slot_mapping (T,) int64;
 // caches (NB, BS, Hkv, D|Dv) with any block/offset/head strides; every last dimension unit-stride;
 // all tensors share one dtype (fp32, fp16, bf16). q_out, k_out contiguous.
 //
@@ -23,11 +28,17 @@
 // depends only on tensor shapes, so a captured CUDA graph replays it for new positions and slots.
 // Misaligned shapes (D/2 or Dv or a stride not a multiple of 16 bytes) use one value per unit.
 //
-// Build: through tinyinfer/kernels.py (`make build`, or JIT at first use); no torch headers here.
+// Build: through tinyinfer/kernels/ (`make build`, or JIT at first use); no torch headers here.
+// Host emulation: with TINYINFER_EMULATE defined (tests/host/emulate_rope.cpp) only the kernel compiles.
+#ifdef TINYINFER_EMULATE
+#include "emulate_cuda.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
+#include <cmath>
 #include <cstdint>
 
 #include "fused.cuh"
@@ -35,8 +46,7 @@
 namespace tinyinfer {
 namespace {
 
-constexpr int kThreads = 128;
-
+constexpr int kRopeThreads = 128;
 
 // Nearest value of T, as a float: the rounding a reference tensor op in dtype T applies.
 template <typename T>
@@ -60,9 +70,9 @@ __device__ inline void store(T* base, int64_t offset, const Pack<T, N>& value) {
 }
 
 template <typename T, int N>
-__global__ void __launch_bounds__(kThreads) rope_store_kv_kernel(const RopeStoreKVParams p) {
+__global__ void __launch_bounds__(kRopeThreads) rope_store_kv_kernel(const RopeStoreKVParams p) {
   const int64_t t = blockIdx.x;
-  const int64_t u = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t u = static_cast<int64_t>(blockIdx.y) * kRopeThreads + threadIdx.x;
   const int64_t Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim;
   if (u >= rope_store_units(Hq, Hkv, D, p.head_dim_v, N)) return;
   const RopeUnit unit = rope_unit(u, Hq, Hkv, D, p.head_dim_v, N);
@@ -84,17 +94,17 @@ __global__ void __launch_bounds__(kThreads) rope_store_kv_kernel(const RopeStore
   const T* src = is_q ? static_cast<const T*>(p.q) + t * p.q_token_stride + head * p.q_head_stride
                       : static_cast<const T*>(p.k) + t * p.k_token_stride + head * p.k_head_stride;
   const int64_t j1 = unit.column, j2 = unit.column + D / 2;  // the pair's two halves
-  const T* cos_row = static_cast<const T*>(p.cos) + t * p.cos_stride;
-  const T* sin_row = static_cast<const T*>(p.sin) + t * p.sin_stride;
+  const int64_t pos = p.positions[t];
+  const bool pos_ok = pos >= 0 && pos < p.num_positions;
+  const T* table_row = static_cast<const T*>(p.cos_sin) + (pos_ok ? pos : 0) * p.cos_sin_stride;
   const Pack<T, N> x1 = load<T, N>(src, j1), x2 = load<T, N>(src, j2);
-  const Pack<T, N> c1 = load<T, N>(cos_row, j1), c2 = load<T, N>(cos_row, j2);
-  const Pack<T, N> s1 = load<T, N>(sin_row, j1), s2 = load<T, N>(sin_row, j2);
+  const Pack<T, N> c = load<T, N>(table_row, j1), sn = load<T, N>(table_row, j2);  // cos | sin halves
   Pack<T, N> o1, o2;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
+    const float cf = pos_ok ? to_float(c.v[i]) : NAN, sf = pos_ok ? to_float(sn.v[i]) : NAN;
     float a, b;
-    rope_pair(to_float(x1.v[i]), to_float(x2.v[i]), to_float(c1.v[i]), to_float(s1.v[i]),
-              to_float(c2.v[i]), to_float(s2.v[i]), RoundTo<T>(), &a, &b);
+    rope_pair(to_float(x1.v[i]), to_float(x2.v[i]), cf, sf, cf, sf, RoundTo<T>(), &a, &b);
     o1.v[i] = from_float<T>(a);
     o2.v[i] = from_float<T>(b);
   }
@@ -109,11 +119,12 @@ __global__ void __launch_bounds__(kThreads) rope_store_kv_kernel(const RopeStore
   }
 }
 
+#ifndef TINYINFER_EMULATE
 template <typename T, int N>
 cudaError_t launch_vectors(const RopeStoreKVParams& p, cudaStream_t stream) {
   const int64_t units = rope_store_units(p.num_q_heads, p.num_kv_heads, p.head_dim, p.head_dim_v, N);
-  const dim3 grid(static_cast<unsigned int>(p.num_tokens), static_cast<unsigned int>(ceil_div(units, kThreads)));
-  rope_store_kv_kernel<T, N><<<grid, kThreads, 0, stream>>>(p);
+  const dim3 grid(static_cast<unsigned int>(p.num_tokens), static_cast<unsigned int>(ceil_div(units, kRopeThreads)));
+  rope_store_kv_kernel<T, N><<<grid, kRopeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -124,12 +135,12 @@ cudaError_t launch_typed(const RopeStoreKVParams& p, cudaStream_t stream) {
   // Every vector start must be 16-byte aligned: base pointers, strides, and the half-row offset D/2.
   const int64_t quantities[] = {
       reinterpret_cast<int64_t>(p.q), reinterpret_cast<int64_t>(p.k), reinterpret_cast<int64_t>(p.v),
-      reinterpret_cast<int64_t>(p.cos), reinterpret_cast<int64_t>(p.sin),
+      reinterpret_cast<int64_t>(p.cos_sin),
       reinterpret_cast<int64_t>(p.q_out), reinterpret_cast<int64_t>(p.k_out),
       reinterpret_cast<int64_t>(p.k_cache), reinterpret_cast<int64_t>(p.v_cache),
       p.head_dim / 2 * es, p.head_dim_v * es,
       p.q_token_stride * es, p.q_head_stride * es, p.k_token_stride * es, p.k_head_stride * es,
-      p.v_token_stride * es, p.v_head_stride * es, p.cos_stride * es, p.sin_stride * es,
+      p.v_token_stride * es, p.v_head_stride * es, p.cos_sin_stride * es,
       p.k_cache_strides.block * es, p.k_cache_strides.offset * es, p.k_cache_strides.head * es,
       p.v_cache_strides.block * es, p.v_cache_strides.offset * es, p.v_cache_strides.head * es};
   if (common_vector_bytes(quantities, sizeof(quantities) / sizeof(quantities[0])) == 16) {
@@ -137,8 +148,11 @@ cudaError_t launch_typed(const RopeStoreKVParams& p, cudaStream_t stream) {
   }
   return launch_vectors<T, 1>(p, stream);
 }
+#endif  // TINYINFER_EMULATE
 
 }  // namespace
+
+#ifndef TINYINFER_EMULATE
 
 // Host launcher: 0 < T < 2^31, D even; strides in elements. Picks 16-byte vectors when aligned.
 cudaError_t launch_rope_store_kv(const RopeStoreKVParams& p, FusedDtype dtype, cudaStream_t stream) {
@@ -148,5 +162,6 @@ cudaError_t launch_rope_store_kv(const RopeStoreKVParams& p, FusedDtype dtype, c
     default: return launch_typed<__nv_bfloat16>(p, stream);
   }
 }
+#endif  // TINYINFER_EMULATE
 
 }  // namespace tinyinfer

@@ -1,4 +1,4 @@
-"""store_kv: the CUDA kernel (cuda/store_kv.cu) against the reference in tinyinfer/ops.py.
+"""store_kv: the CUDA kernel (cuda/store_kv.cu) against the reference in tinyinfer/ops/reference.py.
 
 The kernel only moves bits, so on fresh random inputs its caches must equal the reference's bit for bit
 (compared as integers, so NaN poison compares too): every written row, and every row it must leave

@@ -325,13 +325,12 @@ def test_fused_ops_replay_in_a_cuda_graph_with_new_positions_and_slots(cuda_exte
 @pytest.mark.cuda
 def test_fused_ops_bad_arguments_get_clear_errors(cuda_extension):
     q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(4, 4, 2, 64, 16, torch.float16, "cuda", seed=4)
-    cos, sin = reference.rope_rows(table, pos)
     with pytest.raises(RuntimeError, match="int64"):
-        cuda_extension.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots.int())
-    with pytest.raises(RuntimeError, match="convert cos"):
-        cuda_extension.rope_store_kv(q, k, v, cos.float(), sin, k_cache, v_cache, slots)
+        cuda_extension.rope_store_kv(q, k, v, table, pos, k_cache, v_cache, slots.int())
+    with pytest.raises(RuntimeError, match="convert cos_sin_cache"):
+        cuda_extension.rope_store_kv(q, k, v, table.float(), pos, k_cache, v_cache, slots)
     with pytest.raises(RuntimeError, match="even"):
-        cuda_extension.rope_store_kv(q[..., :63], k[..., :63], v, cos[:, :63], sin[:, :63], k_cache, v_cache,
+        cuda_extension.rope_store_kv(q[..., :63], k[..., :63], v, table[:, :63], pos, k_cache, v_cache,
                                      slots)
     x = torch.randn(2, 64, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="weight must be"):

@@ -1,4 +1,4 @@
-"""INT4 format and quantizer (tinyinfer/quant.py): packing, layouts, error bounds, the reference op."""
+"""INT4 format and quantizer (tinyinfer/quant/format.py, quantizer.py): packing, layouts, error bounds, the reference op."""
 import pytest
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""INT4 CUDA kernels (cuda/int4_gemv.cu) against the reference op, on fresh random inputs.
+"""INT4 CUDA kernels (cuda/int4_linear.cu) against the reference op, on fresh random inputs.
 
 The output is poisoned with NaN before each launch (int4_linear_out writes into the given tensor), so
 an element the kernel never writes shows up. Error: normwise |y - ref|_inf / |ref|_inf against the

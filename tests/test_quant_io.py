@@ -1,4 +1,4 @@
-"""INT4 on disk (tinyinfer/quant_io.py, tinyinfer/quantize.py): our self-describing file, GPTQ and AWQ.
+"""INT4 on disk (tinyinfer/quant/io.py, tinyinfer/quantize.py): our self-describing file, GPTQ and AWQ.
 
 The GPTQ / AWQ tensors are built here from known integer weights following each format's documented
 packing (not with the code under test), then imported and compared exactly.

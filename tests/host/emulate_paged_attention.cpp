@@ -1,11 +1,15 @@
-// Runs the shipped kernels of cuda/paged_attention.cu on a CPU (through emulate_cuda.h) against a
-// float64 evaluation of the op contract. Built and run by tests/test_paged_attention.py:
-//   g++ -std=c++17 -O0 -I cuda -I tests/host emulate_paged_attention.cpp; ./a.out [--full]
+// Runs the shipped tensor-core paged-attention kernels (cuda/paged_attention.cuh, configurations of
+// cuda/tuned.cuh) on a CPU through emulate_cuda.h / emulate_ptx.h, against a float64 evaluation of the op
+// contract. Built and run by tests/test_paged_attention.py (quick subset) and tests/test_emulated_kernels.py:
+//   g++ -std=c++17 -I cuda -I tests/host emulate_paged_attention.cpp; ./a.out [--all | --full]
 // Each case: shuffled block tables, NaN in every unowned cache slot, -1 past each table's last block,
-// varlen queries (q_len 0 included), padding rows, output poisoned with NaN before the launch.
+// varlen queries (q_len 0 included), padding rows, output poisoned with NaN before the launch; each runs
+// with the plan a 132-SM GPU would get and with forced partition counts (one partition: the kernel
+// normalises and zeroes padding rows itself; several: partial results + the merge kernel).
 #define TINYINFER_EMULATE 1
 #include "emulate_cuda.h"
-#include "../../cuda/paged_attention.cu"
+#include "../../cuda/paged_attention.cuh"
+#include "../../cuda/tuned.cuh"
 
 #include <cstring>
 #include <random>
@@ -27,31 +31,34 @@ struct Case {
   bool mla_alias;  // v_cache = k_cache[..., :dv]
 };
 
-// The same launch as paged_attention_launch, on the emulator.
-template <typename T, int D, int DV, int TOK, int ROWS>
-void emulate_launch(const SplitArgs& s) {
-  const PagedAttentionArgs& a = s.a;
-  SplitSmemPlan plan = split_smem_plan(D, DV, TOK, attn_pipeline_stages(D), ROWS, kThreads,
-                                       static_cast<int>(sizeof(T)), s.v_alias);
-  if (a.num_seqs > 0)
-    emu::run_grid(dim3(s.num_parts, a.num_kv_heads * s.head_chunks, a.num_seqs), kThreads, plan.total_bytes,
-                  [&] { paged_attention_split_kernel<T, D, DV, TOK, ROWS>(s); });
-  MergeArgs m{a.out, a.ws_out, a.ws_max, a.ws_sum, a.seq_lens, a.query_start_loc, a.num_seqs, a.num_q_heads,
-              a.head_dim_v, s.part, s.num_parts, a.max_blocks * a.block_size};
-  emu::run_grid(dim3(a.num_tokens, a.num_q_heads), kThreads, 0, [&] { paged_attention_merge_kernel<T>(m); });
+// The same launches as launch_paged_attention_config, on the emulator.
+template <typename T, int D, int DV, int MT, class C>
+void emulate_launch(const PagedAttentionArgs& a, const PagedAttentionPlan& plan) {
+  const int bytes = attn_smem_plan(D, DV, C::TK, C::STAGES, 16 * MT, sizeof(T), a.v_aliases_k).total_bytes;
+  const bool single = plan.num_splits == 1;
+  emu::run_grid(dim3(plan.num_splits, a.num_kv_heads * plan.head_chunks, a.num_seqs + (single ? 1 : 0)),
+                C::kThreads, bytes, [&] { paged_attention_kernel<T, D, DV, MT, C>(a, plan); });
+  if (!single)
+    emu::run_grid(dim3(a.num_tokens, a.num_q_heads), 128, 0, [&] { paged_attention_merge_kernel<T, DV>(a, plan, C::TK); });
+}
+
+template <typename T, int D, int DV, class C>
+void emulate_m_tiles(const PagedAttentionArgs& a, const PagedAttentionPlan& plan) {
+  if (plan.m_tiles == 1) emulate_launch<T, D, DV, 1, C>(a, plan);
+  else if (plan.m_tiles == 2) emulate_launch<T, D, DV, 2, C>(a, plan);
+  else if constexpr (attn_max_m_tiles(D) >= 4) emulate_launch<T, D, DV, 4, C>(a, plan);
 }
 
 template <typename T>
-void emulate_dispatch(const SplitArgs& s, int rows) {
-  const int d = s.a.head_dim;
-  if (d == 64) rows <= 4 ? emulate_launch<T, 64, 64, 32, 4>(s) : emulate_launch<T, 64, 64, 32, 16>(s);
-  else if (d == 128) rows <= 4 ? emulate_launch<T, 128, 128, 32, 4>(s) : emulate_launch<T, 128, 128, 32, 16>(s);
-  else emulate_launch<T, 576, 512, 16, 16>(s);
+void emulate_dispatch(const PagedAttentionArgs& a, const PagedAttentionPlan& plan) {
+  if (a.head_dim == 64) emulate_m_tiles<T, 64, 64, tuned::Attn64>(a, plan);
+  else if (a.head_dim == 128) emulate_m_tiles<T, 128, 128, tuned::Attn128>(a, plan);
+  else emulate_m_tiles<T, 576, 512, tuned::AttnMla>(a, plan);
 }
 
-// Returns the number of failures of this case.
+// Returns the number of failures of this case. splits: 0 = the plan for 132 SMs x 2 CTAs, else forced.
 template <typename T>
-int run_case(const Case& c, uint32_t seed, int forced_rows) {
+int run_case(const Case& c, uint32_t seed, int splits) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
   const int B = static_cast<int>(c.seq_lens.size());
@@ -103,29 +110,35 @@ int run_case(const Case& c, uint32_t seed, int forced_rows) {
   const float scale = 0.7f / std::sqrt(float(c.d));
   std::vector<T> out(size_t(T_rows) * c.hq * c.dv, nan_t);  // poisoned
 
-  PagedAttentionPlan plan = paged_attention_plan(T_rows, B, mb, c.bs, c.hq, c.hkv, c.dv);
-  std::vector<float> ws(size_t(std::max<int64_t>(plan.workspace_floats, 1)), NAN);
-  const int64_t partials = int64_t(T_rows) * c.hq * plan.num_partitions;
-  emu::readable().clear();
-  emu::register_readable(kc.data(), kc.size() * sizeof(T));
-  if (!c.mla_alias) emu::register_readable(vc.data(), vc.size() * sizeof(T));
-
+  std::vector<int32_t> lens(c.seq_lens.begin(), c.seq_lens.end());
   PagedAttentionArgs a{};
   a.q = q.data(); a.q_s0 = int64_t(c.hq) * c.d; a.q_s1 = c.d;
   a.k = kc.data(); a.k_s0 = int64_t(c.bs) * c.hkv * kw; a.k_s1 = int64_t(c.hkv) * kw; a.k_s2 = kw;
   if (c.mla_alias) { a.v = kc.data(); a.v_s0 = a.k_s0; a.v_s1 = a.k_s1; a.v_s2 = a.k_s2; }
   else { a.v = vc.data(); a.v_s0 = int64_t(c.bs) * c.hkv * vw; a.v_s1 = int64_t(c.hkv) * vw; a.v_s2 = vw; }
   a.block_tables = table.data(); a.bt_stride = mb;
-  std::vector<int32_t> lens(c.seq_lens.begin(), c.seq_lens.end());
   a.seq_lens = lens.data(); a.query_start_loc = qsl.data();
-  a.out = out.data(); a.ws_out = ws.data(); a.ws_max = ws.data() + partials * c.dv;
-  a.ws_sum = a.ws_max + partials;
+  a.out = out.data();
   a.num_tokens = T_rows; a.num_seqs = B; a.max_blocks = mb; a.num_q_heads = c.hq; a.num_kv_heads = c.hkv;
   a.head_dim = c.d; a.head_dim_v = c.dv; a.block_size = c.bs; a.block_shift = log2_if_power_of_two(c.bs);
   a.scale = scale; a.v_aliases_k = c.mla_alias;
-  SplitArgs s{a, plan.partition_tokens, plan.num_partitions, plan.chunk_heads, plan.head_chunks, c.mla_alias};
-  const int rows = forced_rows ? forced_rows : plan.rows_per_pass;
-  emulate_dispatch<T>(s, rows);
+  a.dtype = std::is_same<T, __half>::value ? PagedAttentionDtype::kHalf : PagedAttentionDtype::kBFloat16;
+  PagedAttentionPlan plan = attn_plan_shapes(a, tuned::kAttnMinChunk);
+  if (splits > 0) {  // forced: a small minimum partition so that short test sequences really split
+    plan.min_chunk = 16;
+    plan.num_splits = splits;
+    plan.workspace_floats = splits == 1 ? 0 : int64_t(T_rows) * c.hq * splits * (c.dv + 2);
+  } else {
+    attn_plan_splits(a, 132 * 2, tuned::kAttnSplitFill, &plan);
+  }
+  std::vector<float> ws(size_t(std::max<int64_t>(plan.workspace_floats, 1)), NAN);
+  const int64_t partials = int64_t(T_rows) * c.hq * plan.num_splits;
+  a.ws_out = ws.data(); a.ws_max = ws.data() + partials * c.dv; a.ws_sum = a.ws_max + partials;
+  emu::readable().clear();
+  emu::register_readable(kc.data(), kc.size() * sizeof(T));
+  if (!c.mla_alias) emu::register_readable(vc.data(), vc.size() * sizeof(T));
+  emu::register_readable(q.data(), q.size() * sizeof(T));
+  emulate_dispatch<T>(a, plan);
 
   // float64 reference of the contract
   const double tol = sizeof(T) == 2 && std::is_same<T, __half>::value ? 1e-3 : 1e-2;
@@ -166,37 +179,37 @@ int run_case(const Case& c, uint32_t seed, int forced_rows) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // No argument: the quick subset CI runs (a few seconds). --all: every case, both dtypes, both the
-  // planned and the 16-row kernel. --full: --all plus longer sequences.
+  // No argument: the quick subset CI runs. --all: every case, both dtypes, the planned and forced
+  // partition counts. --full: --all plus long sequences.
   const std::string mode = argc > 1 ? argv[1] : "";
   const bool all = mode == "--all" || mode == "--full";
   // (seq_lens, q_lens, hq, hkv, d, dv, bs, pad_rows, mla_alias)
   std::vector<Case> cases = {
-      {{600, 37, 1, 300}, {1, 1, 1, 1}, 8, 2, 128, 128, 16, 3, false},         // decode GQA 4 -> 4-row kernel
-      {{530, 16, 90}, {16, 16, 4}, 8, 2, 128, 128, 8, 2, false},              // verify: 64 rows, passes
-      {{300, 9, 2, 64}, {1, 1, 3, 1}, 4, 2, 64, 64, 16, 2, false},            // demo-llama GQA 4/2, 4-row
-                                                                              // kernel, 2 passes for q_len 3
-      {{290, 33}, {2, 1}, 32, 1, 576, 512, 16, 2, true},                      // MLA alias, 2 head chunks
-      {{280, 0, 45, 7}, {3, 0, 5, 7}, 4, 4, 64, 64, 32, 4, false},            // MHA, empty seq, q=len
-      {{300, 70}, {1, 2}, 16, 1, 64, 64, 16, 1, false},                       // MQA group 16
-      {{40, 17}, {1, 3}, 16, 1, 576, 512, 16, 1, false},                      // MLA, V separate
-      {{10, 5}, {0, 0}, 4, 2, 64, 64, 16, 3, false},                          // every row padding
+      {{600, 37, 1, 300}, {1, 1, 1, 1}, 8, 2, 128, 128, 16, 3, false},        // decode GQA 4, MT 1
+      {{530, 16, 90}, {16, 16, 4}, 8, 2, 128, 128, 8, 2, false},             // verify: 64 rows, MT 4
+      {{300, 9, 2, 64}, {1, 1, 3, 1}, 4, 2, 64, 64, 16, 2, false},           // demo-llama GQA 4/2, D 64
+      {{290, 33}, {2, 1}, 64, 1, 576, 512, 16, 2, true},                     // MLA alias, 2 head chunks
+      {{280, 0, 45, 7}, {3, 0, 5, 7}, 4, 4, 64, 64, 32, 4, false},           // MHA, empty seq, q = len
+      {{300, 70}, {1, 2}, 16, 1, 64, 64, 16, 1, false},                      // MQA group 16
+      {{40, 17}, {1, 3}, 16, 1, 576, 512, 16, 1, false},                     // MLA, V separate
+      {{10, 5}, {0, 0}, 4, 2, 64, 64, 16, 3, false},                         // every row padding
+      {{200, 77}, {5, 5}, 8, 2, 128, 128, 64, 0, false},                     // verify k = 4: 20 rows, MT 2
   };
-  if (!all) cases.resize(4);
   if (mode == "--full") {
     cases.push_back({{2048, 700, 1500}, {1, 1, 1}, 32, 8, 128, 128, 16, 2, false});
     cases.push_back({{1100, 257, 256, 255}, {4, 4, 4, 4}, 8, 8, 128, 128, 32, 1, false});
-    cases.push_back({{900, 20}, {16, 20}, 4, 1, 64, 64, 8, 2, false});   // q_len 20: over 16
+    cases.push_back({{900, 20}, {16, 20}, 4, 1, 64, 64, 8, 2, false});   // q_len 20: two passes of 64 rows
   }
   int failures = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
+    const bool quick = i < 4 || i == 8;
     for (int dtype = 0; dtype < 2; ++dtype) {
-      for (int forced : {0, 16}) {
-        if ((forced && cases[i].d == 576) || (!all && (forced || dtype != int(i % 2)))) continue;
-        int f = dtype == 0 ? run_case<__nv_bfloat16>(cases[i], 100 + i, forced)
-                           : run_case<__half>(cases[i], 200 + i, forced);
-        std::printf("case %zu %s rows=%s: %s\n", i, dtype == 0 ? "bf16" : "fp16", forced ? "16" : "plan",
-                    f ? "FAIL" : "ok");
+      for (int splits : {0, 1, 3}) {
+        if (!all && (!quick || dtype != int(i % 2) || (splits != 0 && splits != (i % 2 ? 3 : 1)))) continue;
+        int f = dtype == 0 ? run_case<__nv_bfloat16>(cases[i], 100 + i, splits)
+                           : run_case<__half>(cases[i], 200 + i, splits);
+        std::printf("case %zu %s splits=%s: %s\n", i, dtype == 0 ? "bf16" : "fp16",
+                    splits ? std::to_string(splits).c_str() : "plan", f ? "FAIL" : "ok");
         failures += f;
       }
     }

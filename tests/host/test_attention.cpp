@@ -96,7 +96,7 @@ static void test_split_softmax_equals_full_softmax() {
       ref_den += w;
       ref_num += w * v[j];
     }
-    const int parts = num_partitions(keys, part);
+    const int parts = attn_live_partitions(keys, part);
     std::vector<float> m(parts), l(parts), o(parts);
     for (int p = 0; p < parts; ++p) {  // what one split CTA computes (online, tile by tile of 4 keys)
       float mp = -INFINITY, lp = 0, op = 0;
@@ -126,58 +126,77 @@ static void test_split_softmax_equals_full_softmax() {
   }
 }
 
-// Launch planning depends on shapes only; check the two benchmark points and MLA.
-static void test_plan() {
-  // batch 1, 32k context, GQA 32/8, block size 16: 8 KV-head CTAs x 128 partitions of 256 keys.
-  PagedAttentionPlan p1 = paged_attention_plan(1, 1, 2048, 16, 32, 8, 128);
-  CHECK(p1.chunk_heads == 4 && p1.head_chunks == 1);
-  CHECK(p1.partition_tokens == 256 && p1.num_partitions == 128);
-  CHECK(p1.workspace_floats == int64_t(1) * 32 * 128 * 130);
-  // batch 32, 4k contexts: 2048 CTAs of 512 keys.
-  PagedAttentionPlan p2 = paged_attention_plan(32, 32, 256, 16, 32, 8, 128);
-  CHECK(p2.partition_tokens == 512 && p2.num_partitions == 8);
-  // MLA: 128 query heads over one latent head -> 8 chunks of 16 heads.
-  PagedAttentionPlan p3 = paged_attention_plan(4, 4, 64, 16, 128, 1, 512);
-  CHECK(p3.chunk_heads == 16 && p3.head_chunks == 8);
-  // Partitions are whole tiles for every tile size.
-  for (int b : {1, 3, 64, 256})
-    for (int mb : {1, 100, 4096}) {
-      PagedAttentionPlan p = paged_attention_plan(b, b, mb, 16, 32, 8, 128);
-      CHECK(p.partition_tokens % 32 == 0 && p.num_partitions >= 1);
-      CHECK(int64_t(p.num_partitions) * p.partition_tokens >= int64_t(mb) * 16);
-    }
-  PagedAttentionPlan empty = paged_attention_plan(0, 0, 0, 16, 8, 8, 64);
-  CHECK(empty.num_partitions == 1 && empty.workspace_floats == 0);
+// Shapes-only args for the plan functions (pointers unused).
+static PagedAttentionArgs shapes(int T, int B, int MB, int BS, int hq, int hkv, int d, int dv) {
+  PagedAttentionArgs a{};
+  a.num_tokens = T; a.num_seqs = B; a.max_blocks = MB; a.block_size = BS;
+  a.num_q_heads = hq; a.num_kv_heads = hkv; a.head_dim = d; a.head_dim_v = dv;
+  return a;
 }
 
-// Shared memory fits the residency the kernels are built for (__launch_bounds__): the 4-row decode
-// kernel 3 CTAs per SM, the 16-row kernel 2 (D <= 128), MLA 1 even when V is a separate tensor; and
-// the output-reduction scratch fits inside the pipeline stages.
+// The partitions of the actual length cover every key exactly once, in whole tiles, none shorter than
+// the minimum unless the sequence is, and never more than the planned number of splits.
+static void test_partitions_cover_the_sequence() {
+  for (int L : {1, 15, 16, 17, 255, 256, 257, 1000, 4096, 32768})
+    for (int splits : {1, 2, 3, 33, 128})
+      for (int tile : {32, 64})
+        for (int min_chunk : {16, 256}) {
+          const int part = attn_partition_keys(L, splits, tile, min_chunk), live = attn_live_partitions(L, part);
+          CHECK(part >= min_chunk && (part % tile == 0 || part == min_chunk));
+          CHECK(live >= 1 && live <= splits);
+          CHECK(int64_t(live) * part >= L && int64_t(live - 1) * part < L);  // covered; the last one non-empty
+        }
+}
+
+// The plan: decode and verify shapes of the benchmark, MLA, the empty batch; splits fill the slots once.
+static void test_plan() {
+  const int slots = 132 * 2;
+  // batch 1, 32k context, GQA 32/8: one m-tile of 4 heads, 33 partitions over 8 KV heads.
+  PagedAttentionArgs a1 = shapes(1, 1, 2048, 16, 32, 8, 128, 128);
+  PagedAttentionPlan p1 = attn_plan_shapes(a1, 256);
+  attn_plan_splits(a1, slots, 1.0f, &p1);
+  CHECK(p1.chunk_heads == 4 && p1.head_chunks == 1 && p1.m_tiles == 1);
+  CHECK(p1.num_splits == 33 && p1.workspace_floats == int64_t(1) * 32 * 33 * 130);
+  // batch 32, 4k: 256 CTAs already fill the slots: one partition, no workspace, no merge.
+  PagedAttentionArgs a2 = shapes(32, 32, 256, 16, 32, 8, 128, 128);
+  PagedAttentionPlan p2 = attn_plan_shapes(a2, 256);
+  attn_plan_splits(a2, slots, 1.0f, &p2);
+  CHECK(p2.num_splits == 1 && p2.workspace_floats == 0);
+  // q_len 4 (verify) of a GQA-4 group: 16 rows, still one m-tile; q_len 16: 64 rows, four.
+  CHECK(attn_plan_shapes(shapes(128, 32, 256, 16, 32, 8, 128, 128), 256).m_tiles == 1);
+  CHECK(attn_plan_shapes(shapes(80, 16, 256, 16, 32, 8, 128, 128), 256).m_tiles == 2);
+  CHECK(attn_plan_shapes(shapes(512, 32, 256, 16, 32, 8, 128, 128), 256).m_tiles == 4);
+  // MLA: 128 heads over one latent head -> 4 chunks of 32 heads, at most two m-tiles.
+  PagedAttentionPlan p3 = attn_plan_shapes(shapes(4, 4, 64, 16, 128, 1, 576, 512), 256);
+  CHECK(p3.chunk_heads == 32 && p3.head_chunks == 4 && p3.m_tiles == 2);
+  // Short tables cap the splits (no partition below the minimum at the table's full width).
+  PagedAttentionArgs a4 = shapes(1, 1, 8, 16, 32, 8, 128, 128);
+  PagedAttentionPlan p4 = attn_plan_shapes(a4, 256);
+  attn_plan_splits(a4, slots, 1.0f, &p4);
+  CHECK(p4.num_splits == 1);
+  PagedAttentionArgs a5 = shapes(0, 0, 0, 16, 8, 8, 64, 64);
+  PagedAttentionPlan p5 = attn_plan_shapes(a5, 256);
+  attn_plan_splits(a5, slots, 1.0f, &p5);
+  CHECK(p5.num_splits == 1 && p5.workspace_floats == 0);
+}
+
+// Shared memory of the shipped tile configurations fits one CTA (227 KiB), regions are 16-byte aligned
+// and do not overlap, and the D <= 128 single-m-tile decode kernels fit two CTAs per SM.
 static void test_smem_plan() {
   const int sm_bytes = 228 * 1024, per_cta_reserved = 1024, cta_limit = 227 * 1024;
-  struct Case { int d, dv, rows, ctas; };
-  for (Case c : {Case{64, 64, 4, 3}, Case{64, 64, 16, 2}, Case{128, 128, 4, 3}, Case{128, 128, 16, 2},
-                 Case{576, 512, 16, 1}}) {
-    for (bool alias : {false, true}) {
-      SplitSmemPlan p = split_smem_plan(c.d, c.dv, attn_tile_tokens(c.d), attn_pipeline_stages(c.d),
-                                        c.rows, kAttnThreads, 2, alias);
-      CHECK(p.total_bytes <= cta_limit);
-      CHECK(c.ctas * (p.total_bytes + per_cta_reserved) <= sm_bytes);
-      CHECK(p.stage_bytes % 16 == 0);
-      int pairs = c.dv / 2, subsets = pairs >= kAttnThreads ? 1 : kAttnThreads / pairs;
-      if (subsets > 1) CHECK(subsets * c.rows * c.dv * 4 <= p.stage_bytes);
-    }
+  struct Case { int d, dv, tile, stages, ctas; };
+  for (Case c : {Case{64, 64, 64, 4, 2}, Case{128, 128, 64, 3, 2}, Case{576, 512, 32, 2, 1}}) {
+    for (int mt = 1; mt <= attn_max_m_tiles(c.d); mt *= 2)
+      for (bool alias : {false, true}) {
+        const AttnSmemPlan p = attn_smem_plan(c.d, c.dv, c.tile, c.stages, 16 * mt, 2, alias);
+        CHECK(p.total_bytes <= cta_limit);
+        if (mt == 1) CHECK(c.ctas * (p.total_bytes + per_cta_reserved) <= sm_bytes);
+        CHECK(p.v_off % 16 == 0 && p.q_off % 16 == 0 && p.p_off % 16 == 0 && p.f_off % 16 == 0 && p.i_off % 16 == 0);
+        CHECK(p.v_off >= c.stages * p.k_stage * 2 && p.q_off >= p.v_off + c.stages * p.v_stage * 2);
+        CHECK(p.p_off >= p.q_off + 16 * mt * (c.d + kRowPad) * 2 && p.f_off >= p.p_off + 16 * mt * (c.tile + kRowPad) * 2);
+        CHECK(p.total_bytes >= p.i_off + 3 * 16 * mt * 4);
+      }
   }
-}
-
-// The 4-row kernel is picked only when shapes say the rows of one CTA usually fit in 4.
-static void test_rows_per_pass() {
-  CHECK(paged_attention_plan(1, 1, 2048, 16, 32, 8, 128).rows_per_pass == 4);     // bs1 decode, GQA 4
-  CHECK(paged_attention_plan(32, 32, 256, 16, 32, 8, 128).rows_per_pass == 4);    // bs32 decode
-  CHECK(paged_attention_plan(128, 32, 256, 16, 32, 8, 128).rows_per_pass == 16);  // q_len 4 verify
-  CHECK(paged_attention_plan(64, 16, 256, 16, 32, 32, 128).rows_per_pass == 4);   // MHA, q_len 4
-  CHECK(paged_attention_plan(8, 8, 256, 16, 16, 1, 128).rows_per_pass == 16);     // MQA group 16
-  CHECK(paged_attention_plan(1, 1, 64, 16, 16, 1, 512).rows_per_pass == 16);      // MLA
 }
 
 static void test_block_size_support() {
@@ -192,9 +211,9 @@ int main() {
   test_rescale_factor();
   test_lse_merge_of_empties();
   test_split_softmax_equals_full_softmax();
+  test_partitions_cover_the_sequence();
   test_plan();
   test_smem_plan();
-  test_rows_per_pass();
   test_block_size_support();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

@@ -1,11 +1,16 @@
 """What every benchmark needs to report an honest figure.
 
-- The yardstick: `copy_bandwidth()` measures a device-to-device copy (1 GiB on a GPU), counting bytes
-  read + written. A memory-bound kernel's achieved GB/s divided by it says how close to the card's
-  practical limit the kernel runs (a spec-sheet number would flatter nobody but the vendor).
+- The yardsticks: `copy_bandwidth()` measures a device-to-device copy (1 GiB on a GPU), counting bytes
+  read + written; `read_bandwidth()` a read-only stream (torch.sum over 1 GiB: every byte read once,
+  one value written). A memory-bound kernel's achieved GB/s over each says how close to the card's
+  practical limit it runs; kernels that mostly read (attention, GEMV) can exceed the copy figure
+  (reads alone stream faster than a read/write mix), so benches report both ratios, vs_copy and
+  vs_read (`ratios()`). A spec-sheet number would flatter nobody but the vendor.
 - Timing: `time_calls()` times many calls between two CUDA events (or replays them from a CUDA graph,
   which strips launch overhead), takes the median of several runs, and cycles through input sets that
-  together exceed 4x the L2 cache (`rotation_count()`), so no call finds its inputs already cached.
+  together exceed 4x the L2 cache (`rotation_count()`): every run makes at least one full pass over
+  all the sets, so no call finds its inputs already cached. A graph that cannot be captured is an
+  error, never a silent switch to eager timing.
 - CPU fallbacks: everything runs on a CPU too (perf_counter timing), and every result carries its
   device label; a CPU figure is only a ratio within one run, never a claim about a GPU.
 """
@@ -92,12 +97,14 @@ def _choose_calls(fn: Callable[[int], Any], device: torch.device, target_s: floa
 
 def time_calls(fn: Callable[[int], Any], device: torch.device, n_inputs: int = 1, runs: int = 10,
                warmup: int = 3, target_run_s: float = 2e-3, graph: bool = False) -> Timing:
-    """Per-call time of fn(i), where i picks input set i % n_inputs. Median of `runs` runs.
-    graph=True captures a run's calls in a CUDA graph and replays it (falls back to events when the
-    op cannot be captured, e.g. it synchronises)."""
+    """Per-call time of fn(i), where i picks input set i % n_inputs. Median of `runs` runs; each run makes
+    at least one full pass over the n_inputs sets (more passes when one pass is shorter than
+    target_run_s). graph=True captures a run's calls in a CUDA graph and replays it; an op that cannot
+    be captured (e.g. it synchronises) raises RuntimeError -- time it with graph=False instead."""
     for i in range(warmup):
         fn(i % n_inputs)
     calls = _choose_calls(lambda i: fn(i % n_inputs), device, target_run_s)
+    calls = math.ceil(max(calls, n_inputs) / n_inputs) * n_inputs  # whole passes over every input set
     if not is_gpu(device):
         samples = []
         for _ in range(runs):
@@ -109,20 +116,20 @@ def time_calls(fn: Callable[[int], Any], device: torch.device, n_inputs: int = 1
 
     replay, method = None, "cuda-events"
     if graph:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn(0)  # warm-up on the capture stream, as graph capture requires
+        torch.cuda.current_stream(device).wait_stream(stream)
         try:
-            g = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                fn(0)  # warm-up on the capture stream, as graph capture requires
-            torch.cuda.current_stream(device).wait_stream(stream)
             with torch.cuda.graph(g):
                 for i in range(calls):
                     fn(i % n_inputs)
-            replay, method = g.replay, "cuda-graph"
-        except RuntimeError:
-            torch.cuda.synchronize(device)
-            replay = None
+        except RuntimeError as err:
+            raise RuntimeError(f"time_calls: the timed op cannot be captured in a CUDA graph ({err}); "
+                               "time it with graph=False (eager launches, events) instead") from err
+        replay, method = g.replay, "cuda-graph"
 
     def one_run() -> None:
         if replay is not None:
@@ -157,6 +164,32 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, runs: int
     equal = bool(torch.equal(src[:: max(1, nbytes // 4096)], dst[:: max(1, nbytes // 4096)]))
     return {"bytes": nbytes, "bytes_moved": 2 * nbytes, "gbps": gbps(2 * nbytes, timing.median_s),
             "timing": timing.to_dict(), "copy_correct": equal}
+
+
+def read_bandwidth(device: torch.device, nbytes: Optional[int] = None, runs: int = 10) -> dict:
+    """Measured read-only streaming bandwidth: torch.sum over nbytes of float32 (1 GiB on a GPU, 256 MiB on
+    a CPU) reads every byte once and writes one value; the figure is nbytes / median time."""
+    nbytes = nbytes or (GiB if is_gpu(device) else 256 << 20)
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_(0.5, 1.5)  # never zeros
+    out = torch.empty((), dtype=torch.float32, device=device)
+    timing = time_calls(lambda i: torch.sum(x, dim=0, out=out), device, runs=runs, warmup=2, target_run_s=0.0)
+    plausible = bool(abs(out.item() / x.numel() - 1.0) < 0.01)  # the mean of U(0.5, 1.5) is 1
+    return {"bytes": nbytes, "bytes_moved": nbytes, "gbps": gbps(nbytes, timing.median_s),
+            "timing": timing.to_dict(), "sum_correct": plausible}
+
+
+def yardsticks(device: torch.device) -> dict:
+    """Both yardsticks of this device: {"copy": copy_bandwidth, "read": read_bandwidth} results."""
+    return {"copy": copy_bandwidth(device), "read": read_bandwidth(device)}
+
+
+def ratios(achieved_gbps: float, sticks: dict) -> dict:
+    """A kernel's achieved GB/s over both yardsticks."""
+    return {"vs_copy": achieved_gbps / sticks["copy"]["gbps"], "vs_read": achieved_gbps / sticks["read"]["gbps"]}
+
+
+def yardstick_label(sticks: dict) -> str:
+    return f"copy {sticks['copy']['gbps']:.1f} GB/s (read + write), read-only {sticks['read']['gbps']:.1f} GB/s"
 
 
 def git_commit() -> str:

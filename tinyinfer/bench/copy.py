@@ -1,7 +1,10 @@
-"""copy: measured device-to-device copy bandwidth, the yardstick for every memory-bound kernel.
+"""copy: the two yardsticks for every memory-bound kernel, measured: device-to-device copy bandwidth
+and read-only streaming bandwidth.
 
-One copy of N bytes reads N and writes N; the figure is 2N / median time. On a GPU N = 1 GiB (far
-beyond L2); on a CPU 256 MiB, and the figure is only a reference for ratios within the same run.
+One copy of N bytes reads N and writes N; the figure is 2N / median time. The read-only stream is a
+torch.sum over N bytes (N / median time): kernels that mostly read (attention, GEMV) compare with it.
+On a GPU N = 1 GiB (far beyond L2); on a CPU 256 MiB, and the figures are only references for ratios
+within the same run.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import argparse
 
 import torch
 
-from tinyinfer.bench.common import GiB, copy_bandwidth, device_label, summary_row
+from tinyinfer.bench.common import GiB, copy_bandwidth, device_label, read_bandwidth, summary_row
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,10 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    result = copy_bandwidth(device, nbytes=args.mib << 20 if args.mib else None, runs=args.runs)
+    nbytes = args.mib << 20 if args.mib else None
+    result = copy_bandwidth(device, nbytes=nbytes, runs=args.runs)
     if not result["copy_correct"]:
         raise SystemExit("copy bench: the destination does not equal the source")
+    read = read_bandwidth(device, nbytes=nbytes, runs=args.runs)
+    if not read["sum_correct"]:
+        raise SystemExit("copy bench: the read-only stream's sum is wrong")
     print(f"{device_label(device)}")
     print(f"device-to-device copy of {result['bytes'] / GiB:.2f} GiB: median "
           f"{result['timing']['median_s'] * 1e3:.3f} ms -> {result['gbps']:.1f} GB/s (read + write)")
-    return {"copy": result, "summary": [summary_row("copy bandwidth", result["gbps"], "GB/s")]}
+    print(f"read-only stream (sum) of {read['bytes'] / GiB:.2f} GiB: median "
+          f"{read['timing']['median_s'] * 1e3:.3f} ms -> {read['gbps']:.1f} GB/s "
+          f"({read['gbps'] / result['gbps']:.2f}x copy)")
+    return {"copy": result, "read": read,
+            "summary": [summary_row("copy bandwidth", result["gbps"], "GB/s"),
+                        summary_row("read-only bandwidth", read["gbps"], "GB/s", vs_copy=read["gbps"] / result["gbps"])]}

@@ -1,7 +1,8 @@
 """store_kv: achieved bandwidth of writing new K/V rows into the paged cache (cuda/store_kv.cu).
 
 A pure copy: each call reads T x Hkv x (D + Dv) values and writes as many into scattered cache slots,
-so its GB/s (read + written) over the measured copy bandwidth is how close it gets to the card's limit.
+so its GB/s (read + written) over the measured copy bandwidth is how close it gets to the card's limit
+(the read-only ratio is printed beside it for comparison with the other benches).
 The torch baseline is the best plain-PyTorch equivalent, index_copy_ into the flattened cache.
 Inputs rotate over > 4x L2; slots are random rows of a cache far larger than L2.
 """
@@ -12,8 +13,8 @@ import argparse
 import torch
 
 from tinyinfer import ops
-from tinyinfer.bench.common import (copy_bandwidth, device_label, format_table, gbps, is_gpu,
-                                    rotation_count, summary_row, time_calls)
+from tinyinfer.bench.common import (device_label, format_table, gbps, is_gpu, ratios, rotation_count, summary_row,
+                                    time_calls, yardstick_label, yardsticks)
 
 # name, T, Hkv, D, Dv (0 = MLA latent, no V): Llama-2-7B's 32 kv heads x 128, DeepSeek's 512 + 64 latent.
 CASES = [("decode b64, 32x128", 64, 32, 128, 128),
@@ -64,13 +65,14 @@ def _bench_case(case, dtype, cache_bytes, device, runs) -> dict:
 def run(args: argparse.Namespace, device: torch.device) -> dict:
     dtype = getattr(torch, args.dtype)
     cache_bytes = (args.cache_mib or (512 if is_gpu(device) else 64)) << 20
-    copy = copy_bandwidth(device)
+    sticks = yardsticks(device)
     rows = [_bench_case(case, dtype, cache_bytes, device, args.runs) for case in CASES]
     for r in rows:
-        r["vs_copy"] = r["kernel_gbps"] / copy["gbps"]
+        r.update(ratios(r["kernel_gbps"], sticks))
         r["vs_torch"] = r["torch"]["median_s"] / r["kernel"]["median_s"]
-    print(f"{device_label(device)}; copy bandwidth {copy['gbps']:.1f} GB/s; store_kv {args.dtype}")
-    print(format_table(rows, ["case", "us_per_call", "kernel_gbps", "torch_gbps", "vs_copy", "vs_torch"]))
+    print(f"{device_label(device)}; {yardstick_label(sticks)}; store_kv {args.dtype}")
+    print(format_table(rows, ["case", "us_per_call", "kernel_gbps", "torch_gbps", "vs_copy", "vs_read", "vs_torch"]))
     summary = [summary_row(f"store_kv {r['case']}", r["kernel_gbps"], "GB/s", vs_copy=r["vs_copy"],
-                           vs_torch=r["vs_torch"]) for r in rows]
-    return {"copy_gbps": copy["gbps"], "dtype": args.dtype, "cases": rows, "summary": summary}
+                           vs_read=r["vs_read"], vs_torch=r["vs_torch"]) for r in rows]
+    return {"yardsticks": sticks, "copy_gbps": sticks["copy"]["gbps"], "read_gbps": sticks["read"]["gbps"],
+            "dtype": args.dtype, "cases": rows, "summary": summary}

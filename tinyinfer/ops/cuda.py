@@ -35,16 +35,11 @@ def _paged_attention(ext: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def _int4_linear(ext: Any, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    # The kernels take fp16/bf16 activations; a float32 model runs the reference on any device.
-    if x.dtype not in limits.KERNEL_DTYPES or zeros.is_floating_point():
+    # The kernels take fp16/bf16 activations (uint8 zeros or floating offsets, M <= 64 in the
+    # tensor-core kernel, dequantize + cuBLAS above); a float32 model runs the reference.
+    if x.dtype not in limits.KERNEL_DTYPES:
         return reference.int4_linear(x, qweight, scales, zeros, group_size)
     return ext.int4_linear(x, qweight, scales, zeros, group_size)
-
-
-def _rope_store_kv(ext: Any, q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping):
-    # The kernel reads the step's cos/sin rows; gather them from the table.
-    return ext.rope_store_kv(q, k, v, *reference.rope_rows(cos_sin_cache, positions), k_cache,
-                             v_cache, slot_mapping)
 
 
 # Op name in tinyinfer.ops -> how its CUDA impl calls the extension: (extension module, *op args).
@@ -52,7 +47,7 @@ CUDA_IMPLS: dict[str, Callable[..., Any]] = {
     "store_kv": lambda ext, *args: ext.store_kv(*args),
     "rms_norm": lambda ext, *args: ext.rms_norm(*args),
     "fused_add_rmsnorm": lambda ext, *args: ext.fused_add_rmsnorm(*args),
-    "rope_store_kv": _rope_store_kv,
+    "rope_store_kv": lambda ext, *args: ext.rope_store_kv(*args),
     "int4_linear": _int4_linear,
     "paged_attention": _paged_attention,
 }

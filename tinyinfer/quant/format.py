@@ -2,8 +2,8 @@
 
 Decode reads every weight once per token, so it is bound by memory bandwidth: storing weights in 4 bits
 instead of 16 reads ~4x fewer bytes. Activations stay fp16/bf16; each weight is dequantized on the fly
-inside the GEMV kernel (cuda/int4_gemv.cu). Group-wise quantization as in GPTQ (Frantar et al., 2023)
-and AWQ (Lin et al., 2024); this module owns the layouts only (quantizer: quantizer.py, files: io.py).
+inside the INT4 matmul kernel (cuda/int4_linear.cu, cuda/int4_mm.cuh). Group-wise quantization as in
+GPTQ (Frantar et al., 2023) and AWQ (Lin et al., 2024); this module owns the layouts only (quantizer: quantizer.py, files: io.py).
 
 Canonical layout (what a tinyinfer INT4 file stores, see io.py), for a linear W (N out, K in):
     qweight  uint8  (N, K/2)   byte b of row n holds k = 2b in its low nibble, k = 2b+1 in its high one
