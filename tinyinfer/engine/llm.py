@@ -80,6 +80,8 @@ class LLM:
                         continue
                     out.token_ids += delta.new_token_ids
                     out.text += delta.new_text
+                    if delta.new_logprobs is not None:
+                        out.logprobs = (out.logprobs or []) + delta.new_logprobs
                     if delta.finished:
                         out.finish_reason, out.error = delta.finish_reason, delta.error
                         del live[delta.request_id]

@@ -33,7 +33,7 @@ from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Propo
 from tinyinfer.engine.scheduler import Scheduler
 from tinyinfer.engine.sequence import RequestError, Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
-from tinyinfer.layers.sampler import sample
+from tinyinfer.layers.sampler import process_logits, sample, token_logprobs
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
@@ -196,10 +196,10 @@ class LLMEngine:
         if not seqs:
             return deltas
         if self.speculator is not None and not prefill:
-            emitted = self.speculator.step(seqs)
+            emitted, logprobs = self.speculator.step(seqs)
         else:
-            emitted = self._sample_step(seqs)
-        for seq, tokens in zip(seqs, emitted):
+            emitted, logprobs = self._sample_step(seqs)
+        for seq, tokens, lps in zip(seqs, emitted, logprobs):
             req = self.requests[seq.request_id]
             if tokens is None:
                 self._finish(req, "error", RequestError(
@@ -211,28 +211,39 @@ class LLMEngine:
                 new.append(tok)
                 if self._append(req, tok):          # nothing after a stop is emitted
                     break
-            deltas.append(self._delta(req, new))
+            deltas.append(self._delta(req, new, None if lps is None else lps[:len(new)]))
             if seq.finished:
                 del self.requests[seq.request_id]
         return deltas
 
-    def _sample_step(self, seqs: list[Sequence]) -> list[list[int] | None]:
+    def _sample_step(self, seqs: list[Sequence]) -> tuple[list[list[int] | None], list]:
+        """One plain step: per sequence its new token (None where the logits were not finite), and
+        its Logprobs (a one-item list) where the request asks for them."""
         num_new = [len(s) - s.num_cached for s in seqs]
         logits = self.runner.execute(build_batch(seqs, num_new, self.block_size))     # (B, vocab)
         for s, n in zip(seqs, num_new):
             s.num_cached += n
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
-                        [s.seed for s in seqs], [s.num_outputs for s in seqs]).tolist()
-        return [[t] if ok else None for t, ok in zip(tokens, finite)]
+        params, hist = [s.params for s in seqs], [s.token_ids for s in seqs]
+        tokens = sample(logits, params, hist, [s.seed for s in seqs],
+                        [s.num_outputs for s in seqs]).tolist()
+        logprobs: list = [None] * len(seqs)
+        rows = [b for b, s in enumerate(seqs) if s.params.logprobs is not None and finite[b]]
+        if rows:                                    # the distribution sample() drew from, again
+            x = process_logits(logits[rows], [params[b] for b in rows], [hist[b] for b in rows])
+            lps = token_logprobs(x, [tokens[b] for b in rows], [params[b].logprobs for b in rows])
+            for b, lp in zip(rows, lps):
+                logprobs[b] = [lp]
+        return [[t] if ok else None for t, ok in zip(tokens, finite)], logprobs
 
     def _append(self, req: _Request, tok: int) -> bool:
         """Append one generated token; True if the request finished with it."""
         seq = req.seq
         seq.token_ids.append(tok)
-        if tok in seq.stop_ids:                     # eos / stop ids end the text, unrendered
+        can_stop = seq.num_outputs >= seq.params.min_tokens      # min_tokens: stops ignored before
+        if can_stop and tok in seq.stop_ids:        # eos / stop ids end the text, unrendered
             reason = "stop"
-        elif req.text.push(tok):
+        elif req.text.push(tok, check_stops=can_stop):
             reason = "stop"                         # a stop string: the text was cut before it
         else:
             reason = "length" if seq.num_outputs >= seq.params.max_tokens else None
@@ -248,10 +259,11 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.forget(req.seq)
 
-    def _delta(self, req: _Request, new_tokens: list[int]) -> RequestDelta:
+    def _delta(self, req: _Request, new_tokens: list[int], logprobs: Optional[list] = None
+               ) -> RequestDelta:
         seq = req.seq
         return RequestDelta(seq.request_id, new_tokens, req.text.take(final=seq.finished),
-                            seq.finished, seq.finish_reason, seq.error)
+                            seq.finished, seq.finish_reason, seq.error, new_logprobs=logprobs)
 
     # ------------------------------------------------------------------ teacher forcing
     @torch.inference_mode()
