@@ -1,6 +1,8 @@
-"""python -m tinyinfer.generate: stream a completion from a checkpoint, then one line of figures.
+"""python -m tinyinfer.generate: stream a completion from a checkpoint, then one line of figures; or,
+with --chat, an interactive multi-turn chat through the checkpoint's chat template (loading/chat.py).
 
     python -m tinyinfer.generate --ckpt models/shakespeare-llama --prompt "ROMEO:" --max-new-tokens 64
+    python -m tinyinfer.generate --ckpt path/to/instruct-model --chat --system "Answer briefly."
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint: a Hugging Face directory, or one .safetensors file (config.json "
                         "beside it or in its metadata; tinyinfer's own INT4 files too)")
     p.add_argument("--prompt", default="", help="prompt text (BOS added as the checkpoint says)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                   help="chat: read a user message per line from stdin, stream each reply; the whole "
+                        "conversation goes through the checkpoint's chat template. EOF (Ctrl-D) ends it")
+    p.add_argument("--system", default=None, help="with --chat: a system message opening the conversation")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -69,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if args.chat:
+        return chat_loop(llm, params, args.system)
     first_token_at = None
 
     def on_token(delta) -> None:
@@ -111,6 +119,42 @@ def main(argv: list[str] | None = None) -> int:
               f"{ttft * 1e3:.1f} ms | decode {decode_tps:.1f} tokens/s | {figures['device']} "
               f"{figures['dtype'].replace('torch.', '')}{extra}]", file=sys.stderr)
     return 0
+
+
+def chat_loop(llm, params, system: str | None) -> int:
+    """One user message per line of stdin, each reply streamed to stdout; the history grows turn by
+    turn. EOF ends the chat (exit 0); a turn the model cannot take (context full) is dropped."""
+    from tinyinfer.loading.chat import ChatTemplateError
+    history = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:                                  # EOF / Ctrl-D
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            out = llm.chat(history, params, on_token=lambda d: (sys.stdout.write(d.new_text),
+                                                                sys.stdout.flush()))[0]
+        except ChatTemplateError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        sys.stdout.write("\n")
+        if out.error is not None:
+            print(f"error: {out.error} (this message was dropped)", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": out.text})
+        print(f"[{len(out.prompt_token_ids)} prompt tokens | {len(out.token_ids)} generated | "
+              f"{out.finish_reason}]", file=sys.stderr)
 
 
 if __name__ == "__main__":
