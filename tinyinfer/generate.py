@@ -15,6 +15,30 @@ from tinyinfer.loading.checkpoint import CheckpointError
 from tinyinfer.loading.config import ConfigError
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that build an LLM / LLMEngine (shared by generate and serve)."""
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's "
+                        "half type on GPU)")
+    p.add_argument("--quant", choices=["int4"], default=None, help="quantize weights on the fly")
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding: a draft checkpoint path, or 'ngram'")
+    p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
+    p.add_argument("--max-kv-tokens", type=int, default=None,
+                   help="cap the paged KV cache at this many tokens (default: sized from memory)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
+                        "--no-cuda-graphs launches every kernel from Python, to compare")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """LLM(...) keyword arguments from the options add_engine_arguments added."""
+    return dict(device=args.device, dtype=args.dtype, quant=args.quant, draft=args.draft,
+                speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
+                cuda_graphs=args.cuda_graphs)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tinyinfer.generate",
@@ -38,19 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False,
                    help="keep generating past the end-of-sequence token")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None,
-                   help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's "
-                        "half type on GPU)")
-    p.add_argument("--quant", choices=["int4"], default=None, help="quantize weights on the fly")
-    p.add_argument("--draft", default=None,
-                   help="speculative decoding: a draft checkpoint path, or 'ngram'")
-    p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
-    p.add_argument("--max-kv-tokens", type=int, default=None,
-                   help="cap the paged KV cache at this many tokens (default: sized from memory)")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
-                        "--no-cuda-graphs launches every kernel from Python, to compare")
+    add_engine_arguments(p)
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
                    help="print one JSON object (text, token ids, figures) instead of streaming")
     return p.parse_args(argv)
@@ -67,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
                                 ignore_eos=args.ignore_eos)
         t_load = time.perf_counter()
-        llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, quant=args.quant,
-                  draft=args.draft, speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
-                  cuda_graphs=args.cuda_graphs, verbose=not args.json)
+        llm = LLM(args.ckpt, verbose=not args.json, **engine_options(args))
         t_load = time.perf_counter() - t_load
     except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
