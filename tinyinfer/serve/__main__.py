@@ -5,7 +5,8 @@
          -d '{"prompt": "ROMEO:", "max_tokens": 32}'
 
 SIGINT / SIGTERM shut it down gracefully: no new connections, running requests finish (up to
---shutdown-timeout seconds, then they are cancelled and aborted), then the engine thread stops.
+--shutdown-timeout seconds, then they are cancelled and aborted), then the engine thread stops, and
+the process ends as the signal says (killed by SIGTERM; exit 130 after SIGINT), uvicorn's convention.
 """
 from __future__ import annotations
 
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
 
     server = Server(config)
-    server.run()
+    try:
+        server.run()                                # returns after a graceful shutdown; uvicorn then
+    except KeyboardInterrupt:                       # re-raises the signal: SIGTERM ends the process
+        return 130                                  # as SIGTERM does, SIGINT arrives here
     return 0
 
 
