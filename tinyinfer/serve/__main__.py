@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt tokens admitted in one prefill step at most")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds running requests get to finish")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU: torch intra-op threads (0: torch's default)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (info logs every request)")
     add_engine_arguments(p)
@@ -52,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"error: the server needs its packages ({err}): pip install -e '.[serve]'", file=sys.stderr)
         return 2
+    import torch
     from tinyinfer.engine.llm_engine import LLMEngine
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         engine = LLMEngine(args.ckpt, max_num_seqs=args.max_num_seqs,
                            max_prefill_tokens=args.max_prefill_tokens, verbose=True, **engine_options(args))

@@ -162,20 +162,24 @@ async def stream_events(stream: RequestStream, choices: list[Choice], fmt: Forma
                         prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     try:
         if fmt.chat:
-            for c in choices:
-                yield sse(fmt.role_chunk(c.index))
-        async for index, delta in stream:
-            c = choices[index]
-            offset = len(c.text)
-            text, lps = _apply(c, delta)
-            if delta.finish_reason == "error":
-                yield sse(_engine_error(delta).body())
-                break
-            if text or lps or delta.finished:
-                yield sse(fmt.chunk(c, text, lps, offset))
-        else:
-            if include_usage:
-                yield sse(fmt.usage_chunk(fmt.usage(prompt_tokens, sum(c.num_tokens for c in choices))))
+            yield "".join(sse(fmt.role_chunk(c.index)) for c in choices)
+        failed = False
+        while stream.unfinished and not failed:
+            events = []
+            for index, delta in await stream.next_batch():
+                c = choices[index]
+                offset = len(c.text)
+                text, lps = _apply(c, delta)
+                if delta.finish_reason == "error":
+                    events.append(sse(_engine_error(delta).body()))
+                    failed = True
+                    break
+                if text or lps or delta.finished:
+                    events.append(sse(fmt.chunk(c, text, lps, offset)))
+            if events:
+                yield "".join(events)
+        if include_usage and not failed:
+            yield sse(fmt.usage_chunk(fmt.usage(prompt_tokens, sum(c.num_tokens for c in choices))))
         yield sse("[DONE]")
     finally:                                        # disconnect (cancelled) or error: abort the rest
         stream.close()
@@ -184,10 +188,11 @@ async def stream_events(stream: RequestStream, choices: list[Choice], fmt: Forma
 async def whole_response(request: Request, stream: RequestStream, choices: list[Choice],
                          fmt: Formatter, prompt_tokens: int) -> Response:
     async def collect() -> Optional[APIError]:
-        async for index, delta in stream:
-            _apply(choices[index], delta)
-            if delta.finish_reason == "error":
-                return _engine_error(delta)
+        while stream.unfinished:
+            for index, delta in await stream.next_batch():
+                _apply(choices[index], delta)
+                if delta.finish_reason == "error":
+                    return _engine_error(delta)
         return None
 
     task = asyncio.ensure_future(collect())

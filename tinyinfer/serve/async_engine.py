@@ -8,7 +8,8 @@ client therefore join the same running batch between two steps -- continuous bat
 boundary, freeing their KV blocks at once.
 
     stream = await engine.add([prompt_ids], [params])   # RequestError: refused, nothing runs
-    async for index, delta in stream: ...               # index: which of the added requests
+    while stream.unfinished:
+        for index, delta in await stream.next_batch(): ...   # index: which of the added requests
     stream.close()                                      # aborts whatever has not finished
 """
 from __future__ import annotations
@@ -61,16 +62,16 @@ class RequestStream:
         self.engine, self.rids, self.sink = engine, rids, sink
         self.unfinished = set(range(len(rids)))
 
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> tuple[int, RequestDelta]:
-        if not self.unfinished:
-            raise StopAsyncIteration
-        index, delta = await self.sink.get()
-        if delta.finished:
-            self.unfinished.discard(index)
-        return index, delta
+    async def next_batch(self) -> list[tuple[int, RequestDelta]]:
+        """The next (index, delta), and every other one already delivered (a consumer that fell
+        behind the engine catches up in one go)."""
+        items = [await self.sink.get()]
+        while not self.sink.empty():
+            items.append(self.sink.get_nowait())
+        for index, delta in items:
+            if delta.finished:
+                self.unfinished.discard(index)
+        return items
 
     def close(self) -> None:
         """Abort every request of this stream that has not finished (a client went away)."""

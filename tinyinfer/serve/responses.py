@@ -13,9 +13,13 @@ from tinyinfer.layers.sampler import Logprobs
 from tinyinfer.loading.tokenizer import Tokenizer
 
 
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def sse(obj: dict | str) -> str:
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n"
+    """One server-sent event; a str is JSON (or [DONE]) already."""
+    return f"data: {obj if isinstance(obj, str) else dumps(obj)}\n\n"
 
 
 class TokenTexts:
@@ -68,6 +72,10 @@ class Formatter:
         self.id, self.model, self.token_text = request_id, model, token_texts
         self.with_logprobs = with_logprobs
         self.created = int(time.time())
+        # A chunk is this envelope around one choice; stream chunks are built as text, the JSON
+        # json.dumps would give, without building a dict per token.
+        self.chunk_head = (f'{{"id":{dumps(self.id)},"object":"{self.chunk_object}","created":'
+                           f'{self.created},"model":{dumps(model)},"choices":[')
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -99,10 +107,9 @@ class CompletionFormat(Formatter):
             offset += len(text)
         return out
 
-    def chunk(self, c: Choice, text: str, lps: list[Logprobs], offset: int) -> dict:
-        return self._envelope("text_completion", [{"index": c.index, "text": text,
-                                                   "logprobs": self.logprobs(lps, offset),
-                                                   "finish_reason": c.finish_reason}])
+    def chunk(self, c: Choice, text: str, lps: list[Logprobs], offset: int) -> str:
+        return (f'{self.chunk_head}{{"index":{c.index},"text":{dumps(text)},"logprobs":'
+                f'{dumps(self.logprobs(lps, offset))},"finish_reason":{dumps(c.finish_reason)}}}]}}')
 
     def response(self, choices: list[Choice], usage: dict) -> dict:
         return self._envelope("text_completion", [
@@ -125,16 +132,14 @@ class ChatFormat(Formatter):
         return {"content": [{**self._entry(lp.token_id, lp.logprob),
                              "top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in lps]}
 
-    def role_chunk(self, index: int) -> dict:
-        return self._envelope(self.chunk_object, [{"index": index, "delta": {"role": "assistant",
-                                                                             "content": ""},
-                                                   "logprobs": None, "finish_reason": None}])
+    def role_chunk(self, index: int) -> str:
+        return (f'{self.chunk_head}{{"index":{index},"delta":{{"role":"assistant","content":""}},'
+                f'"logprobs":null,"finish_reason":null}}]}}')
 
-    def chunk(self, c: Choice, text: str, lps: list[Logprobs], offset: int) -> dict:
-        delta = {"content": text} if text or c.finish_reason is None else {}
-        return self._envelope(self.chunk_object, [{"index": c.index, "delta": delta,
-                                                   "logprobs": self.logprobs(lps),
-                                                   "finish_reason": c.finish_reason}])
+    def chunk(self, c: Choice, text: str, lps: list[Logprobs], offset: int) -> str:
+        delta = f'{{"content":{dumps(text)}}}' if text or c.finish_reason is None else "{}"
+        return (f'{self.chunk_head}{{"index":{c.index},"delta":{delta},"logprobs":'
+                f'{dumps(self.logprobs(lps))},"finish_reason":{dumps(c.finish_reason)}}}]}}')
 
     def response(self, choices: list[Choice], usage: dict) -> dict:
         return self._envelope("chat.completion", [
