@@ -31,10 +31,12 @@ setup(
     install_requires=["torch>=2.11", "safetensors", "sentencepiece", "numpy", "ninja", "tqdm", "tokenizers",
                       "gguf>=0.10", "jinja2>=3.1.6"],
     extras_require={
-        # python -m tinyinfer.serve: the OpenAI-compatible server.
-        "serve": ["fastapi", "uvicorn", "pydantic>=2", "prometheus_client", "jinja2>=3.1.6"],
+        # python -m tinyinfer.serve: the OpenAI-compatible server (httptools and uvloop: uvicorn's fast
+        # HTTP parser and event loop, which it picks up when installed).
+        "serve": ["fastapi", "uvicorn", "httptools", "uvloop; sys_platform != 'win32'", "pydantic>=2",
+                  "prometheus_client", "jinja2>=3.1.6"],
         "test": ["pytest", "transformers>=5.0", "protobuf", "accelerate", "openai>=1.0", "httpx",
-                 "fastapi", "uvicorn", "pydantic>=2", "prometheus_client"],
+                 "fastapi", "uvicorn", "httptools", "pydantic>=2", "prometheus_client"],
     },
     cmdclass={"build_kernels": BuildKernels},
 )
