@@ -1,5 +1,5 @@
-"""`SamplingParams`: what a request asks of the sampler and of the engine (how many tokens, when to stop),
-validated at construction so a bad value is refused before the request runs. The sampler that applies
+"""`SamplingParams`: what a request asks of the sampler and of the engine (how many tokens, when to stop,
+whether to report log-probabilities), validated at construction so a bad value is refused before the request runs. The sampler that applies
 them is layers/sampler.py (temperature, top-k, top-p (Holtzman et al., 2020), min-p (Nguyen et al.,
 2024), repetition penalty (Keskar et al., "CTRL", 2019)).
 """

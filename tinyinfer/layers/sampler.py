@@ -1,4 +1,5 @@
-"""Sampling: request parameters, logits processors, keyed randomness, and speculative acceptance.
+"""Sampling: request parameters, logits processors, keyed randomness, speculative acceptance, and the
+log-probabilities of what was sampled (`token_logprobs`).
 
 The chapter's idea: turning logits into the next token is a pipeline of processors (repetition penalty,
 temperature, top-k, top-p, min-p) followed by one draw. Two choices make it an engine part rather than a

@@ -16,7 +16,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -59,14 +59,12 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None)
         return JSONResponse(APIError(err.status_code, str(err.detail), None, None, kind).body(),
                             status_code=err.status_code)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse(APIError(401, "missing or wrong API key: send 'Authorization: Bearer "
-                                         "<key>'", None, "invalid_api_key", "authentication_error").body(),
-                                status_code=401)
-        return await call_next(request)
+    async def check_key(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key", "authentication_error")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     @app.get("/health")
     async def health() -> Response:
@@ -77,7 +75,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None)
     async def metrics() -> Response:
         return Response(runner.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "tinyinfer", "max_model_len": context}]}
@@ -87,7 +85,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None)
             raise APIError(400, f"model {req.model!r} is not served here; this server serves "
                            f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request) -> Response:
         req = parse(CompletionRequest, await request.body())
         check_model(req)
@@ -101,7 +99,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None)
                                req.logprobs is not None)
         return await serve(request, req, prompts, params, fmt, "prompt")
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(request: Request) -> Response:
         req = parse(ChatCompletionRequest, await request.body())
         check_model(req)
@@ -139,6 +137,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None)
                                      media_type="text/event-stream")
         return await whole_response(request, stream, choices, fmt, prompt_tokens)
 
+    app.include_router(v1)
     return app
 
 
