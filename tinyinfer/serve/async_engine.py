@@ -178,7 +178,7 @@ class AsyncEngine:
                 self.engine.abort(rid)
         now = time.perf_counter()
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        m = self.metrics
+        m, new_tokens = self.metrics, 0
         for d in deltas:
             live = self._live.get(d.request_id)
             if live is None:
@@ -188,7 +188,7 @@ class AsyncEngine:
                     live.first_token = now
                     m.ttft.observe(now - live.arrival)
                 live.num_tokens += len(d.new_token_ids)
-                m.generation_tokens.inc(len(d.new_token_ids))
+                new_tokens += len(d.new_token_ids)
             if d.finished:
                 del self._live[d.request_id]
                 m.requests.labels(finish_reason=d.finish_reason).inc()
@@ -197,6 +197,7 @@ class AsyncEngine:
             by_loop.setdefault(live.loop, []).append((live.sink, live.index, d))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_deliver, items)
+        m.generation_tokens.inc(new_tokens)
 
     def _update_gauges(self) -> None:
         stats, m = self.engine.stats, self.metrics

@@ -63,22 +63,26 @@ def stream_completion(url: str, body: dict, result: Result, timeout: float) -> N
         if resp.status != 200:
             result.error = f"HTTP {resp.status}: {resp.read()[:200]!r}"
             return
+        buf = b""
         while True:
-            line = resp.readline()
-            if not line:
+            data = resp.read1(65536)                # whatever arrived: often several events
+            if not data:
                 result.error = "the stream ended without [DONE]"
                 return
-            if not line.startswith(b"data: "):
-                continue
-            if line.startswith(b"data: [DONE]"):
-                result.done = time.perf_counter()
-                return
-            if result.first is None and b'"text":""' not in line:
-                result.first = time.perf_counter()
-            if b'"usage"' in line:                  # include_usage: the last event before [DONE]
-                result.tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-            elif b'"error"' in line:
-                result.error = line[6:].decode()[:200]
+            buf += data
+            *events, buf = buf.split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"data: "):
+                    continue
+                if event.startswith(b"data: [DONE]"):
+                    result.done = time.perf_counter()
+                    return
+                if result.first is None and b'"text":""' not in event:
+                    result.first = time.perf_counter()
+                if b'"usage"' in event:             # include_usage: the last event before [DONE]
+                    result.tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+                elif b'"error"' in event:
+                    result.error = event[6:].decode()[:200]
     except OSError as err:
         result.error = f"{type(err).__name__}: {err}"
     finally:
