@@ -133,6 +133,16 @@ def aborted(text: str) -> float:
     return metric(text, name) if name in text else 0.0
 
 
+def wait_for_abort(server, before: float) -> str:
+    """/metrics once the engine counted one more abort and holds no block (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = httpx.get(server.url + "/metrics").text
+        idle = metric(text, "tinyinfer_kv_blocks_used") == 0 == metric(text, "tinyinfer_num_requests_running")
+        if (aborted(text) > before and idle) or time.monotonic() > deadline:
+            return text
+
+
 def test_first_chunk_arrives_before_the_request_ends(client, server):
     before = aborted(httpx.get(server.url + "/metrics").text)
     stream = client.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=500, stream=True,
@@ -140,15 +150,18 @@ def test_first_chunk_arrives_before_the_request_ends(client, server):
     first = next(iter(stream))
     stream.close()                        # 499 tokens to go: only an incremental server got here
     assert first.choices[0].finish_reason is None
-    deadline = time.monotonic() + 10
-    while True:
-        text = httpx.get(server.url + "/metrics").text
-        idle = metric(text, "tinyinfer_kv_blocks_used") == 0 == metric(text, "tinyinfer_num_requests_running")
-        if (aborted(text) > before and idle) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    text = wait_for_abort(server, before)
     assert aborted(text) == before + 1
     assert metric(text, "tinyinfer_kv_blocks_used") == 0 and metric(text, "tinyinfer_num_requests_running") == 0
+
+
+def test_a_client_that_stops_waiting_for_a_whole_response_is_aborted(server):
+    before = aborted(httpx.get(server.url + "/metrics").text)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", timeout=0.5,
+                   json={"prompt": PROMPTS[0], "max_tokens": 1000, "ignore_eos": True})
+    text = wait_for_abort(server, before)
+    assert aborted(text) == before + 1 and metric(text, "tinyinfer_kv_blocks_used") == 0
 
 
 def test_models_health_and_metrics(client, server):
