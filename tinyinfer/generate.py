@@ -133,39 +133,39 @@ def main(argv: list[str] | None = None) -> int:
 
 def chat_loop(llm, params, system: str | None) -> int:
     """One user message per line of stdin, each reply streamed to stdout; the history grows turn by
-    turn. EOF ends the chat (exit 0); a turn the model cannot take (context full) is dropped."""
+    turn. EOF (Ctrl-D) ends the chat: exit 0; Ctrl-C: exit 130. A turn the model cannot take (the
+    context is full) is dropped from the history."""
     from tinyinfer.loading.chat import ChatTemplateError
     history = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:                                  # EOF / Ctrl-D
+    try:
+        while True:
             if interactive:
-                print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line.rstrip("\n")})
-        try:
+                print("you> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:                              # EOF / Ctrl-D
+                if interactive:
+                    print(file=sys.stderr)
+                return 0
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.rstrip("\n")})
             out = llm.chat(history, params, on_token=lambda d: (sys.stdout.write(d.new_text),
                                                                 sys.stdout.flush()))[0]
-        except ChatTemplateError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            return 130
-        sys.stdout.write("\n")
-        if out.error is not None:
-            print(f"error: {out.error} (this message was dropped)", file=sys.stderr)
-            history.pop()
-            continue
-        history.append({"role": "assistant", "content": out.text})
-        print(f"[{len(out.prompt_token_ids)} prompt tokens | {len(out.token_ids)} generated | "
-              f"{out.finish_reason}]", file=sys.stderr)
-
+            sys.stdout.write("\n")
+            if out.error is not None:
+                print(f"error: {out.error} (this message was dropped)", file=sys.stderr)
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": out.text})
+            print(f"[{len(out.prompt_token_ids)} prompt tokens | {len(out.token_ids)} generated | "
+                  f"{out.finish_reason}]", file=sys.stderr)
+    except ChatTemplateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())
