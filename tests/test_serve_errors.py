@@ -35,7 +35,8 @@ def post(server, path: str, body, key: str | None = KEY) -> httpx.Response:
 
 
 def assert_good_request_works(server) -> None:
-    r = post(server, "/v1/completions", {"model": "demo", "prompt": "ROMEO:", "max_tokens": 4})
+    r = post(server, "/v1/completions", {"model": "demo", "prompt": "ROMEO:", "max_tokens": 4,
+                                          "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
@@ -83,6 +84,8 @@ def test_bad_completion_request_is_a_400_naming_the_problem(server, body, param,
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content", "text"),
     ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice", "not supported"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs", "logprobs=true"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"template": "{{ 1 }}"}},
+     "chat_template_kwargs", "may not set"),
 ])
 def test_bad_chat_request_is_a_400(server, body, param, words):
     r = post(server, "/v1/chat/completions", body)

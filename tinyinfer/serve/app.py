@@ -127,8 +127,9 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None)
             stream = await runner.add([p for p, _ in flat], [sp for _, sp in flat])
         except RequestError as err:
             raise APIError(400, str(err), prompt_field, "invalid_request") from err
-        except RuntimeError as err:
-            raise APIError(503, str(err), None, None, "unavailable") from err
+        except Exception as err:                    # shutting down, or a bug adding the request
+            raise APIError(503 if not runner.alive else 500, f"{type(err).__name__}: {err}", None,
+                           None, "unavailable" if not runner.alive else "internal_error") from err
         choices = [Choice(i) for i in range(len(flat))]
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:

@@ -26,7 +26,6 @@ from typing import Optional
 
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.engine.output import RequestDelta
-from tinyinfer.engine.sequence import RequestError
 from tinyinfer.sampling_params import SamplingParams
 from tinyinfer.serve.metrics import Metrics
 
@@ -108,7 +107,7 @@ class AsyncEngine:
 
     async def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
         """Queue requests; returns once the engine accepted all of them. If one is refused
-        (RequestError) none runs, and the error is raised here."""
+        (RequestError, or any error adding it) none runs, and the error is raised here."""
         if not self.alive:
             raise RuntimeError("the engine is shutting down")
         loop = asyncio.get_running_loop()
@@ -156,7 +155,7 @@ class AsyncEngine:
             for rid, prompt, params in zip(cmd.rids, cmd.prompts, cmd.params):
                 self.engine.add_request(prompt, params, request_id=rid)
                 added.append(rid)
-        except RequestError as err:
+        except Exception as err:                    # RequestError: a bad request; else a bug
             for rid in added:
                 self.engine.abort(rid)              # its final delta finds no _Live: dropped
             cmd.loop.call_soon_threadsafe(_settle, cmd.done, err)

@@ -19,6 +19,9 @@ from tinyinfer.sampling_params import SamplingParams
 
 MAX_N = 64
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+# Names apply_chat_template takes itself: extra template variables may not override them.
+_TEMPLATE_ARGUMENTS = {"messages", "tools", "documents", "add_generation_prompt", "template",
+                       "special_tokens", "tokenizer"}
 
 
 class APIError(Exception):
@@ -170,6 +173,10 @@ class ChatCompletionRequest(_Common):
                            "invalid_value")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
+        taken = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
+        if taken:
+            raise APIError(400, f"chat_template_kwargs may not set {taken}: the request's own fields "
+                           "fill those", "chat_template_kwargs", "invalid_value")
 
 
 def unsupported(name: str, value: Any, why: str) -> APIError:
