@@ -67,6 +67,7 @@ class Choice:
 class Formatter:
     """Builds one API's chunks and final response for one request."""
     chat = False
+    chunk_object: str                   # the "object" of a streamed chunk (set by each API)
 
     def __init__(self, request_id: str, model: str, token_texts: TokenTexts, with_logprobs: bool):
         self.id, self.model, self.token_text = request_id, model, token_texts
