@@ -3,16 +3,24 @@ PYTHON ?= python3
 PROMPT ?= ROMEO:
 CKPT ?= models/shakespeare-llama
 
-.PHONY: install run test test-deps bench build gpu-check gpu-tune
+.PHONY: install run serve serve-deps test test-deps bench build gpu-check gpu-tune
 
 install:
-	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf" 2>/dev/null || $(PYTHON) -m pip install -e .
+	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e .
 
 run: install
 	$(PYTHON) -m tinyinfer.generate --ckpt $(CKPT) --prompt "$(PROMPT)" --max-new-tokens 64
 
+serve-deps: install
+	@$(PYTHON) -c "import fastapi, uvicorn, pydantic, prometheus_client, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e ".[serve]"
+
+# The OpenAI-compatible server on the demo model, loopback only (PORT=8000; Ctrl-C stops it).
+PORT ?= 8000
+serve: serve-deps
+	$(PYTHON) -m tinyinfer.serve --ckpt $(CKPT) --port $(PORT)
+
 test-deps: install
-	@$(PYTHON) -c "import pytest, transformers, accelerate, google.protobuf" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
+	@$(PYTHON) -c "import pytest, transformers, accelerate, google.protobuf, openai, httpx, fastapi, uvicorn, prometheus_client" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
 
 test: test-deps
 	$(PYTHON) -m pytest -q tests

@@ -27,8 +27,16 @@ setup(
     description="A small, from-scratch LLM inference engine: paged KV cache, INT4, MLA, speculative decoding",
     packages=find_packages(include=["tinyinfer", "tinyinfer.*"]),
     python_requires=">=3.10",
+    # jinja2 renders chat templates, which are untrusted code: 3.1.6 closed the known sandbox escapes.
     install_requires=["torch>=2.11", "safetensors", "sentencepiece", "numpy", "ninja", "tqdm", "tokenizers",
-                      "gguf>=0.10"],
-    extras_require={"test": ["pytest", "transformers>=5.0", "protobuf", "accelerate"]},
+                      "gguf>=0.10", "jinja2>=3.1.6"],
+    extras_require={
+        # python -m tinyinfer.serve: the OpenAI-compatible server (httptools and uvloop: uvicorn's fast
+        # HTTP parser and event loop, which it picks up when installed).
+        "serve": ["fastapi", "uvicorn", "httptools", "uvloop; sys_platform != 'win32'", "pydantic>=2",
+                  "prometheus_client", "jinja2>=3.1.6"],
+        "test": ["pytest", "transformers>=5.0", "protobuf", "accelerate", "openai>=1.0", "httpx",
+                 "fastapi", "uvicorn", "httptools", "pydantic>=2", "prometheus_client"],
+    },
     cmdclass={"build_kernels": BuildKernels},
 )

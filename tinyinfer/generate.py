@@ -1,6 +1,8 @@
-"""python -m tinyinfer.generate: stream a completion from a checkpoint, then one line of figures.
+"""python -m tinyinfer.generate: stream a completion from a checkpoint, then one line of figures; or,
+with --chat, an interactive multi-turn chat through the checkpoint's chat template (loading/chat.py).
 
     python -m tinyinfer.generate --ckpt models/shakespeare-llama --prompt "ROMEO:" --max-new-tokens 64
+    python -m tinyinfer.generate --ckpt path/to/instruct-model --chat --system "Answer briefly."
 """
 from __future__ import annotations
 
@@ -13,25 +15,8 @@ from tinyinfer.loading.checkpoint import CheckpointError
 from tinyinfer.loading.config import ConfigError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m tinyinfer.generate",
-        description="Generate text from a Llama-family or DeepSeek-MLA checkpoint with tinyinfer. "
-                    "Text streams to stdout as it is generated; a line of figures follows on stderr.")
-    p.add_argument("--ckpt", required=True,
-                   help="checkpoint: a Hugging Face directory, or one .safetensors file (config.json "
-                        "beside it or in its metadata; tinyinfer's own INT4 files too)")
-    p.add_argument("--prompt", default="", help="prompt text (BOS added as the checkpoint says)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top prob")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep generating past the end-of-sequence token")
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that build an LLM / LLMEngine (shared by generate and serve)."""
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's "
@@ -45,6 +30,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
                         "--no-cuda-graphs launches every kernel from Python, to compare")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="requests in the running batch at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens one step computes at most (decodes + prefill chunks)")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefill long prompts in chunks beside the running decodes (default on)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of prompt prefixes seen before (default on)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """LLM(...) keyword arguments from the options add_engine_arguments added."""
+    return dict(device=args.device, dtype=args.dtype, quant=args.quant, draft=args.draft,
+                speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
+                cuda_graphs=args.cuda_graphs, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_chunked_prefill=args.enable_chunked_prefill,
+                enable_prefix_caching=args.enable_prefix_caching)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyinfer.generate",
+        description="Generate text from a Llama-family or DeepSeek-MLA checkpoint with tinyinfer. "
+                    "Text streams to stdout as it is generated; a line of figures follows on stderr.")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: a Hugging Face directory, or one .safetensors file (config.json "
+                        "beside it or in its metadata; tinyinfer's own INT4 files too)")
+    p.add_argument("--prompt", default="", help="prompt text (BOS added as the checkpoint says)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                   help="chat: read a user message per line from stdin, stream each reply; the whole "
+                        "conversation goes through the checkpoint's chat template. EOF (Ctrl-D) ends it")
+    p.add_argument("--system", default=None, help="with --chat: a system message opening the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top prob")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep generating past the end-of-sequence token")
+    add_engine_arguments(p)
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
                    help="print one JSON object (text, token ids, figures) instead of streaming")
     return p.parse_args(argv)
@@ -61,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
                                 ignore_eos=args.ignore_eos)
         t_load = time.perf_counter()
-        llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, quant=args.quant,
-                  draft=args.draft, speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
-                  cuda_graphs=args.cuda_graphs, verbose=not args.json)
+        llm = LLM(args.ckpt, verbose=not args.json, **engine_options(args))
         t_load = time.perf_counter() - t_load
     except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if args.chat:
+        return chat_loop(llm, params, args.system)
     first_token_at = None
 
     def on_token(delta) -> None:
@@ -112,6 +140,42 @@ def main(argv: list[str] | None = None) -> int:
               f"{figures['dtype'].replace('torch.', '')}{extra}]", file=sys.stderr)
     return 0
 
+
+def chat_loop(llm, params, system: str | None) -> int:
+    """One user message per line of stdin, each reply streamed to stdout; the history grows turn by
+    turn. EOF (Ctrl-D) ends the chat: exit 0; Ctrl-C: exit 130. A turn the model cannot take (the
+    context is full) is dropped from the history."""
+    from tinyinfer.loading.chat import ChatTemplateError
+    history = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    try:
+        while True:
+            if interactive:
+                print("you> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:                              # EOF / Ctrl-D
+                if interactive:
+                    print(file=sys.stderr)
+                return 0
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            out = llm.chat(history, params, on_token=lambda d: (sys.stdout.write(d.new_text),
+                                                                sys.stdout.flush()))[0]
+            sys.stdout.write("\n")
+            if out.error is not None:
+                print(f"error: {out.error} (this message was dropped)", file=sys.stderr)
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": out.text})
+            print(f"[{len(out.prompt_token_ids)} prompt tokens | {len(out.token_ids)} generated | "
+                  f"{out.finish_reason}]", file=sys.stderr)
+    except ChatTemplateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
-"""`SamplingParams`: what a request asks of the sampler and of the engine (how many tokens, when to stop),
-validated at construction so a bad value is refused before the request runs. The sampler that applies
+"""`SamplingParams`: what a request asks of the sampler and of the engine (how many tokens, when to stop,
+whether to report log-probabilities), validated at construction so a bad value is refused before the request runs. The sampler that applies
 them is layers/sampler.py (temperature, top-k, top-p (Holtzman et al., 2020), min-p (Nguyen et al.,
 2024), repetition penalty (Keskar et al., "CTRL", 2019)).
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+MAX_LOGPROBS = 20    # top-N log-probabilities a request may ask for (OpenAI's API allows up to 20)
 
 
 @dataclass(slots=True)
@@ -23,6 +25,8 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0                 # stop ids and stop strings are ignored before this many tokens
+    logprobs: int | None = None         # per token: its log-probability and the top-N (None: off)
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, want: str) -> ValueError:
@@ -61,6 +65,11 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", self.ignore_eos, "use True or False")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"use an integer from 0 to max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", self.logprobs, f"use None (off) or an integer from 0 to {MAX_LOGPROBS} "
+                      "(how many most likely tokens to report besides the sampled one)")
 
     @property
     def greedy(self) -> bool:

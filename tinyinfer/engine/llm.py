@@ -3,6 +3,7 @@
     from tinyinfer import LLM, SamplingParams
     llm = LLM("models/shakespeare-llama")
     outs = llm.generate(["ROMEO:", "JULIET:"], SamplingParams(temperature=0.0, max_tokens=64))
+    outs = llm.chat([{"role": "user", "content": "Hi"}])      # checkpoints with a chat template
 
 Every request of a `generate` call runs as one continuously batched workload; a bad request ends with
 finish_reason "error" (and its RequestError) while the others finish normally.
@@ -13,9 +14,11 @@ from typing import Callable, Optional, Sequence as Seq, Union
 
 import torch
 
-from tinyinfer.engine.llm_engine import LLMEngine, Prompt
+from tinyinfer.engine.llm_engine import LLMEngine
+from tinyinfer.engine.request import Prompt
 from tinyinfer.engine.output import RequestDelta, RequestOutput
 from tinyinfer.engine.sequence import RequestError
+from tinyinfer.loading.chat import apply_chat_template
 from tinyinfer.sampling_params import SamplingParams
 
 
@@ -81,6 +84,8 @@ class LLM:
                         continue
                     out.token_ids += delta.new_token_ids
                     out.text += delta.new_text
+                    if delta.new_logprobs is not None:
+                        out.logprobs = (out.logprobs or []) + delta.new_logprobs
                     if delta.finished:
                         out.finish_reason, out.error = delta.finish_reason, delta.error
                         del live[delta.request_id]
@@ -93,6 +98,19 @@ class LLM:
             if live:
                 engine.step()                       # deliver the aborts: the engine is clean again
         return outputs
+
+    def chat(self, conversations: Union[list[dict], Seq[list[dict]]],
+             params: Union[SamplingParams, Seq[SamplingParams], None] = None,
+             on_token: Optional[Callable[[RequestDelta], None]] = None, **template_args
+             ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} messages) or several: each is
+        rendered with the checkpoint's chat template (loading/chat.py; `template_args`: tools,
+        documents, template, extra template variables), then generated like `generate`. Raises
+        ChatTemplateError when the model has no template or the template refuses a conversation."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [apply_chat_template(self.tokenizer, c, **template_args) for c in conversations]
+        return self.generate(prompts, params, on_token)
 
     def close(self) -> None:
         """Release the engine (its KV cache and CUDA graphs go with it)."""

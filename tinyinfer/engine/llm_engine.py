@@ -24,7 +24,7 @@ import itertools
 import random
 import sys
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -34,17 +34,16 @@ from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
 from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
                                         check_same_tokenizer)
+from tinyinfer.engine.request import Prompt, prompt_ids, validate_request
 from tinyinfer.engine.scheduler import Scheduler, check_limits
 from tinyinfer.engine.sequence import RequestError, Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
-from tinyinfer.layers.sampler import sample
+from tinyinfer.layers.sampler import process_logits, sample, token_logprobs
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.loading.weights import choose_dtype
 from tinyinfer.sampling_params import SamplingParams
-
-Prompt = Union[str, list[int]]
 
 
 @dataclass
@@ -160,32 +159,13 @@ class LLMEngine:
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use by an unfinished request")
-        if prompt == "":
-            raise RequestError("empty prompt: give at least one token or character")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate(ids, params)
+        ids = prompt_ids(prompt, self.tokenizer)
+        validate_request(ids, params, self.config, self.blocks)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(rid, ids, params, seed, tuple(self.config.eos_token_ids))
         self.requests[rid] = _Request(seq, TextStream(self.tokenizer, ids, params.stop or []))
         self.scheduler.add(seq)
         return rid
-
-    def _validate(self, ids: list, params: SamplingParams) -> None:
-        limit, vocab = self.config.max_context, self.config.vocab_size
-        if not ids:
-            raise RequestError("empty prompt: give at least one token or character")
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
-        total = len(ids) + params.max_tokens
-        if total > limit:
-            raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                               f"exceeds the model's context of {limit} tokens; shorten the prompt or "
-                               "lower max_tokens")
-        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
-            raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} needs more "
-                               f"KV cache than the whole pool holds ({self.kv_tokens} tokens); raise "
-                               "max_kv_tokens or lower max_tokens")
 
     def abort(self, request_id: str) -> bool:
         """End a request now and free its KV blocks; its final delta (finish_reason "abort") comes
@@ -211,11 +191,13 @@ class LLMEngine:
             return deltas
         seqs = work.seqs
         if self.speculator is None:                 # one varlen batch: decodes + prefill chunks
-            emitted = self._sample_step(seqs, work.num_new)
+            emitted, logprobs = self._sample_step(seqs, work.num_new)
         else:                                       # verify pass, then a prefill pass
-            emitted = ((self.speculator.step(work.decodes) if work.decodes else []) +
-                       (self._sample_step(work.prefills, work.chunks) if work.prefills else []))
-        for seq, tokens in zip(seqs, emitted):
+            emitted, logprobs = self.speculator.step(work.decodes) if work.decodes else ([], [])
+            if work.prefills:
+                more = self._sample_step(work.prefills, work.chunks)
+                emitted, logprobs = emitted + more[0], logprobs + more[1]
+        for seq, tokens, lps in zip(seqs, emitted, logprobs):
             req = self.requests[seq.request_id]
             if tokens is None:
                 self._finish(req, "error", RequestError(
@@ -231,36 +213,47 @@ class LLMEngine:
                 new.append(tok)
                 if self._append(req, tok):          # nothing after a stop is emitted
                     break
-            deltas.append(self._delta(req, new))
+            deltas.append(self._delta(req, new, None if lps is None else lps[:len(new)]))
             if seq.finished:
                 del self.requests[seq.request_id]
         return deltas
 
-    def _sample_step(self, seqs: list[Sequence], num_new: list[int]) -> list[list[int] | None]:
-        """Feed num_new[b] tokens each; sequences at their end sample (None: non-finite logits)."""
+    def _sample_step(self, seqs: list[Sequence], num_new: list[int]
+                     ) -> tuple[list[list[int] | None], list]:
+        """Feed num_new[b] tokens each; sequences at their end sample one token (None: non-finite
+        logits) and, where the request asks, get its Logprobs (a one-item list)."""
         logits = self.runner.execute(build_batch(seqs, num_new, self.block_size))     # (B, vocab)
         for s, n in zip(seqs, num_new):
             s.num_cached += n
         rows = [b for b, s in enumerate(seqs) if s.num_cached == len(s)]
         out: list[list[int] | None] = [[] for _ in seqs]
         if not rows:
-            return out
+            return out, [None] * len(seqs)
         done = [seqs[b] for b in rows]
         logits = logits if len(rows) == len(seqs) else logits[rows]                   # (R, vocab)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = sample(logits, [s.params for s in done], [s.token_ids for s in done],
-                        [s.seed for s in done], [s.num_outputs for s in done]).tolist()
+        params, hist = [s.params for s in done], [s.token_ids for s in done]
+        tokens = sample(logits, params, hist, [s.seed for s in done],
+                        [s.num_outputs for s in done]).tolist()
+        logprobs: list = [None] * len(seqs)
+        want = [i for i, s in enumerate(done) if s.params.logprobs is not None and finite[i]]
+        if want:                                    # the distribution sample() drew from, again
+            x = process_logits(logits[want], [params[i] for i in want], [hist[i] for i in want])
+            lps = token_logprobs(x, [tokens[i] for i in want], [params[i].logprobs for i in want])
+            for i, lp in zip(want, lps):
+                logprobs[rows[i]] = [lp]
         for b, t, ok in zip(rows, tokens, finite):
             out[b] = [t] if ok else None
-        return out
+        return out, logprobs
 
     def _append(self, req: _Request, tok: int) -> bool:
         """Append one generated token; True if the request finished with it."""
         seq = req.seq
         seq.token_ids.append(tok)
-        if tok in seq.stop_ids:                     # eos / stop ids end the text, unrendered
+        can_stop = seq.num_outputs >= seq.params.min_tokens      # min_tokens: stops ignored before
+        if can_stop and tok in seq.stop_ids:        # eos / stop ids end the text, unrendered
             reason = "stop"
-        elif req.text.push(tok):
+        elif req.text.push(tok, check_stops=can_stop):
             reason = "stop"                         # a stop string: the text was cut before it
         else:
             reason = "length" if seq.num_outputs >= seq.params.max_tokens else None
@@ -276,10 +269,11 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.forget(req.seq)
 
-    def _delta(self, req: _Request, new_tokens: list[int]) -> RequestDelta:
+    def _delta(self, req: _Request, new_tokens: list[int], logprobs: Optional[list] = None
+               ) -> RequestDelta:
         seq = req.seq
         return RequestDelta(seq.request_id, new_tokens, req.text.take(final=seq.finished),
-                            seq.finished, seq.finish_reason, seq.error)
+                            seq.finished, seq.finish_reason, seq.error, new_logprobs=logprobs)
 
     # ------------------------------------------------------------------ teacher forcing
     @torch.inference_mode()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from tinyinfer.layers.sampler import Logprobs
 from tinyinfer.loading.tokenizer import Tokenizer
 
 # Tokens of context kept before the unread ones: enough that a piece's leading space is decoded as
@@ -81,9 +82,14 @@ class TextStream:
         self.sent = 0                              # characters already handed out by take()
         self._checked = 0                          # text before this offset holds no stop string
 
-    def push(self, token_id: int) -> bool:
-        """Add one generated token's text; True if the text now contains a stop string (cut there)."""
+    def push(self, token_id: int, check_stops: bool = True) -> bool:
+        """Add one generated token's text; True if the text now contains a stop string (cut there).
+        check_stops=False (before min_tokens): no stop string can end it; one that starts before
+        and ends after this text still can, later."""
         self.text += self.detok.push(token_id)
+        if not check_stops:
+            self._checked = len(self.text)
+            return False
         return self._stop_hit()
 
     def finish(self) -> bool:
@@ -128,6 +134,7 @@ class RequestDelta:
     finished: bool = False
     finish_reason: Optional[str] = None  # "stop" | "length" | "error" | "abort" once finished
     error: Optional[Exception] = None
+    new_logprobs: Optional[list[Logprobs]] = None  # one per new token when params.logprobs is set
 
 
 @dataclass
@@ -138,3 +145,4 @@ class RequestOutput:
     text: str = ""
     finish_reason: Optional[str] = None  # "stop" | "length" | "error" | "abort"
     error: Optional[Exception] = None
+    logprobs: Optional[list[Logprobs]] = None      # one per token when params.logprobs is set

@@ -25,7 +25,8 @@ from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.proposers import Proposal, Proposer, gumbel_argmax
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.layers.sampler import STREAM_SAMPLE, probabilities, process_logits, rejection_sample
+from tinyinfer.layers.sampler import (STREAM_SAMPLE, probabilities, process_logits, rejection_sample,
+                                      token_logprobs)
 from tinyinfer.ops.limits import MAX_SPECULATE_K
 
 
@@ -62,9 +63,10 @@ class Speculator:
     def forget(self, seq: Sequence) -> None:
         self.proposer.forget(seq)
 
-    def step(self, seqs: list[Sequence]) -> list[list[int] | None]:
+    def step(self, seqs: list[Sequence]) -> tuple[list[list[int] | None], list]:
         """One speculative decode step: per sequence, the tokens to emit (the kept drafts, then the
-        corrected or bonus token), or None where the target's logits were not finite."""
+        corrected or bonus token), or None where the target's logits were not finite; and per
+        sequence their Logprobs where the request asks for them (else None)."""
         prop = self.proposer.propose(seqs, self.limits(seqs))
         d = [len(t) for t in prop.tokens]
         lengths = [len(s) for s in seqs]
@@ -96,7 +98,27 @@ class Speculator:
             out.append(tokens[b][:n + 1])
         self.steps += 1
         self.proposer.accepted(seqs, lengths, accepted)
-        return out
+        return out, self.logprobs(seqs, prop, logits, out)
+
+    @staticmethod
+    def logprobs(seqs: list[Sequence], prop: Proposal, logits: torch.Tensor,
+                 out: list[list[int] | None]) -> list:
+        """Logprobs of each emitted token under the target's processed distribution at its position
+        (row j of sequence b: after its tokens + drafts 1..j), for the requests that ask."""
+        want = [b for b, s in enumerate(seqs) if s.params.logprobs is not None and out[b] is not None]
+        result: list = [None] * len(seqs)
+        if not want:
+            return result
+        starts = [0]
+        for t in prop.tokens:
+            starts.append(starts[-1] + len(t) + 1)
+        rows = [(b, j) for b in want for j in range(len(out[b]))]
+        x = process_logits(logits[[starts[b] + j for b, j in rows]], [seqs[b].params for b, _ in rows],
+                           [seqs[b].token_ids + prop.tokens[b][:j] for b, j in rows])   # (R, V)
+        lps = token_logprobs(x, [out[b][j] for b, j in rows], [seqs[b].params.logprobs for b, _ in rows])
+        for (b, _), lp in zip(rows, lps):
+            result[b] = (result[b] or []) + [lp]
+        return result
 
     def verify(self, seqs: list[Sequence], prop: Proposal, logits: torch.Tensor
                ) -> tuple[list[int], list[list[int]]]:

@@ -1,4 +1,5 @@
-"""Sampling: request parameters, logits processors, keyed randomness, and speculative acceptance.
+"""Sampling: request parameters, logits processors, keyed randomness, speculative acceptance, and the
+log-probabilities of what was sampled (`token_logprobs`).
 
 The chapter's idea: turning logits into the next token is a pipeline of processors (repetition penalty,
 temperature, top-k, top-p, min-p) followed by one draw. Two choices make it an engine part rather than a
@@ -17,6 +18,7 @@ norm(max(0, p - q)); if all k are accepted draw a bonus token from p. The emitte
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from itertools import chain
 from typing import Sequence
 
@@ -115,6 +117,32 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams],
         one_hot = torch.zeros_like(probs).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
     return probs
+
+
+@dataclass
+class Logprobs:
+    """One emitted token's log-probability and the N most likely tokens, under the distribution the
+    sampler drew from: log-softmax of the processed logits (greedy rows: the same at temperature 1,
+    whose argmax was taken). Tokens the filters removed (-inf) are never listed."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]        # (token id, logprob), most likely first; at most N entries
+
+
+def token_logprobs(processed: torch.Tensor, tokens: Sequence[int], nums: Sequence[int]) -> list[Logprobs]:
+    """processed (R, V) logits from `process_logits`, tokens (R,) emitted at those rows, nums (R,) the
+    top-N each row wants -> one Logprobs per row."""
+    logp = torch.log_softmax(processed.float(), dim=-1)                               # (R, V)
+    idx = torch.as_tensor(list(tokens), dtype=torch.long, device=logp.device)       # (R,)
+    chosen = logp.gather(1, idx.unsqueeze(1)).squeeze(1).tolist()                   # (R,)
+    n_max = max(nums, default=0)
+    top_v, top_i = logp.topk(min(n_max, logp.shape[1]), dim=-1) if n_max else (None, None)  # (R, N)
+    out = []
+    for r, (tok, n) in enumerate(zip(tokens, nums)):
+        top = [] if not n else [(i, v) for i, v in zip(top_i[r, :n].tolist(), top_v[r, :n].tolist())
+                                if v != -math.inf]
+        out.append(Logprobs(int(tok), chosen[r], top))
+    return out
 
 
 # --- keyed randomness -----------------------------------------------------------------------------

@@ -4,13 +4,22 @@ Two formats cover the Llama family: SentencePiece `tokenizer.model` (Kudo & Rich
 Mistral, TinyLlama) and Hugging Face `tokenizer.json` (Llama 3, DeepSeek), read through the optional
 `tokenizers` library. `tokenizer_config.json`, when present, says whether to add BOS and names the
 BOS/EOS tokens. Streaming detokenization lives with the rest of output processing (engine/output.py).
+
+Special-token strings inside text (`<s>`, `<|im_start|>`) encode to their ids, as Hugging Face's
+tokenizers do: a rendered chat template writes them as text. The chat template itself (`chat_template`
+in tokenizer_config.json, or chat_template.jinja beside it) is loaded here and rendered by
+loading/chat.py.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
+# The named special tokens a chat template sees as variables (Hugging Face's special_tokens_map).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                       "mask_token")
 
 
 class _SentencePiece:
@@ -23,9 +32,24 @@ class _SentencePiece:
         except (OSError, RuntimeError) as err:
             raise ValueError(f"{path} is not a SentencePiece model ({err}); a tiktoken-style tokenizer.model"
                              " is not supported: give a directory with tokenizer.json") from err
+        sp = self.sp
+        self.specials = {sp.IdToPiece(i): i for i in range(sp.GetPieceSize())
+                         if sp.IsControl(i) or sp.IsUnknown(i)}
+        names = sorted(self.specials, key=len, reverse=True)          # longest match first
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.EncodeAsIds(text)
+        if self._split is None:
+            return self.sp.EncodeAsIds(text)
+        # Special pieces written as text become their ids; the text between them is encoded piece by
+        # piece, each with its own leading "▁" (what Hugging Face's converted Llama tokenizer does).
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self.specials:
+                ids.append(self.specials[part])
+            elif part:
+                ids += self.sp.EncodeAsIds(part)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds(ids)  # control tokens (BOS/EOS) decode to nothing
@@ -46,6 +70,9 @@ class _SentencePiece:
 
     def adds_bos(self, bos_id: int | None) -> bool:
         return bos_id is not None  # the Llama / Mistral convention for SentencePiece checkpoints
+
+    def unk_piece(self) -> str | None:
+        return self.sp.IdToPiece(self.sp.unk_id()) if self.sp.unk_id() >= 0 else None
 
 
 class _HFTokenizers:
@@ -84,6 +111,9 @@ class _HFTokenizers:
         plain = self.tk.encode("a", add_special_tokens=False).ids
         return bos_id is not None and len(with_special) > len(plain) and with_special[0] == bos_id
 
+    def unk_piece(self) -> str | None:
+        return None  # tokenizer.json names no unknown token outside its model; configs do
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -99,6 +129,34 @@ def _token_content(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _chat_templates(root: Path, cfg: dict, cfg_path: Path) -> dict[str, str]:
+    """The checkpoint's chat templates by name ("default" first): chat_template.jinja (+ the named
+    files in additional_chat_templates/) wins over tokenizer_config.json's "chat_template", a string
+    or a list of {"name", "template"} (Hugging Face's loading order)."""
+    def read(path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read the chat template {path}: {err}; fix or remove it") from err
+
+    found: dict[str, str] = {}
+    if (root / "chat_template.jinja").is_file():
+        found["default"] = read(root / "chat_template.jinja")
+    extra = root / "additional_chat_templates"
+    for path in sorted(extra.glob("*.jinja")) if extra.is_dir() else []:
+        found[path.stem] = read(path)
+    if found:
+        return found
+    value = cfg.get("chat_template")
+    if value is None or isinstance(value, str):
+        return {} if value is None else {"default": value}
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise ValueError(f"{cfg_path}: chat_template must be a string or a list of "
+                     f"{{'name': ..., 'template': ...}} objects, got {type(value).__name__}; fix the file")
+
+
 class Tokenizer:
     """Encode / decode for one checkpoint; `bos_id`, `eos_id` may be None when the files name none."""
 
@@ -109,6 +167,11 @@ class Tokenizer:
         self.eos_id = eos_id
         self.add_bos = add_bos
         self.vocab_size = backend.size()
+        # Chat: the default Jinja template (None: the checkpoint ships none), every named one, and the
+        # special-token strings the template sees (bos_token, eos_token, ...). See loading/chat.py.
+        self.chat_template: str | None = None
+        self.chat_templates: dict[str, str] = {}
+        self.special_tokens: dict[str, str] = {}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -154,7 +217,16 @@ class Tokenizer:
         add_bos = cfg.get("add_bos_token")
         if not isinstance(add_bos, bool):
             add_bos = backend.adds_bos(bos_id)
-        return cls(backend, bos_id, eos_id, add_bos and bos_id is not None)
+        tok = cls(backend, bos_id, eos_id, add_bos and bos_id is not None)
+        tok.chat_templates = _chat_templates(root, cfg, cfg_path)
+        tok.chat_template = tok.chat_templates.get("default")
+        names = {key: _token_content(cfg.get(key)) for key in SPECIAL_TOKEN_NAMES}
+        for key, token_id in (("bos_token", bos_id), ("eos_token", eos_id)):
+            if names[key] is None and token_id is not None:
+                names[key] = backend.piece(token_id)
+        names["unk_token"] = names["unk_token"] or backend.unk_piece()
+        tok.special_tokens = {k: v for k, v in names.items() if v is not None}
+        return tok
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first when `add_bos` (None: as the checkpoint says)."""

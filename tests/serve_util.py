@@ -1,0 +1,45 @@
+"""Test helper: a tinyinfer server on a free loopback port, in a thread of the test process (so tests
+can look at its engine), stopped by the fixture that started it."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+
+from tinyinfer.engine.llm_engine import LLMEngine  # noqa: E402
+from tinyinfer.serve.app import build_app  # noqa: E402
+
+
+class ServerThread:
+    def __init__(self, engine: LLMEngine, name: str = "demo", api_key: str | None = None):
+        self.engine = engine
+        self.app = build_app(engine, name, api_key)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the server did not stop"
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line of a Prometheus text exposition (name includes any labels)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")

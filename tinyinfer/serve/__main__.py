@@ -1,0 +1,87 @@
+"""python -m tinyinfer.serve: the OpenAI-compatible server (serve/app.py) on uvicorn.
+
+    python -m tinyinfer.serve --ckpt models/shakespeare-llama --port 8000
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "ROMEO:", "max_tokens": 32}'
+
+SIGINT / SIGTERM shut it down gracefully: no new connections, running requests finish (up to
+--shutdown-timeout seconds, then they are cancelled and aborted), then the engine thread stops, and
+the process ends as the signal says (killed by SIGTERM; exit 130 after SIGINT), uvicorn's convention.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tinyinfer.generate import add_engine_arguments, engine_options
+from tinyinfer.loading.checkpoint import CheckpointError
+from tinyinfer.loading.config import ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyinfer.serve",
+        description="Serve a checkpoint over the OpenAI API (POST /v1/completions, "
+                    "/v1/chat/completions; GET /v1/models, /health, /metrics). Needs the serve extra: "
+                    "pip install -e '.[serve]'.")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or .safetensors file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the checkpoint's "
+                        "directory name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ endpoints (401 otherwise)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds running requests get to finish")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU: torch intra-op threads (0: torch's default)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (info logs every request)")
+    add_engine_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvicorn
+        from tinyinfer.serve.app import build_app
+    except ImportError as err:
+        print(f"error: the server needs its packages ({err}): pip install -e '.[serve]'", file=sys.stderr)
+        return 2
+    import torch
+    from tinyinfer.engine.llm_engine import LLMEngine
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        engine = LLMEngine(args.ckpt, verbose=True, **engine_options(args))
+    except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
+    app = build_app(engine, name, args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:                        # listening now: say where (the real --port 0)
+                port = self.servers[0].sockets[0].getsockname()[1]
+                print(f"tinyinfer: serving {name!r} at http://{args.host}:{port}/v1 ({engine.device}, "
+                      f"{engine.blocks.num_blocks} KV blocks of {engine.block_size} tokens; chat "
+                      f"template: {'yes' if engine.tokenizer.chat_template else 'none'})",
+                      file=sys.stderr, flush=True)
+
+    server = Server(config)
+    try:
+        server.run()                                # returns after a graceful shutdown; uvicorn then
+    except KeyboardInterrupt:                       # re-raises the signal: SIGTERM ends the process
+        return 130                                  # as SIGTERM does, SIGINT arrives here
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""`AsyncEngine`: the online engine behind an asyncio server.
+
+`LLMEngine` is not thread-safe, so exactly one thread owns it: it takes commands (add, abort) from a
+thread-safe queue between steps, runs `step()` while any request is live, and hands each step's
+`RequestDelta`s to the asyncio loop that asked for them (`call_soon_threadsafe`). Requests from every
+client therefore join the same running batch between two steps -- continuous batching across clients
+(Yu et al., "Orca", OSDI 2022) -- and a client that goes away aborts its requests at the next step
+boundary, freeing their KV blocks at once.
+
+    stream = await engine.add([prompt_ids], [params])   # RequestError: refused, nothing runs
+    while stream.unfinished:
+        for index, delta in await stream.next_batch(): ...   # index: which of the added requests
+    stream.close()                                      # aborts whatever has not finished
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tinyinfer.engine.llm_engine import LLMEngine
+from tinyinfer.engine.output import RequestDelta
+from tinyinfer.sampling_params import SamplingParams
+from tinyinfer.serve.metrics import Metrics
+
+_IDLE_WAIT_S = 0.5          # how long the idle engine thread blocks on the command queue
+
+
+@dataclass
+class _Live:
+    """Engine-thread bookkeeping of one running request."""
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue
+    index: int
+    arrival: float
+    first_token: Optional[float] = None
+    num_tokens: int = 0
+
+
+@dataclass
+class _Add:
+    rids: list[str]
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue
+    done: asyncio.Future
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+class RequestStream:
+    """The deltas of requests added together (the n choices of one HTTP request), as (index, delta)."""
+
+    def __init__(self, engine: "AsyncEngine", rids: list[str], sink: asyncio.Queue):
+        self.engine, self.rids, self.sink = engine, rids, sink
+        self.unfinished = set(range(len(rids)))
+
+    async def next_batch(self) -> list[tuple[int, RequestDelta]]:
+        """The next (index, delta), and every other one already delivered (a consumer that fell
+        behind the engine catches up in one go)."""
+        items = [await self.sink.get()]
+        while not self.sink.empty():
+            items.append(self.sink.get_nowait())
+        for index, delta in items:
+            if delta.finished:
+                self.unfinished.discard(index)
+        return items
+
+    def close(self) -> None:
+        """Abort every request of this stream that has not finished (a client went away)."""
+        if self.unfinished:
+            self.engine.abort([self.rids[i] for i in sorted(self.unfinished)])
+            self.unfinished.clear()
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: Optional[Metrics] = None):
+        self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: dict[str, _Live] = {}        # touched by the engine thread only
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tinyinfer-engine", daemon=True)
+        self.metrics.kv_blocks_total.set(engine.blocks.num_blocks)
+
+    # ------------------------------------------------------------------ client side (any thread)
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort what is running, deliver the final deltas, and end the engine thread."""
+        self._stopping.set()
+        self._commands.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    async def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+        """Queue requests; returns once the engine accepted all of them. If one is refused
+        (RequestError, or any error adding it) none runs, and the error is raised here."""
+        if not self.alive:
+            raise RuntimeError("the engine is shutting down")
+        loop = asyncio.get_running_loop()
+        rids = [f"req-{next(self._ids)}" for _ in prompts]
+        sink: asyncio.Queue = asyncio.Queue()
+        done = loop.create_future()
+        self._commands.put(_Add(rids, prompts, params, loop, sink, done))
+        try:
+            await done
+        except asyncio.CancelledError:              # the client left before the engine took them
+            self.abort(rids)
+            raise
+        return RequestStream(self, rids, sink)
+
+    def abort(self, rids: list[str]) -> None:
+        self._commands.put(list(rids))
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished()
+            try:
+                cmd = self._commands.get_nowait() if busy else self._commands.get(timeout=_IDLE_WAIT_S)
+            except queue.Empty:
+                cmd = False
+            while cmd is not False:
+                if cmd is None or self._stopping.is_set():
+                    return self._shutdown()
+                self._handle(cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = False
+            if self.engine.has_unfinished():
+                self._step()
+            self._update_gauges()
+
+    def _handle(self, cmd) -> None:
+        if isinstance(cmd, list):                   # abort
+            for rid in cmd:
+                self.engine.abort(rid)
+            return
+        added = []
+        try:
+            for rid, prompt, params in zip(cmd.rids, cmd.prompts, cmd.params):
+                self.engine.add_request(prompt, params, request_id=rid)
+                added.append(rid)
+        except Exception as err:                    # RequestError: a bad request; else a bug
+            for rid in added:
+                self.engine.abort(rid)              # its final delta finds no _Live: dropped
+            cmd.loop.call_soon_threadsafe(_settle, cmd.done, err)
+            return
+        for i, (rid, prompt) in enumerate(zip(cmd.rids, cmd.prompts)):
+            self._live[rid] = _Live(cmd.loop, cmd.sink, i, cmd.arrival)
+            self.metrics.prompt_tokens.inc(len(prompt))
+        cmd.loop.call_soon_threadsafe(_settle, cmd.done, None)
+
+    def _step(self) -> None:
+        try:
+            deltas = self.engine.step()
+        except Exception as err:                    # a bug, not a bad request: fail the live ones
+            traceback.print_exc(file=sys.stderr)
+            deltas = [RequestDelta(rid, [], "", True, "error", RuntimeError(
+                f"the engine failed during a step ({type(err).__name__}: {err}); request aborted"))
+                for rid in list(self._live)]
+            for rid in list(self._live):
+                self.engine.abort(rid)
+        now = time.perf_counter()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        m, new_tokens = self.metrics, 0
+        for d in deltas:
+            live = self._live.get(d.request_id)
+            if live is None:
+                continue                            # refused group's aborts, or already failed
+            if d.new_token_ids:
+                if live.first_token is None:
+                    live.first_token = now
+                    m.ttft.observe(now - live.arrival)
+                live.num_tokens += len(d.new_token_ids)
+                new_tokens += len(d.new_token_ids)
+            if d.finished:
+                del self._live[d.request_id]
+                m.requests.labels(finish_reason=d.finish_reason).inc()
+                if live.num_tokens > 1:
+                    m.tpot.observe((now - live.first_token) / (live.num_tokens - 1))
+            by_loop.setdefault(live.loop, []).append((live.sink, live.index, d))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        m.generation_tokens.inc(new_tokens)
+
+    def _update_gauges(self) -> None:
+        stats, m = self.engine.stats, self.metrics
+        m.running.set(stats["running"])
+        m.waiting.set(stats["waiting"])
+        m.kv_blocks_used.set(stats["num_blocks"] - stats["free_blocks"])
+        if stats["preemptions"] > m.preemptions_seen:
+            m.preemptions.inc(stats["preemptions"] - m.preemptions_seen)
+            m.preemptions_seen = stats["preemptions"]
+
+    def _shutdown(self) -> None:
+        for rid in list(self._live):
+            self.engine.abort(rid)
+        while self.engine.has_unfinished() and self._live:
+            self._step()
+        self._update_gauges()
+
+
+def _settle(future: asyncio.Future, error: Optional[Exception]) -> None:
+    if future.done():                               # the client went away while waiting
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _deliver(items: list) -> None:
+    for sink, index, delta in items:
+        sink.put_nowait((index, delta))
