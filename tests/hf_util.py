@@ -57,6 +57,23 @@ def save_random_llama(tmp_path, seed: int = 0, **overrides) -> str:
     return path
 
 
+def save_random(tmp_path, config_cls, model_cls, seed: int = 0, **kw) -> str:
+    """A random-weight model of any transformers family (config_cls / model_cls), written with
+    save_pretrained, plus the demo tokenizer (its vocabulary of 1024 fits vocab_size 1024)."""
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kw)).to(torch.float32)
+    with torch.no_grad():      # larger weights than the default init, so logits are not all near-ties
+        for p in model.parameters():
+            if p.dim() >= 2:                                 # linears, embeddings, stacked experts
+                p.normal_(0, 0.08)
+            else:                                            # biases (0) and norm weights (1): moved
+                p.add_(torch.randn_like(p), alpha=0.05)
+    path = str(tmp_path)
+    model.save_pretrained(path)
+    shutil.copy(os.path.join(LLAMA, "tokenizer.model"), path)
+    return path
+
+
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 

@@ -188,11 +188,12 @@ def load_gptq_awq(model: nn.Module, reader: ckpt.TensorReader, hf_config: dict, 
     qc = _quant_config(hf_config)
     awq = str(qc["quant_method"]).lower() == "awq"
     v1 = not awq and str(qc.get("checkpoint_format", "gptq")).lower() != "gptq_v2"
+    arch = getattr(getattr(model, "cfg", None), "architecture", None)
     done = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        sources = [s.rsplit(".", 1)[0] for s in ckpt.hf_sources(f"{name}.weight")]
+        sources = [s.rsplit(".", 1)[0] for s in ckpt.hf_sources(f"{name}.weight", arch)]
         if not all(f"{s}.qweight" in reader for s in sources):
             continue
         parts = []
