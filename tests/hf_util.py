@@ -20,21 +20,27 @@ def hf_model(path: str):
 
 @torch.no_grad()
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
-    return model(torch.tensor([ids])).logits[0].float()
+    return model(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+                 ).logits[0].float()
 
 
 @torch.no_grad()
 def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    """n greedy tokens with HF's own KV cache; also the top-2 logit gap at each step."""
+    """n greedy tokens with HF's own KV cache; also the top-2 logit gap at each step. An explicit
+    all-ones attention mask goes with every call (transformers otherwise guesses padding from the
+    pad id, which some models share with EOS)."""
     out, gaps = [], []
-    res = model(torch.tensor([ids]), use_cache=True)
+    mask = torch.ones(1, len(ids), dtype=torch.long)
+    res = model(torch.tensor([ids]), attention_mask=mask, use_cache=True)
     for _ in range(n):
         logits = res.logits[0, -1].float()
         top2 = logits.topk(2).values
         gaps.append(float(top2[0] - top2[1]))
         tok = int(logits.argmax())
         out.append(tok)
-        res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        res = model(torch.tensor([[tok]]), attention_mask=mask, past_key_values=res.past_key_values,
+                    use_cache=True)
     return out, gaps
 
 

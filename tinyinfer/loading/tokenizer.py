@@ -1,8 +1,9 @@
 """Tokenizer: text <-> token ids for a checkpoint.
 
 Two formats cover the Llama family: SentencePiece `tokenizer.model` (Kudo & Richardson, 2018: Llama 1/2,
-Mistral, TinyLlama) and Hugging Face `tokenizer.json` (Llama 3, DeepSeek), read through the optional
-`tokenizers` library. `tokenizer_config.json`, when present, says whether to add BOS and names the
+Mistral, TinyLlama) and Hugging Face `tokenizer.json` (Llama 3, DeepSeek, Qwen), read through the
+`tokenizers` library; a GGUF file's vocabulary becomes an in-memory `tokenizers.Tokenizer`
+(loading/gguf_tokenizer.py) wrapped the same way (`Tokenizer.from_gguf`). `tokenizer_config.json`, when present, says whether to add BOS and names the
 BOS/EOS tokens. Streaming detokenization lives with the rest of output processing (engine/output.py).
 """
 from __future__ import annotations
@@ -60,6 +61,13 @@ class _HFTokenizers:
         except Exception as err:  # the Rust side raises plain Exception for malformed JSON
             raise ValueError(f"cannot read {path} as a tokenizers tokenizer.json: {err}") from err
 
+    @classmethod
+    def wrap(cls, tk) -> "_HFTokenizers":
+        """An in-memory tokenizers.Tokenizer (a GGUF file's vocabulary)."""
+        backend = cls.__new__(cls)
+        backend.tk = tk
+        return backend
+
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
@@ -101,6 +109,8 @@ def _token_content(value: object) -> str | None:
 
 class Tokenizer:
     """Encode / decode for one checkpoint; `bos_id`, `eos_id` may be None when the files name none."""
+
+    add_eos = False           # append EOS to encoded text (GGUF files that say so)
 
     def __init__(self, backend: _SentencePiece | _HFTokenizers, bos_id: int | None, eos_id: int | None,
                  add_bos: bool):
@@ -156,11 +166,32 @@ class Tokenizer:
             add_bos = backend.adds_bos(bos_id)
         return cls(backend, bos_id, eos_id, add_bos and bos_id is not None)
 
+    @classmethod
+    def from_gguf(cls, gguf_tokenizer) -> "Tokenizer":
+        """Wrap a GGUF file's tokenizer (loading/gguf_tokenizer.GGUFTokenizer): its vocabulary, the
+        BOS / EOS it names and adds, and its chat template."""
+        g = gguf_tokenizer
+        tok = cls(_HFTokenizers.wrap(g.tokenizer), g.bos_id, g.eos_id, g.add_bos)
+        tok.add_eos = bool(g.add_eos and g.eos_id is not None)
+        tok.chat_template = g.chat_template
+        return tok
+
+    @classmethod
+    def for_checkpoint(cls, files) -> "Tokenizer":
+        """The tokenizer of a located checkpoint (loading/checkpoint.CheckpointFiles): from the GGUF
+        file itself, else from the files in its directory."""
+        if getattr(files, "gguf", None) is not None:
+            return cls.from_gguf(files.gguf.tokenizer())
+        return cls.from_dir(files.tokenizer_dir)
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; BOS first when `add_bos` (None: as the checkpoint says)."""
+        """Token ids of `text`; BOS first when `add_bos` (None: as the checkpoint says), EOS last
+        when the checkpoint asks for it (GGUF add_eos_token)."""
         ids = self._backend.encode(text)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
+        if self.add_eos:
+            ids = ids + [self.eos_id]
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
