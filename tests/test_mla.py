@@ -260,7 +260,7 @@ def test_padded_graph_batch_with_latent_cache_equals_eager_step(shakespeare, q_l
 def test_int4_reaches_mla_projections_and_experts_and_both_paths_still_agree(tmp_path):
     from tinyinfer.quant.quantizer import quantize_model
     llm = LLM(save_random_deepseek(tmp_path, "v3"), device="cpu", dtype="float32")
-    names = quantize_model(llm.model, group_size=32, clip_search=False)
+    names = quantize_model(llm.model, group_size=32, clip_search=False).names
     assert "layers.1.attn.kv_b_proj" in names and "layers.1.mlp.experts.7.gate_up_proj" in names
     assert "layers.1.mlp.shared_experts.down_proj" in names
     assert not any(".gate" == n[-5:] for n in names)              # the router stays dense, float32

@@ -19,8 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Generate text from a Llama-family or DeepSeek-MLA checkpoint with tinyinfer. "
                     "Text streams to stdout as it is generated; a line of figures follows on stderr.")
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint: a Hugging Face directory, or one .safetensors file (config.json "
-                        "beside it or in its metadata; tinyinfer's own INT4 files too)")
+                   help="checkpoint: a Hugging Face directory, one .safetensors file (config.json "
+                        "beside it or in its metadata; tinyinfer's own INT4 files too), or a .gguf file")
     p.add_argument("--prompt", default="", help="prompt text (BOS added as the checkpoint says)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -34,9 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep generating past the end-of-sequence token")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None,
-                   help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's "
-                        "half type on GPU)")
+                   help="float32, float16 or bfloat16 (default: float32 on CPU -- bfloat16 for a model "
+                        "with INT4 weights, which torch's CPU INT4 matmul takes -- and the "
+                        "checkpoint's half type on GPU)")
     p.add_argument("--quant", choices=["int4"], default=None, help="quantize weights on the fly")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="--quant int4: input channels per scale and zero point (default 128; a layer "
+                        "whose width it does not divide takes 64 or 32)")
     p.add_argument("--draft", default=None,
                    help="speculative decoding: a draft checkpoint path, or 'ngram'")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ignore_eos=args.ignore_eos)
         t_load = time.perf_counter()
         llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, quant=args.quant,
+                  group_size=args.group_size,
                   draft=args.draft, speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
                   cuda_graphs=args.cuda_graphs, verbose=not args.json)
         t_load = time.perf_counter() - t_load

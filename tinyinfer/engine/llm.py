@@ -20,8 +20,8 @@ from tinyinfer.sampling_params import SamplingParams
 
 
 class LLM:
-    """Offline generation. Takes the same options as LLMEngine (device, dtype, quant, draft,
-    speculate_k, max_kv_tokens, block_size, verbose, cuda_graphs, ...)."""
+    """Offline generation. Takes the same options as LLMEngine (device, dtype, quant, group_size,
+    draft, speculate_k, max_kv_tokens, block_size, verbose, cuda_graphs, ...)."""
 
     def __init__(self, path: str, **options):
         self.engine = LLMEngine(path, **options)

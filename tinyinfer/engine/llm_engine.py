@@ -37,7 +37,8 @@ from tinyinfer.layers.sampler import sample
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
-from tinyinfer.loading.weights import choose_dtype
+from tinyinfer.loading.weights import choose_dtype, has_int4_weights
+from tinyinfer.quant.format import GROUP_SIZES
 from tinyinfer.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int]]
@@ -58,9 +59,12 @@ class LLMEngine:
                  quant: Optional[str] = None, draft: Optional[str] = None, speculate_k: int = 4,
                  max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False,
                  cuda_graphs: Optional[bool] = None, max_num_seqs: int = 256,
-                 max_prefill_tokens: int = 8192):
+                 max_prefill_tokens: int = 8192, group_size: Optional[int] = None):
         if quant not in (None, "int4"):
             raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
+        if group_size is not None and (quant is None or group_size not in GROUP_SIZES):
+            raise ValueError(f"group_size={group_size!r}: give one of {GROUP_SIZES}, with quant='int4' "
+                             "(the group size of on-the-fly INT4 quantization)")
         check_speculate_k(speculate_k)
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -72,8 +76,8 @@ class LLMEngine:
             self._say(note)
         if draft not in (None, "ngram"):
             check_draft(draft, self.config)         # bad path / vocabulary: before any work
-        self.dtype = choose_dtype(self.config, self.device, dtype)
-        self.tokenizer = Tokenizer.from_dir(files.tokenizer_dir)
+        self.dtype = choose_dtype(self.config, self.device, dtype, has_int4_weights(files, quant))
+        self.tokenizer = Tokenizer.for_checkpoint(files)
         # Decode steps replay CUDA graphs (default on for half precision on CUDA: fp32 attention runs
         # the reference op, which cannot be captured); cuda_graphs=False runs them eagerly.
         if cuda_graphs and self.device.type != "cuda":
@@ -82,7 +86,7 @@ class LLMEngine:
         half = self.dtype in (torch.float16, torch.bfloat16)
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
         runner = ModelRunner.load(files, self.config, self.device, self.dtype, quant, max_kv_tokens,
-                                  block_size, use_graphs, say=self._say)
+                                  block_size, use_graphs, say=self._say, group_size=group_size or 128)
         self._setup(runner, self.tokenizer, max_num_seqs, max_prefill_tokens)
         if draft is not None:
             self.set_speculator(self._proposer(draft, use_graphs), speculate_k)
@@ -117,7 +121,7 @@ class LLMEngine:
         if draft == "ngram":
             return NgramProposer()
         files = ckpt.locate(draft)
-        check_same_tokenizer(draft, Tokenizer.from_dir(files.tokenizer_dir), self.tokenizer)
+        check_same_tokenizer(draft, Tokenizer.for_checkpoint(files), self.tokenizer)
         cfg = ModelConfig.from_hf(files.config, files.generation_config)
         # The draft's pool is as large as the target's, so it never runs dry before the target does.
         runner = ModelRunner.load(files, cfg, self.device, self.dtype, None, self.kv_tokens,
