@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False,
                    help="keep generating past the end-of-sequence token")
+    p.add_argument("--show-special", action=argparse.BooleanOptionalAction, default=False,
+                   help="print special tokens (BOS, chat markers such as <|im_end|>) in the text; "
+                        "by default they are dropped")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="float32, float16 or bfloat16 (default: float32 on CPU -- bfloat16 for a model "
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                 seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
-                                ignore_eos=args.ignore_eos)
+                                ignore_eos=args.ignore_eos,
+                                skip_special_tokens=not args.show_special)
         t_load = time.perf_counter()
         llm = LLM(args.ckpt, device=args.device, dtype=args.dtype, quant=args.quant,
                   group_size=args.group_size,

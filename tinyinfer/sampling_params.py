@@ -23,6 +23,7 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True     # drop special tokens (BOS, <|im_end|>, ...) from the text
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, want: str) -> ValueError:
@@ -61,6 +62,8 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", self.ignore_eos, "use True or False")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad("skip_special_tokens", self.skip_special_tokens, "use True or False")
 
     @property
     def greedy(self) -> bool:

@@ -156,7 +156,8 @@ class LLMEngine:
         self._validate(ids, params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(rid, ids, params, seed, tuple(self.config.eos_token_ids))
-        self.requests[rid] = _Request(seq, TextStream(self.tokenizer, ids, params.stop or []))
+        self.requests[rid] = _Request(seq, TextStream(self.tokenizer, ids, params.stop or [],
+                                                      params.skip_special_tokens))
         self.scheduler.add(seq)
         return rid
 

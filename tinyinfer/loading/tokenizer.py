@@ -28,8 +28,18 @@ class _SentencePiece:
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.DecodeIds(ids)  # control tokens (BOS/EOS) decode to nothing
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self.sp.DecodeIds(ids)  # control tokens (BOS/EOS) decode to nothing
+        # Control tokens shown as their pieces; the text between them decoded as usual.
+        out, run = [], []
+        for i in ids:
+            if self.sp.IsControl(i):
+                out += [self.sp.DecodeIds(run), self.sp.IdToPiece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.sp.DecodeIds(run)])
 
     def size(self) -> int:
         return self.sp.GetPieceSize()
@@ -71,8 +81,8 @@ class _HFTokenizers:
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
@@ -194,10 +204,11 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; special tokens (BOS/EOS) and ids past the vocabulary (padded heads) are dropped."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; special tokens (BOS/EOS, chat markers) are dropped unless
+        `skip_special_tokens` is False; ids past the vocabulary (padded heads) always are."""
         n = self.vocab_size
-        return self._backend.decode([int(i) for i in ids if 0 <= int(i) < n])
+        return self._backend.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._backend.piece(int(token_id))
