@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from tinyinfer.layers.linear import Int4Linear
 from tinyinfer.quant.format import GROUP_SIZES, TILE_N
 
 SCALE_BYTES, ZERO_BYTES = 2, 1          # fp16 scale, uint8 zero point per group
@@ -38,6 +39,7 @@ class Int4Plan:
     groups: dict[str, int] = field(default_factory=dict)       # module -> its group size
     dense: dict[str, str] = field(default_factory=dict)        # linear kept dense -> why
     head_copy: bool = False        # a tied lm_head quantized as a copy of the embedding
+    kept: list[str] = field(default_factory=list)              # already INT4 (GGUF, INT4 file)
 
     @property
     def names(self) -> list[str]:
@@ -52,6 +54,8 @@ class Int4Plan:
         if fallback:
             line += (f"; {fallback} took a smaller group size than g{self.group_size}, which does "
                      "not divide their input width")
+        if self.kept:
+            line += f"; {len(self.kept)} already INT4 as loaded (kept)"
         if self.head_copy:
             line += "; lm_head quantized as a copy of the tied embedding (the embedding stays dense)"
         if self.dense:
@@ -67,6 +71,8 @@ def plan_int4(model: nn.Module, group_size: int = 128, quantize_head: bool = Fal
     tied = bool(getattr(getattr(model, "cfg", None), "tie_word_embeddings", False))
     plan = Int4Plan(group_size)
     for name, module in model.named_modules():
+        if isinstance(module, Int4Linear):
+            plan.kept.append(name)
         if not isinstance(module, nn.Linear):
             continue
         if name.split(".")[-1] == "lm_head":
