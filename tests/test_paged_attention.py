@@ -8,93 +8,17 @@ sequence. The dense check gathers each sequence's K/V from the rows it wrote, no
 """
 from __future__ import annotations
 
-import math
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from paged_util import Batch, dense_float64, make_batch
 from tinyinfer import ops
 from tinyinfer.ops import reference
 from tinyinfer.ops.cuda import CUDA_IMPLS
-
-
-@dataclass
-class Batch:
-    q: torch.Tensor             # (T, Hq, D)
-    k_cache: torch.Tensor       # (NB, BS, Hkv, D)
-    v_cache: torch.Tensor       # (NB, BS, Hkv, Dv), possibly a view of k_cache
-    block_tables: torch.Tensor  # (B, MB) int32, -1 past each sequence's blocks
-    seq_lens: torch.Tensor      # (B,) int32
-    query_start_loc: torch.Tensor  # (B+1,) int32
-    keys: list[torch.Tensor]    # per sequence (L, Hkv, D), as written
-    values: list[torch.Tensor]  # per sequence (L, Hkv, Dv)
-    scale: float
-
-    def args(self):
-        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens,
-                self.query_start_loc, self.scale)
-
-
-def make_batch(seq_lens: list[int], q_lens: list[int], hq: int, hkv: int, d: int, dv: int, bs: int,
-               dtype: torch.dtype, device: str = "cpu", pad_rows: int = 3, pool_blocks: int | None = None,
-               mla: bool = False, seed: int = 0, strided: bool = False) -> Batch:
-    gen = torch.Generator(device=device).manual_seed(seed)  # data made where it is used: fast on a GPU
-    blocks_needed = [math.ceil(n / bs) for n in seq_lens]
-    nb = pool_blocks or 2 * sum(blocks_needed) + 5
-    mb = max(blocks_needed + [1]) + 2  # spare table columns hold -1
-    perm = torch.randperm(nb, generator=gen, device=device).tolist()  # shuffled physical blocks, none shared
-    width = d + 16 if strided else d  # a wider base tensor makes the cache a strided view
-    k_base = torch.full((nb, bs, hkv, width), float("nan"), dtype=dtype, device=device)
-    v_base = None if mla else torch.full((nb, bs, hkv, dv + 8 if strided else dv), float("nan"), dtype=dtype,
-                                         device=device)
-    tables = torch.full((len(seq_lens), mb), -1, dtype=torch.int32, device=device)
-    keys, values = [], []
-    for b, n in enumerate(seq_lens):
-        blocks = [perm.pop() for _ in range(blocks_needed[b])]
-        tables[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        k = torch.randn(n, hkv, d, generator=gen, device=device).to(dtype)  # unit scale
-        v = k[..., :dv] if mla else torch.randn(n, hkv, dv, generator=gen, device=device).to(dtype)
-        pos = torch.arange(n, device=device)
-        blk, off = torch.tensor(blocks, dtype=torch.long, device=device)[pos // bs], pos % bs
-        k_base[blk, off, :, :d] = k
-        if not mla:
-            v_base[blk, off, :, :dv] = v
-        keys.append(k)
-        values.append(v)
-    k_cache = k_base[..., :d]
-    v_cache = k_cache[..., :dv] if mla else v_base[..., :dv]
-    starts = [0]
-    for ql in q_lens:
-        starts.append(starts[-1] + ql)
-    T = starts[-1] + pad_rows
-    q = torch.randn(T, hq, d, generator=gen, device=device).to(dtype)
-    scale = 0.7 / math.sqrt(d)  # deliberately not 1/sqrt(D): the op must use the scale it is given
-    return Batch(q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                 torch.tensor(starts, dtype=torch.int32, device=device), keys, values, scale)
-
-
-def dense_float64(batch: Batch) -> torch.Tensor:
-    """The contract evaluated directly: per sequence, causal softmax(q k^T * scale) v in float64."""
-    T, hq, _ = batch.q.shape
-    dv = batch.v_cache.shape[-1]
-    hkv = batch.k_cache.shape[2]
-    out = torch.zeros(T, hq, dv, dtype=torch.float64)
-    starts = batch.query_start_loc.tolist()
-    for b, n in enumerate(batch.seq_lens.tolist()):
-        q0, q1 = starts[b], starts[b + 1]
-        for i, t in enumerate(range(q0, q1)):
-            visible = n - (q1 - q0) + i + 1  # keys 0 .. position of query i
-            for h in range(hq):
-                kv = h // (hq // hkv)
-                k = batch.keys[b][:visible, kv].cpu().double()
-                v = batch.values[b][:visible, kv].cpu().double()
-                w = torch.softmax((k @ batch.q[t, h].cpu().double()) * batch.scale, dim=0)
-                out[t, h] = w @ v
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.layers.attention import AttentionMetadata
+from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
 
 @dataclass
@@ -60,7 +61,8 @@ class StepBatch:
             slot_mapping=flat[2], block_tables=small[2 * B + 1:].view(B, width),
             seq_lens=small[:B], query_start_loc=small[B:2 * B + 1], max_q_len=self.max_q_len,
             query_start_loc_host=self.query_start_loc, seq_lens_host=self.seq_lens,
-            prefill=self.prefill)
+            prefill=self.prefill,
+            num_decodes=next((b for b, n in enumerate(self.num_new) if n > MAX_KERNEL_Q_LEN), B))
         return flat[0], flat[1], meta
 
 

@@ -1,8 +1,9 @@
 """`LLMEngine`: the online engine. Requests arrive and leave at any time; each `step()` runs one
 continuously batched step over every live request (Yu et al., "Orca", OSDI 2022):
 
-    schedule (prefill or decode) -> build the step's batch -> model runner -> sample (or verify drafts)
-    -> append tokens, detokenize, check stops -> one RequestDelta per request that progressed
+    schedule (decodes + prefill chunks) -> build the step's batch -> model runner -> sample (or verify
+    drafts) -> commit full blocks to the prefix cache -> append tokens, detokenize, check stops
+    -> one RequestDelta per request that progressed (a prompt chunk short of its end sends none)
 
     engine = LLMEngine("models/shakespeare-llama")
     rid = engine.add_request("ROMEO:", SamplingParams(max_tokens=32))   # validated now: RequestError
@@ -12,7 +13,10 @@ continuously batched step over every live request (Yu et al., "Orca", OSDI 2022)
     engine.abort(rid)      # frees its KV blocks at once; no-op (False) for unknown / finished ids
 
 Requests added between two steps join the running batch at the next step. A request that fails inside
-the engine (NaN logits) ends alone with finish_reason "error"; the others continue.
+the engine (NaN logits) ends alone with finish_reason "error"; the others continue. With speculative
+decoding a step runs two passes: the verify pass of the decodes, then the prefill chunks. Options
+beyond LLM's loading ones: max_num_seqs, max_num_batched_tokens (the tokens of one step; 512),
+enable_chunked_prefill, enable_prefix_caching (both on; engine/scheduler.py, engine/block_manager.py).
 """
 from __future__ import annotations
 
@@ -30,15 +34,14 @@ from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
 from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
                                         check_same_tokenizer)
-from tinyinfer.engine.scheduler import Scheduler
+from tinyinfer.engine.scheduler import Scheduler, check_limits
 from tinyinfer.engine.sequence import RequestError, Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
 from tinyinfer.layers.sampler import sample
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
-from tinyinfer.loading.weights import choose_dtype, has_int4_weights
-from tinyinfer.quant.format import GROUP_SIZES
+from tinyinfer.loading.weights import check_quant, choose_dtype, has_int4_weights
 from tinyinfer.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int]]
@@ -59,13 +62,11 @@ class LLMEngine:
                  quant: Optional[str] = None, draft: Optional[str] = None, speculate_k: int = 4,
                  max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False,
                  cuda_graphs: Optional[bool] = None, max_num_seqs: int = 256,
-                 max_prefill_tokens: int = 8192, group_size: Optional[int] = None):
-        if quant not in (None, "int4"):
-            raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
-        if group_size is not None and (quant is None or group_size not in GROUP_SIZES):
-            raise ValueError(f"group_size={group_size!r}: give one of {GROUP_SIZES}, with quant='int4' "
-                             "(the group size of on-the-fly INT4 quantization)")
+                 max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
+                 enable_prefix_caching: bool = True, group_size: Optional[int] = None):
+        check_quant(quant, group_size)
         check_speculate_k(speculate_k)
+        check_limits(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
@@ -87,29 +88,32 @@ class LLMEngine:
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
         runner = ModelRunner.load(files, self.config, self.device, self.dtype, quant, max_kv_tokens,
                                   block_size, use_graphs, say=self._say, group_size=group_size or 128)
-        self._setup(runner, self.tokenizer, max_num_seqs, max_prefill_tokens)
+        self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
+                    enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:
             self.set_speculator(self._proposer(draft, use_graphs), speculate_k)
 
-    def _setup(self, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int,
-               max_prefill_tokens: int) -> None:
+    def _setup(self, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int = 256,
+               max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
+               enable_prefix_caching: bool = True) -> None:
         self.runner, self.tokenizer, self.config = runner, tokenizer, runner.config
         self.device, self.dtype, self.block_size = runner.device, runner.dtype, runner.block_size
         self.kv_tokens = runner.num_blocks * runner.block_size
-        self.blocks = BlockManager(runner.num_blocks, runner.block_size)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_prefill_tokens)
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                                   enable_chunked_prefill)
         self.speculator: Optional[Speculator] = None
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []      # final deltas of aborted requests
         self._ids = itertools.count()
 
     @classmethod
-    def from_runner(cls, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int = 256,
-                    max_prefill_tokens: int = 8192) -> "LLMEngine":
-        """An engine around a model runner built elsewhere (benchmarks: random-weight models)."""
+    def from_runner(cls, runner: ModelRunner, tokenizer: Tokenizer, **options) -> "LLMEngine":
+        """An engine around a model runner built elsewhere (benchmarks: random-weight models), with
+        the scheduling options of __init__ (max_num_seqs, ..., enable_prefix_caching)."""
         engine = cls.__new__(cls)
         engine.verbose = False
-        engine._setup(runner, tokenizer, max_num_seqs, max_prefill_tokens)
+        engine._setup(runner, tokenizer, **options)
         return engine
 
     def set_speculator(self, proposer: Proposer, k: int) -> Speculator:
@@ -136,11 +140,16 @@ class LLMEngine:
     def stats(self) -> dict:
         return {"preemptions": self.scheduler.num_preemptions, "free_blocks": self.blocks.num_free,
                 "num_blocks": self.blocks.num_blocks, "running": len(self.scheduler.running),
-                "waiting": len(self.scheduler.waiting)}
+                "waiting": len(self.scheduler.waiting), "prefix_cache_queries": self.blocks.queries,
+                "prefix_cache_hits": self.blocks.hits}
 
     def figures(self) -> dict:
-        """Figures for the CLI's summary line (speculation: acceptance rate, tokens per target step)."""
-        return self.speculator.figures() if self.speculator is not None else {}
+        """Figures for the CLI's summary line: the prefix-cache hit rate (of stats' token counts);
+        with speculation the acceptance rate and tokens per target step."""
+        fig = self.speculator.figures() if self.speculator is not None else {}
+        if self.blocks.enable_caching:
+            fig["prefix_cache_hit_rate"] = round(self.blocks.hits / max(1, self.blocks.queries), 4)
+        return fig
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
@@ -197,13 +206,15 @@ class LLMEngine:
         for d in deltas:
             self.requests.pop(d.request_id, None)
         lookahead = self.speculator.k if self.speculator is not None else 0
-        seqs, prefill = self.scheduler.schedule(lookahead)
-        if not seqs:
+        work = self.scheduler.schedule(lookahead)
+        if not work:
             return deltas
-        if self.speculator is not None and not prefill:
-            emitted = self.speculator.step(seqs)
-        else:
-            emitted = self._sample_step(seqs)
+        seqs = work.seqs
+        if self.speculator is None:                 # one varlen batch: decodes + prefill chunks
+            emitted = self._sample_step(seqs, work.num_new)
+        else:                                       # verify pass, then a prefill pass
+            emitted = ((self.speculator.step(work.decodes) if work.decodes else []) +
+                       (self._sample_step(work.prefills, work.chunks) if work.prefills else []))
         for seq, tokens in zip(seqs, emitted):
             req = self.requests[seq.request_id]
             if tokens is None:
@@ -211,6 +222,10 @@ class LLMEngine:
                     f"request {seq.request_id}: the model produced NaN/inf logits at output position "
                     f"{seq.num_outputs}; the request was stopped (its KV blocks were freed)"))
                 tokens = []
+            else:
+                self.blocks.commit(seq)             # its computed full blocks join the prefix cache
+                if not tokens:
+                    continue                        # a prompt chunk that did not reach its end
             new = []
             for tok in tokens:
                 new.append(tok)
@@ -221,15 +236,23 @@ class LLMEngine:
                 del self.requests[seq.request_id]
         return deltas
 
-    def _sample_step(self, seqs: list[Sequence]) -> list[list[int] | None]:
-        num_new = [len(s) - s.num_cached for s in seqs]
+    def _sample_step(self, seqs: list[Sequence], num_new: list[int]) -> list[list[int] | None]:
+        """Feed num_new[b] tokens each; sequences at their end sample (None: non-finite logits)."""
         logits = self.runner.execute(build_batch(seqs, num_new, self.block_size))     # (B, vocab)
         for s, n in zip(seqs, num_new):
             s.num_cached += n
+        rows = [b for b, s in enumerate(seqs) if s.num_cached == len(s)]
+        out: list[list[int] | None] = [[] for _ in seqs]
+        if not rows:
+            return out
+        done = [seqs[b] for b in rows]
+        logits = logits if len(rows) == len(seqs) else logits[rows]                   # (R, vocab)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
-                        [s.seed for s in seqs], [s.num_outputs for s in seqs]).tolist()
-        return [[t] if ok else None for t, ok in zip(tokens, finite)]
+        tokens = sample(logits, [s.params for s in done], [s.token_ids for s in done],
+                        [s.seed for s in done], [s.num_outputs for s in done]).tolist()
+        for b, t, ok in zip(rows, tokens, finite):
+            out[b] = [t] if ok else None
+        return out
 
     def _append(self, req: _Request, tok: int) -> bool:
         """Append one generated token; True if the request finished with it."""

@@ -1,7 +1,7 @@
 """A request as the scheduler and the model runner see it: its token ids, its block table in the paged
-KV cache, how many of its tokens are cached, and its sampling state -- no text (output processing,
-engine/output.py, owns the text). Continuous batching moves sequences between WAITING, RUNNING and
-FINISHED between steps (Yu et al., "Orca", OSDI 2022).
+KV cache, how many of its tokens are cached (and which blocks are in the prefix cache), and its
+sampling state -- no text (output processing, engine/output.py, owns the text). Continuous batching
+moves sequences between WAITING, RUNNING and FINISHED between steps (Yu et al., "Orca", OSDI 2022).
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
         self.block_table: list[int] = []
         self.num_cached = 0                        # tokens whose K/V are in the cache
+        # Prefix cache (engine/block_manager.py): keys of the full blocks of token_ids, and how many
+        # leading blocks of the table are committed (registered, never written again).
+        self.block_hashes: list[bytes] = []
+        self.num_committed = 0
         self.status = Status.WAITING
         self.finish_reason: Optional[str] = None   # "stop" | "length" | "error" | "abort"
         self.error: Optional[Exception] = None

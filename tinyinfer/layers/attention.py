@@ -7,13 +7,14 @@ q/k/v/o (`attention_bias`), and Qwen3's per-head RMSNorm of q and k before RoPE 
 (layers/mla.py). Every attention class provides:
     kv_dims(cfg)  -> ((Hkv, D), (Hkv, Dv) | None)   the per-token cache rows it stores
     forward(x, positions, rotary, meta, k_cache, v_cache) -> (T, hidden)
-`attend` is the one dispatch of a step's queries: fresh prefill, paged decode / verify, or long query
-runs over a cached prefix.
+`attend` is the one dispatch of a step's queries: fresh prefill, paged decode / verify, long query
+runs over a cached prefix, or a mixed step of decodes and prefill chunks (chunked prefill).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -35,6 +36,7 @@ class AttentionMetadata:
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
     prefill: bool               # no sequence has a cached prefix: attend over the fresh K/V
+    num_decodes: int = 0        # host-side: leading sequences whose query runs are <= MAX_KERNEL_Q_LEN
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -47,9 +49,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
         # Decode and draft verification: the paged-attention op (CUDA kernel on a GPU).
         return ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                    meta.query_start_loc, scale)
-    # Long query runs over a cached prefix (a prompt after a shared prefix, a prefill chunk).
-    return ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_host,
-                                       meta.query_start_loc_host, scale)
+    # Long query runs over a cached prefix (a prompt after a shared prefix, a prefill chunk): gather +
+    # SDPA per sequence. The decodes that lead a mixed step (chunked prefill) keep the paged op.
+    d, qsl = meta.num_decodes, meta.query_start_loc_host
+    t = qsl[d]
+    out = ops.paged_prefill_attention(q[t:], k_cache, v_cache, meta.block_tables[d:],
+                                      meta.seq_lens_host[d:], [x - t for x in qsl[d:]], scale)
+    if d == 0:
+        return out
+    short = ops.paged_attention(q[:t], k_cache, v_cache, meta.block_tables[:d], meta.seq_lens[:d],
+                                meta.query_start_loc[:d + 1], scale)                  # (t, Hq, Dv)
+    return torch.cat((short, out))
 
 
 class MultiHeadAttention(nn.Module):

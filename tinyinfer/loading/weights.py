@@ -14,10 +14,20 @@ from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading import gguf_weights
 from tinyinfer.loading.config import ModelConfig, parse_dtype
 from tinyinfer.models.transformer import Transformer, build_model
+from tinyinfer.quant.format import GROUP_SIZES
 from tinyinfer.quant.io import is_int4_file, load_gptq_awq, load_int4
 from tinyinfer.quant.quantizer import quantize_model
 
 QUANT_MODES = (None, "int4")
+
+
+def check_quant(quant: Optional[str], group_size: Optional[int] = None) -> None:
+    """Refuse an unknown quant mode, and a group size without on-the-fly INT4 or outside 32/64/128."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
+    if group_size is not None and (quant is None or group_size not in GROUP_SIZES):
+        raise ValueError(f"group_size={group_size!r}: give one of {GROUP_SIZES}, with quant='int4' "
+                         "(the group size of on-the-fly INT4 quantization)")
 
 
 def stored_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -53,8 +63,7 @@ def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype
     directories, GGUF files, or dense weights quantized after loading when quant="int4", at
     `group_size` (quant/plan.py): then every linear still dense is quantized, a GGUF file's
     dequantized ones included)."""
-    if quant not in QUANT_MODES:
-        raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
+    check_quant(quant)
     model = build_model(cfg, dtype, device)
     # A progress bar for checkpoints over 1 GiB.
     progress = sum(p.numel() for p in model.parameters()) * dtype.itemsize > (1 << 30)

@@ -3,8 +3,9 @@ the `cpu` dispatch key of the op (as ops/cuda.py registers the CUDA kernels for 
 
 paged_attention: the reference walks the batch one sequence at a time; on a CPU that loop was half of a
 batch-16 decode step. This path gathers every sequence's K/V through its block table at once, pads to
-the longest context and masks (PagedAttention's block-table read, Kwon et al., SOSP 2023). Same
-contract, tested against the reference (tests/test_paged_attention.py).
+the longest context and masks (PagedAttention's block-table read, Kwon et al., SOSP 2023); sequences
+of very different lengths run as a few such batches of similar length. Same contract, tested against
+the reference (tests/test_paged_attention.py, tests/test_cuda_graphs.py).
 
 int4_linear: the reference unpacks and dequantizes the whole weight on every call. On a CPU each layer's
 weight is instead converted once and cached (keyed by its qweight tensor), in one of two forms:
@@ -16,7 +17,7 @@ weight is instead converted once and cached (keyed by its qweight tensor), in on
     Our zero conventions map onto it exactly in real numbers: an integer zero z gives
     zero = (8 - z) * s, a float offset m (GGUF Q4_1) gives zero = 8 * s + m. The operands are
     bfloat16, so scale and zero are rounded to 8 significant bits (our scales are fp16, 11) and y to
-    bf16 (as the reference rounds it for a bf16 model). Bound, per output (tests/test_quant.py checks
+    bf16 (as the reference rounds it for a bf16 model). Bound, per output (tests/test_quant_cpu.py checks
     it against float64): |y - y_ref| <= 2^-8 * sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |y_ref|,
     the weight-level error of bfloat16, far inside INT4's own rounding error (s / 2 per weight).
     Memory: the 4-bit weights twice (kernel layout + this packing) and 4 bytes of scale/zero a group.
@@ -103,6 +104,44 @@ def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     return out
 
 
+def length_groups(lens: list[int], slack: int = 64) -> list[list[int]]:
+    """Sequence indices grouped by context length, shortest first: a group's longest context is at
+    most twice its shortest + `slack`, so padding a group to its longest wastes little."""
+    groups: list[list[int]] = []
+    for b in sorted(range(len(lens)), key=lens.__getitem__):
+        if groups and lens[b] <= 2 * lens[groups[-1][0]] + slack:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def paged_attention_grouped(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                            seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
+    # paged_attention_batched pads every sequence to the longest context: one long sequence among
+    # short ones (a long prompt's last chunk beside decodes, after chunked prefill or a cached
+    # prefix) multiplied the work by up to the batch size. Groups of similar length run one padded
+    # batch each; rows are gathered per group and written back. Same contract.
+    groups = length_groups(seq_lens.tolist())
+    if len(groups) == 1:
+        return paged_attention_batched(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                       scale)
+    qsl = query_start_loc.tolist()
+    out = q.new_zeros(q.shape[0], q.shape[1], v_cache.shape[-1])     # padding rows stay zero
+    for idx in groups:
+        rows = [t for b in idx for t in range(qsl[b], qsl[b + 1])]
+        starts = [0]
+        for b in idx:
+            starts.append(starts[-1] + qsl[b + 1] - qsl[b])
+        if not rows:
+            continue
+        rows_t, idx_t = torch.tensor(rows, device=q.device), torch.tensor(idx, device=q.device)
+        out[rows_t] = paged_attention_batched(
+            q[rows_t], k_cache, v_cache, block_tables[idx_t], seq_lens[idx_t],
+            torch.tensor(starts, dtype=torch.int32, device=q.device), scale)
+    return out
+
+
 # qweight -> (scales, zeros, qweight version, converted weights): each layer converted once per form.
 _TINYGEMM: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _DEQUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -150,5 +189,5 @@ def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
 @functools.cache
 def register_cpu_kernels() -> None:
     """Register the CPU paths for the `cpu` key of their ops (once per process)."""
-    library.paged_attention.register_kernel("cpu")(paged_attention_batched)
+    library.paged_attention.register_kernel("cpu")(paged_attention_grouped)
     library.int4_linear.register_kernel("cpu")(int4_linear_cpu)
