@@ -86,3 +86,13 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 def first_near_tie(gaps: list[float], eps: float = 1e-3) -> int:
     return next((i for i, g in enumerate(gaps) if g < eps), len(gaps))
+
+
+def assert_greedy_matches_hf(llm, hf, ids: list[int], n: int, at_least: int) -> None:
+    """n greedy tokens of ours equal HF's up to HF's first near-tie, which comes after `at_least`."""
+    from tinyinfer import SamplingParams
+    ours = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
+    theirs, gaps = hf_greedy(hf, ids, n)
+    agree = first_near_tie(gaps)
+    assert ours.token_ids[:agree] == theirs[:agree]
+    assert agree >= at_least, "random weights gave near-ties too early for a meaningful check"
