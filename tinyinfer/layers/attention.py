@@ -3,8 +3,8 @@
 `MultiHeadAttention` covers MHA, GQA and MQA through `num_kv_heads`: query heads are grouped, and each
 group shares one K/V head, so the cache shrinks by num_heads / num_kv_heads (Ainslie et al., "GQA",
 2023; Shazeer, "Fast Transformer Decoding", 2019). Family options: a bias on q/k/v (Qwen2) or on
-q/k/v/o (`attention_bias`), and Qwen3's per-head RMSNorm of q and k before RoPE (QK-norm). The MLA family plugs into the same interface
-(layers/mla.py). Every attention class provides:
+q/k/v/o (`attention_bias`), and Qwen3's per-head RMSNorm of q and k before RoPE (QK-norm). The MLA
+family plugs into the same interface (layers/mla.py). Every attention class provides:
     kv_dims(cfg)  -> ((Hkv, D), (Hkv, Dv) | None)   the per-token cache rows it stores
     forward(x, positions, rotary, meta, k_cache, v_cache) -> (T, hidden)
 `attend` is the one dispatch of a step's queries: fresh prefill, paged decode / verify, long query

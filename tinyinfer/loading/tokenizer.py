@@ -3,8 +3,9 @@
 Two formats cover the Llama family: SentencePiece `tokenizer.model` (Kudo & Richardson, 2018: Llama 1/2,
 Mistral, TinyLlama) and Hugging Face `tokenizer.json` (Llama 3, DeepSeek, Qwen), read through the
 `tokenizers` library; a GGUF file's vocabulary becomes an in-memory `tokenizers.Tokenizer`
-(loading/gguf_tokenizer.py) wrapped the same way (`Tokenizer.from_gguf`). `tokenizer_config.json`, when present, says whether to add BOS and names the
-BOS/EOS tokens. Streaming detokenization lives with the rest of output processing (engine/output.py).
+(loading/gguf_tokenizer.py) wrapped the same way (`Tokenizer.from_gguf`). `tokenizer_config.json`,
+when present, says whether to add BOS and names the BOS/EOS tokens. Streaming detokenization lives
+with the rest of output processing (engine/output.py).
 """
 from __future__ import annotations
 

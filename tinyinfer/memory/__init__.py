@@ -9,11 +9,13 @@ zero point (uint8) per group of `group_size` weights (the overhead of group-wise
 tinyinfer's INT4 format, quant/format.py). For a checkpoint, `planned_int4` counts exactly what
 `python -m tinyinfer.quantize` writes: the same plan (quant/plan.py: which linears, which group size
 each, the embedding and unquantized head in the checkpoint's dtype) applied to the model built on the
-meta device. KV cache: per token and per layer, standard attention stores K and V for every head (2 x heads x head_dim values); GQA/MQA
-store them for the KV heads only (MQA: divided by the head count); MLA (DeepSeek-V2) stores one
-compressed latent of kv_lora_rank values plus one shared rope key of qk_rope_head_dim values.
-Units: GB = 10^9 bytes, as in the chapter. The shape is read from config.json directly (not through
-ModelConfig), so the tool also sizes checkpoints the engine refuses to run (e.g. FP8 DeepSeek-V3).
+meta device (checkpoints the engine cannot build get the estimate: every parameter at group_size).
+KV cache: per token and per layer, standard attention stores K and V for every head (2 x heads x
+head_dim values); GQA/MQA store them for the KV heads only (MQA: divided by the head count); MLA
+(DeepSeek-V2) stores one compressed latent of kv_lora_rank values plus one shared rope key of
+qk_rope_head_dim values. Units: GB = 10^9 bytes, as in the chapter. The shape is read from
+config.json directly (not through ModelConfig), so the tool also sizes checkpoints the engine refuses
+to run (e.g. FP8 DeepSeek-V3).
 """
 from __future__ import annotations
 
