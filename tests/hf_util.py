@@ -20,21 +20,27 @@ def hf_model(path: str):
 
 @torch.no_grad()
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
-    return model(torch.tensor([ids])).logits[0].float()
+    return model(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+                 ).logits[0].float()
 
 
 @torch.no_grad()
 def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    """n greedy tokens with HF's own KV cache; also the top-2 logit gap at each step."""
+    """n greedy tokens with HF's own KV cache; also the top-2 logit gap at each step. An explicit
+    all-ones attention mask goes with every call (transformers otherwise guesses padding from the
+    pad id, which some models share with EOS)."""
     out, gaps = [], []
-    res = model(torch.tensor([ids]), use_cache=True)
+    mask = torch.ones(1, len(ids), dtype=torch.long)
+    res = model(torch.tensor([ids]), attention_mask=mask, use_cache=True)
     for _ in range(n):
         logits = res.logits[0, -1].float()
         top2 = logits.topk(2).values
         gaps.append(float(top2[0] - top2[1]))
         tok = int(logits.argmax())
         out.append(tok)
-        res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        res = model(torch.tensor([[tok]]), attention_mask=mask, past_key_values=res.past_key_values,
+                    use_cache=True)
     return out, gaps
 
 
@@ -57,9 +63,36 @@ def save_random_llama(tmp_path, seed: int = 0, **overrides) -> str:
     return path
 
 
+def save_random(tmp_path, config_cls, model_cls, seed: int = 0, **kw) -> str:
+    """A random-weight model of any transformers family (config_cls / model_cls), written with
+    save_pretrained, plus the demo tokenizer (its vocabulary of 1024 fits vocab_size 1024)."""
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kw)).to(torch.float32)
+    with torch.no_grad():      # larger weights than the default init, so logits are not all near-ties
+        for p in model.parameters():
+            if p.dim() >= 2:                                 # linears, embeddings, stacked experts
+                p.normal_(0, 0.08)
+            else:                                            # biases (0) and norm weights (1): moved
+                p.add_(torch.randn_like(p), alpha=0.05)
+    path = str(tmp_path)
+    model.save_pretrained(path)
+    shutil.copy(os.path.join(LLAMA, "tokenizer.model"), path)
+    return path
+
+
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 def first_near_tie(gaps: list[float], eps: float = 1e-3) -> int:
     return next((i for i, g in enumerate(gaps) if g < eps), len(gaps))
+
+
+def assert_greedy_matches_hf(llm, hf, ids: list[int], n: int, at_least: int) -> None:
+    """n greedy tokens of ours equal HF's up to HF's first near-tie, which comes after `at_least`."""
+    from tinyinfer import SamplingParams
+    ours = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
+    theirs, gaps = hf_greedy(hf, ids, n)
+    agree = first_near_tie(gaps)
+    assert ours.token_ids[:agree] == theirs[:agree]
+    assert agree >= at_least, "random weights gave near-ties too early for a meaningful check"

@@ -110,8 +110,8 @@ def test_unknown_rope_type_names_the_field(tmp_path):
 
 
 def test_sliding_window_limits_the_context_with_a_message(tmp_path):
-    def edit(cfg):
-        cfg["sliding_window"] = 128
+    def edit(cfg):             # a Mistral model (Llama's weights) with a window; Llama has none
+        cfg["architectures"], cfg["sliding_window"] = ["MistralForCausalLM"], 128
     llm = LLM(_copy(tmp_path, config_edit=edit), device="cpu")
     assert llm.config.max_context == 128
     assert any("sliding_window" in n for n in llm.config.notes)

@@ -1,5 +1,7 @@
 """GGUF loading on a real file -- SmolLM2-135M-Instruct, Q4_1 (210 Q4_1, 1 Q8_0, 61 F32 tensors) --
-against Hugging Face transformers loading the same file (`from_pretrained(dir, gguf_file=...)`).
+against Hugging Face transformers loading the same file (`from_pretrained(dir, gguf_file=...)`): the
+tensors, and the whole engine (`LLM("file.gguf")`, float32: its 120 INT4 linears give the reference's
+exact values): logits within 1e-3 of max |logit| and 32 greedy tokens identical on a few prompts.
 
 Tensors are compared EXACTLY (torch.equal), not within a tolerance: both sides compute the same float32
 operations -- gguf's dequantize for transformers, and for our INT4 repack q * s + z with s, z fp16 (a
@@ -15,6 +17,9 @@ import pytest
 import torch
 
 from gguf_util import int4_to_float, smollm2_gguf
+from hf_util import hf_greedy, hf_logits
+from tinyinfer import LLM, SamplingParams
+from tinyinfer.layers.linear import Int4Linear
 from tinyinfer.loading.gguf import load_gguf
 
 pytest.importorskip("transformers")
@@ -32,6 +37,18 @@ def ckpt(smollm2):
 
 def _hf_args(path: str) -> tuple[str, str]:
     return os.path.dirname(path), os.path.basename(path)
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2):
+    from transformers import AutoModelForCausalLM
+    folder, name = _hf_args(smollm2)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2):
+    return LLM(smollm2, device="cpu", dtype="float32", max_kv_tokens=1024)
 
 
 def test_config_matches_transformers(ckpt, smollm2):
@@ -76,12 +93,9 @@ def test_int4_layout(ckpt):
     assert z.dtype == torch.float16 and z.shape == (1536, 18)        # Q4_1: the float offset m
 
 
-def test_every_tensor_equals_transformers(ckpt, smollm2):
+def test_every_tensor_equals_transformers(ckpt, hf):
     """Every tensor we yield, in float32, equals transformers' parameter of the same name; the INT4
     repack of the Q4_1 tensors decodes to exactly the same values as the dense path."""
-    from transformers import AutoModelForCausalLM
-    folder, name = _hf_args(smollm2)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     state = hf.state_dict()
     assert set(ckpt.tensors) == set(state) - {"lm_head.weight"}
     assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
@@ -94,3 +108,45 @@ def test_every_tensor_equals_transformers(ckpt, smollm2):
     # dtype conversion happens after dequantization (one rounding)
     q = ckpt.tensors["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(q.dense(torch.bfloat16), state[q.name].to(torch.bfloat16))
+
+
+def test_engine_holds_the_files_q4_blocks_as_int4(llm, hf):
+    """Every linear of the decoder is INT4 g32 with float offsets (Q4_1), fused q/k/v and gate/up
+    decoding to transformers' weights exactly; the tied head stays the (Q8_0) embedding, dense."""
+    int4 = {n: m for n, m in llm.model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(int4) == 30 * 4                    # qkv, o, gate_up, down per layer
+    assert all(m.group_size == 32 and m.zeros.dtype == torch.float16 for m in int4.values())
+    state = hf.state_dict()
+    p = "model.layers.7."
+    qkv = torch.cat([state[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"])
+    assert torch.equal(int4["layers.7.attn.qkv_proj"].dequantize(), qkv)
+    gate_up = torch.cat([state[f"{p}mlp.{x}_proj.weight"] for x in ("gate", "up")])
+    assert torch.equal(int4["layers.7.mlp.gate_up_proj"].dequantize(), gate_up)
+    assert llm.model.lm_head.weight is llm.model.embed_tokens.weight
+    assert torch.equal(llm.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
+           "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["text", "code", "chat"])
+def test_logits_and_greedy_tokens_match_transformers(llm, hf, prompt):
+    # The same prompt ids for both (our tokenizer's; test_gguf_tokenizer.py compares tokenizers).
+    ids = llm.tokenizer.encode(prompt)
+    ours, ref = llm.logits(ids), hf_logits(hf, ids)
+    assert float((ours - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+    greedy = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))[0]
+    theirs, _ = hf_greedy(hf, ids, 32)
+    assert greedy.token_ids == theirs
+
+
+def test_engine_tokenizer_is_the_files(llm, ckpt):
+    """LLM's tokenizer wraps the one built from the file's vocabulary: same ids, BOS / EOS and chat
+    template from the metadata; special tokens dropped from the text unless asked for."""
+    tok, ref = llm.tokenizer, ckpt.tokenizer()
+    for text in ["Hello, world!", "emoji 😀👍🏽 and 漢字", "x =  42\n\tdone", "<|im_start|>hi<|im_end|>"]:
+        assert tok.encode(text) == ref.tokenizer.encode(text).ids, text
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, False)
+    assert tok.chat_template == ckpt.chat_template
+    assert llm.config.eos_token_ids == [2]

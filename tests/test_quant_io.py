@@ -131,7 +131,7 @@ def _gptq_checkpoint(tmp_path, group_size=128):
 
 def test_gptq_directory_loads_and_matches_our_int4_of_the_same_levels(tmp_path):
     path, levels = _gptq_checkpoint(tmp_path)
-    llm = LLM(str(path), device="cpu")
+    llm = LLM(str(path), device="cpu", dtype="float32")      # INT4 models default to bf16 on a CPU
     assert isinstance(llm.model.layers[0].attn.qkv_proj, Int4Linear)
     # The same integer levels, put in place by hand (q, k, v fused along N), give the same logits.
     ref = LLM(LLAMA, device="cpu")
@@ -155,7 +155,7 @@ def test_quantize_cli_save_load_round_trip_gives_identical_logits(tmp_path):
     assert (tmp_path / "tokenizer.model").exists()
     meta = ckpt.locate(str(out)).metadata
     assert meta["format"] == "tinyinfer-int4" and meta["group_size"] == "128"
-    loaded = LLM(str(out), device="cpu")
+    loaded = LLM(str(out), device="cpu", dtype="float32")    # INT4 models default to bf16 on a CPU
     converted = LLM(LLAMA, device="cpu")
     quantizer.quantize_model(converted.model, clip_search=False)
     ids = loaded.tokenizer.encode("JULIET: O Romeo, Romeo")

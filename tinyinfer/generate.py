@@ -19,9 +19,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The options that build an LLM / LLMEngine (shared by generate and serve)."""
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None,
-                   help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's "
-                        "half type on GPU)")
+                   help="float32, float16 or bfloat16 (default: float32 on CPU -- bfloat16 for a model "
+                        "with INT4 weights, which torch's CPU INT4 matmul takes -- and the "
+                        "checkpoint's half type on GPU)")
     p.add_argument("--quant", choices=["int4"], default=None, help="quantize weights on the fly")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="--quant int4: input channels per scale and zero point (default 128; a layer "
+                        "whose width it does not divide takes 64 or 32)")
     p.add_argument("--draft", default=None,
                    help="speculative decoding: a draft checkpoint path, or 'ngram'")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
@@ -41,7 +45,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace) -> dict:
     """LLM(...) keyword arguments from the options add_engine_arguments added."""
-    return dict(device=args.device, dtype=args.dtype, quant=args.quant, draft=args.draft,
+    return dict(device=args.device, dtype=args.dtype, quant=args.quant, group_size=args.group_size,
+                draft=args.draft,
                 speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
                 cuda_graphs=args.cuda_graphs, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
@@ -55,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Generate text from a Llama-family or DeepSeek-MLA checkpoint with tinyinfer. "
                     "Text streams to stdout as it is generated; a line of figures follows on stderr.")
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint: a Hugging Face directory, or one .safetensors file (config.json "
-                        "beside it or in its metadata; tinyinfer's own INT4 files too)")
+                   help="checkpoint: a Hugging Face directory, one .safetensors file (config.json "
+                        "beside it or in its metadata; tinyinfer's own INT4 files too), or a .gguf file")
     p.add_argument("--prompt", default="", help="prompt text (BOS added as the checkpoint says)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
                    help="chat: read a user message per line from stdin, stream each reply; the whole "
@@ -72,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False,
                    help="keep generating past the end-of-sequence token")
+    p.add_argument("--show-special", action=argparse.BooleanOptionalAction, default=False,
+                   help="print special tokens (BOS, chat markers such as <|im_end|>) in the text; "
+                        "by default they are dropped")
     add_engine_arguments(p)
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
                    help="print one JSON object (text, token ids, figures) instead of streaming")
@@ -87,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                 seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
-                                ignore_eos=args.ignore_eos)
+                                ignore_eos=args.ignore_eos,
+                                skip_special_tokens=not args.show_special)
         t_load = time.perf_counter()
         llm = LLM(args.ckpt, verbose=not args.json, **engine_options(args))
         t_load = time.perf_counter() - t_load

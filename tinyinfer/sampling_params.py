@@ -27,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0                 # stop ids and stop strings are ignored before this many tokens
     logprobs: int | None = None         # per token: its log-probability and the top-N (None: off)
+    skip_special_tokens: bool = True     # drop special tokens (BOS, <|im_end|>, ...) from the text
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, want: str) -> ValueError:
@@ -70,6 +71,8 @@ class SamplingParams:
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", self.logprobs, f"use None (off) or an integer from 0 to {MAX_LOGPROBS} "
                       "(how many most likely tokens to report besides the sampled one)")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad("skip_special_tokens", self.skip_special_tokens, "use True or False")
 
     @property
     def greedy(self) -> bool:

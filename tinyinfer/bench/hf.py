@@ -1,11 +1,14 @@
 """hf: tinyinfer vs Hugging Face generate() on a checkpoint: decode tokens/s at batch 1 and batch 16
 (prompts of mixed length), greedy, one run each, same process; decode time = time(N tokens) - time(1
 token), so prefill is left out of both. On a CPU a tiny model is overhead-bound: this measures each
-engine's own cost. Also what `python -m tinyinfer.bench e2e --ckpt PATH` runs.
+engine's own cost. Also what `python -m tinyinfer.bench e2e --ckpt PATH` runs. A .gguf checkpoint is
+read by transformers with `from_pretrained(dir, gguf_file=...)` (dequantized); tinyinfer in float32
+runs its INT4 layers on the once-dequantized weights (ops/cpu.py), the same values.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -57,23 +60,38 @@ def _decode_rate(generate, prompts: list[list[int]], n: int) -> tuple[float, flo
     return len(prompts) * (n - 1) / wall, cpu / (n - 1) * 1e3
 
 
-def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) -> dict:
+def hf_model(path: str, dtype: torch.dtype):
+    """transformers' model of a checkpoint directory, or of a .gguf file."""
     from transformers import AutoModelForCausalLM           # a test/bench-only dependency
-    dtype = "float32" if not is_gpu(device) else "bfloat16"
-    llm = LLM(path, device=str(device), dtype=dtype, cuda_graphs=cuda_graphs and is_gpu(device))
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    pad = llm.config.eos_token_ids[0] if llm.config.eos_token_ids else 0
+    if path.endswith(".gguf"):
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                    gguf_file=os.path.basename(path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
-    def ours(prompts, k):
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True))
 
+def hf_generate(hf, pad: int, device: torch.device):
+    """generate(prompts, k): HF generate() of exactly k greedy tokens per prompt, left-padded with an
+    explicit attention mask (the pad id may be EOS)."""
     @torch.inference_mode()
-    def theirs(prompts, k):
-        width = max(len(p) for p in prompts)                             # left padding, masked
+    def generate(prompts: list[list[int]], k: int) -> None:
+        width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
                     do_sample=False, pad_token_id=pad)
+    return generate
+
+
+def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) -> dict:
+    dtype = "float32" if not is_gpu(device) else "bfloat16"
+    llm = LLM(path, device=str(device), dtype=dtype, cuda_graphs=cuda_graphs and is_gpu(device),
+              max_kv_tokens=16 * 256)
+    hf = hf_model(path, getattr(torch, dtype)).to(device).eval()
+    pad = llm.config.eos_token_ids[0] if llm.config.eos_token_ids else 0
+    theirs = hf_generate(hf, pad, device)
+
+    def ours(prompts, k):
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True))
 
     rows = []
     for batch in (1, 16):

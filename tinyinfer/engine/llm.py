@@ -23,8 +23,8 @@ from tinyinfer.sampling_params import SamplingParams
 
 
 class LLM:
-    """Offline generation. Takes the same options as LLMEngine (device, dtype, quant, draft,
-    speculate_k, max_kv_tokens, block_size, verbose, cuda_graphs, max_num_seqs,
+    """Offline generation. Takes the same options as LLMEngine (device, dtype, quant, group_size,
+    draft, speculate_k, max_kv_tokens, block_size, verbose, cuda_graphs, max_num_seqs,
     max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching)."""
 
     def __init__(self, path: str, **options):

@@ -42,7 +42,7 @@ from tinyinfer.layers.sampler import process_logits, sample, token_logprobs
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
-from tinyinfer.loading.weights import choose_dtype
+from tinyinfer.loading.weights import check_quant, choose_dtype, has_int4_weights
 from tinyinfer.sampling_params import SamplingParams
 
 
@@ -62,9 +62,8 @@ class LLMEngine:
                  max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False,
                  cuda_graphs: Optional[bool] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
-                 enable_prefix_caching: bool = True):
-        if quant not in (None, "int4"):
-            raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
+                 enable_prefix_caching: bool = True, group_size: Optional[int] = None):
+        check_quant(quant, group_size)
         check_speculate_k(speculate_k)
         check_limits(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.device = torch.device(device or default_device())
@@ -77,8 +76,8 @@ class LLMEngine:
             self._say(note)
         if draft not in (None, "ngram"):
             check_draft(draft, self.config)         # bad path / vocabulary: before any work
-        self.dtype = choose_dtype(self.config, self.device, dtype)
-        self.tokenizer = Tokenizer.from_dir(files.tokenizer_dir)
+        self.dtype = choose_dtype(self.config, self.device, dtype, has_int4_weights(files, quant))
+        self.tokenizer = Tokenizer.for_checkpoint(files)
         # Decode steps replay CUDA graphs (default on for half precision on CUDA: fp32 attention runs
         # the reference op, which cannot be captured); cuda_graphs=False runs them eagerly.
         if cuda_graphs and self.device.type != "cuda":
@@ -87,7 +86,7 @@ class LLMEngine:
         half = self.dtype in (torch.float16, torch.bfloat16)
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
         runner = ModelRunner.load(files, self.config, self.device, self.dtype, quant, max_kv_tokens,
-                                  block_size, use_graphs, say=self._say)
+                                  block_size, use_graphs, say=self._say, group_size=group_size or 128)
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:
@@ -125,7 +124,7 @@ class LLMEngine:
         if draft == "ngram":
             return NgramProposer()
         files = ckpt.locate(draft)
-        check_same_tokenizer(draft, Tokenizer.from_dir(files.tokenizer_dir), self.tokenizer)
+        check_same_tokenizer(draft, Tokenizer.for_checkpoint(files), self.tokenizer)
         cfg = ModelConfig.from_hf(files.config, files.generation_config)
         # The draft's pool is as large as the target's, so it never runs dry before the target does.
         runner = ModelRunner.load(files, cfg, self.device, self.dtype, None, self.kv_tokens,
@@ -163,7 +162,8 @@ class LLMEngine:
         validate_request(ids, params, self.config, self.blocks)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(rid, ids, params, seed, tuple(self.config.eos_token_ids))
-        self.requests[rid] = _Request(seq, TextStream(self.tokenizer, ids, params.stop or []))
+        self.requests[rid] = _Request(seq, TextStream(self.tokenizer, ids, params.stop or [],
+                                                      params.skip_special_tokens))
         self.scheduler.add(seq)
         return rid
 

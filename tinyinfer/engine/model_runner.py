@@ -40,10 +40,10 @@ class ModelRunner:
     def load(cls, files: CheckpointFiles, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
              quant: Optional[str] = None, kv_tokens: Optional[int] = None, block_size: int = 16,
              cuda_graphs: bool = False, graph_pool: Optional[tuple] = None,
-             say: Callable[[str], None] = lambda msg: None) -> "ModelRunner":
-        """Load the checkpoint's model on `device` and allocate its KV cache (kv_tokens tokens, or
-        what fits in memory when None)."""
-        model = load_model(files, cfg, dtype, device, quant)
+             say: Callable[[str], None] = lambda msg: None, group_size: int = 128) -> "ModelRunner":
+        """Load the checkpoint's model on `device` (quant="int4": quantized at `group_size`) and
+        allocate its KV cache (kv_tokens tokens, or what fits in memory when None)."""
+        model = load_model(files, cfg, dtype, device, quant, group_size, say=say)
         k_dims, v_dims = Transformer.kv_dims(cfg)
         per_token = PagedKVCache.bytes_per_token(cfg.num_layers, k_dims, v_dims, dtype)
         if kv_tokens is None:

@@ -30,8 +30,10 @@ class IncrementalDetokenizer:
     output token is kept; with an empty (or BOS-only) prompt that is exactly decode(output).
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int],
+                 skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens    # False: special tokens rendered as text
         self.tokens = [int(t) for t in prompt_ids]
         self.read_offset = len(self.tokens)  # tokens before this are already emitted (or prompt)
         self.prefix_offset = self._window_start()  # start of the decoding window
@@ -44,13 +46,16 @@ class IncrementalDetokenizer:
         end = len(self.tokens)
         start = max(0, end - _WINDOW)
         for _ in range(3):
-            if start == 0 or not self.tokenizer.decode(self.tokens[start:end]).startswith("\ufffd"):
+            if start == 0 or not self._decode(self.tokens[start:end]).startswith("\ufffd"):
                 break
             start -= 1
         return start
 
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, self.skip_special_tokens)
+
     def _advance(self, force: bool) -> str:
-        decode = self.tokenizer.decode
+        decode = self._decode
         prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
         full = decode(self.tokens[self.prefix_offset:])
         # U+FFFD at the end: an incomplete UTF-8 sequence that later byte pieces may complete.
@@ -75,8 +80,9 @@ class IncrementalDetokenizer:
 class TextStream:
     """The output text of one request: incremental detokenization plus its stop strings."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stops: Sequence[str]):
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stops: Sequence[str],
+                 skip_special_tokens: bool = True):
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self.stops = list(stops)
         self.text = ""                             # the output so far, cut at a stop string
         self.sent = 0                              # characters already handed out by take()

@@ -2,8 +2,9 @@
 
 `MultiHeadAttention` covers MHA, GQA and MQA through `num_kv_heads`: query heads are grouped, and each
 group shares one K/V head, so the cache shrinks by num_heads / num_kv_heads (Ainslie et al., "GQA",
-2023; Shazeer, "Fast Transformer Decoding", 2019). The MLA family plugs into the same interface
-(layers/mla.py). Every attention class provides:
+2023; Shazeer, "Fast Transformer Decoding", 2019). Family options: a bias on q/k/v (Qwen2) or on
+q/k/v/o (`attention_bias`), and Qwen3's per-head RMSNorm of q and k before RoPE (QK-norm). The MLA
+family plugs into the same interface (layers/mla.py). Every attention class provides:
     kv_dims(cfg)  -> ((Hkv, D), (Hkv, Dv) | None)   the per-token cache rows it stores
     forward(x, positions, rotary, meta, k_cache, v_cache) -> (T, hidden)
 `attend` is the one dispatch of a step's queries: fresh prefill, paged decode / verify, long query
@@ -18,6 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from tinyinfer import ops
+from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.rotary import RotaryEmbedding
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
@@ -66,9 +68,13 @@ class MultiHeadAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         # Fused projection: one GEMV reads the q, k and v weights (concatenated at load).
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size,
+                                  bias=cfg.attention_bias or cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.splits = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        # Qwen3: RMSNorm over each head's q and k (weights (D,) shared by the heads), before RoPE.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     @staticmethod
     def kv_dims(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -81,6 +87,8 @@ class MultiHeadAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)              # (T, Hq, D)
         k = k.view(T, self.num_kv_heads, self.head_dim)           # (T, Hkv, D)
         v = v.view(T, self.num_kv_heads, self.head_dim)           # (T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         # RoPE on q and k (rows of the rotary table gathered by position) and the K/V cache write in
         # one op (one kernel on a GPU); the rotated k comes back for fresh prefill, which attends over
         # it directly.

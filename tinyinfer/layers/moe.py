@@ -1,4 +1,5 @@
-"""Mixture of experts (DeepSeek-V2/V3): each token runs through k of many small SwiGLU experts.
+"""Mixture of experts (DeepSeek-V2/V3, Qwen3-MoE, Mixtral): each token runs through k of many small
+SwiGLU experts.
 
 A router scores every routed expert for each token and keeps the top k; the layer's output is the
 weighted sum of those k experts plus the always-on shared experts. Only k + n_shared of the experts'
@@ -9,7 +10,11 @@ Routing rules (DeepSeek-V2 paper section 2.2; DeepSeek-V3 paper section 2.1.2):
   V3: sigmoid scores; a learned per-expert bias (e_score_correction_bias) shifts the *choice* only
       ('noaux_tc': groups ranked by the sum of their two best biased scores); the weights are the
       unbiased scores of the chosen experts, normalised to sum to 1 when norm_topk_prob.
-  Both scale the weights by routed_scaling_factor.
+  Both scale the weights by routed_scaling_factor (V2 only when it does not normalise: the config
+  parser, loading/families.py, folds V2's "normalise only if k > 1" into norm_topk_prob).
+  Qwen3-MoE (Qwen team, "Qwen3 Technical Report", 2025) and Mixtral (Jiang et al., "Mixtral of
+  Experts", 2024) route as V2 'greedy' with softmax scores, no shared experts and no scaling: the top-k
+  weights renormalised (always for Mixtral, if norm_topk_prob for Qwen3-MoE).
 Experts are ordinary SwiGLU modules of nn.Linear, so INT4 quantization applies to them unchanged.
 """
 from __future__ import annotations
@@ -35,7 +40,6 @@ class Router(nn.Module):
         self.scoring, self.method = cfg.scoring_func, cfg.topk_method
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        # DeepSeek-V2 normalises *instead of* scaling; V3 normalises, then scales.
         self.scale_after_norm = cfg.scoring_func == "sigmoid"
         # Not an nn.Linear on purpose: weight-only quantization must not touch the router.
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size), requires_grad=False)   # (E, d)
@@ -60,12 +64,10 @@ class Router(nn.Module):
                                         float("-inf"))
         ids = choice.topk(self.top_k, dim=-1).indices                              # (T, k)
         weights = scores.gather(1, ids)                                            # (T, k)
-        if self.scale_after_norm:                  # V3: normalise (optionally), then scale
-            if self.norm_topk_prob:
-                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-            weights = weights * self.scaling
-        elif self.norm_topk_prob and self.top_k > 1:   # V2: normalise instead of scaling
+        if self.norm_topk_prob:                    # renormalise the k weights to sum to 1
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            if self.scale_after_norm:              # V3: then scale; V2 normalises instead
+                weights = weights * self.scaling
         else:
             weights = weights * self.scaling
         return weights, ids

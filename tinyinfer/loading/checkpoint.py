@@ -5,8 +5,10 @@ Accepted layouts:
     model.safetensors.index.json (+ generation_config.json, tokenizer files);
   * one .safetensors file with config.json (and a tokenizer) beside it, or with the config JSON in
     the file's metadata under "config".
+  * a .gguf file (llama.cpp's format, loading/gguf.py): config, tokenizer and weights all inside.
 Our module names are the Hugging Face names without the "model." prefix, except the fused
-projections (qkv_proj = cat(q, k, v), gate_up_proj = cat(gate, up)), which are concatenated here.
+projections (qkv_proj = cat(q, k, v), gate_up_proj = cat(gate, up)), which are concatenated here, and
+Mixtral's MoE block, which Hugging Face names block_sparse_moe with experts w1 (gate), w2 (down), w3 (up).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Iterator, Optional
 import torch
 from safetensors import safe_open
 
+from tinyinfer.loading.gguf import GGUFCheckpoint, GGUFError, is_gguf, load_gguf
+
 
 class CheckpointError(Exception):
     """The checkpoint cannot be read: missing path or tensor, wrong shape, truncated file, ..."""
@@ -25,6 +29,9 @@ class CheckpointError(Exception):
 
 # Fused modules of ours -> the Hugging Face projections concatenated (along the output dim) to fill them.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Mixtral's Hugging Face names for our MoE modules (an expert's gate / up / down projections).
+MIXTRAL_NAMES = {".mlp.gate.": ".block_sparse_moe.gate.", ".gate_proj.": ".w1.", ".up_proj.": ".w3.",
+                 ".down_proj.": ".w2.", ".mlp.experts.": ".block_sparse_moe.experts."}
 
 
 @dataclass
@@ -34,6 +41,7 @@ class CheckpointFiles:
     generation_config: Optional[dict]
     tokenizer_dir: str
     metadata: dict = field(default_factory=dict)     # the first file's safetensors metadata
+    gguf: Optional[GGUFCheckpoint] = None             # set for a .gguf file (weights_files = [it])
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -56,9 +64,17 @@ def _metadata(path: str) -> dict:
 
 
 def locate(path: str) -> CheckpointFiles:
-    """Resolve a checkpoint path (directory or .safetensors file) to its weight files and config."""
+    """Resolve a checkpoint path (directory, .safetensors or .gguf file) to its weight files and
+    config."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path!r} does not exist")
+    if os.path.isfile(path) and (path.endswith(".gguf") or is_gguf(path)):
+        try:
+            gguf = load_gguf(path)
+        except GGUFError as e:
+            raise CheckpointError(str(e)) from None
+        return CheckpointFiles([path], gguf.config, gguf.generation_config,
+                               os.path.dirname(os.path.abspath(path)), gguf=gguf)
     if os.path.isdir(path):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
@@ -77,7 +93,7 @@ def locate(path: str) -> CheckpointFiles:
     elif path.endswith(".safetensors"):
         files, config_dir = [path], os.path.dirname(os.path.abspath(path))
     else:
-        raise CheckpointError(f"{path!r} is neither a directory nor a .safetensors file")
+        raise CheckpointError(f"{path!r} is neither a directory nor a .safetensors or .gguf file")
     meta = _metadata(files[0])
     config = _read_json(os.path.join(config_dir, "config.json"))
     if "config" in meta:                       # self-describing single file wins over a sibling
@@ -122,19 +138,24 @@ class TensorReader:
         return list(self._handles[self.where[name]].get_slice(name).get_shape())
 
 
-def hf_name(name: str) -> str:
-    """Our parameter name -> the Hugging Face tensor name it comes from (fused ones excluded)."""
+def hf_name(name: str, arch: Optional[str] = None) -> str:
+    """Our parameter name -> the Hugging Face tensor name it comes from (fused ones excluded);
+    `arch` (the config's architecture) picks family-specific names (Mixtral's MoE block)."""
     if name.startswith("lm_head."):
         return name
-    return "model." + name.replace(".attn.", ".self_attn.")
+    name = "model." + name.replace(".attn.", ".self_attn.")
+    if arch == "MixtralForCausalLM" and ".mlp." in name:
+        for ours, theirs in MIXTRAL_NAMES.items():
+            name = name.replace(ours, theirs)
+    return name
 
 
-def hf_sources(name: str) -> list[str]:
+def hf_sources(name: str, arch: Optional[str] = None) -> list[str]:
     """The Hugging Face tensors concatenated (dim 0) into our parameter `name`."""
     for fused, parts in FUSED.items():
         if f".{fused}." in name:
-            return [hf_name(name.replace(fused, p)) for p in parts]
-    return [hf_name(name)]
+            return [hf_name(name.replace(fused, p), arch) for p in parts]
+    return [hf_name(name, arch)]
 
 
 def _benign_extra(name: str, num_layers: int, tied: bool) -> bool:
@@ -150,9 +171,10 @@ def load_weights(model: torch.nn.Module, reader: TensorReader, num_layers: int, 
     and shapes; tensors the model does not use are an error unless known to be harmless."""
     used: set[str] = set()
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=True)]
+    arch = getattr(getattr(model, "cfg", None), "architecture", None)
     bar = _progress(params, progress)
     for name, param in bar:
-        sources = hf_sources(name)
+        sources = hf_sources(name, arch)
         for s in sources:
             if s not in reader:
                 raise CheckpointError(f"checkpoint lacks {s} (needed for {name})")

@@ -12,15 +12,14 @@ from typing import Any, Optional
 
 import torch
 
-MLA_ARCHITECTURES = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"} | MLA_ARCHITECTURES
+from tinyinfer.loading.errors import ConfigError
+from tinyinfer.loading.families import (DEFAULT_THETA, MLA_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
+                                        family_fields, head_dim)
+
+__all__ = ["ConfigError", "ModelConfig", "parse_dtype"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "half": torch.float16, "float": torch.float32}
-
-
-class ConfigError(ValueError):
-    """A checkpoint's config.json asks for something tinyinfer cannot run (or is malformed)."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -51,7 +50,9 @@ class ModelConfig:
     dtype: str = "bfloat16"                      # the checkpoint's own dtype
     architecture: str = "LlamaForCausalLM"
     sliding_window: Optional[int] = None
-    attention_bias: bool = False
+    attention_bias: bool = False                 # bias on q/k/v and o_proj (Llama, Qwen3)
+    qkv_bias: bool = False                       # bias on q/k/v only (Qwen2)
+    qk_norm: bool = False                        # per-head RMSNorm of q and k before RoPE (Qwen3)
     mlp_bias: bool = False
     # Multi-head latent attention (DeepSeek-V2/V3, mla.py); kv_lora_rank None = standard attention.
     # For MLA, head_dim = qk_nope_head_dim + qk_rope_head_dim (the query/key head size).
@@ -74,6 +75,7 @@ class ModelConfig:
     topk_group: int = 1
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    sparse_layers: Optional[list[int]] = None    # MoE layers listed (Qwen3-MoE, Mixtral), else the rule
     max_context: int = 0                         # usable context (derived: window-limited)
     notes: list[str] = field(default_factory=list)  # messages for the user (e.g. window limit)
 
@@ -101,6 +103,8 @@ class ModelConfig:
         return self.kv_lora_rank is not None
 
     def is_moe_layer(self, i: int) -> bool:
+        if self.sparse_layers is not None:
+            return self.n_routed_experts > 0 and i in self.sparse_layers
         return (self.n_routed_experts > 0 and i >= self.first_k_dense_replace
                 and i % self.moe_layer_freq == 0)
 
@@ -141,7 +145,7 @@ class ModelConfig:
         legacy = cfg.get("rope_scaling")
         if legacy:
             rope.update(legacy)
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        theta = rope.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA.get(arch, 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         mla = arch in MLA_ARCHITECTURES
         if rope_type not in ("default", "llama3") and not (mla and rope_type == "yarn"):
@@ -159,9 +163,9 @@ class ModelConfig:
                 if key not in rope:
                     raise ConfigError(f"config field rope_scaling lacks {key!r} for rope_type llama3")
         n_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-        extra = _deepseek_fields(cfg, arch) if mla else {}
-        head_dim = extra.pop("head_dim", head_dim)
+        extra = family_fields(cfg, arch)             # families.py: what this architecture adds
+        extra.setdefault("head_dim", head_dim(cfg, arch))
+        extra.setdefault("intermediate_size", cfg.get("intermediate_size"))
         eos = cfg.get("eos_token_id")
         if generation_config and generation_config.get("eos_token_id") is not None:
             eos = generation_config["eos_token_id"]
@@ -175,16 +179,13 @@ class ModelConfig:
                               "(SwiGLU) is supported")
         return ModelConfig(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_layers=cfg["num_hidden_layers"],
             num_heads=n_heads, num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
             rope_scaling=rope if rope_type != "default" else None,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=bos, eos_token_ids=eos_ids, dtype=dtype, architecture=arch,
-            sliding_window=cfg.get("sliding_window"),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)), **extra)
+            bos_token_id=bos, eos_token_ids=eos_ids, dtype=dtype, architecture=arch, **extra)
 
     @staticmethod
     def from_dir(path: str) -> "ModelConfig":
@@ -197,35 +198,3 @@ class ModelConfig:
                 gen = json.load(f)
         return ModelConfig.from_hf(cfg, gen)
 
-
-def _deepseek_fields(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
-    """MLA and MoE fields of a DeepSeek-V2/V3 config.json (HF or DeepSeek's own key names)."""
-    qc = cfg.get("quantization_config") or {}
-    if str(qc.get("quant_method", "")).lower() == "fp8":
-        raise ConfigError("config field quantization_config.quant_method is 'fp8': block-quantized "
-                          "FP8 weights (as DeepSeek-V3 is released) are not supported; convert the "
-                          "checkpoint to bf16 first (DeepSeek's inference/fp8_cast_bf16.py) and drop "
-                          "quantization_config from config.json")
-    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            raise ConfigError(f"config field {key} must be a positive integer for {arch}, "
-                              f"got {cfg.get(key)!r}")
-    v3 = arch == "DeepseekV3ForCausalLM"
-    return dict(
-        head_dim=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"],
-        kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank") or None,
-        qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
-        v_head_dim=cfg["v_head_dim"],
-        # HF's V2 code always pairs (2i, 2i+1); V3 does unless rope_interleave is false.
-        rope_interleave=bool(cfg.get("rope_interleave", True)) if v3 else True,
-        n_routed_experts=cfg.get("n_routed_experts") or 0,
-        n_shared_experts=cfg.get("n_shared_experts") or 0,
-        num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
-        moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
-        first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
-        moe_layer_freq=cfg.get("moe_layer_freq") or 1,
-        scoring_func=cfg.get("scoring_func", "sigmoid" if v3 else "softmax"),
-        topk_method=cfg.get("topk_method", "noaux_tc" if v3 else "greedy"),
-        n_group=cfg.get("n_group") or 1, topk_group=cfg.get("topk_group") or 1,
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)))

@@ -1,14 +1,16 @@
 """Tokenizer: text <-> token ids for a checkpoint.
 
 Two formats cover the Llama family: SentencePiece `tokenizer.model` (Kudo & Richardson, 2018: Llama 1/2,
-Mistral, TinyLlama) and Hugging Face `tokenizer.json` (Llama 3, DeepSeek), read through the optional
-`tokenizers` library. `tokenizer_config.json`, when present, says whether to add BOS and names the
-BOS/EOS tokens. Streaming detokenization lives with the rest of output processing (engine/output.py).
+Mistral, TinyLlama) and Hugging Face `tokenizer.json` (Llama 3, DeepSeek, Qwen), read through the
+`tokenizers` library; a GGUF file's vocabulary becomes an in-memory `tokenizers.Tokenizer`
+(loading/gguf_tokenizer.py) wrapped the same way (`Tokenizer.from_gguf`). `tokenizer_config.json`,
+when present, says whether to add BOS and names the BOS/EOS tokens. Streaming detokenization lives
+with the rest of output processing (engine/output.py).
 
 Special-token strings inside text (`<s>`, `<|im_start|>`) encode to their ids, as Hugging Face's
 tokenizers do: a rendered chat template writes them as text. The chat template itself (`chat_template`
-in tokenizer_config.json, or chat_template.jinja beside it) is loaded here and rendered by
-loading/chat.py.
+in tokenizer_config.json, chat_template.jinja beside it, or a GGUF file's metadata) is loaded here and
+rendered by loading/chat.py.
 """
 from __future__ import annotations
 
@@ -51,8 +53,18 @@ class _SentencePiece:
                 ids += self.sp.EncodeAsIds(part)
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.DecodeIds(ids)  # control tokens (BOS/EOS) decode to nothing
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self.sp.DecodeIds(ids)  # control tokens (BOS/EOS) decode to nothing
+        # Control tokens shown as their pieces; the text between them decoded as usual.
+        out, run = [], []
+        for i in ids:
+            if self.sp.IsControl(i):
+                out += [self.sp.DecodeIds(run), self.sp.IdToPiece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.sp.DecodeIds(run)])
 
     def size(self) -> int:
         return self.sp.GetPieceSize()
@@ -87,11 +99,18 @@ class _HFTokenizers:
         except Exception as err:  # the Rust side raises plain Exception for malformed JSON
             raise ValueError(f"cannot read {path} as a tokenizers tokenizer.json: {err}") from err
 
+    @classmethod
+    def wrap(cls, tk) -> "_HFTokenizers":
+        """An in-memory tokenizers.Tokenizer (a GGUF file's vocabulary)."""
+        backend = cls.__new__(cls)
+        backend.tk = tk
+        return backend
+
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
@@ -159,6 +178,8 @@ def _chat_templates(root: Path, cfg: dict, cfg_path: Path) -> dict[str, str]:
 
 class Tokenizer:
     """Encode / decode for one checkpoint; `bos_id`, `eos_id` may be None when the files name none."""
+
+    add_eos = False           # append EOS to encoded text (GGUF files that say so)
 
     def __init__(self, backend: _SentencePiece | _HFTokenizers, bos_id: int | None, eos_id: int | None,
                  add_bos: bool):
@@ -228,17 +249,43 @@ class Tokenizer:
         tok.special_tokens = {k: v for k, v in names.items() if v is not None}
         return tok
 
+    @classmethod
+    def from_gguf(cls, gguf_tokenizer) -> "Tokenizer":
+        """Wrap a GGUF file's tokenizer (loading/gguf_tokenizer.GGUFTokenizer): its vocabulary, the
+        BOS / EOS it names and adds, and its chat template."""
+        g = gguf_tokenizer
+        tok = cls(_HFTokenizers.wrap(g.tokenizer), g.bos_id, g.eos_id, g.add_bos)
+        tok.add_eos = bool(g.add_eos and g.eos_id is not None)
+        tok.chat_template = g.chat_template
+        tok.chat_templates = {} if g.chat_template is None else {"default": g.chat_template}
+        tok.special_tokens = {name: tok.id_to_piece(i) for name, i in
+                              (("bos_token", g.bos_id), ("eos_token", g.eos_id), ("unk_token", g.unk_id))
+                              if i is not None}
+        return tok
+
+    @classmethod
+    def for_checkpoint(cls, files) -> "Tokenizer":
+        """The tokenizer of a located checkpoint (loading/checkpoint.CheckpointFiles): from the GGUF
+        file itself, else from the files in its directory."""
+        if getattr(files, "gguf", None) is not None:
+            return cls.from_gguf(files.gguf.tokenizer())
+        return cls.from_dir(files.tokenizer_dir)
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; BOS first when `add_bos` (None: as the checkpoint says)."""
+        """Token ids of `text`; BOS first when `add_bos` (None: as the checkpoint says), EOS last
+        when the checkpoint asks for it (GGUF add_eos_token)."""
         ids = self._backend.encode(text)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
+        if self.add_eos:
+            ids = ids + [self.eos_id]
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; special tokens (BOS/EOS) and ids past the vocabulary (padded heads) are dropped."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; special tokens (BOS/EOS, chat markers) are dropped unless
+        `skip_special_tokens` is False; ids past the vocabulary (padded heads) always are."""
         n = self.vocab_size
-        return self._backend.decode([int(i) for i in ids if 0 <= int(i) < n])
+        return self._backend.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._backend.piece(int(token_id))

@@ -1,43 +1,82 @@
 """A checkpoint, loaded: the model built on its device and filled with the checkpoint's weights.
 
 One entry point for every weight format the engine reads: a dense Hugging Face checkpoint (optionally
-quantized to INT4 after loading), tinyinfer's own INT4 file, and GPTQ / AWQ directories (quant/io.py).
+quantized to INT4 after loading), tinyinfer's own INT4 file, GPTQ / AWQ directories (quant/io.py), and
+GGUF files (their Q4_0 / Q4_1 linears as exact INT4, the rest dense: loading/gguf_weights.py).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.loading import gguf_weights
 from tinyinfer.loading.config import ModelConfig, parse_dtype
 from tinyinfer.models.transformer import Transformer, build_model
+from tinyinfer.quant.format import GROUP_SIZES
 from tinyinfer.quant.io import is_int4_file, load_gptq_awq, load_int4
 from tinyinfer.quant.quantizer import quantize_model
 
 QUANT_MODES = (None, "int4")
 
 
-def choose_dtype(cfg: ModelConfig, device: torch.device, requested: Optional[str] = None) -> torch.dtype:
-    """The model dtype: as requested, else float32 on a CPU (fast matmuls, exact parity) and the
-    checkpoint's own half precision on a GPU (bf16 when the checkpoint is float32)."""
+def check_quant(quant: Optional[str], group_size: Optional[int] = None) -> None:
+    """Refuse an unknown quant mode, and a group size without on-the-fly INT4 or outside 32/64/128."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
+    if group_size is not None and (quant is None or group_size not in GROUP_SIZES):
+        raise ValueError(f"group_size={group_size!r}: give one of {GROUP_SIZES}, with quant='int4' "
+                         "(the group size of on-the-fly INT4 quantization)")
+
+
+def stored_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The checkpoint's own dtype (config.json's torch_dtype; bfloat16 when it names another): what
+    `python -m tinyinfer.quantize` keeps the unquantized tensors in."""
+    return parse_dtype(cfg.dtype if cfg.dtype in ("bfloat16", "float16", "float32") else "bfloat16")
+
+
+def has_int4_weights(files: ckpt.CheckpointFiles, quant: Optional[str] = None) -> bool:
+    """Whether the loaded model will hold INT4 linears (quantized on the fly, an INT4 file, a GPTQ /
+    AWQ directory, or a GGUF file with Q4_0 / Q4_1 tensors)."""
+    if quant == "int4" or is_int4_file(files.metadata) or "quantization_config" in files.config:
+        return True
+    return files.gguf is not None and any(t.is_int4 for t in files.gguf.tensors.values())
+
+
+def choose_dtype(cfg: ModelConfig, device: torch.device, requested: Optional[str] = None,
+                 int4: bool = False) -> torch.dtype:
+    """The model dtype: as requested, else on a CPU float32 (fast matmuls, exact parity) -- bfloat16
+    when the model holds INT4 linears (`int4`), the dtype PyTorch's CPU INT4 matmul takes (ops/cpu.py)
+    -- and on a GPU the checkpoint's own half precision (bf16 when the checkpoint is float32)."""
     if requested is not None:
         return parse_dtype(requested)
     if device.type == "cpu":
-        return torch.float32
+        return torch.bfloat16 if int4 else torch.float32
     return parse_dtype(cfg.dtype if cfg.dtype in ("bfloat16", "float16") else "bfloat16")
 
 
 def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
-               device: torch.device, quant: Optional[str] = None) -> Transformer:
+               device: torch.device, quant: Optional[str] = None, group_size: int = 128,
+               say: Callable[[str], None] = lambda msg: None) -> Transformer:
     """Build the model for `cfg` on `device` and fill it from `files` (INT4 files, GPTQ/AWQ
-    directories, or dense weights quantized after loading when quant="int4")."""
-    if quant not in QUANT_MODES:
-        raise ValueError(f"quant={quant!r} is not supported; use None or 'int4'")
+    directories, GGUF files, or dense weights quantized after loading when quant="int4", at
+    `group_size` (quant/plan.py): then every linear still dense is quantized, a GGUF file's
+    dequantized ones included)."""
+    check_quant(quant)
     model = build_model(cfg, dtype, device)
-    reader = ckpt.TensorReader(files.weight_files)
     # A progress bar for checkpoints over 1 GiB.
     progress = sum(p.numel() for p in model.parameters()) * dtype.itemsize > (1 << 30)
+    if files.gguf is not None:
+        reader = gguf_weights.GGUFReader(files.gguf)
+        replaced = gguf_weights.load_int4_linears(model, reader, dtype, device)
+        say(gguf_weights.summary(reader, replaced, dtype))
+        ckpt.load_weights(model, reader, cfg.num_layers, cfg.tie_word_embeddings, dtype, device,
+                          progress=progress)
+        if quant == "int4":
+            say(quantize_model(model, group_size, progress=progress).summary())
+        return model
+    reader = ckpt.TensorReader(files.weight_files)
     if is_int4_file(files.metadata):
         load_int4(model, reader, files.metadata, dtype, device)
         return model
@@ -47,5 +86,5 @@ def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype
     ckpt.load_weights(model, reader, cfg.num_layers, cfg.tie_word_embeddings, dtype, device,
                       progress=progress)
     if quant == "int4" and not prequantized:
-        quantize_model(model, progress=progress)
+        say(quantize_model(model, group_size, progress=progress).summary())
     return model

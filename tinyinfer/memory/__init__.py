@@ -6,11 +6,16 @@
 
 Weights: every parameter costs 2 bytes in fp16/bf16, half a byte in INT4, plus one scale (fp16) and one
 zero point (uint8) per group of `group_size` weights (the overhead of group-wise quantization, in
-tinyinfer's INT4 format, quant/format.py). KV cache: per token and per layer, standard attention stores K and V for every head (2 x heads x head_dim values); GQA/MQA
-store them for the KV heads only (MQA: divided by the head count); MLA (DeepSeek-V2) stores one
-compressed latent of kv_lora_rank values plus one shared rope key of qk_rope_head_dim values.
-Units: GB = 10^9 bytes, as in the chapter. The shape is read from config.json directly (not through
-ModelConfig), so the tool also sizes checkpoints the engine refuses to run (e.g. FP8 DeepSeek-V3).
+tinyinfer's INT4 format, quant/format.py). For a checkpoint, `planned_int4` counts exactly what
+`python -m tinyinfer.quantize` writes: the same plan (quant/plan.py: which linears, which group size
+each, the embedding and unquantized head in the checkpoint's dtype) applied to the model built on the
+meta device (checkpoints the engine cannot build get the estimate: every parameter at group_size).
+KV cache: per token and per layer, standard attention stores K and V for every head (2 x heads x
+head_dim values); GQA/MQA store them for the KV heads only (MQA: divided by the head count); MLA
+(DeepSeek-V2) stores one compressed latent of kv_lora_rank values plus one shared rope key of
+qk_rope_head_dim values. Units: GB = 10^9 bytes, as in the chapter. The shape is read from
+config.json directly (not through ModelConfig), so the tool also sizes checkpoints the engine refuses
+to run (e.g. FP8 DeepSeek-V3).
 """
 from __future__ import annotations
 
@@ -21,8 +26,13 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from tinyinfer.engine.kv_cache import PagedKVCache
-from tinyinfer.models.transformer import Transformer
+from tinyinfer.loading.config import ConfigError, ModelConfig
+from tinyinfer.loading.weights import stored_dtype
+from tinyinfer.models.transformer import Transformer, build_model
+from tinyinfer.quant.plan import Int4Plan, plan_int4, planned_bytes
 
 GB = 1e9
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -81,6 +91,20 @@ def int4_bytes(num_params: float, group_size: int = 128, scale_bytes: int = 2, z
     """(packed 4-bit weights, per-group scales + zero points) in bytes. Defaults: tinyinfer's format
     (quant/format.py), an fp16 scale and a uint8 zero point per group."""
     return num_params / 2, num_params / group_size * (scale_bytes + zero_bytes)
+
+
+def planned_int4(cfg: dict, group_size: int = 128, quantize_head: bool = False
+                 ) -> Optional[tuple[Int4Plan, int, int, str]]:
+    """(plan, INT4 bytes, bytes of the rest, their dtype) of what `tinyinfer.quantize` writes for the
+    checkpoint whose config.json is `cfg`; None when tinyinfer cannot build that model."""
+    try:
+        mc = ModelConfig.from_hf(cfg)
+    except (ConfigError, KeyError, TypeError):
+        return None
+    dtype = stored_dtype(mc)
+    model = build_model(mc, dtype, torch.device("meta"))          # shapes only, no memory
+    plan = plan_int4(model, group_size, quantize_head)
+    return (plan, *planned_bytes(model, plan), str(dtype).replace("torch.", ""))
 
 
 def count_params(s: Shape) -> int:

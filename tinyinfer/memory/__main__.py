@@ -12,8 +12,8 @@ import os
 from typing import Optional
 
 from tinyinfer.memory import (GB, Shape, checkpoint_params, count_params, int4_bytes, kv_bytes_per_token,
-                              kv_values_per_token_layer, own_kind, parse_count, read_config,
-                              shape_from_hf, weight_bytes)
+                              kv_values_per_token_layer, own_kind, parse_count, planned_int4,
+                              read_config, shape_from_hf, weight_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -29,15 +29,23 @@ def _count(n: float) -> str:
 
 
 def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtype_bytes: int,
-           group_size: int, params_source: str) -> str:
+           group_size: int, params_source: str, planned: Optional[tuple] = None) -> str:
     lines = []
     if num_params:
         packed, extra = int4_bytes(num_params, group_size)
         lines += [f"weights: {_count(num_params)} parameters ({params_source})",
-                  f"  fp16/bf16   {_gb(weight_bytes(num_params, 16))}",
-                  f"  int4        {_gb(packed)} packed + {_gb(extra)} for scales and zero points "
-                  f"(fp16 scale + uint8 zero per {group_size} weights: +{100 * extra / packed:.2f}%) "
-                  f"= {_gb(packed + extra)}"]
+                  f"  fp16/bf16   {_gb(weight_bytes(num_params, 16))}"]
+        if planned is None:          # every parameter at group_size: the chapter's estimate
+            lines.append(f"  int4        {_gb(packed)} packed + {_gb(extra)} for scales and zero "
+                         f"points (fp16 scale + uint8 zero per {group_size} weights: "
+                         f"+{100 * extra / packed:.2f}%) = {_gb(packed + extra)} (estimate: every "
+                         "parameter at this group size)")
+    if planned is not None:          # exactly what python -m tinyinfer.quantize writes
+        plan, int4, rest, dtype = planned
+        lines += [f"  int4        {_gb(int4)} INT4 + {_gb(rest)} kept in {dtype} (embedding, norms"
+                  f"{'' if plan.head_copy or 'lm_head' in plan.groups else ', lm_head'}) = "
+                  f"{_gb(int4 + rest)}: what `python -m tinyinfer.quantize --group-size {group_size}` "
+                  "writes", f"              {plan.summary()}"]
     if s is not None:
         tokens = context * batch
         mha = kv_bytes_per_token(s, "mha", dtype_bytes)
@@ -78,7 +86,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--context", type=parse_count, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (default 2)")
-    p.add_argument("--group-size", type=int, default=128, help="INT4 group size (default 128)")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
+                   help="INT4 group size (default 128)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="count lm_head in INT4 too, as `tinyinfer.quantize --quantize-head` does")
     a = p.parse_args(argv)
 
     cfg, on_disk = {}, None
@@ -116,7 +127,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         n, source = count_params(shape), "from the shape"
     else:
         n, source = 0, ""
-    print(report(shape, n, int(a.context), a.batch, a.dtype_bytes, a.group_size, source))
+    planned = planned_int4(cfg, a.group_size, a.quantize_head) if cfg else None
+    print(report(shape, n, int(a.context), a.batch, a.dtype_bytes, a.group_size, source, planned))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,38 @@ batch-16 decode step. This path gathers every sequence's K/V through its block t
 the longest context and masks (PagedAttention's block-table read, Kwon et al., SOSP 2023); sequences
 of very different lengths run as a few such batches of similar length. Same contract, tested against
 the reference (tests/test_paged_attention.py, tests/test_cuda_graphs.py).
+
+int4_linear: the reference unpacks and dequantizes the whole weight on every call. On a CPU each layer's
+weight is instead converted once and cached (keyed by its qweight tensor), in one of two forms:
+  * bfloat16 activations: PyTorch's own CPU INT4 matmul, `aten._weight_int4pack_mm_for_cpu` (the CPU
+    port of the "tinygemm" kernel; AVX-512 / AVX2 for bf16 -- its float32 path is scalar, slower than
+    the reference), on the weight repacked by `aten._convert_weight_to_int4pack_for_cpu`:
+        packed          uint8 (N, K/2)
+        scale_and_zero  bf16 (K/G, N, 2)      the kernel computes w = (q - 8) * scale + zero in fp32
+    Our zero conventions map onto it exactly in real numbers: an integer zero z gives
+    zero = (8 - z) * s, a float offset m (GGUF Q4_1) gives zero = 8 * s + m. The operands are
+    bfloat16, so scale and zero are rounded to 8 significant bits (our scales are fp16, 11) and y to
+    bf16 (as the reference rounds it for a bf16 model). Bound, per output (tests/test_quant_cpu.py checks
+    it against float64): |y - y_ref| <= 2^-8 * sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |y_ref|,
+    the weight-level error of bfloat16, far inside INT4's own rounding error (s / 2 per weight).
+    Memory: the 4-bit weights twice (kernel layout + this packing) and 4 bytes of scale/zero a group.
+  * float32 / float16 activations: the weight dequantized once to float32 -- the reference's own
+    values -- so y equals the reference bit for bit at float32 matmul speed, with float32 weight
+    memory. (No exact INT4 matmul exists on the CPU for float32; loading/weights.py therefore runs
+    INT4 models in bf16 on a CPU unless a dtype is asked for.)
 """
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from tinyinfer.ops import library
+from tinyinfer.quant.format import dequantize_kernel_layout, from_kernel_layout
 
 
 def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -120,7 +142,52 @@ def paged_attention_grouped(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     return out
 
 
+# qweight -> (scales, zeros, qweight version, converted weights): each layer converted once per form.
+_TINYGEMM: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_DEQUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cached(cache: WeakIdKeyDictionary, qweight: Tensor, scales: Tensor, zeros: Tensor,
+            convert: Callable[[], Any]) -> Any:
+    hit = cache.get(qweight)
+    if hit is not None and hit[0] is scales and hit[1] is zeros and hit[2] == qweight._version:
+        return hit[3]
+    value = convert()
+    cache[qweight] = (scales, zeros, qweight._version, value)
+    return value
+
+
+def tinygemm_weights(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The kernel-layout INT4 weight (quant/format.py) in the CPU kernel's packing, cached per layer:
+    -> (packed uint8 (N, K/2), scale_and_zero bf16 (K/G, N, 2))."""
+    def convert() -> tuple[Tensor, Tensor]:
+        q, s, z = from_kernel_layout(qweight, scales, zeros, k)        # (N, K), (N, K/G) x 2
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        s32 = s.float()
+        zero = 8 * s32 + z.float() if z.is_floating_point() else (8 - z.float()) * s32  # (N, K/G)
+        scale_and_zero = torch.stack([s32, zero], dim=-1).transpose(0, 1)             # (K/G, N, 2)
+        return packed, scale_and_zero.to(torch.bfloat16).contiguous()
+    return _cached(_TINYGEMM, qweight, scales, zeros, convert)
+
+
+def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                    group_size: int) -> Tensor:
+    # x (M, K) -> y (M, N) = x @ W.T; bf16: the CPU INT4 kernel, else the cached float32 weight
+    # (module docstring: both forms, the zero conventions, the error bound).
+    m, k = x.shape
+    if x.dtype != torch.bfloat16:
+        w = _cached(_DEQUANTIZED, qweight, scales, zeros,
+                    lambda: dequantize_kernel_layout(qweight, scales, zeros, k))      # (N, K) fp32
+        return (x.float() @ w.T).to(x.dtype)
+    packed, scale_and_zero = tinygemm_weights(qweight, scales, zeros, k)
+    if m == 0:
+        return x.new_empty(0, packed.shape[0])
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size,
+                                                     scale_and_zero)                  # (M, N) bf16
+
+
 @functools.cache
 def register_cpu_kernels() -> None:
-    """Register the batched paths for the `cpu` key of their ops (once per process)."""
+    """Register the CPU paths for the `cpu` key of their ops (once per process)."""
     library.paged_attention.register_kernel("cpu")(paged_attention_grouped)
+    library.int4_linear.register_kernel("cpu")(int4_linear_cpu)

@@ -3,10 +3,14 @@
 
 tinyinfer INT4 file: one .safetensors holding, under our module names (`layers.0.attn.qkv_proj`, ...),
 for each quantized linear the canonical tensors of quant/format.py (`.qweight` uint8 (N, K/2), `.scales`
-(N, K/G), `.zeros` uint8 (N, K/G), optionally `.perm` int64 (K) and `.bias`), and every other
-parameter as is (`embed_tokens.weight`, norms, `lm_head.weight`). Metadata: format "tinyinfer-int4",
-format_version, group_size, the Hugging Face config JSON under "config" and the quantized module
-names; so the file alone rebuilds the model (the tokenizer sits beside it).
+(N, K/G), `.zeros` (N, K/G), optionally `.perm` int64 (K) and `.bias`), and every other parameter as is
+(`embed_tokens.weight`, norms, `lm_head.weight`). Metadata: format "tinyinfer-int4", format_version,
+group_size (the one asked for; each layer's own is K / scales' columns: 128, 64 or 32, see
+quant/plan.py), the Hugging Face config JSON under "config" and the quantized module names; so the file
+alone rebuilds the model (the tokenizer sits beside it). Versions:
+    1   integer zero points: `.zeros` uint8, W = (q - z) * s
+    2   also float offsets: `.zeros` in the scales' dtype, W = q * s + z (GGUF Q4_1); written only
+        by files that hold such a layer, so version-1 readers keep reading the others
 
 GPTQ / AWQ (Hugging Face directories whose config.json has `quantization_config`), 4 bits only:
   GPTQ (AutoGPTQ):  qweight int32 (K/8, N) packed along K, nibble j of word i = k 8i + j;
@@ -30,10 +34,12 @@ from torch import Tensor, nn
 
 from tinyinfer.layers.linear import Int4Linear
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.quant.format import pack_nibbles, unpack_nibbles
+from tinyinfer.quant.format import GROUP_SIZES, pack_nibbles, unpack_nibbles
 
 FORMAT = "tinyinfer-int4"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1                 # integer zero points only
+FLOAT_ZEROS_VERSION = 2            # float-offset zeros (W = q * s + z) in some layer
+READ_VERSIONS = (FORMAT_VERSION, FLOAT_ZEROS_VERSION)
 _PARTS = (".qweight", ".scales", ".zeros", ".perm", ".bias")
 
 
@@ -54,10 +60,13 @@ def save_int4(model: nn.Module, path: str, hf_config: dict, group_size: int) -> 
     """Write a model converted by quant.quantize_model (or imported) as one self-describing file."""
     tensors: dict[str, Tensor] = {}
     quantized = []
+    version = FORMAT_VERSION
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
             quantized.append(name)
             q, s, z = module.canonical()
+            if z.is_floating_point():
+                version = FLOAT_ZEROS_VERSION
             tensors.update({f"{name}.qweight": pack_nibbles(q), f"{name}.scales": s, f"{name}.zeros": z})
             if module.perm is not None:
                 tensors[f"{name}.perm"] = module.perm
@@ -67,7 +76,7 @@ def save_int4(model: nn.Module, path: str, hf_config: dict, group_size: int) -> 
         if not any(name.startswith(q + ".") for q in quantized):
             tensors[name] = p.data
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "group_size": str(group_size),
+    meta = {"format": FORMAT, "format_version": str(version), "group_size": str(group_size),
             "config": json.dumps(hf_config), "quantized": json.dumps(quantized)}
     save_file(tensors, path, metadata=meta)
 
@@ -76,12 +85,11 @@ def load_int4(model: nn.Module, reader: ckpt.TensorReader, metadata: dict, dtype
               device: torch.device) -> None:
     """Fill `model` (built from the file's config) from a tinyinfer INT4 file, in place."""
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in [str(v) for v in READ_VERSIONS]:
         raise ckpt.CheckpointError(f"INT4 file has format_version {version!r}; this tinyinfer reads "
-                                   f"version {FORMAT_VERSION} (re-quantize with python -m tinyinfer.quantize)")
+                                   f"versions {READ_VERSIONS} (re-quantize with python -m tinyinfer.quantize)")
     try:
         quantized = json.loads(metadata.get("quantized", "[]"))
-        group_size = int(metadata.get("group_size", "0"))
     except ValueError as e:
         raise ckpt.CheckpointError(f"INT4 file metadata is malformed: {e}") from None
     used = set()
@@ -97,8 +105,14 @@ def load_int4(model: nn.Module, reader: ckpt.TensorReader, metadata: dict, dtype
         if tuple(q.shape) != (n, k) or s.shape[0] != n or k % max(s.shape[1], 1):
             raise ckpt.CheckpointError(f"INT4 tensors of {name} unpack to {tuple(q.shape)} with scales "
                                        f"{tuple(s.shape)}; the model expects weight ({n}, {k})")
-        if k // s.shape[1] != group_size:
-            raise ckpt.CheckpointError(f"{name} has group size {k // s.shape[1]}, metadata says {group_size}")
+        group_size = k // s.shape[1]
+        if group_size not in GROUP_SIZES or z.shape != s.shape:
+            raise ckpt.CheckpointError(f"{name} has {s.shape[1]} scale groups and zeros "
+                                       f"{tuple(z.shape)} for K={k}: group size {group_size} is not "
+                                       f"one of {GROUP_SIZES}, or zeros do not match the scales")
+        if z.is_floating_point() and version == str(FORMAT_VERSION):
+            raise ckpt.CheckpointError(f"{name} holds float-offset zeros, a format_version "
+                                       f"{FLOAT_ZEROS_VERSION} feature, in a version {version} file")
         perm = reader.get(f"{name}.perm") if f"{name}.perm" in reader else None
         bias = reader.get(f"{name}.bias") if f"{name}.bias" in reader else None
         layer = Int4Linear.from_quantized(q.to(device), s.to(device), z.to(device), group_size, dtype,
@@ -188,11 +202,12 @@ def load_gptq_awq(model: nn.Module, reader: ckpt.TensorReader, hf_config: dict, 
     qc = _quant_config(hf_config)
     awq = str(qc["quant_method"]).lower() == "awq"
     v1 = not awq and str(qc.get("checkpoint_format", "gptq")).lower() != "gptq_v2"
+    arch = getattr(getattr(model, "cfg", None), "architecture", None)
     done = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        sources = [s.rsplit(".", 1)[0] for s in ckpt.hf_sources(f"{name}.weight")]
+        sources = [s.rsplit(".", 1)[0] for s in ckpt.hf_sources(f"{name}.weight", arch)]
         if not all(f"{s}.qweight" in reader for s in sources):
             continue
         parts = []

@@ -1,5 +1,5 @@
 """The INT4 quantizer: round-to-nearest per group, with a per-group clipping search, and the model
-conversion that swaps nn.Linear for Int4Linear.
+conversion that swaps nn.Linear for Int4Linear (which linears, at which group size: quant/plan.py).
 
 Round-to-nearest with a min/max range per group of G input channels; the clipping search shrinks each
 group's range and keeps the one with the least reconstruction error, an activation-free variant of the
@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from tinyinfer.layers.linear import Int4Linear
-from tinyinfer.quant.format import GROUP_SIZES, TILE_N, check_shape
+from tinyinfer.quant.format import check_shape
+from tinyinfer.quant.plan import Int4Plan, plan_int4
 
 
 def _round_up_to(scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -87,31 +88,20 @@ def quantize_linear(linear: nn.Linear, group_size: int = 128, clip_search: bool 
     return Int4Linear.from_quantized(q, s, z, group_size, w.dtype, bias=b)
 
 
-def quantizable(name: str, module: nn.Module, group_size: int, quantize_head: bool) -> bool:
-    """Which linears become INT4: every nn.Linear whose shape the format allows, except the lm_head
-    unless asked (embedding and router are not nn.Linear and stay in the model dtype)."""
-    if not isinstance(module, nn.Linear) or (name.split(".")[-1] == "lm_head" and not quantize_head):
-        return False
-    n, k = module.weight.shape
-    return k % group_size == 0 and n % TILE_N == 0
-
-
 def quantize_model(model: nn.Module, group_size: int = 128, quantize_head: bool = False,
-                   clip_search: bool = True, progress: bool = False) -> list[str]:
-    """Replace the model's linears by Int4Linear in place; returns the names of the replaced modules.
+                   clip_search: bool = True, progress: bool = False) -> Int4Plan:
+    """Replace the model's linears by Int4Linear in place, as `plan_int4` says (quant/plan.py: the
+    group size falls back to 64 / 32 where G does not divide a layer's input width; a layer that fits
+    none stays dense, with a warning). Returns the plan (`.names`, `.summary()`).
 
-    A tied lm_head shares the embedding's tensor and is never quantized (the embedding stays dense)."""
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"INT4 group size {group_size} is not supported; use one of {GROUP_SIZES}")
-    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
-    names = [n for n, m in model.named_modules()
-             if quantizable(n, m, group_size, quantize_head and not tied)]
-    bar = names
+    A tied lm_head shares the embedding's tensor: with quantize_head it is quantized as a copy and the
+    embedding stays dense (the plan says so)."""
+    plan = plan_int4(model, group_size, quantize_head)
+    bar = plan.names
     if progress:
-        bar = tqdm(names, desc=f"quantizing to INT4 g{group_size}", unit="linear")
+        bar = tqdm(plan.names, desc=f"quantizing to INT4 g{group_size}", unit="linear")
     for name in bar:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_linear(getattr(parent, child), group_size, clip_search))
-    return names
-
+        setattr(parent, child, quantize_linear(getattr(parent, child), plan.groups[name], clip_search))
+    return plan
