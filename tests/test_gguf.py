@@ -150,3 +150,29 @@ def test_engine_tokenizer_is_the_files(llm, ckpt):
     assert (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, False)
     assert tok.chat_template == ckpt.chat_template
     assert llm.config.eos_token_ids == [2]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello! Who wrote Hamlet?"}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another one, in French: élan vital 🙂"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["one-turn", "multi-turn"])
+def test_chat_rendering_from_the_file_matches_transformers(llm, smollm2, messages):
+    # The file's template rendered by loading/chat.py vs transformers' apply_chat_template on the
+    # tokenizer it builds from the same file: the same text, and (no digits next to spaces here,
+    # where the two tokenizers differ by design: test_gguf_tokenizer.py) the same ids.
+    from transformers import AutoTokenizer
+    from tinyinfer.loading.chat import apply_chat_template, choose_template, render
+    folder, name = _hf_args(smollm2)
+    hf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    want_text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    tok = llm.tokenizer
+    assert render(choose_template(tok), messages, True, special_tokens=tok.special_tokens) == want_text
+    want_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          return_dict=False)
+    assert apply_chat_template(tok, messages) == list(want_ids)
