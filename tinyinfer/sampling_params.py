@@ -6,9 +6,26 @@ them is layers/sampler.py (temperature, top-k, top-p (Holtzman et al., 2020), mi
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
+from typing import Optional
+
+import torch
 
 MAX_LOGPROBS = 20    # top-N log-probabilities a request may ask for (OpenAI's API allows up to 20)
+SEED_RANGE = (-2**63, 2**63)     # seeds are 64-bit signed integers (the sampler keys on an int64)
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def as_int(x: object) -> Optional[int]:
+    """x as a Python int when it is an integer -- a Python int, a numpy integer or a 0-d integer torch
+    tensor -- but never a bool (True is not token 1); else None. Token ids are read through this."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and (x.dim() != 0 or x.dtype == torch.bool)):
+        return None
+    try:
+        return operator.index(x)       # numpy bools and floats refuse, as do float tensors
+    except TypeError:
+        return None
 
 
 @dataclass(slots=True)
@@ -30,14 +47,21 @@ class SamplingParams:
     skip_special_tokens: bool = True     # drop special tokens (BOS, <|im_end|>, ...) from the text
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the first invalid field (construction runs this; the engine runs it
+        again when a request arrives, since the fields stay assignable)."""
         def bad(field: str, value: object, want: str) -> ValueError:
-            return ValueError(f"SamplingParams.{field}={value!r} is invalid: {want}")
+            text = repr(value)
+            text = text if len(text) <= 80 else text[:77] + "..."
+            return ValueError(f"SamplingParams.{field}={text} is invalid: {want}")
 
         def is_int(x: object) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        def is_real(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+        def is_real(x: object) -> bool:           # an int too large for a float is not one
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= _FLOAT_MAX
 
         if not is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise bad("temperature", self.temperature, "use a finite number >= 0 (0 means greedy)")
@@ -50,20 +74,22 @@ class SamplingParams:
         rp = self.repetition_penalty
         if not is_real(rp) or not math.isfinite(rp) or rp <= 0:
             raise bad("repetition_penalty", rp, "use a finite number > 0 (1 turns it off)")
-        if self.seed is not None and not is_int(self.seed):
-            raise bad("seed", self.seed, "use an integer or None")
+        if self.seed is not None and (not is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise bad("seed", self.seed, "use None or an integer of 64 bits, in [-2**63, 2**63)")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, "use an integer >= 1")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
-            if not all(isinstance(s, str) and s for s in self.stop):
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
                 raise bad("stop", self.stop, "use a non-empty string or a list of non-empty strings")
             self.stop = list(self.stop)
         if self.stop_token_ids is not None:
-            if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            given = self.stop_token_ids
+            ids = [as_int(t) for t in given] if isinstance(given, (list, tuple)) else [None]
+            if any(t is None or t < 0 for t in ids):
                 raise bad("stop_token_ids", self.stop_token_ids, "use a list of token ids >= 0")
-            self.stop_token_ids = list(self.stop_token_ids)
+            self.stop_token_ids = ids
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", self.ignore_eos, "use True or False")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:

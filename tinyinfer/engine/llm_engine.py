@@ -12,6 +12,8 @@ continuously batched step over every live request (Yu et al., "Orca", OSDI 2022)
             print(delta.request_id, delta.new_text, delta.finish_reason)
     engine.abort(rid)      # frees its KV blocks at once; no-op (False) for unknown / finished ids
 
+Thread safety: add_request, abort, step, has_unfinished and logits take the engine's lock
+(engine/locking.py), so calls from several threads run one at a time, never inside each other's step.
 Requests added between two steps join the running batch at the next step. A request that fails inside
 the engine (NaN logits) ends alone with finish_reason "error"; the others continue. With speculative
 decoding a step runs two passes: the verify pass of the decodes, then the prefill chunks. Options
@@ -30,6 +32,7 @@ import torch
 
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
+from tinyinfer.engine.locking import serialized_calls
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
 from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
@@ -42,6 +45,7 @@ from tinyinfer.layers.sampler import process_logits, sample, token_logprobs
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
+from tinyinfer.loading.validate import resolve_device
 from tinyinfer.loading.weights import check_quant, choose_dtype, has_int4_weights
 from tinyinfer.sampling_params import SamplingParams
 
@@ -52,10 +56,7 @@ class _Request:
     text: TextStream
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
+@serialized_calls("add_request", "abort", "step", "has_unfinished", "logits")
 class LLMEngine:
     def __init__(self, path: str, device: Optional[str] = None, dtype: Optional[str] = None,
                  quant: Optional[str] = None, draft: Optional[str] = None, speculate_k: int = 4,
@@ -66,9 +67,7 @@ class LLMEngine:
         check_quant(quant, group_size)
         check_speculate_k(speculate_k)
         check_limits(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-        self.device = torch.device(device or default_device())
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+        self.device = resolve_device(device)           # ValueError: unknown or absent device
         self.verbose = verbose
         files = ckpt.locate(path)
         self.config = ModelConfig.from_hf(files.config, files.generation_config)

@@ -1,36 +1,90 @@
 """A request at the engine's door: its prompt turned into token ids and checked against what the model
 and the KV pool can hold, so a request that cannot run is refused with a RequestError naming the
 problem before it takes a slot in the batch (continuous batching, Yu et al., "Orca", OSDI 2022).
+
+Everything a caller hands in is checked here, per request, so one bad request never fails the others:
+the prompt (text, or token ids given as Python / numpy / torch integers -- never bools, floats, None or
+nested lists), the SamplingParams (again: its fields stay assignable after construction), the ids
+against the vocabulary, and prompt + max_tokens against the context and the whole KV pool.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Sequence, Union
+
+import numpy as np
+import torch
 
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.sequence import RequestError
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
-from tinyinfer.sampling_params import SamplingParams
+from tinyinfer.sampling_params import SamplingParams, as_int
 
-Prompt = Union[str, list[int]]
-
-
-def prompt_ids(prompt: Prompt, tokenizer: Tokenizer) -> list:
-    """Text is tokenized (BOS as the checkpoint says); a list of ids is taken as given."""
-    if prompt == "":
-        raise RequestError("empty prompt: give at least one token or character")
-    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+# Text, or token ids: a list / tuple of integers, or a 1-D integer numpy array or torch tensor.
+Prompt = Union[str, Sequence[int], np.ndarray, torch.Tensor]
 
 
-def validate_request(ids: list, params: SamplingParams, config: ModelConfig, blocks: BlockManager) -> None:
-    """RequestError unless the prompt is non-empty, in the vocabulary, and prompt + max_tokens fits the
-    model's context and the whole KV pool."""
+def _describe(x: object) -> str:
+    text = repr(x)
+    return f"{text if len(text) <= 40 else text[:37] + '...'} ({type(x).__name__})"
+
+
+def is_single_prompt(prompts: object) -> bool:
+    """Whether LLM.generate was handed one prompt rather than a list of them: text, a 1-D array, or a
+    list / tuple whose first item is a token id. Anything else that is not a list, tuple or 2-D array
+    counts as one (malformed) prompt, refused on its own."""
+    if isinstance(prompts, (np.ndarray, torch.Tensor)):
+        return prompts.ndim != 2
+    if isinstance(prompts, (list, tuple)):
+        return bool(prompts) and as_int(prompts[0]) is not None
+    return True
+
+
+def prompt_ids(prompt: Prompt, tokenizer: Tokenizer) -> list[int]:
+    """Text is tokenized (BOS as the checkpoint says); token ids are taken as given, as Python ints.
+    RequestError for anything else, naming what was seen."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise RequestError("empty prompt: give at least one token or character")
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        if prompt.ndim != 1:
+            raise RequestError(f"a prompt array must be 1-D (token ids), got shape {tuple(prompt.shape)}")
+        items = list(prompt)          # numpy scalars / 0-d tensors, each checked below
+    elif isinstance(prompt, (list, tuple)):
+        items = prompt
+    else:
+        hint = "; decode bytes to str first" if isinstance(prompt, (bytes, bytearray)) else ""
+        raise RequestError(f"a prompt must be text (str) or a list of token ids, got {_describe(prompt)}"
+                           f"{hint}")
+    ids = [as_int(t) for t in items]
+    bad = next((i for i, t in enumerate(ids) if t is None), None)
+    if bad is not None:
+        raise RequestError(f"prompt item {bad} is {_describe(items[bad])}, not a token id: give integers "
+                           "(Python, numpy or torch; not bools)")
+    return ids
+
+
+def validate_request(ids: list[int], params: SamplingParams, config: ModelConfig,
+                     blocks: BlockManager) -> None:
+    """RequestError unless the params are valid, the prompt is non-empty and in the vocabulary, and
+    prompt + max_tokens fits the model's context and the whole KV pool."""
     limit, vocab = config.max_context, config.vocab_size
+    if not isinstance(params, SamplingParams):
+        raise RequestError(f"sampling params must be a SamplingParams, got {_describe(params)}")
+    try:
+        params.validate()
+    except ValueError as err:
+        raise RequestError(str(err)) from None
     if not ids:
         raise RequestError("empty prompt: give at least one token or character")
-    bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
-        raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+    bad = next((t for t in params.stop_token_ids or [] if t >= vocab), None)
+    if bad is not None:
+        raise RequestError(f"SamplingParams.stop_token_ids holds {bad}, outside the vocabulary "
+                           f"[0, {vocab}): it could never stop the request")
     total = len(ids) + params.max_tokens
     if total > limit:
         raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "

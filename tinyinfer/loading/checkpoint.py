@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -116,10 +116,14 @@ class TensorReader:
         for f in files:
             try:
                 handle = safe_open(f, framework="pt")
-                for name in handle.keys():
-                    self.where[name] = f
+                names = list(handle.keys())
             except Exception as e:
                 raise CheckpointError(f"cannot read {f}: {e} (truncated or corrupt?)") from None
+            for name in names:
+                if name in self.where:           # two shards holding one tensor: which one is meant?
+                    raise CheckpointError(f"tensor {name} is in both {self.where[name]} and {f}; "
+                                          "remove the stale copy")
+                self.where[name] = f
             self._handles[f] = handle
 
     def __contains__(self, name: str) -> bool:
@@ -136,6 +140,10 @@ class TensorReader:
 
     def shape(self, name: str) -> list[int]:
         return list(self._handles[self.where[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype, as safetensors names it (F32, BF16, I8, ...), without reading the data."""
+        return self._handles[self.where[name]].get_slice(name).get_dtype()
 
 
 def hf_name(name: str, arch: Optional[str] = None) -> str:
@@ -158,11 +166,19 @@ def hf_sources(name: str, arch: Optional[str] = None) -> list[str]:
     return [hf_name(name, arch)]
 
 
-def _benign_extra(name: str, num_layers: int, tied: bool) -> bool:
+def mtp_layers(names: Iterable[str], num_layers: int, num_mtp: int) -> set[int]:
+    """DeepSeek-V3's multi-token-prediction layers: the indices num_layers .. num_layers + num_mtp - 1
+    that hold an eh_proj (the MTP block's own projection). The model does not run them."""
+    names = list(names)
+    return {i for i in range(num_layers, num_layers + num_mtp)
+            if any(f"layers.{i}.eh_proj." in n for n in names)}
+
+
+def _benign_extra(name: str, tied: bool, mtp: set[int]) -> bool:
     if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
         return True
-    parts = name.split(".")    # DeepSeek multi-token-prediction layers sit past the last layer
-    return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= num_layers
+    parts = name.split(".")    # any other layer past the last is unexpected: config and weights disagree
+    return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) in mtp
 
 
 def load_weights(model: torch.nn.Module, reader: TensorReader, num_layers: int, tied: bool,
@@ -198,7 +214,8 @@ def load_weights(model: torch.nn.Module, reader: TensorReader, num_layers: int, 
                 param.data[row:row + shape[0]].copy_(t.to(device=device, dtype=param.dtype))
                 row += shape[0]
         used.update(sources)
-    extra = sorted(n for n in reader.where if n not in used and not _benign_extra(n, num_layers, tied))
+    mtp = mtp_layers(reader.where, num_layers, getattr(getattr(model, "cfg", None), "num_mtp_layers", 0))
+    extra = sorted(n for n in reader.where if n not in used and not _benign_extra(n, tied, mtp))
     if extra:
         raise CheckpointError(f"checkpoint holds {len(extra)} tensor(s) the model does not use, "
                               f"e.g. {extra[0]} (wrong architecture or config?)")

@@ -12,11 +12,17 @@ from typing import Any, Optional
 
 import torch
 
+from tinyinfer.loading.config_fields import (MAX_COUNT, MAX_DIM, MAX_POSITIONS, check_bool, check_int,
+                                             check_number, get, read_bool, read_dict, read_int,
+                                             read_token_ids, show)
 from tinyinfer.loading.errors import ConfigError
 from tinyinfer.loading.families import (DEFAULT_THETA, MLA_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
                                         family_fields, head_dim)
 
 __all__ = ["ConfigError", "ModelConfig", "parse_dtype"]
+# Our field names that config.json spells differently.
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "half": torch.float16, "float": torch.float32}
@@ -76,15 +82,39 @@ class ModelConfig:
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     sparse_layers: Optional[list[int]] = None    # MoE layers listed (Qwen3-MoE, Mixtral), else the rule
+    num_mtp_layers: int = 0                      # DeepSeek-V3's multi-token-prediction layers (unused)
     max_context: int = 0                         # usable context (derived: window-limited)
     notes: list[str] = field(default_factory=list)  # messages for the user (e.g. window limit)
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        # Every field by its config.json name, type and range (config_fields.py): refused by name.
+        for name, maximum in (("vocab_size", MAX_DIM), ("hidden_size", MAX_DIM),
+                              ("intermediate_size", MAX_DIM), ("num_layers", MAX_COUNT),
+                              ("num_heads", MAX_COUNT), ("num_kv_heads", MAX_COUNT),
+                              ("head_dim", MAX_DIM), ("max_position_embeddings", MAX_POSITIONS)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+            if value is None:
+                raise ConfigError(f"config field {HF_NAMES.get(name, name)} is missing; config.json "
+                                  "must give it")
+            check_int(HF_NAMES.get(name, name), value, 1, maximum)
+        for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_shared_experts",
+                     "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace",
+                     "num_mtp_layers"):
+            check_int(name, getattr(self, name), 0, MAX_DIM)
+        check_int("n_routed_experts", self.n_routed_experts, 0, MAX_COUNT)
+        for name in ("moe_layer_freq", "n_group", "topk_group"):
+            check_int(name, getattr(self, name), 1, MAX_COUNT)
+        for name in ("sliding_window", "kv_lora_rank", "q_lora_rank"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1, MAX_DIM)
+        for name in ("tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm", "mlp_bias",
+                     "rope_interleave", "norm_topk_prob"):
+            check_bool(name, getattr(self, name))
+        self.rms_norm_eps = check_number("rms_norm_eps", self.rms_norm_eps, 0.0, 1.0)
+        self.rope_theta = check_number("rope_theta", self.rope_theta, 0.0)
+        self.routed_scaling_factor = check_number("routed_scaling_factor", self.routed_scaling_factor, 0.0)
+        self.eos_token_ids = read_token_ids("eos_token_id", self.eos_token_ids, self.vocab_size)
+        read_token_ids("bos_token_id", self.bos_token_id, self.vocab_size)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_kv_heads})")
@@ -136,56 +166,49 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any], generation_config: Optional[dict] = None) -> "ModelConfig":
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(cfg).__name__} "
+                              f"{show(cfg)}")
+        gen = generation_config if generation_config is not None else {}
+        if not isinstance(gen, dict):
+            raise ConfigError(f"generation_config.json must hold a JSON object, got {show(gen)}")
         archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(f"config field 'architectures' is {arch!r}; tinyinfer runs "
+        arch = archs[0] if isinstance(archs, list) else archs
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"config field 'architectures' is {show(arch)}; tinyinfer runs "
                               f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
-        rope = dict(cfg.get("rope_parameters") or {})        # transformers v5 layout
-        legacy = cfg.get("rope_scaling")
-        if legacy:
-            rope.update(legacy)
-        theta = rope.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA.get(arch, 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        mla = arch in MLA_ARCHITECTURES
-        if rope_type not in ("default", "llama3") and not (mla and rope_type == "yarn"):
-            raise ConfigError(f"config field rope_scaling.rope_type is {rope_type!r}; tinyinfer "
-                              "supports 'default' and 'llama3' for Llama-family models, 'default' "
-                              "and 'yarn' for DeepSeek")
-        if rope_type == "yarn":
-            if "factor" not in rope:
-                raise ConfigError("config field rope_scaling lacks 'factor' for rope_type yarn")
-            rope.setdefault("original_max_position_embeddings",
-                            cfg.get("max_position_embeddings", 2048))
-        if rope_type == "llama3":
-            for key in ("factor", "low_freq_factor", "high_freq_factor",
-                        "original_max_position_embeddings"):
-                if key not in rope:
-                    raise ConfigError(f"config field rope_scaling lacks {key!r} for rope_type llama3")
-        n_heads = cfg["num_attention_heads"]
+        # The fields the family parsers compute with, first: a wrong type is refused by name.
+        vocab = read_int(cfg, "vocab_size")
+        read_int(cfg, "hidden_size")
+        read_int(cfg, "num_hidden_layers", maximum=MAX_COUNT)
+        n_heads = read_int(cfg, "num_attention_heads", maximum=MAX_COUNT)
+        rope = rope_parameters(cfg)
+        theta = rope.get("rope_theta", get(cfg, "rope_theta", DEFAULT_THETA.get(arch, 10000.0)))
+        rope_type = rope.get("rope_type", "default")
+        check_rope(rope, rope_type, arch in MLA_ARCHITECTURES, get(cfg, "max_position_embeddings", 2048))
         extra = family_fields(cfg, arch)             # families.py: what this architecture adds
         extra.setdefault("head_dim", head_dim(cfg, arch))
         extra.setdefault("intermediate_size", cfg.get("intermediate_size"))
-        eos = cfg.get("eos_token_id")
-        if generation_config and generation_config.get("eos_token_id") is not None:
-            eos = generation_config["eos_token_id"]
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16").replace("torch.", "")
-        bos = cfg.get("bos_token_id", 1)
-        if generation_config and generation_config.get("bos_token_id") is not None:
-            bos = generation_config["bos_token_id"]
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"config field hidden_act is {cfg['hidden_act']!r}; only 'silu' "
+        eos = gen["eos_token_id"] if gen.get("eos_token_id") is not None else cfg.get("eos_token_id")
+        bos = gen["bos_token_id"] if gen.get("bos_token_id") is not None else cfg.get("bos_token_id", 1)
+        key = "dtype" if cfg.get("dtype") is not None else "torch_dtype"
+        dtype = str(get(cfg, key, "bfloat16")).replace("torch.", "")
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise ConfigError(f"config field {key} must name a floating-point dtype (bfloat16, "
+                              f"float16, float32), got {show(cfg.get(key))}")
+        if get(cfg, "hidden_act", "silu") != "silu":
+            raise ConfigError(f"config field hidden_act is {show(cfg['hidden_act'])}; only 'silu' "
                               "(SwiGLU) is supported")
         return ModelConfig(
-            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=n_heads, num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            vocab_size=vocab, hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=n_heads, num_kv_heads=read_int(cfg, "num_key_value_heads", n_heads, maximum=MAX_COUNT),
+            rms_norm_eps=get(cfg, "rms_norm_eps", 1e-6), rope_theta=theta,
             rope_scaling=rope if rope_type != "default" else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=bos, eos_token_ids=eos_ids, dtype=dtype, architecture=arch, **extra)
+            max_position_embeddings=get(cfg, "max_position_embeddings", 2048),
+            tie_word_embeddings=read_bool(cfg, "tie_word_embeddings"), bos_token_id=bos,
+            eos_token_ids=read_token_ids("eos_token_id", eos, vocab), dtype=dtype,
+            architecture=arch, **extra)
 
     @staticmethod
     def from_dir(path: str) -> "ModelConfig":
@@ -198,3 +221,47 @@ class ModelConfig:
                 gen = json.load(f)
         return ModelConfig.from_hf(cfg, gen)
 
+
+def rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """RoPE parameters from transformers v5's rope_parameters and the legacy rope_scaling (v4, its type
+    under "type" or "rope_type"), merged: the legacy field's scaling applies over v5's default
+    parameters; a value the two give differently is a ConfigError, never one of them dropped."""
+    rope, legacy = read_dict(cfg, "rope_parameters"), read_dict(cfg, "rope_scaling")
+    for key, d in (("rope_parameters", rope), ("rope_scaling", legacy)):
+        if "type" in d:
+            kind = d.pop("type")
+            if d.setdefault("rope_type", kind) != kind:
+                raise ConfigError(f"config field {key} gives type {show(kind)} and rope_type "
+                                  f"{show(d['rope_type'])}; keep one")
+    if rope.get("rope_type") == "default" and legacy.get("rope_type", "default") != "default":
+        del rope["rope_type"]                 # the legacy field scales v5's default parameters
+    clash = next((k for k in legacy if k in rope and rope[k] != legacy[k]), None)
+    if clash is not None:
+        raise ConfigError(f"config fields rope_scaling and rope_parameters disagree on {clash} "
+                          f"({show(legacy[clash])} vs {show(rope[clash])}); keep one of them")
+    return {**rope, **legacy}
+
+
+def check_rope(rope: dict[str, Any], rope_type: Any, mla: bool, max_positions: Any) -> None:
+    """The RoPE variant is one tinyinfer runs and its parameters are in range (each by name)."""
+    if rope_type not in ("default", "llama3") and not (mla and rope_type == "yarn"):
+        raise ConfigError(f"config field rope_scaling.rope_type is {show(rope_type)}; tinyinfer "
+                          "supports 'default' and 'llama3' for Llama-family models, 'default' "
+                          "and 'yarn' for DeepSeek")
+    need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings"), "yarn": ("factor",)}.get(rope_type, ())
+    for key in need:
+        if key not in rope:
+            raise ConfigError(f"config field rope_scaling lacks {key!r} for rope_type {rope_type}")
+    if rope_type == "yarn":
+        rope.setdefault("original_max_position_embeddings", max_positions)
+        for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):
+            if rope.get(key) is not None:
+                check_number(f"rope_scaling.{key}", rope[key], 0.0, low_open=not key.startswith("mscale"))
+    if rope_type in ("llama3", "yarn"):
+        check_number("rope_scaling.factor", rope["factor"], 1.0, low_open=False)
+        check_int("rope_scaling.original_max_position_embeddings",
+                  rope["original_max_position_embeddings"], 1, MAX_POSITIONS)
+    if rope_type == "llama3":                 # the blend divides by high - low and by low
+        low = check_number("rope_scaling.low_freq_factor", rope["low_freq_factor"], 0.0)
+        check_number("rope_scaling.high_freq_factor", rope["high_freq_factor"], low)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from tinyinfer.loading.config_fields import MAX_COUNT, check_int, read_bool, read_int
 from tinyinfer.loading.errors import ConfigError
 
 LLAMA_LIKE = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
@@ -33,15 +34,6 @@ MLA_ARCHITECTURES = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
 # rope_theta when config.json gives none (transformers' per-class default_theta)
 DEFAULT_THETA = {"MixtralForCausalLM": 1_000_000.0}
 LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def _int(cfg: dict, key: str, default: Any = None, minimum: int = 1) -> int:
-    value = cfg.get(key, default)
-    if value is None:
-        value = default
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"config field {key} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def head_dim(cfg: dict[str, Any], arch: str) -> int:
@@ -56,9 +48,7 @@ def head_dim(cfg: dict[str, Any], arch: str) -> int:
 def _sliding_window(cfg: dict[str, Any], per_layer: bool) -> Optional[int]:
     """Qwen's window: only with use_sliding_window, and only if some layer uses it (layer_types, else
     layers from max_window_layers on when `per_layer`, else every layer)."""
-    use = cfg.get("use_sliding_window", False)
-    if not isinstance(use, bool):
-        raise ConfigError(f"config field use_sliding_window must be true or false, got {use!r}")
+    use = read_bool(cfg, "use_sliding_window")
     layers = cfg["num_hidden_layers"]
     types = cfg.get("layer_types")
     if types is not None:
@@ -69,11 +59,11 @@ def _sliding_window(cfg: dict[str, Any], per_layer: bool) -> Optional[int]:
     window = cfg.get("sliding_window") if use else None
     if window is None:
         return None
-    window = _int(cfg, "sliding_window")
+    window = check_int("sliding_window", window)
     if types is not None:
         sliding = [t == "sliding_attention" for t in types]
     elif per_layer:
-        first = _int(cfg, "max_window_layers", 28, minimum=0)
+        first = read_int(cfg, "max_window_layers", 28, minimum=0)
         sliding = [i >= first for i in range(layers)]
     else:
         sliding = [True] * layers
@@ -81,8 +71,7 @@ def _sliding_window(cfg: dict[str, Any], per_layer: bool) -> Optional[int]:
 
 
 def _llama(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
-    return {"attention_bias": bool(cfg.get("attention_bias", False)),
-            "mlp_bias": bool(cfg.get("mlp_bias", False))}
+    return {"attention_bias": read_bool(cfg, "attention_bias"), "mlp_bias": read_bool(cfg, "mlp_bias")}
 
 
 def _mistral(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -90,17 +79,17 @@ def _mistral(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
         raise ConfigError("config field layer_types gives a Mistral model per-layer attention types "
                           "(a Ministral-style model); tinyinfer runs MistralForCausalLM with one "
                           "sliding_window for every layer")
-    window = cfg.get("sliding_window", 4096)
-    return {"sliding_window": None if window is None else _int(cfg, "sliding_window")}
+    window = cfg.get("sliding_window", 4096)             # null: no window
+    return {"sliding_window": None if window is None else check_int("sliding_window", window)}
 
 
 def _mixtral(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
-    experts = _int(cfg, "num_local_experts", cfg.get("num_experts", 8))
+    experts = read_int(cfg, "num_local_experts", cfg.get("num_experts", 8), maximum=MAX_COUNT)
     window = cfg.get("sliding_window")
-    return {"sliding_window": None if window is None else _int(cfg, "sliding_window"),
+    return {"sliding_window": None if window is None else check_int("sliding_window", window),
             "n_routed_experts": experts,
-            "num_experts_per_tok": _int(cfg, "num_experts_per_tok", 2),
-            "moe_intermediate_size": _int(cfg, "intermediate_size"),
+            "num_experts_per_tok": read_int(cfg, "num_experts_per_tok", 2),
+            "moe_intermediate_size": read_int(cfg, "intermediate_size"),
             "norm_topk_prob": True,                   # Mixtral always renormalises the top k
             "sparse_layers": list(range(cfg["num_hidden_layers"]))}
 
@@ -113,24 +102,25 @@ def _qwen2(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
 
 
 def _qwen3(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
-    return {"qk_norm": True, "attention_bias": bool(cfg.get("attention_bias", False)),
+    return {"qk_norm": True, "attention_bias": read_bool(cfg, "attention_bias"),
             "sliding_window": _sliding_window(cfg, per_layer=arch == "Qwen3ForCausalLM")}
 
 
 def _qwen3_moe(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
     out = _qwen3(cfg, arch)
     layers = cfg["num_hidden_layers"]
-    experts = _int(cfg, "num_experts", cfg.get("num_local_experts", 128), minimum=0)
-    step = _int(cfg, "decoder_sparse_step", 1)
+    experts = read_int(cfg, "num_experts", cfg.get("num_local_experts", 128), 0, MAX_COUNT)
+    step = read_int(cfg, "decoder_sparse_step", 1)
     dense = cfg.get("mlp_only_layers") or []
-    if not isinstance(dense, list) or any(not isinstance(i, int) or not 0 <= i < layers for i in dense):
+    if not isinstance(dense, list) or any(not isinstance(i, int) or isinstance(i, bool)
+                                          or not 0 <= i < layers for i in dense):
         raise ConfigError(f"config field mlp_only_layers must list layer indices in [0, {layers}), "
                           f"got {dense!r}")
     sparse = [i for i in range(layers) if experts > 0 and (i + 1) % step == 0 and i not in dense]
     out.update(n_routed_experts=experts, sparse_layers=sparse,
-               num_experts_per_tok=_int(cfg, "num_experts_per_tok", 8),
-               moe_intermediate_size=_int(cfg, "moe_intermediate_size", 768),
-               norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
+               num_experts_per_tok=read_int(cfg, "num_experts_per_tok", 8),
+               moe_intermediate_size=read_int(cfg, "moe_intermediate_size", 768),
+               norm_topk_prob=read_bool(cfg, "norm_topk_prob"))
     if "intermediate_size" not in cfg:
         if len(sparse) < layers:
             raise ConfigError("config field intermediate_size is missing; the dense MLP layers of "
@@ -148,11 +138,9 @@ def _deepseek(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
                           "checkpoint to bf16 first (DeepSeek's inference/fp8_cast_bf16.py) and drop "
                           "quantization_config from config.json")
     for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            raise ConfigError(f"config field {key} must be a positive integer for {arch}, "
-                              f"got {cfg.get(key)!r}")
+        check_int(key, cfg.get(key))                   # required for MLA: a positive integer
     v3 = arch == "DeepseekV3ForCausalLM"
-    top_k = cfg.get("num_experts_per_tok") or 0
+    top_k = read_int(cfg, "num_experts_per_tok", 0, minimum=0)
     return dict(
         _llama(cfg, arch),
         head_dim=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"],
@@ -160,7 +148,7 @@ def _deepseek(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
         qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
         v_head_dim=cfg["v_head_dim"],
         # HF's V2 code always pairs (2i, 2i+1); V3 does unless rope_interleave is false.
-        rope_interleave=bool(cfg.get("rope_interleave", True)) if v3 else True,
+        rope_interleave=read_bool(cfg, "rope_interleave", True) if v3 else True,
         n_routed_experts=cfg.get("n_routed_experts") or 0,
         n_shared_experts=cfg.get("n_shared_experts") or 0,
         num_experts_per_tok=top_k,
@@ -171,8 +159,11 @@ def _deepseek(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
         topk_method=cfg.get("topk_method", "noaux_tc" if v3 else "greedy"),
         n_group=cfg.get("n_group") or 1, topk_group=cfg.get("topk_group") or 1,
         # V2 renormalises the top-k weights only when k > 1 (and then does not scale them)
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) and (v3 or top_k > 1),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)))
+        norm_topk_prob=read_bool(cfg, "norm_topk_prob") and (v3 or top_k > 1),
+        routed_scaling_factor=cfg.get("routed_scaling_factor", 1.0),
+        # DeepSeek-V3's multi-token-prediction layers follow the last layer in the checkpoint; the
+        # model does not run them (as transformers does not), so their tensors are expected, unused.
+        num_mtp_layers=read_int(cfg, "num_nextn_predict_layers", 0, minimum=0, maximum=MAX_COUNT))
 
 
 _PARSERS = {"LlamaForCausalLM": _llama, "MistralForCausalLM": _mistral,

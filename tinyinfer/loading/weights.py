@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.loading import gguf_weights
+from tinyinfer.loading import gguf_weights, validate
 from tinyinfer.loading.config import ModelConfig, parse_dtype
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.quant.format import GROUP_SIZES
@@ -64,11 +64,14 @@ def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype
     `group_size` (quant/plan.py): then every linear still dense is quantized, a GGUF file's
     dequantized ones included)."""
     check_quant(quant)
+    gguf = files.gguf is not None
+    reader = gguf_weights.GGUFReader(files.gguf) if gguf else ckpt.TensorReader(files.weight_files)
+    # config.json against the tensors (layers, shapes, dtypes) and memory, before allocating.
+    validate.check_checkpoint(cfg, reader, dtype, device, our_names=is_int4_file(files.metadata))
     model = build_model(cfg, dtype, device)
     # A progress bar for checkpoints over 1 GiB.
     progress = sum(p.numel() for p in model.parameters()) * dtype.itemsize > (1 << 30)
-    if files.gguf is not None:
-        reader = gguf_weights.GGUFReader(files.gguf)
+    if gguf:
         replaced = gguf_weights.load_int4_linears(model, reader, dtype, device)
         say(gguf_weights.summary(reader, replaced, dtype))
         ckpt.load_weights(model, reader, cfg.num_layers, cfg.tie_word_embeddings, dtype, device,
@@ -76,7 +79,6 @@ def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype
         if quant == "int4":
             say(quantize_model(model, group_size, progress=progress).summary())
         return model
-    reader = ckpt.TensorReader(files.weight_files)
     if is_int4_file(files.metadata):
         load_int4(model, reader, files.metadata, dtype, device)
         return model
