@@ -5,8 +5,10 @@
     outs = llm.generate(["ROMEO:", "JULIET:"], SamplingParams(temperature=0.0, max_tokens=64))
     outs = llm.chat([{"role": "user", "content": "Hi"}])      # checkpoints with a chat template
 
-Every request of a `generate` call runs as one continuously batched workload; a bad request ends with
-finish_reason "error" (and its RequestError) while the others finish normally.
+Every request of a `generate` call runs as one continuously batched workload; a bad request (a
+malformed prompt or SamplingParams included) ends with finish_reason "error" (and its RequestError)
+while the others finish normally. Several threads may share one LLM: `generate`, `chat` and `logits`
+hold the engine's lock for the whole call (engine/locking.py), so concurrent calls run one after another.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from typing import Callable, Optional, Sequence as Seq, Union
 import torch
 
 from tinyinfer.engine.llm_engine import LLMEngine
-from tinyinfer.engine.request import Prompt
+from tinyinfer.engine.locking import engine_lock
+from tinyinfer.engine.request import Prompt, is_single_prompt, prompt_ids
 from tinyinfer.engine.output import RequestDelta, RequestOutput
 from tinyinfer.engine.sequence import RequestError
 from tinyinfer.loading.chat import apply_chat_template
@@ -49,19 +52,23 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """One teacher-forced forward over `token_ids` (used exactly as given): (len, vocab) float32."""
-        return self.engine.logits(token_ids)
+        with engine_lock(self.engine):
+            return self.engine.logits(token_ids)
 
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  params: Union[SamplingParams, Seq[SamplingParams], None] = None,
                  on_token: Optional[Callable[[RequestDelta], None]] = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in prompt order. `on_token` is called
-        with each step's RequestDelta of every request (streaming)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
+        with each step's RequestDelta of every request (streaming). Holds the engine's lock throughout."""
+        prompts = [prompts] if is_single_prompt(prompts) else list(prompts)
+        params = SamplingParams() if params is None else params
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        with engine_lock(self.engine):
+            return self._generate(prompts, plist, on_token)
+
+    def _generate(self, prompts: list, plist: list, on_token) -> list[RequestOutput]:
         engine = self.engine
         outputs: list[RequestOutput] = []
         live: dict[str, RequestOutput] = {}
@@ -71,7 +78,7 @@ class LLM:
             try:
                 rid = engine.add_request(prompt, sp)
             except RequestError as err:
-                out.prompt_token_ids = list(prompt) if not isinstance(prompt, str) else []
+                out.prompt_token_ids = _given_ids(prompt)
                 out.finish_reason, out.error = "error", err
                 continue
             out.prompt_token_ids = list(engine.requests[rid].seq.prompt_ids)
@@ -121,3 +128,13 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _given_ids(prompt: Prompt) -> list[int]:
+    """The token ids of a refused prompt, when it was given as valid ids (else [])."""
+    if isinstance(prompt, str):
+        return []
+    try:
+        return prompt_ids(prompt, None)
+    except RequestError:
+        return []
