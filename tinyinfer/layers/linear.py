@@ -1,7 +1,8 @@
 """Linear layers: the dense nn.Linear the checkpoint fills, and `Int4Linear`, a weight-only INT4 linear
 whose weights stay 4-bit in memory and are dequantized inside the matmul (`ops.int4_linear`: the
 tensor-core GEMV on a GPU). Weight-only quantization as in GPTQ (Frantar et al., 2023) and AWQ (Lin et
-al., 2024); the format and its layouts are tinyinfer/quant/format.py.
+al., 2024); the format and its layouts are tinyinfer/quant/format.py. `ConcatLinear` keeps a fused
+projection (qkv_proj, gate_up_proj) as its separate parts when they cannot share one weight.
 """
 from __future__ import annotations
 
@@ -84,3 +85,20 @@ class Int4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, act_order={self.perm is not None}")
 
+
+class ConcatLinear(nn.Module):
+    """A fused projection kept as its parts: y = cat(part_0(x), part_1(x), ...) (+ bias), the same
+    output as one linear over the concatenated weights. Used when the parts cannot be concatenated --
+    GPTQ act-order q / k / v (or gate / up) with different input permutations, each an Int4Linear
+    gathering x by its own `perm` (quant/io.py). `bias` covers the concatenated output (N,)."""
+
+    def __init__(self, parts: list[nn.Module], bias: Optional[Tensor] = None):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.cat([part(x) for part in self.parts], dim=-1)      # (..., N)
+        return y if self.bias is None else y + self.bias

@@ -71,12 +71,17 @@ def check_layers(cfg: ModelConfig, names: list[str]) -> None:
     """The checkpoint's layer indices are exactly 0 .. num_hidden_layers - 1 (+ MTP layers)."""
     n = cfg.num_layers
     mtp = mtp_layers(names, n, cfg.num_mtp_layers)
-    found = sorted({int(m.group(1)) for name in names for m in [_LAYER.search(name)] if m} - mtp)
-    main = [i for i in found if i < n]
-    if len(main) < len(found) or (main and main[-1] < n - 1 and found == list(range(len(found)))):
+    layer_of = {name: int(m.group(1)) for name in names for m in [_LAYER.search(name)] if m}
+    found = sorted(set(layer_of.values()) - mtp)
+    extra = [i for i in found if i >= n]
+    if extra:
+        example = next(name for name, i in sorted(layer_of.items()) if i == extra[0])
+        raise ConfigError(f"config field num_hidden_layers is {n}, but the checkpoint also holds "
+                          f"layer(s) {', '.join(map(str, extra[:4]))}{' ...' if len(extra) > 4 else ''} "
+                          f"(e.g. {example}); fix num_hidden_layers or drop those tensors")
+    if found and found == list(range(len(found))) and len(found) < n:
         raise ConfigError(f"config field num_hidden_layers is {n}, but the checkpoint holds layers "
-                          f"0..{found[-1]}{' and multi-token-prediction layers' if mtp else ''}; "
-                          "fix config.json to match the weights")
+                          f"0..{len(found) - 1} only; fix config.json to match the weights")
     missing = sorted(set(range(n)) - set(found))
     if missing:
         raise CheckpointError(f"the checkpoint holds no tensor of layer {missing[0]} (num_hidden_layers "

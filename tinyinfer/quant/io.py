@@ -21,7 +21,9 @@ GPTQ / AWQ (Hugging Face directories whose config.json has `quantization_config`
                     column 8c + (0, 2, 4, 6, 1, 3, 5, 7)[i]; scales fp16 (K/G, N).
                     W[n, k] = (q[k, n] - z[k // G, n]) * scales[k // G, n]
 Both are repacked into our format exactly (the scales keep fp16). Act-order (g_idx not k // G) becomes
-`perm`: Int4Linear gathers x[:, perm] so that each group is a contiguous run of K.
+`perm`: Int4Linear gathers x[:, perm] so that each group is a contiguous run of K. Projections that
+we fuse (q / k / v, gate / up) are fused when their permutations agree, else kept as separate
+Int4Linears, each with its own (layers/linear.py ConcatLinear).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tinyinfer.layers.linear import Int4Linear
+from tinyinfer.layers.linear import ConcatLinear, Int4Linear
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.quant.format import GROUP_SIZES, pack_nibbles, unpack_nibbles
 
@@ -194,11 +196,28 @@ def _quant_config(hf_config: dict) -> dict:
     return qc
 
 
+def _fusable(parts: list[tuple]) -> bool:
+    """Unpacked parts (q, scales, zeros, perm) can share one weight: the same group count and no
+    permutation, or the same one."""
+    perms = [p[3] for p in parts]
+    return (len({p[1].shape[1] for p in parts}) == 1
+            and all((a is None) == (b is None) and (a is None or torch.equal(a, b))
+                    for a, b in zip(perms, perms[1:])))
+
+
+def _int4(q: Tensor, s: Tensor, z: Tensor, perm: Optional[Tensor], dtype: torch.dtype,
+          device: torch.device, bias: Optional[Tensor] = None) -> Int4Linear:
+    """Canonical levels (N, K) -> an Int4Linear on `device` (its group size: K / scale columns)."""
+    return Int4Linear.from_quantized(q.to(device), s.to(device), z.to(device), q.shape[1] // s.shape[1],
+                                     dtype, bias=bias, perm=None if perm is None else perm.to(device))
+
+
 def load_gptq_awq(model: nn.Module, reader: ckpt.TensorReader, hf_config: dict, dtype: torch.dtype,
                   device: torch.device) -> list[str]:
     """Replace the linears that the checkpoint holds quantized by Int4Linear (fused q/k/v and
-    gate/up concatenated along N) and hide their tensors from `reader`, so checkpoint.load_weights
-    fills the rest. Returns the replaced module names."""
+    gate/up concatenated along N; a ConcatLinear of one Int4Linear per part when their act-order
+    permutations differ) and hide their tensors from `reader`, so checkpoint.load_weights fills the
+    rest. Returns the replaced module names."""
     qc = _quant_config(hf_config)
     awq = str(qc["quant_method"]).lower() == "awq"
     v1 = not awq and str(qc.get("checkpoint_format", "gptq")).lower() != "gptq_v2"
@@ -218,20 +237,17 @@ def load_gptq_awq(model: nn.Module, reader: ckpt.TensorReader, hf_config: dict, 
             else:
                 g_idx = reader.get(f"{s}.g_idx") if f"{s}.g_idx" in reader else None
                 parts.append(unpack_gptq(qw, qz, sc, g_idx, v1))
-        perms = [p[3] for p in parts]
-        if any((a is None) != (b is None) or (a is not None and not torch.equal(a, b))
-               for a, b in zip(perms, perms[1:])):
-            raise ckpt.CheckpointError(f"{sources} use different act-order permutations; they cannot "
-                                       f"share the fused {name}")
-        q, s, z = (torch.cat([p[i] for p in parts]) for i in range(3))
-        if tuple(q.shape) != tuple(module.weight.shape):
-            raise ckpt.CheckpointError(f"{sources} unpack to {tuple(q.shape)}, model expects "
-                                       f"{tuple(module.weight.shape)} for {name}")
+        n, k = module.weight.shape
+        if sum(p[0].shape[0] for p in parts) != n or any(p[0].shape[1] != k for p in parts):
+            raise ckpt.CheckpointError(f"{sources} unpack to {[tuple(p[0].shape) for p in parts]}, "
+                                       f"model expects {(n, k)} for {name}")
         # A bias stays in the reader: checkpoint.load_weights fills it like any parameter.
-        bias = None if module.bias is None else torch.zeros(q.shape[0], dtype=dtype, device=device)
-        group_size = q.shape[1] // s.shape[1]
-        layer = Int4Linear.from_quantized(q.to(device), s.to(device), z.to(device), group_size, dtype,
-                                          bias=bias, perm=None if perms[0] is None else perms[0].to(device))
+        bias = None if module.bias is None else torch.zeros(n, dtype=dtype, device=device)
+        if _fusable(parts):                       # fused: one Int4Linear over cat(parts) along N
+            q, s, z = (torch.cat([p[i] for p in parts]) for i in range(3))
+            layer = _int4(q, s, z, parts[0][3], dtype, device, bias)
+        else:                                     # each part keeps its own act-order permutation
+            layer = ConcatLinear([_int4(*p[:3], p[3], dtype, device) for p in parts], bias)
         _replace(model, name, layer)
         for s_name in sources:
             for t in ("qweight", "qzeros", "scales", "g_idx"):
