@@ -95,13 +95,14 @@ def locate(path: str) -> CheckpointFiles:
     else:
         raise CheckpointError(f"{path!r} is neither a directory nor a .safetensors or .gguf file")
     meta = _metadata(files[0])
-    config = _read_json(os.path.join(config_dir, "config.json"))
+    config_path = os.path.join(config_dir, "config.json")
+    config = _read_json(config_path)
     if "config" in meta:                       # self-describing single file wins over a sibling
         try:
             config = json.loads(meta["config"])
         except json.JSONDecodeError as e:
             raise CheckpointError(f"config in the metadata of {files[0]} is not JSON: {e}") from None
-    if config is None:
+    if config is None and not os.path.exists(config_path) and "config" not in meta:
         raise CheckpointError(f"no config.json beside {path!r} and no 'config' in its metadata")
     gen = _read_json(os.path.join(config_dir, "generation_config.json"))
     return CheckpointFiles(files, config, gen, config_dir, meta)

@@ -126,15 +126,19 @@ def memory_bytes(device: torch.device) -> Optional[int]:
         return None
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_fits(model: Transformer, dtype: torch.dtype, device: torch.device) -> None:
     """ConfigError when the model's parameters alone exceed the device's memory."""
     total = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     limit = memory_bytes(device)
     if limit is not None and total > limit:
         name, big = max(model.named_parameters(), key=lambda kv: kv[1].numel())
-        raise ConfigError(f"config.json describes a model of {total / 2**30:.1f} GiB in {dtype} "
-                          f"(largest: {name} {list(big.shape)}, set by {_shape_fields(name)}), more "
-                          f"than the {limit / 2**30:.1f} GiB of {device}: check those fields")
+        raise ConfigError(f"config.json describes a model of {_size(total)} in {dtype} (largest: "
+                          f"{name} {list(big.shape)}, set by {_shape_fields(name)}), more than the "
+                          f"{_size(limit)} of memory of {device}: check those fields")
 
 
 def check_checkpoint(cfg: ModelConfig, reader, dtype: torch.dtype, device: torch.device,
