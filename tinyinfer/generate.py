@@ -110,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_token(delta) -> None:
         nonlocal first_token_at
-        if first_token_at is None:
+        if first_token_at is None:               # the request was accepted: echo its prompt now
             first_token_at = time.perf_counter()
+            if not args.json:
+                sys.stdout.write(args.prompt)
         if not args.json and delta.new_text:
             sys.stdout.write(delta.new_text)
             sys.stdout.flush()
 
-    if not args.json:
-        sys.stdout.write(args.prompt)
     t0 = time.perf_counter()
     try:
         out = llm.generate([args.prompt], params, on_token=on_token)[0]
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     t1 = time.perf_counter()
     if out.error is not None:
-        print(f"\nerror: {out.error}", file=sys.stderr)
+        print(f"{chr(10) if first_token_at else ''}error: {out.error}", file=sys.stderr)
         return 2
     n_gen, n_prompt = len(out.token_ids), len(out.prompt_token_ids)
     ttft = (first_token_at or t1) - t0
