@@ -15,6 +15,10 @@ import torch
 MAX_LOGPROBS = 20    # top-N log-probabilities a request may ask for (OpenAI's API allows up to 20)
 SEED_RANGE = (-2**63, 2**63)     # seeds are 64-bit signed integers (the sampler keys on an int64)
 _FLOAT_MAX = 1.7976931348623157e308
+# The sampler divides float32 logits by the temperature and by / times the repetition penalty: beyond
+# these bounds float32 underflows (x / 0 = inf, NaN) and a request would sample garbage silently.
+MIN_TEMPERATURE = 1e-6                 # 0 means greedy; a positive temperature is at least this
+PENALTY_RANGE = (1e-6, 1e6)
 
 
 def as_int(x: object) -> Optional[int]:
@@ -63,8 +67,10 @@ class SamplingParams:
         def is_real(x: object) -> bool:           # an int too large for a float is not one
             return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= _FLOAT_MAX
 
-        if not is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", self.temperature, "use a finite number >= 0 (0 means greedy)")
+        t = self.temperature
+        if not is_real(t) or not math.isfinite(t) or t < 0 or 0 < t < MIN_TEMPERATURE:
+            raise bad("temperature", t, f"use a finite number >= 0: 0 (greedy) or at least "
+                      f"{MIN_TEMPERATURE:g}")
         if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", self.top_k, "use an integer >= 0 (0 turns top-k off)")
         if not is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
@@ -72,8 +78,9 @@ class SamplingParams:
         if not is_real(self.min_p) or not (0.0 <= self.min_p <= 1.0):
             raise bad("min_p", self.min_p, "use a number in [0, 1] (0 turns min-p off)")
         rp = self.repetition_penalty
-        if not is_real(rp) or not math.isfinite(rp) or rp <= 0:
-            raise bad("repetition_penalty", rp, "use a finite number > 0 (1 turns it off)")
+        if not is_real(rp) or not PENALTY_RANGE[0] <= rp <= PENALTY_RANGE[1]:
+            raise bad("repetition_penalty", rp, f"use a number in [{PENALTY_RANGE[0]:g}, "
+                      f"{PENALTY_RANGE[1]:g}] (1 turns it off)")
         if self.seed is not None and (not is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
             raise bad("seed", self.seed, "use None or an integer of 64 bits, in [-2**63, 2**63)")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
