@@ -21,6 +21,14 @@ MIN_TEMPERATURE = 1e-6                 # 0 means greedy; a positive temperature 
 PENALTY_RANGE = (1e-6, 1e6)
 
 
+class InvalidParam(ValueError):
+    """A SamplingParams field holds a value the sampler cannot use; `field` names it."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 def as_int(x: object) -> Optional[int]:
     """x as a Python int when it is an integer -- a Python int, a numpy integer or a 0-d integer torch
     tensor -- but never a bool (True is not token 1); else None. Token ids are read through this."""
@@ -54,12 +62,12 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """ValueError naming the first invalid field (construction runs this; the engine runs it
-        again when a request arrives, since the fields stay assignable)."""
-        def bad(field: str, value: object, want: str) -> ValueError:
+        """InvalidParam (a ValueError) naming the first invalid field (construction runs this; the
+        engine runs it again when a request arrives, since the fields stay assignable)."""
+        def bad(field: str, value: object, want: str) -> InvalidParam:
             text = repr(value)
             text = text if len(text) <= 80 else text[:77] + "..."
-            return ValueError(f"SamplingParams.{field}={text} is invalid: {want}")
+            return InvalidParam(f"SamplingParams.{field}={text} is invalid: {want}", field)
 
         def is_int(x: object) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)

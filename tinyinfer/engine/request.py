@@ -18,7 +18,7 @@ from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.sequence import RequestError
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
-from tinyinfer.sampling_params import SamplingParams, as_int
+from tinyinfer.sampling_params import InvalidParam, SamplingParams, as_int
 
 # Text, or token ids: a list / tuple of integers, or a 1-D integer numpy array or torch tensor.
 Prompt = Union[str, Sequence[int], np.ndarray, torch.Tensor]
@@ -74,8 +74,8 @@ def validate_request(ids: list[int], params: SamplingParams, config: ModelConfig
         raise RequestError(f"sampling params must be a SamplingParams, got {_describe(params)}")
     try:
         params.validate()
-    except ValueError as err:
-        raise RequestError(str(err)) from None
+    except InvalidParam as err:
+        raise RequestError(str(err), err.field) from None
     if not ids:
         raise RequestError("empty prompt: give at least one token or character")
     bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -84,7 +84,7 @@ def validate_request(ids: list[int], params: SamplingParams, config: ModelConfig
     bad = next((t for t in params.stop_token_ids or [] if t >= vocab), None)
     if bad is not None:
         raise RequestError(f"SamplingParams.stop_token_ids holds {bad}, outside the vocabulary "
-                           f"[0, {vocab}): it could never stop the request")
+                           f"[0, {vocab}): it could never stop the request", "stop_token_ids")
     total = len(ids) + params.max_tokens
     if total > limit:
         raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "

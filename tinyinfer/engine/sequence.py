@@ -12,7 +12,13 @@ from tinyinfer.sampling_params import SamplingParams
 
 
 class RequestError(ValueError):
-    """A request cannot run (empty, too long for the context or the KV pool, non-finite logits)."""
+    """A request cannot run (empty, too long for the context or the KV pool, non-finite logits).
+    `field`: the request field at fault when it is one of the sampling parameters (for an API's error
+    "param"); None for the prompt and the request as a whole."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
 
 
 class Status(enum.Enum):

@@ -125,8 +125,9 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None)
         flat = [(p, sp) for p in prompts for sp in params]
         try:
             stream = await runner.add([p for p, _ in flat], [sp for _, sp in flat])
-        except RequestError as err:
-            raise APIError(400, str(err), prompt_field, "invalid_request") from err
+        except RequestError as err:             # the field at fault, else the prompt
+            raise APIError(400, str(err).replace("SamplingParams.", ""), err.field or prompt_field,
+                           "invalid_request") from err
         except Exception as err:                    # shutting down, or a bug adding the request
             raise APIError(503 if not runner.alive else 500, f"{type(err).__name__}: {err}", None,
                            None, "unavailable" if not runner.alive else "internal_error") from err

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tinyinfer.sampling_params import SamplingParams
+from tinyinfer.sampling_params import SEED_RANGE, InvalidParam, SamplingParams
 
 MAX_N = 64
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -85,19 +85,19 @@ class _Common(_Strict):
                            "invalid_value")
 
     def sampling_params(self, max_tokens: int, logprobs: Optional[int]) -> list[SamplingParams]:
-        """One SamplingParams per choice; choice i > 0 of a seeded request gets seed + i."""
+        """One SamplingParams per choice; choice i > 0 of a seeded request gets seed + i (wrapped
+        around within 64 bits, so a seed that is valid stays valid for every choice)."""
         kw = dict(temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
                   top_k=0 if self.top_k in (None, -1) else self.top_k, min_p=_or(self.min_p, 0.0),
                   repetition_penalty=_or(self.repetition_penalty, 1.0), max_tokens=max_tokens,
                   stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                   min_tokens=self.min_tokens, logprobs=logprobs)
         try:
-            return [SamplingParams(seed=None if self.seed is None else self.seed + i, **kw)
+            return [SamplingParams(seed=None if self.seed is None else _choice_seed(self.seed, i), **kw)
                     for i in range(self.n)]
-        except ValueError as err:                   # "SamplingParams.<field>=<value> is invalid: ..."
-            text = str(err)
-            field = text.split("=", 1)[0].removeprefix("SamplingParams.") if "=" in text else None
-            raise APIError(400, text.replace("SamplingParams.", ""), field, "invalid_value") from err
+        except InvalidParam as err:                 # "SamplingParams.<field>=<value> is invalid: ..."
+            raise APIError(400, str(err).replace("SamplingParams.", ""), err.field,
+                           "invalid_value") from err
 
 
 class CompletionRequest(_Common):
@@ -181,6 +181,14 @@ class ChatCompletionRequest(_Common):
 
 def unsupported(name: str, value: Any, why: str) -> APIError:
     return APIError(400, f"{name}={value!r} is not supported: {why}", name, "unsupported_parameter")
+
+
+def _choice_seed(seed: int, i: int) -> int:
+    """seed + i, wrapped into [-2**63, 2**63) when seed is; any other seed is left for
+    SamplingParams to refuse by name."""
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        return seed
+    return (seed + i - SEED_RANGE[0]) % 2**64 + SEED_RANGE[0]
 
 
 def _or(value: Any, default: Any) -> Any:
