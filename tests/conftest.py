@@ -1,10 +1,14 @@
 """pytest set-up shared by every test file: markers, and visible skips of GPU-only tests on a CPU.
 
 Markers: `cuda` (needs a CUDA GPU; skipped with a reason elsewhere; `make gpu-check` runs
-`pytest -m cuda` and fails if any of them is skipped) and `sanitizer` (one small CUDA test per kernel
-that `make gpu-check` also runs under compute-sanitizer memcheck).
+`pytest -m cuda` and fails if any of them is skipped), `sanitizer` (one small CUDA test per kernel
+that `make gpu-check` also runs under compute-sanitizer memcheck) and `fuzz` (the whole fuzz-style
+suite, one test per mutation: deselected unless asked for, `pytest -m fuzz tests/test_fuzz.py`, or
+TINYINFER_FUZZ=1; the default run samples it, tests/test_fuzz.py).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,9 +20,16 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped (visibly) without one")
     config.addinivalue_line("markers", "sanitizer: small CUDA test run under compute-sanitizer by make gpu-check")
+    config.addinivalue_line("markers", "fuzz: every mutation of the fuzz-style suite (pytest -m fuzz); "
+                                       "deselected unless -m names it or TINYINFER_FUZZ=1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "fuzz" not in (config.getoption("markexpr") or "") and not os.environ.get("TINYINFER_FUZZ"):
+        fuzz = [item for item in items if item.get_closest_marker("fuzz") is not None]
+        if fuzz:
+            config.hook.pytest_deselected(items=fuzz)
+            items[:] = [item for item in items if item.get_closest_marker("fuzz") is None]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); runs in make gpu-check")

@@ -264,4 +264,8 @@ def check_rope(rope: dict[str, Any], rope_type: Any, mla: bool, max_positions: A
                   rope["original_max_position_embeddings"], 1, MAX_POSITIONS)
     if rope_type == "llama3":                 # the blend divides by high - low and by low
         low = check_number("rope_scaling.low_freq_factor", rope["low_freq_factor"], 0.0)
-        check_number("rope_scaling.high_freq_factor", rope["high_freq_factor"], low)
+        high = check_number("rope_scaling.high_freq_factor", rope["high_freq_factor"], 0.0)
+        if high <= low:
+            raise ConfigError(f"config fields rope_scaling.high_freq_factor ({high:g}) must exceed "
+                              f"rope_scaling.low_freq_factor ({low:g}): Llama 3 scaling blends "
+                              "between them")

@@ -6,13 +6,15 @@ allocator:
   * the layers the checkpoint holds are exactly num_hidden_layers (plus DeepSeek-V3's unused
     multi-token-prediction layers): fewer in the config would silently drop layers, more would miss
     them -- a ConfigError naming num_hidden_layers;
-  * every dense tensor the model reads has the shape the config gives it (a CheckpointError naming the
-    tensor, both shapes and the config fields that set that shape) and a floating-point dtype (an int8
-    or bool tensor would be cast to float silently: a CheckpointError naming tensor and dtype);
+  * every dense tensor the model reads is there (a missing bias or lm_head names the config field
+    that asks for it), has the shape the config gives it (a CheckpointError naming the tensor, both
+    shapes and the config fields that set that shape) and a floating-point dtype (an int8 or bool
+    tensor would be cast to float silently: a CheckpointError naming tensor and dtype);
+  * with tie_word_embeddings, no lm_head.weight that differs from the embedding;
   * the model fits the device's memory (a ConfigError naming its size and largest tensor).
 
-The model is built on the meta device for this (shapes only, no memory). The set of tensors is checked
-exactly once the model is filled (checkpoint.load_weights: missing and unexpected tensors by name).
+The model is built on the meta device for this (shapes only, no memory). Tensors nothing reads are
+reported once the model is filled (checkpoint.load_weights: unexpected tensors by name).
 """
 from __future__ import annotations
 
@@ -88,6 +90,26 @@ def check_layers(cfg: ModelConfig, names: list[str]) -> None:
                               f"is {n}); is it truncated or missing a shard?")
 
 
+def _why(name: str) -> str:
+    """For a missing tensor that a config field makes the model expect: that field."""
+    if name.endswith(".bias"):
+        return ": config.json's attention_bias / mlp_bias give the model biases the weights lack"
+    if name.startswith("lm_head."):
+        return ": config field tie_word_embeddings is false, so the model needs its own lm_head"
+    return ""
+
+
+def check_tied_head(cfg: ModelConfig, reader, our_names: bool = False) -> None:
+    """With tie_word_embeddings the model's head is its embedding; a checkpoint that also holds a
+    different lm_head.weight contradicts its config (the head would be dropped silently)."""
+    embed = "embed_tokens.weight" if our_names else "model.embed_tokens.weight"
+    if (cfg.tie_word_embeddings and "lm_head.weight" in reader and embed in reader
+            and list(reader.shape("lm_head.weight")) == list(reader.shape(embed))
+            and not torch.equal(reader.get("lm_head.weight"), reader.get(embed))):
+        raise ConfigError("config field tie_word_embeddings is true, but the checkpoint's lm_head.weight "
+                          f"differs from {embed}: set it to false, or drop lm_head.weight")
+
+
 def _shape_fields(name: str) -> str:
     return next((fields for part, fields in _SHAPE_FIELDS if part in name), "its shape fields")
 
@@ -98,8 +120,11 @@ def check_tensors(model: Transformer, reader, our_names: bool = False) -> None:
     arch = model.cfg.architecture
     for name, param in model.named_parameters():
         sources = [name] if our_names else hf_sources(name, arch)
-        if not all(s in reader for s in sources):
-            continue
+        missing = [s for s in sources if s not in reader]
+        if any(f"{s.removesuffix('weight')}qweight" in reader for s in missing):
+            continue                             # a packed INT4 / GPTQ / AWQ linear: its loader checks
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {missing[0]} (needed for {name}){_why(name)}")
         shapes = [list(reader.shape(s)) for s in sources]
         got = [sum(s[0] for s in shapes if s)] + shapes[0][1:] if len(shapes) > 1 else shapes[0]
         if got != list(param.shape):
@@ -146,6 +171,7 @@ def check_checkpoint(cfg: ModelConfig, reader, dtype: torch.dtype, device: torch
     """Every check above, before the model is allocated. `reader`: a TensorReader or GGUFReader;
     `our_names`: the tensors carry tinyinfer's module names (an INT4 file), not Hugging Face's."""
     check_layers(cfg, list(reader.where))
+    check_tied_head(cfg, reader, our_names)
     with torch.device("meta"):
         model = Transformer(cfg)
     check_tensors(model, reader, our_names)
