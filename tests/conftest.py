@@ -49,11 +49,15 @@ def cuda_extension():
 @pytest.fixture(scope="session")
 def prebuilt_extension():
     """The module `make build` compiled on this machine (also without a GPU); skips where it cannot
-    exist (no toolkit, CPU-only torch) or is stale."""
+    exist (no toolkit, CPU-only torch) or is stale; FAILS where it is up to date but does not import
+    (a missing symbol), which is a broken build, not a missing one."""
     from tinyinfer import kernels
     if kernels.find_cuda_home() is None or torch.version.cuda is None:
         pytest.skip("no CUDA toolkit or CPU-only torch: the extension cannot be built here")
-    module = kernels.load_prebuilt(kernels.target_arch())
+    try:
+        module = kernels.load_prebuilt(kernels.target_arch(), strict=True)
+    except ImportError as err:
+        pytest.fail(f"the prebuilt extension is up to date but does not import: {err}")
     if module is None:
         pytest.skip("no up-to-date prebuilt extension: run `make build` first")
     return module

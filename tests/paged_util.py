@@ -1,12 +1,17 @@
 """Test helpers for paged attention: a batch built the hard way (shuffled block tables over a pool much
 larger than needed, NaN in every slot no sequence owns, -1 past each table's last block, varlen
-queries, padding rows) and the contract evaluated directly in float64."""
+queries, padding rows) and the contract evaluated directly in float64; and a model's logits
+teacher-forced one decode step at a time through its paged cache."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
+
+from tinyinfer.engine.kv_cache import PagedKVCache
+from tinyinfer.layers.attention import AttentionMetadata
+from tinyinfer.models.transformer import Transformer
 
 
 @dataclass
@@ -82,3 +87,30 @@ def dense_float64(batch: Batch) -> torch.Tensor:
                 w = torch.softmax((k @ batch.q[t, h].cpu().double()) * batch.scale, dim=0)
                 out[t, h] = w @ v
     return out
+
+
+def teacher_forced(llm, ids: list[int], prefix: int, block_size: int = 16) -> torch.Tensor:
+    """Logits of every position of `ids`: `prefix` tokens as one prefill, then one decode step per
+    token, over a fresh paged cache with shuffled blocks -- block 0 among them, so slot 0 is written
+    and read like any other. Returns (len(ids), vocab) float32 on the CPU."""
+    cfg, bs, dev = llm.config, block_size, llm.device
+    k_dims, v_dims = Transformer.kv_dims(cfg)
+    used = (len(ids) + bs - 1) // bs
+    n_blocks = used + 3
+    rest = (torch.randperm(n_blocks - 1, generator=torch.Generator().manual_seed(0)) + 1).tolist()
+    at = min(1, used - 1)                              # block 0 second (first for a one-block prompt)
+    table = torch.tensor((rest[:at] + [0] + rest[at:])[:used], dtype=torch.int32, device=dev)
+    kv = PagedKVCache(cfg.num_layers, n_blocks, bs, k_dims, v_dims, llm.dtype, dev)
+    out = []
+    steps = [(0, prefix)] + [(i, i + 1) for i in range(prefix, len(ids))]
+    with torch.inference_mode():
+        for a, b in steps:
+            pos = torch.arange(a, b, device=dev)
+            meta = AttentionMetadata(
+                slot_mapping=table[pos // bs].long() * bs + pos % bs, block_tables=table[None],
+                seq_lens=torch.tensor([b], dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor([0, b - a], dtype=torch.int32, device=dev),
+                max_q_len=b - a, query_start_loc_host=[0, b - a], seq_lens_host=[b], prefill=a == 0)
+            hidden = llm.model(torch.tensor(ids[a:b], device=dev), pos, meta, kv.layers())
+            out.append(llm.model.compute_logits(hidden))
+    return torch.cat(out).float().cpu()

@@ -8,6 +8,8 @@ references on fresh random inputs, per-dtype tolerances, NaN-poisoned caches and
 """
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -27,8 +29,13 @@ NORM_TOL = {dtype: dict(atol=TOL[dtype]["atol"], rtol=max(TOL[dtype]["rtol"], 2 
             for dtype in DTYPES}
 
 
-def _seed() -> int:
-    return torch.randint(0, 2**31, ()).item()     # fresh inputs every run; shown in the test id on failure
+# Fresh inputs every run; the seed is in every test id that uses it ("...-seed1234]"): a failure names it.
+FRESH_SEED = random.SystemRandom().randrange(2**31)
+
+
+@pytest.fixture(params=[FRESH_SEED], ids=lambda s: f"seed{s}")
+def seed(request) -> int:
+    return request.param
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -85,8 +92,8 @@ def _rope_inputs(T, Hq, Hkv, D, BS, dtype, device, seed, num_blocks=9):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_add_rmsnorm_reference_is_the_unfused_residual_add_then_norm_bit_for_bit(dtype):
-    gen = torch.Generator().manual_seed(_seed())
+def test_fused_add_rmsnorm_reference_is_the_unfused_residual_add_then_norm_bit_for_bit(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
     x, residual = (torch.randn(7, 96, generator=gen).to(dtype) for _ in range(2))
     weight = (1 + 0.1 * torch.randn(96, generator=gen)).to(dtype)
     y, new_residual = ops.fused_add_rmsnorm(x, residual, weight, 1e-5)
@@ -96,8 +103,8 @@ def test_fused_add_rmsnorm_reference_is_the_unfused_residual_add_then_norm_bit_f
     assert torch.equal(_bits(ops.rms_norm(x, weight, 1e-5)), _bits(_unfused_rms_norm(x, weight, 1e-5)))
 
 
-def test_rms_norm_reference_matches_the_float64_formula():
-    gen = torch.Generator().manual_seed(_seed())
+def test_rms_norm_reference_matches_the_float64_formula(seed):
+    gen = torch.Generator().manual_seed(seed)
     x, weight = 3 * torch.randn(5, 1000, generator=gen), torch.randn(1000, generator=gen)
     x64, w64 = x.double(), weight.double()
     want = w64 * x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-6)
@@ -105,8 +112,8 @@ def test_rms_norm_reference_matches_the_float64_formula():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rope_store_kv_from_the_table_is_per_step_rope_then_store_kv_bit_for_bit(dtype):
-    q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(23, 4, 2, 64, 16, dtype, "cpu", _seed())
+def test_rope_store_kv_from_the_table_is_per_step_rope_then_store_kv_bit_for_bit(dtype, seed):
+    q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(23, 4, 2, 64, 16, dtype, "cpu", seed)
     want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
     cos, sin = _step_cos_sin(pos, default_inv_freq(10000.0, 64), dtype)   # as computed per step
     want_q, want_k = _unfused_rope(q, cos, sin), _unfused_rope(k, cos, sin)
@@ -120,10 +127,10 @@ def test_rope_store_kv_from_the_table_is_per_step_rope_then_store_kv_bit_for_bit
                                                                  - int((slots >= 0).sum()))
 
 
-def test_rope_reference_is_a_complex_rotation_of_each_half_pair():
+def test_rope_reference_is_a_complex_rotation_of_each_half_pair(seed):
     # RoPE in the rotate_half layout = multiplying z_i = x[i] + i x[i + D/2] by exp(i * pos * inv_freq_i).
     T, H, D = 11, 3, 32
-    positions, inv_freq, table = _rope_table(T, D, torch.float32, "cpu", _seed(), max_pos=300)
+    positions, inv_freq, table = _rope_table(T, D, torch.float32, "cpu", seed, max_pos=300)
     cos, sin = reference.rope_rows(table, positions)
     x = torch.randn(T, H, D)
     z = torch.complex(x[..., :D // 2].double(), x[..., D // 2:].double())          # (T, H, D/2)
@@ -173,7 +180,7 @@ def _one_sequence_step(start: int, n: int, num_blocks: int) -> tuple[torch.Tenso
 
 
 @torch.inference_mode()
-def test_fused_model_equals_the_unfused_forward_bit_for_bit_on_the_demo_checkpoint():
+def test_fused_model_equals_the_unfused_forward_bit_for_bit_on_the_demo_checkpoint(seed):
     llm = LLM(LLAMA, device="cpu", dtype="float32")
     model, cfg = llm.model, llm.config
     BS, NB = 16, 4
@@ -181,7 +188,7 @@ def test_fused_model_equals_the_unfused_forward_bit_for_bit_on_the_demo_checkpoi
         shape = (NB, BS, cfg.num_kv_heads, cfg.head_dim)
         return [(torch.full(shape, float("nan")), torch.full(shape, float("nan"))) for _ in model.layers]
     fused_kv, unfused_kv = caches(), caches()
-    ids = torch.randint(0, cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(_seed()))
+    ids = torch.randint(0, cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(seed))
     # Prefill 20 tokens (SDPA on fresh K/V), one decode token, then a 9-token verification step
     # (paged attention over the cache each fused op wrote).
     for start, n in [(0, 20), (20, 1), (21, 9)]:
@@ -214,8 +221,8 @@ HIDDEN = [256, 4096, 8192, 12288, 20480, 1001, 4100]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", HIDDEN)
 @pytest.mark.parametrize("T", [1, 37])
-def test_fused_add_rmsnorm_kernel_equals_reference(cuda_extension, T, hidden, dtype):
-    gen = torch.Generator().manual_seed(_seed())
+def test_fused_add_rmsnorm_kernel_equals_reference(cuda_extension, T, hidden, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
     x, residual = (torch.randn(T, hidden, generator=gen).to("cuda", dtype) for _ in range(2))
     weight = (1 + 0.5 * torch.randn(hidden, generator=gen)).to("cuda", dtype)
     want_y, want_residual = reference.fused_add_rmsnorm(x, residual, weight, 1e-5)
@@ -231,8 +238,8 @@ def test_fused_add_rmsnorm_kernel_equals_reference(cuda_extension, T, hidden, dt
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_norm_kernels_read_strided_rows_and_leading_dims(cuda_extension, dtype):
-    gen = torch.Generator().manual_seed(_seed())
+def test_norm_kernels_read_strided_rows_and_leading_dims(cuda_extension, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
     wide = torch.randn(2, 9, 640, generator=gen).to("cuda", dtype)
     x, residual = wide[..., :512], wide[..., 128:]          # rows with stride 640, not contiguous
     weight = torch.randn(512, generator=gen).to("cuda", dtype)
@@ -257,9 +264,9 @@ ROPE_SHAPES = [  # (T, Hq, Hkv, D, block_size)
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "T{}-Hq{}-Hkv{}-D{}-BS{}".format(*s))
-def test_rope_store_kv_kernel_equals_reference(cuda_extension, shape, dtype):
+def test_rope_store_kv_kernel_equals_reference(cuda_extension, shape, dtype, seed):
     T, Hq, Hkv, D, BS = shape
-    q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(T, Hq, Hkv, D, BS, dtype, "cuda", _seed())
+    q, k, v, table, pos, k_cache, v_cache, slots = _rope_inputs(T, Hq, Hkv, D, BS, dtype, "cuda", seed)
     want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
     want_q, want_k = reference.rope_store_kv(q, k, v, table, pos, want_k_cache, want_v_cache, slots)
     _poison_free_memory(want_q, want_k)
@@ -340,11 +347,11 @@ def test_fused_ops_bad_arguments_get_clear_errors(cuda_extension):
 
 
 @pytest.mark.cuda
-def test_demo_model_on_the_gpu_matches_the_cpu_reference_logits(cuda_extension):
+def test_demo_model_on_the_gpu_matches_the_cpu_reference_logits(cuda_extension, seed):
     # The fused ops inside the real model: every norm and every RoPE + cache write runs as a kernel
     # on the GPU (float32, so the comparison is tight); the CPU model runs the references.
     from hf_util import assert_logits_close
-    ids = torch.randint(3, 1000, (48,), generator=torch.Generator().manual_seed(_seed())).tolist()
+    ids = torch.randint(3, 1000, (48,), generator=torch.Generator().manual_seed(seed)).tolist()
     gpu = LLM(LLAMA, device="cuda", dtype="float32").logits(ids).cpu()
     cpu = LLM(LLAMA, device="cpu", dtype="float32").logits(ids)
     assert_logits_close(gpu, cpu)

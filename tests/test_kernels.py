@@ -26,3 +26,16 @@ def test_each_cuda_impl_is_bound_and_registered(name):
 def test_prebuilt_module_exposes_every_cuda_impl(prebuilt_extension):
     missing = [name for name in CUDA_IMPLS if not callable(getattr(prebuilt_extension, name, None))]
     assert not missing, f"the compiled extension lacks {missing}"
+
+
+def test_an_up_to_date_prebuilt_module_that_does_not_import_is_an_error_when_strict(tmp_path, monkeypatch):
+    # The prebuilt_extension fixture loads with strict=True: a module whose stamp matches but which
+    # fails to import (an undefined symbol) fails the tests that need it instead of skipping them.
+    monkeypatch.setattr(kernels, "build_directory", lambda arch: tmp_path)
+    assert kernels.load_prebuilt("90a", strict=True) is None                 # no build: None (skip)
+    (tmp_path / "broken.so").write_bytes(b"not a shared object")
+    (tmp_path / "stamp.json").write_text(f'{{"library": "broken.so", "fingerprint": '
+                                         f'"{kernels.fingerprint("90a")}"}}')
+    assert kernels.load_prebuilt("90a") is None                              # the runtime recompiles
+    with pytest.raises(ImportError):
+        kernels.load_prebuilt("90a", strict=True)

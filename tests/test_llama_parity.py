@@ -4,6 +4,7 @@ import torch
 
 from hf_util import (DRAFT, LLAMA, assert_logits_close, first_near_tie, hf_greedy, hf_logits,
                      hf_model, save_random_llama)
+from paged_util import teacher_forced
 from tinyinfer import LLM, SamplingParams
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
@@ -15,7 +16,11 @@ def test_shipped_checkpoint_matches_hf_logits_and_64_greedy_tokens(path):
     llm = LLM(path, device="cpu", dtype="float32")
     hf = hf_model(path)
     ids = llm.tokenizer.encode(PROMPT)
-    assert_logits_close(llm.logits(ids), hf_logits(hf, ids))
+    ref = hf_logits(hf, ids)
+    assert_logits_close(llm.logits(ids), ref)
+    # every decode step's logits, each reading the K/V the steps before wrote (slot 0 included)
+    assert len(ids) > 16
+    assert_logits_close(teacher_forced(llm, ids, prefix=5), ref)
     ours = llm.generate([ids], GREEDY)[0].token_ids
     theirs, _ = hf_greedy(hf, ids, 64)
     assert ours == theirs
@@ -40,7 +45,9 @@ def test_random_llama_matches_hf(tmp_path, shape):
     llm = LLM(path, device="cpu", dtype="float32")
     hf = hf_model(path)
     ids = list(range(3, 200, 7))          # a long-ish prompt: exercises RoPE at larger positions
-    assert_logits_close(llm.logits(ids), hf_logits(hf, ids))
+    ref = hf_logits(hf, ids)
+    assert_logits_close(llm.logits(ids), ref)
+    assert_logits_close(teacher_forced(llm, ids, prefix=4), ref)     # decode steps, teacher-forced
     ours = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))[0]
     theirs, gaps = hf_greedy(hf, ids, 32)
     n = first_near_tie(gaps)

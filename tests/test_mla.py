@@ -10,9 +10,9 @@ import shutil
 import pytest
 import torch
 
+import paged_util
 from hf_util import MLA, assert_greedy_matches_hf, assert_logits_close, hf_greedy, hf_logits, hf_model
 from tinyinfer import LLM, SamplingParams
-from tinyinfer.layers.attention import AttentionMetadata
 from tinyinfer.loading.config import ConfigError, ModelConfig
 from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.memory import kv_bytes_per_token, shape_from_hf
@@ -72,29 +72,12 @@ RANDOM_MODELS = {
 
 
 def teacher_forced(llm: LLM, ids: list[int], prefix: int, mode: str) -> torch.Tensor:
-    """Logits of every position: `prefix` tokens as one prefill, then one decode step per token, over
-    a fresh paged cache with shuffled blocks. Returns (len(ids), vocab)."""
-    cfg, bs = llm.config, 16
+    """paged_util.teacher_forced through MLA path `mode` (naive / absorbed)."""
     set_mla_mode(llm.model, mode)
-    k_dims, v_dims = Transformer.kv_dims(cfg)
-    n_blocks = (len(ids) + bs - 1) // bs + 3
-    kv = PagedKVCache(cfg.num_layers, n_blocks, bs, k_dims, v_dims, llm.dtype, llm.device)
-    table = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(0))[:n_blocks - 3]
-    table = table.int().to(llm.device)
-    out = []
-    steps = [(0, prefix)] + [(i, i + 1) for i in range(prefix, len(ids))]
-    with torch.inference_mode():
-        for a, b in steps:
-            pos = torch.arange(a, b, device=llm.device)
-            meta = AttentionMetadata(
-                slot_mapping=table[pos // bs].long() * bs + pos % bs, block_tables=table[None],
-                seq_lens=torch.tensor([b], dtype=torch.int32, device=llm.device),
-                query_start_loc=torch.tensor([0, b - a], dtype=torch.int32, device=llm.device),
-                max_q_len=b - a, query_start_loc_host=[0, b - a], seq_lens_host=[b], prefill=a == 0)
-            hidden = llm.model(torch.tensor(ids[a:b], device=llm.device), pos, meta, kv.layers())
-            out.append(llm.model.compute_logits(hidden))
-    set_mla_mode(llm.model, "auto")
-    return torch.cat(out).float().cpu()
+    try:
+        return paged_util.teacher_forced(llm, ids, prefix)
+    finally:
+        set_mla_mode(llm.model, "auto")
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +186,7 @@ def test_impossible_expert_groups_are_refused():
 
 
 @pytest.mark.cuda
-def test_cuda_absorbed_decode_through_the_kernel_matches_the_cpu_reference():
+def test_cuda_absorbed_decode_through_the_kernel_matches_the_cpu_reference(cuda_extension):
     cpu = LLM(MLA, device="cpu", dtype="float32")
     gpu = LLM(MLA, device="cuda", dtype="bfloat16")
     ids = cpu.tokenizer.encode(PROMPT * 3)

@@ -65,6 +65,19 @@ def test_op_on_cpu_agrees_with_the_reference():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seq_lens, pad_rows", [([37, 5, 64, 1, 20], 0), ([37, 5, 64, 1, 20], 3),
+                                              ([24, 24, 24], 0)], ids=["masked", "padded", "equal_lengths"])
+@pytest.mark.parametrize("hq, hkv", [(8, 2), (4, 1), (4, 4)], ids=["gqa", "mqa", "mha"])
+def test_op_on_cpu_pure_decode_matches_float64(seq_lens, pad_rows, hq, hkv):
+    # One query per sequence: the batched CPU op's decode path, which folds the query heads of each KV
+    # head into one axis (the GQA fold), with and without masking and padding rows.
+    batch = make_batch(seq_lens, [1] * len(seq_lens), hq, hkv, 16, 16, 8, torch.float32,
+                       pad_rows=pad_rows, seed=hq + hkv)
+    got = ops.paged_attention(*batch.args())
+    assert not got.isnan().any(), "NaN in the output: an unused (NaN) cache slot was read"
+    torch.testing.assert_close(got.double(), dense_float64(batch), atol=2e-5, rtol=1e-5)
+
+
 def test_kernel_is_registered_for_cuda():
     assert "paged_attention" in CUDA_IMPLS
 

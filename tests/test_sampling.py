@@ -144,10 +144,26 @@ def test_top_k_mixed_with_rows_that_turn_it_off():
 
 
 def test_a_non_finite_row_does_not_disturb_the_others():
-    logits = torch.tensor([[1.0, 3.0, 2.0], [float("nan"), 0.0, 1.0], [5.0, 0.0, float("inf")]])
-    params = [SamplingParams(temperature=0.0), SamplingParams(top_p=0.9), SamplingParams(top_k=2)]
-    toks = sample(logits, params, [[]] * 3, [1, 2, 3], [0, 0, 0])
-    assert toks[0] == 1 and toks.shape == (3,)
+    # Finite rows (greedy, top-p, top-k, min-p) between rows holding NaN or inf: every finite row draws
+    # what it draws alone (same seed and step), every non-finite one some index inside the vocabulary
+    # (the engine then ends that request: its logits were not finite).
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [nan, 0.0, 1.0, 2.0], [0.3, 1.2, 1.1, 0.2],
+                           [5.0, 0.0, inf, 1.0], [2.0, 1.0, 2.5, 0.0], [-inf, -inf, -inf, -inf],
+                           [0.1, 0.4, 0.2, 0.3]])
+    params = [SamplingParams(temperature=0.0), SamplingParams(top_p=0.9), SamplingParams(top_p=0.8),
+              SamplingParams(top_k=2), SamplingParams(top_k=2, temperature=0.7), SamplingParams(),
+              SamplingParams(min_p=0.5)]
+    seeds, steps = [1, 2, 3, 4, 5, 6, 7], [0, 3, 1, 0, 2, 5, 4]
+    toks = sample(logits, params, [[]] * 7, seeds, steps).tolist()
+    finite = torch.isfinite(logits).all(dim=1).tolist()
+    assert finite == [True, False, True, False, True, False, True]
+    for b in range(7):
+        assert 0 <= toks[b] < 4, (b, toks)
+        if finite[b]:
+            alone = sample(logits[b:b + 1], params[b:b + 1], [[]], seeds[b:b + 1], steps[b:b + 1])
+            assert toks[b] == alone.item(), (b, toks)
+    assert toks[0] == 1                                       # greedy: the argmax
 
 
 def test_a_single_stop_string_becomes_a_list():

@@ -128,17 +128,27 @@ def exact_triples(plain: LLM, prompt: list[int], top_k: int) -> dict[tuple[int, 
     return out
 
 
+# The n-gram proposer drafts only when the text so far repeats: a prompt that repeats itself, so that
+# its drafts are made, and some accepted, some rejected.
+TRIPLE_PROMPTS = {"model": "KING RICHARD III:\nNow is the",
+                  "ngram": "First Citizen:\nWe are accounted poor citizens.\n\nSecond Citizen:\nWould you "
+                           "proceed?\n\nFirst Citizen:\nWe are accounted poor citizens.\n\nSecond Citizen:\n"}
+
+
 @pytest.mark.parametrize("draft", ["model", "ngram"])
 def test_sampled_triples_follow_the_target_distribution(draft, plain):
-    prompt = plain.tokenizer.encode("KING RICHARD III:\nNow is the")
+    prompt = plain.tokenizer.encode(TRIPLE_PROMPTS[draft])
     exact = exact_triples(plain, prompt, top_k=4)
     n = 2000
     llm = speculative_llm(DRAFT if draft == "model" else "ngram", 4)
     params = [SamplingParams(temperature=1.0, top_k=4, max_tokens=3, seed=1000 + i, ignore_eos=True)
               for i in range(n)]
-    llm.engine.speculator.reset_stats()
+    spec = llm.engine.speculator
+    spec.reset_stats()
     outs = llm.generate([prompt] * n, params)
-    if draft == "model":    # the draft path must really have rejected and accepted drafts
+    # the speculative path must really have run: drafts proposed, some accepted and some rejected
+    assert spec.proposed >= n // 10 and 0 < spec.accepted < spec.proposed, (spec.proposed, spec.accepted)
+    if draft == "model":
         assert 0.05 < llm.figures()["acceptance_rate"] < 0.95
     counts: dict = {}
     for o in outs:

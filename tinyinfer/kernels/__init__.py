@@ -189,8 +189,10 @@ def compile_extension(arch: str, verbose: bool = False) -> Any:
     return module
 
 
-def load_prebuilt(arch: str) -> Any:
-    """The module `make build` left for this arch, if its stamp matches the current build; else None."""
+def load_prebuilt(arch: str, strict: bool = False) -> Any:
+    """The module `make build` left for this arch, if its stamp matches the current build; else None.
+    An up-to-date module that does not import (a missing symbol) is None too, or, with `strict`, the
+    ImportError (tests: a broken build must fail, not skip)."""
     directory = build_directory(arch)
     try:
         stamp = json.loads((directory / "stamp.json").read_text())
@@ -201,10 +203,12 @@ def load_prebuilt(arch: str) -> Any:
         return None
     import importlib.util
     spec = importlib.util.spec_from_file_location(EXTENSION_NAME, library)
-    module = importlib.util.module_from_spec(spec)
-    try:
+    try:                      # an extension module is dlopen'ed (symbols resolved) in module_from_spec
+        module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except ImportError:
+        if strict:
+            raise
         return None  # e.g. built against another torch's symbols: compile again instead
     return module
 
