@@ -70,3 +70,14 @@ def test_an_accepted_prompt_is_echoed_before_its_text(capsys):
     code, out, err = run(capsys, "--ckpt", LLAMA, "--device", "cpu", "--prompt", "ROMEO:",
                          "--temperature", "0")
     assert code == 0 and out.startswith("ROMEO:") and len(out) > len("ROMEO:\n"), (out, err)
+
+
+@pytest.mark.parametrize("module", ["tinyinfer.quantize", "tinyinfer.serve.__main__"])
+def test_the_other_command_lines_refuse_an_unknown_device_in_one_line(capsys, tmp_path, module):
+    import importlib
+    main_of = importlib.import_module(module).main
+    args = ["--ckpt", LLAMA, "--device", "tpu"]
+    code = main_of(args + (["--out", str(tmp_path / "q.safetensors")] if "quantize" in module else []))
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("tinyinfer: ")]
+    assert code == 2 and len(lines) == 1 and "device 'tpu' is not supported" in lines[0], err

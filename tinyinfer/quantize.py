@@ -22,10 +22,9 @@ import sys
 import time
 from typing import Optional
 
-import torch
-
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig, parse_dtype
+from tinyinfer.loading.validate import resolve_device
 from tinyinfer.loading.weights import load_model, stored_dtype
 from tinyinfer.quant.format import GROUP_SIZES
 from tinyinfer.quant.io import save_int4
@@ -66,7 +65,7 @@ def quantize_checkpoint(path: str, out: str, group_size: int = 128, clip_search:
         raise ValueError(f"{path} is already quantized ({files.config['quantization_config'].get('quant_method')}); "
                          "load it directly with tinyinfer.generate --ckpt")
     cfg = ModelConfig.from_hf(files.config, files.generation_config)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)                  # ValueError: unknown or absent device
     dt = parse_dtype(dtype) if dtype else stored_dtype(cfg)
     model = load_model(files, cfg, dt, dev)
     plan = quantize_model(model, group_size, quantize_head, clip_search, progress=progress)

@@ -1,6 +1,7 @@
 """`AsyncEngine`: the online engine behind an asyncio server.
 
-`LLMEngine` is not thread-safe, so exactly one thread owns it: it takes commands (add, abort) from a
+One thread owns the `LLMEngine` (its calls are serialised by a lock, but a step returns the deltas of
+every request, so one loop must hand them out): it takes commands (add, abort) from a
 thread-safe queue between steps, runs `step()` while any request is live, and hands each step's
 `RequestDelta`s to the asyncio loop that asked for them (`call_soon_threadsafe`). Requests from every
 client therefore join the same running batch between two steps -- continuous batching across clients
