@@ -35,10 +35,10 @@ from tinyinfer.engine.output import RequestDelta, TextStream
 from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
                                         check_same_tokenizer)
 from tinyinfer.engine.request import Prompt, prompt_ids, validate_request
+from tinyinfer.engine.sampling_step import run_step
 from tinyinfer.engine.scheduler import Scheduler, check_limits
 from tinyinfer.engine.sequence import RequestError, Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
-from tinyinfer.layers.sampler import process_logits, sample, token_logprobs
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
@@ -191,11 +191,11 @@ class LLMEngine:
             return deltas
         seqs = work.seqs
         if self.speculator is None:                 # one varlen batch: decodes + prefill chunks
-            emitted, logprobs = self._sample_step(seqs, work.num_new)
+            emitted, logprobs = run_step(self.runner, seqs, work.num_new)
         else:                                       # verify pass, then a prefill pass
             emitted, logprobs = self.speculator.step(work.decodes) if work.decodes else ([], [])
             if work.prefills:
-                more = self._sample_step(work.prefills, work.chunks)
+                more = run_step(self.runner, work.prefills, work.chunks)
                 emitted, logprobs = emitted + more[0], logprobs + more[1]
         for seq, tokens, lps in zip(seqs, emitted, logprobs):
             req = self.requests[seq.request_id]
@@ -217,34 +217,6 @@ class LLMEngine:
             if seq.finished:
                 del self.requests[seq.request_id]
         return deltas
-
-    def _sample_step(self, seqs: list[Sequence], num_new: list[int]
-                     ) -> tuple[list[list[int] | None], list]:
-        """Feed num_new[b] tokens each; sequences at their end sample one token (None: non-finite
-        logits) and, where the request asks, get its Logprobs (a one-item list)."""
-        logits = self.runner.execute(build_batch(seqs, num_new, self.block_size))     # (B, vocab)
-        for s, n in zip(seqs, num_new):
-            s.num_cached += n
-        rows = [b for b, s in enumerate(seqs) if s.num_cached == len(s)]
-        out: list[list[int] | None] = [[] for _ in seqs]
-        if not rows:
-            return out, [None] * len(seqs)
-        done = [seqs[b] for b in rows]
-        logits = logits if len(rows) == len(seqs) else logits[rows]                   # (R, vocab)
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        params, hist = [s.params for s in done], [s.token_ids for s in done]
-        tokens = sample(logits, params, hist, [s.seed for s in done],
-                        [s.num_outputs for s in done]).tolist()
-        logprobs: list = [None] * len(seqs)
-        want = [i for i, s in enumerate(done) if s.params.logprobs is not None and finite[i]]
-        if want:                                    # the distribution sample() drew from, again
-            x = process_logits(logits[want], [params[i] for i in want], [hist[i] for i in want])
-            lps = token_logprobs(x, [tokens[i] for i in want], [params[i].logprobs for i in want])
-            for i, lp in zip(want, lps):
-                logprobs[rows[i]] = [lp]
-        for b, t, ok in zip(rows, tokens, finite):
-            out[b] = [t] if ok else None
-        return out, logprobs
 
     def _append(self, req: _Request, tok: int) -> bool:
         """Append one generated token; True if the request finished with it."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.kv_cache import PagedKVCache, default_kv_tokens
+from tinyinfer.layers.sampler import sample_rows
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.weights import load_model
@@ -78,6 +79,26 @@ class ModelRunner:
         if not all_logits:
             hidden = hidden[meta.query_start_loc[1:].long() - 1]                     # (B, hidden)
         return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def execute_sampled(self, batch: StepBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """One step that also draws each sequence's next token from its last row, as the sampler
+        would for temperature-only requests (batch.sampling: temperature, seed, output position per
+        sequence): (logits (B, vocab), tokens (B,) int64, finite (B,) bool). On a GPU the decode graph
+        samples, so the host receives B token ids instead of B x vocab logits."""
+        temps, seeds, steps = batch.sampling
+        mode = "greedy" if not any(temps) else "sample"
+        graphs = self._graphs_for(batch, all_logits=False)
+        if graphs is not None:
+            return graphs.run(batch, mode)
+        logits = self.execute(batch)                                                  # (B, vocab)
+        if mode == "greedy":
+            tokens = logits.argmax(dim=-1)
+        else:
+            dev = logits.device
+            tokens = sample_rows(logits, torch.tensor(temps, dtype=torch.float32, device=dev),
+                                 torch.tensor(seeds, device=dev), torch.tensor(steps, device=dev))
+        return logits, tokens, torch.isfinite(logits).all(dim=-1)
 
     def _graphs_for(self, batch: StepBatch, all_logits: bool) -> Optional[GraphRunner]:
         if not all_logits:
