@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hf_util import DRAFT, LLAMA, MLA, save_random
+from test_mla import save_random_deepseek
 from tinyinfer import LLM, LLMEngine, SamplingParams
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.proposers import DraftModelProposer
@@ -40,26 +41,8 @@ def _qwen3_moe(tmp) -> str:
 
 
 def _deepseek_moe(tmp) -> str:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=1024, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-        q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, n_routed_experts=4,
-        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
-        norm_topk_prob=True, routed_scaling_factor=2.5, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2)
-    model = transformers.DeepseekV3ForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.1)
-    model.save_pretrained(str(tmp))
-    shutil.copy(os.path.join(LLAMA, "tokenizer.model"), str(tmp))
-    return str(tmp)
+    """DeepSeek-V3: MLA with a low-rank query, sigmoid noaux_tc routing over 8 experts + a shared one."""
+    return save_random_deepseek(tmp, "v3", routed_scaling_factor=2.5, norm_topk_prob=True)
 
 
 def _int4_file(tmp) -> str:

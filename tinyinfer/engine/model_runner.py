@@ -59,8 +59,9 @@ class ModelRunner:
             raise ValueError(f"max_kv_tokens={kv_tokens} is smaller than one block ({block_size} tokens)")
         num_blocks = kv_tokens // block_size
         kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, k_dims, v_dims, dtype, device)
+        each = "" if shard is None else f" on each of {shard.size} ranks"
         say(f"KV cache: {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens "
-            f"({num_blocks * block_size * per_token / 2**20:.1f} MiB, {per_token} bytes/token)")
+            f"({num_blocks * block_size * per_token / 2**20:.1f} MiB, {per_token} bytes/token{each})")
         return cls(model, kv, cuda_graphs, graph_pool)
 
     @property

@@ -70,8 +70,8 @@ def _how_it_ended(exitcode: Optional[int]) -> str:
 
 def _lost_peer(text: str) -> bool:
     """Whether an error only says that another rank went away (gloo's words for a closed socket)."""
-    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer",
-                                   "Broken pipe"))
+    return any(m in text for m in ("Connection closed", "Connection reset", "Broken pipe",
+                                   "Connection refused"))
 
 
 def _shutdown(procs: list, conns: list[Connection], store_dir: str, wait_s: float) -> None:
@@ -107,6 +107,7 @@ class TensorParallelRunner:
         if quant == "int4":
             check_int4_shards(cfg, size, group_size)
         self.config, self.size, self.broken = cfg, size, None
+        self._errors: dict[int, tuple] = {}        # rank -> its error message, once received
         store_dir = tempfile.mkdtemp(prefix="tinyinfer-tp-")
         dev = str(device) if device.type == "cuda" else "cpu"
         self.spec = RankSpec(path, size, dev, str(dtype).replace("torch.", ""), quant, group_size,
@@ -180,6 +181,7 @@ class TensorParallelRunner:
             raise stopped from err
 
     def _wait_for(self, what: str, timeout_s: float) -> None:
+        """Each worker's next message must be `what` (its start-up stages: "hello", "ready")."""
         deadline = time.monotonic() + timeout_s
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
             while not conn.poll(0.05):
@@ -191,49 +193,51 @@ class TensorParallelRunner:
                                    f"within {timeout_s:.0f} s; the workers were stopped")
                     raise TensorParallelError(self.broken, rank)
             msg = conn.recv()
-            if msg[0] != what:
-                raise TensorParallelError(f"tensor-parallel rank {rank} (pid {proc.pid}) raised "
-                                          f"{msg[1]}", rank, msg[2] if len(msg) > 2 else "")
+            if msg[0] != what:                     # its error: _stop reports it
+                self._errors[rank] = msg
+                raise self._stop(None)
 
-    def _reports(self, wait_s: float) -> dict[int, tuple[str, str]]:
-        """rank -> (what happened, traceback) for every worker that failed, waiting up to wait_s for
-        those on their way out (a lost peer fails every rank's collective)."""
-        found: dict[int, tuple[str, str]] = {}
+    def _reports(self, wait_s: float) -> dict[int, tuple[str, str, bool]]:
+        """rank -> (what happened, traceback, whether it raised) for every worker that failed,
+        waiting up to wait_s for those on their way out (a lost peer fails every rank's collective)."""
+        found: dict[int, tuple[str, str, bool]] = {}
         deadline = time.monotonic() + wait_s
         while True:                                  # at least one look at every worker
             for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
                 if rank in found:
                     continue
+                msg = self._errors.get(rank)
                 try:
-                    msg = conn.recv() if conn.poll() else None
+                    msg = msg or (conn.recv() if conn.poll() else None)
                 except (EOFError, OSError):
-                    msg = None
+                    pass
                 if msg is not None and msg[0] == "error":
-                    found[rank] = (f"raised {msg[1]}", msg[2])
+                    found[rank] = (f"raised {msg[1]}", msg[2], True)
                 elif not proc.is_alive():
-                    found[rank] = (_how_it_ended(proc.exitcode), "")
+                    found[rank] = (_how_it_ended(proc.exitcode), "", False)
             if len(found) == len(self.procs) or time.monotonic() >= deadline:
                 return found
             time.sleep(0.02)
 
     def _stop(self, err: Optional[BaseException]) -> BaseException:
-        """Diagnose a failure, stop every worker, and return the error to raise: a worker's that died
-        or raised on its own, else rank 0's own error (a worker that only lost its peer is a
-        consequence, not the cause)."""
+        """Diagnose a failure, stop every worker, and return the error to raise. The cause, in order:
+        a worker that died without a word (a signal, the OOM killer), rank 0's own error, a worker
+        that raised; a rank that only lost its peer (gloo's closed connection) is a consequence."""
         # Ctrl-C is rank 0's own: do not wait for reports that will not come.
         found = self._reports(0.0 if isinstance(err, KeyboardInterrupt) else REPORT_WAIT_S)
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
         self._close()
-        causes = [r for r in sorted(found) if not _lost_peer(found[r][0])]
-        if not causes and err is not None and (not found or not _lost_peer(str(err))):
+        crashed = [r for r in sorted(found) if not found[r][2]]
+        raised = [r for r in sorted(found) if found[r][2] and not _lost_peer(found[r][0])]
+        if not crashed and err is not None and not _lost_peer(str(err)):
             self.broken = (f"tensor-parallel rank 0 failed ({type(err).__name__}: {err}); the workers "
                            "were stopped: create a new engine")
             return err
-        order = causes + [r for r in sorted(found) if r not in causes]
+        order = crashed + raised + [r for r in sorted(found) if r not in crashed + raised]
         if not order:
-            self.broken = "tensor-parallel rank 0 lost its workers; create a new engine"
+            self.broken = f"tensor-parallel rank 0 lost its workers ({err}); create a new engine"
             return TensorParallelError(self.broken, 0)
         parts = [f"rank {r} (pid {self.procs[r - 1].pid}) {found[r][0]}" for r in order]
         self.broken = (f"tensor-parallel worker {parts[0]}; the engine stopped and its workers were "
