@@ -1,5 +1,6 @@
 """Tensor parallelism on the CPU (gloo, N = 2) against the same model on one device: logits within
-float32 tolerance and greedy tokens identical -- on shakespeare-llama, shakespeare-mla, random MoE
+float32 tolerance and greedy tokens identical -- on shakespeare-llama, shakespeare-draft (tied
+embeddings, one KV head replicated on both ranks), shakespeare-mla, random MoE
 models (Qwen3-MoE with q/k/v/o biases and QK-norm; DeepSeek-V3 with MLA and shared experts), an INT4
 model quantized on the fly and an INT4 file read slice by slice -- and with preemption, speculative
 decoding (the draft model on rank 0) and seeded sampling inside the step. The bytes each step
@@ -57,6 +58,7 @@ def _int4_file(tmp) -> str:
 # name -> (checkpoint path, or a function writing one into a temporary directory; LLM options)
 MODELS = {
     "llama": (LLAMA, {}),
+    "tied_one_kv_head": (DRAFT, {}),          # tied lm_head; 1 KV head replicated on both ranks
     "mla": (MLA, {}),
     "qwen3_moe": (_qwen3_moe, {"dtype": "float32"}),
     "deepseek_moe": (_deepseek_moe, {"dtype": "float32"}),
@@ -129,3 +131,34 @@ def test_seeded_sampling_inside_the_step_matches_one_device(pair):
     one, two = pair
     params = [SamplingParams(temperature=0.8, seed=s, max_tokens=16, ignore_eos=True) for s in (1, 2, 3)]
     assert _tokens(two, PROMPTS, params) == _tokens(one, PROMPTS, params)
+
+
+def test_a_rank_reads_only_its_slices_of_the_checkpoint(monkeypatch):
+    """Rank r of 2 reads (lazily, slice by slice) half of every split tensor and whole replicated ones
+    (the norms): its bytes read are half the checkpoint's, plus the norms."""
+    from tinyinfer.loading.shard import Shard
+    from tinyinfer.loading.weights import load_model
+    read = {"get": 0, "get_slice": 0}
+    get, get_slice = ckpt.TensorReader.get, ckpt.TensorReader.get_slice
+
+    def counting(name, fn):
+        def call(self, *args):
+            t = fn(self, *args)
+            read[name] += t.numel() * t.element_size()
+            return t
+        return call
+
+    monkeypatch.setattr(ckpt.TensorReader, "get", counting("get", get))
+    monkeypatch.setattr(ckpt.TensorReader, "get_slice", counting("get_slice", get_slice))
+    files = ckpt.locate(LLAMA)
+    cfg = ModelConfig.from_hf(files.config, files.generation_config)
+    reader = ckpt.TensorReader(files.weight_files)
+    total = sum(reader.get(n).numel() * reader.get(n).element_size() for n in reader.where)
+    norms = sum(reader.get(n).numel() * reader.get(n).element_size() for n in reader.where
+                if "norm" in n)
+    for rank in range(2):
+        read.update(get=0, get_slice=0)
+        model = load_model(files, cfg, torch.bfloat16, torch.device("cpu"), shard=Shard(rank, 2, cfg))
+        assert read["get"] == norms                          # whole: only the replicated norms
+        assert read["get_slice"] == (total - norms) // 2     # everything else: this rank's half
+        assert model.embed_tokens.weight.shape == (cfg.vocab_size // 2, cfg.hidden_size)

@@ -3,7 +3,7 @@
 A worker killed in the middle of a generation stops the engine with an error naming its rank, within a
 bounded time (the generation runs in a thread joined with a deadline: a hang fails the test instead of
 stalling it); a worker that raises is reported with its message; close(), leaving a `with` block, Ctrl-C
-on the CLI and the death of the engine's process leave no worker behind (checked with psutil). Models
+on the CLI and the death of the engine's process leave no worker behind (checked in /proc). Models
 that cannot be split, more ranks than GPUs, INT4 shards that would split a quantization group, and
 checkpoint formats that load on one device only are refused before any process starts."""
 from __future__ import annotations
@@ -26,17 +26,36 @@ from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.shard import ShardedReader, check_files, check_int4_shards, check_shardable
 from tinyinfer.quant.io import save_int4
 
-psutil = pytest.importorskip("psutil")
+if not os.path.isdir("/proc/self"):
+    pytest.skip("the process checks read /proc (Linux)", allow_module_level=True)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=800, ignore_eos=True)
 DEADLINE_S = 60              # a failure must surface well within this (a hang fails the test)
 
 
-def _gone(pid: int) -> bool:
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: [state, ppid, ...], or None for no such process."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def _gone(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is None or stat[0] == "Z"           # exited (a zombie has exited too)
+
+
+def _descendants(pid: int) -> list[int]:
+    parent = {int(d): _stat(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+    parent = {p: int(st[1]) for p, st in parent.items() if st is not None}
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
 
 
 def _wait_gone(pids: list[int], seconds: float) -> bool:
@@ -100,7 +119,7 @@ def test_ctrl_c_or_the_death_of_the_cli_leaves_no_worker(sig, code):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout.read(12)                # the prompt, then generated text: it is running
-        workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        workers = _descendants(proc.pid)
         assert workers, "no worker process was started"
         proc.send_signal(sig)
         assert proc.wait(DEADLINE_S) == code
