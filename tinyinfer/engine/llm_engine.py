@@ -40,7 +40,7 @@ from tinyinfer.engine.sampling_step import run_step
 from tinyinfer.engine.scheduler import Scheduler, check_limits
 from tinyinfer.engine.sequence import RequestError, Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
-from tinyinfer.engine.tensor_parallel import TensorParallelRunner
+from tinyinfer.engine.tensor_parallel import load_runner
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
@@ -88,13 +88,8 @@ class LLMEngine:
                              "leave it unset (or False) on the CPU")
         half = self.dtype in (torch.float16, torch.bfloat16)
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
-        if tensor_parallel_size == 1:
-            runner = ModelRunner.load(files, self.config, self.device, self.dtype, quant, max_kv_tokens,
-                                      block_size, use_graphs, say=self._say, group_size=group_size or 128)
-        else:                                       # N ranks; the draft model stays on rank 0
-            runner = TensorParallelRunner(path, files, self.config, tensor_parallel_size, self.device,
-                                          self.dtype, quant, max_kv_tokens, block_size, use_graphs,
-                                          group_size or 128, say=self._say)
+        runner = load_runner(path, files, self.config, tensor_parallel_size, self.device, self.dtype,
+                             quant, max_kv_tokens, block_size, use_graphs, group_size or 128, self._say)
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:

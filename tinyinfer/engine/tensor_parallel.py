@@ -31,6 +31,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tinyinfer.engine.batch import StepBatch
+from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.workers import RankSpec, load_rank, worker_main
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading.checkpoint import CheckpointFiles
@@ -244,3 +245,15 @@ class TensorParallelRunner:
                        f"shut down" + (f" (also {'; '.join(parts[1:])})" if parts[1:] else "") +
                        ": create a new engine")
         return TensorParallelError(self.broken, order[0], found[order[0]][1])
+
+
+def load_runner(path: str, files: CheckpointFiles, cfg: ModelConfig, size: int, device: torch.device,
+                dtype: torch.dtype, quant: Optional[str], kv_tokens: Optional[int], block_size: int,
+                cuda_graphs: bool, group_size: int, say: Callable[[str], None]
+                ) -> ModelRunner | TensorParallelRunner:
+    """The engine's model runner: a ModelRunner on one device (size 1), else N ranks."""
+    if size == 1:
+        return ModelRunner.load(files, cfg, device, dtype, quant, kv_tokens, block_size, cuda_graphs,
+                                say=say, group_size=group_size)
+    return TensorParallelRunner(path, files, cfg, size, device, dtype, quant, kv_tokens, block_size,
+                                cuda_graphs, group_size, say)
