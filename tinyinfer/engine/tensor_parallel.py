@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.model_runner import ModelRunner
-from tinyinfer.engine.workers import RankSpec, load_rank, worker_main
+from tinyinfer.engine.workers import RankSpec, load_rank, rank_device, worker_main
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.config import ModelConfig
@@ -128,7 +128,7 @@ class TensorParallelRunner:
         try:
             self._wait_for("hello", timeout_s)
             self.group = ParallelGroup.create(self.spec.backend, self.spec.store, 0, size, timeout_s,
-                                              device)
+                                              rank_device(dev, 0))
             self.local = load_rank(self.spec, 0, self.group, say)
             self._wait_for("ready", timeout_s)
         except BaseException as err:
