@@ -17,6 +17,7 @@ the engine (NaN logits) ends alone with finish_reason "error"; the others contin
 decoding a step runs two passes: the verify pass of the decodes, then the prefill chunks. Options
 beyond LLM's loading ones: max_num_seqs, max_num_batched_tokens (the tokens of one step; 512),
 enable_chunked_prefill, enable_prefix_caching (both on; engine/scheduler.py, engine/block_manager.py).
+tensor_parallel_size=N splits the model over N ranks (engine/tensor_parallel.py; `close()` stops them).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from tinyinfer.engine.sampling_step import run_step
 from tinyinfer.engine.scheduler import Scheduler, check_limits
 from tinyinfer.engine.sequence import RequestError, Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
+from tinyinfer.engine.tensor_parallel import load_runner
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
@@ -62,7 +64,8 @@ class LLMEngine:
                  max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False,
                  cuda_graphs: Optional[bool] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
-                 enable_prefix_caching: bool = True, group_size: Optional[int] = None):
+                 enable_prefix_caching: bool = True, group_size: Optional[int] = None,
+                 tensor_parallel_size: int = 1):
         check_quant(quant, group_size)
         check_speculate_k(speculate_k)
         check_limits(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
@@ -85,8 +88,8 @@ class LLMEngine:
                              "leave it unset (or False) on the CPU")
         half = self.dtype in (torch.float16, torch.bfloat16)
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
-        runner = ModelRunner.load(files, self.config, self.device, self.dtype, quant, max_kv_tokens,
-                                  block_size, use_graphs, say=self._say, group_size=group_size or 128)
+        runner = load_runner(path, files, self.config, tensor_parallel_size, self.device, self.dtype,
+                             quant, max_kv_tokens, block_size, use_graphs, group_size or 128, self._say)
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:
@@ -130,6 +133,12 @@ class LLMEngine:
         runner = ModelRunner.load(files, cfg, self.device, self.dtype, None, self.kv_tokens,
                                   self.block_size, use_graphs, self.runner.graph_pool)
         return DraftModelProposer(runner)
+
+    def close(self) -> None:
+        """Stop the model runner's worker processes (tensor parallelism): none is left after it."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def _say(self, msg: str) -> None:
         if self.verbose:
