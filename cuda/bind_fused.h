@@ -1,5 +1,6 @@
 // bind_fused.h -- argument checks and launches of the fused decode-path ops: rms_norm,
-// fused_add_rmsnorm (cuda/fused_norm.cu) and rope_store_kv (cuda/rope_store_kv.cu). Included once, by
+// fused_add_rmsnorm (cuda/fused_norm.cu), rope_store_kv (cuda/rope_store_kv.cu) and silu_and_mul
+// (cuda/silu_mul.cu). Included once, by
 // cuda/bindings.cpp (the only translation unit with torch headers).
 #pragma once
 
@@ -8,6 +9,7 @@
 namespace tinyinfer {
 cudaError_t launch_rms_norm(const RMSNormParams& p, FusedDtype dtype, cudaStream_t stream);
 cudaError_t launch_rope_store_kv(const RopeStoreKVParams& p, FusedDtype dtype, cudaStream_t stream);
+cudaError_t launch_silu_and_mul(const SiluMulParams& p, FusedDtype dtype, cudaStream_t stream);
 }  // namespace tinyinfer
 
 namespace {
@@ -182,6 +184,29 @@ std::tuple<Tensor, Tensor> rope_store_kv(const Tensor& q, const Tensor& k, const
   p.v_cache_strides = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
   check_launch(tinyinfer::launch_rope_store_kv(p, dtype, c10::cuda::getCurrentCUDAStream()), "rope_store_kv");
   return {q_out, k_out};
+}
+
+// SwiGLU's activation: y = silu(x[..., :F]) * x[..., F:] for x (..., 2F) -> y (..., F).
+Tensor silu_and_mul(const Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "silu_and_mul: x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.size(-1) % 2 == 0, "silu_and_mul: x must be "
+              "(..., 2 * intermediate) = [gate | up] with an even last dimension, got shape ", x.sizes());
+  const tinyinfer::FusedDtype dtype = fused_dtype(x, "silu_and_mul", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xr = as_rows(x);
+  const int64_t F = x.size(-1) / 2, T = xr.size(0);
+  TORCH_CHECK(T < (int64_t(1) << 31), "silu_and_mul: ", T, " rows in one call; split the batch below 2^31");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = F;
+  Tensor y = torch::empty(shape, x.options());
+  tinyinfer::SiluMulParams p{};
+  p.x = xr.data_ptr();
+  p.y = y.data_ptr();
+  p.num_tokens = T;
+  p.width = F;
+  p.x_row_stride = xr.stride(0);
+  check_launch(tinyinfer::launch_silu_and_mul(p, dtype, c10::cuda::getCurrentCUDAStream()), "silu_and_mul");
+  return y;
 }
 
 }  // namespace

@@ -40,6 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight"), pybind11::arg("eps"));
   m.def("fused_add_rmsnorm", &fused_add_rmsnorm, "(rms_norm(x + residual) * weight, x + residual) in one kernel",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("eps"));
+  m.def("silu_and_mul", &silu_and_mul, "SwiGLU's activation: silu(x[..., :F]) * x[..., F:] in one kernel",
+        pybind11::arg("x"));
   m.def("rope_store_kv", &rope_store_kv, "RoPE on q and k from the cos/sin table rows at each token's position, "
         "+ K/V write into the paged cache; returns (rotated q, rotated k)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cos_sin_cache"),

@@ -59,6 +59,15 @@ struct RMSNormParams {
 // RoPE (rotate_half layout) + K/V write into the paged cache
 // ---------------------------------------------------------------------------------------------
 
+// SwiGLU's activation (cuda/silu_mul.cu): y[t, i] = silu(x[t, i]) * x[t, width + i] for x = [gate | up].
+struct SiluMulParams {
+  const void* x;            // (T, 2 * width), rows x_row_stride elements apart, unit-stride columns
+  void* y;                  // (T, width), contiguous
+  int64_t num_tokens;       // T
+  int64_t width;            // F: the MLP's intermediate size
+  int64_t x_row_stride;
+};
+
 // All strides in elements; every last dimension unit-stride.
 struct RopeStoreKVParams {
   const void* q;                 // (T, Hq, D)

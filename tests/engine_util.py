@@ -26,20 +26,35 @@ class WriteGuard:
     def __init__(self, engine: LLMEngine):
         self.engine, self.steps = engine, []
         runner = engine.runner
-        self._execute = runner.execute
-        runner.execute = self.execute
+        self._execute, self._execute_sampled = runner.execute, runner.execute_sampled
+        runner.execute, runner.execute_sampled = self.execute, self.execute_sampled
 
-    def execute(self, batch, all_logits: bool = False):
+    def _check(self, batch) -> None:
         alloc, bs = self.engine.blocks.allocator, self.engine.block_size
         for slot in batch.slot_mapping:
             b = slot // bs
             assert alloc.ref_counts[b] == 1, f"step writes block {b} shared by {alloc.ref_counts[b]}"
             assert alloc.hashes[b] is None, f"step writes block {b}, committed to the prefix cache"
         self.steps.append(batch.num_new)
+
+    def execute(self, batch, all_logits: bool = False):
+        self._check(batch)
         return self._execute(batch, all_logits)
 
+    def execute_sampled(self, batch):
+        # A step that samples in the runner checks here; its eager fallback calls execute, which
+        # must not count the step twice.
+        self._check(batch)
+        runner = self.engine.runner
+        runner.execute = self._execute
+        try:
+            return self._execute_sampled(batch)
+        finally:
+            runner.execute = self.execute
+
     def remove(self) -> None:
-        del self.engine.runner.execute          # the instance attribute: back to the class method
+        del self.engine.runner.execute          # the instance attributes: back to the class methods
+        del self.engine.runner.execute_sampled
 
 
 def assert_all_free(engine: LLMEngine) -> None:

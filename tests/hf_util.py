@@ -96,3 +96,20 @@ def assert_greedy_matches_hf(llm, hf, ids: list[int], n: int, at_least: int) -> 
     agree = first_near_tie(gaps)
     assert ours.token_ids[:agree] == theirs[:agree]
     assert agree >= at_least, "random weights gave near-ties too early for a meaningful check"
+
+
+def write_copy(tmp_path, src: str = LLAMA, tensors=None, edit_tensors=None, edit_config=None) -> str:
+    """A copy of checkpoint directory `src` in tmp_path: its tensors (or `tensors`) edited in place by
+    `edit_tensors`, its config.json by `edit_config`, and its tokenizer."""
+    import json
+    from safetensors.torch import load_file, save_file
+    tensors = tensors if tensors is not None else load_file(os.path.join(src, "model.safetensors"))
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    if edit_config:
+        edit_config(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(os.path.join(src, "tokenizer.model"), tmp_path)
+    return str(tmp_path)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gguf_util
-from hf_util import LLAMA, MLA
+from hf_util import LLAMA, MLA, write_copy
 from quant_util import gptq_checkpoint
 from tinyinfer import LLM
 from tinyinfer.loading import validate
@@ -24,17 +24,7 @@ IDS = [1, 45, 300, 12, 77]
 
 
 def write(tmp_path, src: str = LLAMA, edit_tensors=None, edit_config=None) -> str:
-    """A copy of checkpoint `src` with its tensors and config.json edited in place."""
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    if edit_tensors:
-        edit_tensors(tensors)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    cfg = json.load(open(os.path.join(src, "config.json")))
-    if edit_config:
-        edit_config(cfg)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    shutil.copy(os.path.join(src, "tokenizer.model"), tmp_path)
-    return str(tmp_path)
+    return write_copy(tmp_path, src, edit_tensors=edit_tensors, edit_config=edit_config)
 
 
 def setter(key: str, value):

@@ -54,3 +54,18 @@ def test_format_table_aligns_columns():
     text = format_table([{"a": 1.23456, "b": "x"}, {"a": 10.0, "b": None}], ["a", "b"])
     lines = text.splitlines()
     assert lines[1].startswith("1.235") and lines[0].index("b") == lines[1].index("x") == len("1.235  ")
+
+
+def test_ops_bench_counts_each_custom_op_once_and_no_views():
+    from hf_util import LLAMA
+    from tinyinfer.bench.ops import count_decode_step
+    from tinyinfer.engine.llm_engine import LLMEngine
+    engine = LLMEngine(LLAMA, device="cpu", dtype="float32", max_kv_tokens=1024)
+    counts = count_decode_step(engine, batch=3)
+    layers = engine.config.num_layers
+    for op in ("tinyinfer.paged_attention", "tinyinfer.rope_store_kv", "tinyinfer.silu_and_mul"):
+        assert counts[op] == layers, (op, counts)
+    assert counts["tinyinfer.fused_add_rmsnorm"] == 2 * layers
+    assert counts["linear"] == 4 * layers + 1                 # qkv, o, gate_up, down; the lm_head
+    assert not {"view", "slice", "unsqueeze"} & set(counts)
+    assert engine.stats["free_blocks"] == engine.stats["num_blocks"]

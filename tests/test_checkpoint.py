@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_util import LLAMA
+from hf_util import LLAMA, write_copy
 from tinyinfer import LLM
 from tinyinfer.loading.checkpoint import CheckpointError
 from tinyinfer.loading.config import ConfigError
@@ -45,14 +45,7 @@ def test_single_file_with_config_in_metadata_loads_to_the_same_logits(tmp_path, 
 
 
 def _copy(tmp_path, tensors=None, config_edit=None):
-    tensors = tensors if tensors is not None else load_file(os.path.join(LLAMA, "model.safetensors"))
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    cfg = json.load(open(os.path.join(LLAMA, "config.json")))
-    if config_edit:
-        config_edit(cfg)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    shutil.copy(os.path.join(LLAMA, "tokenizer.model"), tmp_path)
-    return str(tmp_path)
+    return write_copy(tmp_path, tensors=tensors, edit_config=config_edit)
 
 
 def test_missing_path_is_a_checkpoint_error(tmp_path):

@@ -169,7 +169,7 @@ def test_decode_only_steps_take_the_graph_runner_and_mixed_steps_run_eagerly(lla
         llama, enable_chunked_prefill=False, enable_prefix_caching=False)).generate(prompts, GREEDY)]
     graphs = GraphRunner(llama.model, runner.kv, capture=False)       # the padded path, uncaptured
     replayed = []
-    graphs.run = lambda batch, run=graphs.run: replayed.append(batch.num_new) or run(batch)
+    graphs.run = lambda batch, *mode, run=graphs.run: replayed.append(batch.num_new) or run(batch, *mode)
     runner.graphs[1] = graphs
     try:
         engine = engine_for(llama, max_num_batched_tokens=40, max_num_seqs=8)

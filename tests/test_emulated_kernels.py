@@ -29,6 +29,7 @@ PROGRAMS = {
     "emulate_paged_attention": "tensor-core paged attention (decode, verify q_len 5-16, MHA/GQA/MQA, MLA "
                                "576/512, one and several partitions) equals float64",
     "emulate_rope": "RoPE from the cos/sin table + K/V write is bit for bit the rotate_half formula",
+    "emulate_silu_mul": "SwiGLU's activation silu(gate) * up is bit for bit the two rounded ops",
 }
 
 

@@ -140,18 +140,28 @@ def test_rope_reference_is_a_complex_rotation_of_each_half_pair(seed):
     torch.testing.assert_close(reference.apply_rotary(x, cos, sin).double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_silu_and_mul_matches_the_float64_formula(dtype, seed):
+    x = (3 * torch.randn(7, 2 * 96, generator=torch.Generator().manual_seed(seed))).to(dtype)
+    g, u = x.double().chunk(2, dim=-1)
+    want = g / (1 + torch.exp(-g)) * u
+    torch.testing.assert_close(ops.silu_and_mul(x).double(), want, msg=f"seed {seed}",
+                               **TOL[dtype])
+
+
 def test_fake_implementations_and_schemas_agree_with_the_references():
     x, residual, weight = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(ops.rms_norm, (x, weight, 1e-5), test_utils=checks)
     torch.library.opcheck(ops.fused_add_rmsnorm, (x, residual, weight, 1e-5), test_utils=checks)
+    torch.library.opcheck(ops.silu_and_mul, (torch.randn(3, 10),), test_utils=checks)
     args = _rope_inputs(5, 4, 2, 8, 4, torch.float32, "cpu", seed=0, num_blocks=3)
     torch.library.opcheck(ops.rope_store_kv, args, test_utils=checks)
 
 
 def _unfused_forward(model, input_ids, positions, meta, kv_caches):
     """Transformer.forward as it was before the fusions: separate residual adds and norms, cos/sin
-    computed for the step, apply_rope then store_kv."""
+    computed for the step, apply_rope then store_kv, silu(gate) * up as two ops."""
     x = model.embed_tokens(input_ids)
     cos, sin = _step_cos_sin(positions, rope_parameters(model.cfg)[1], x.dtype)
     T = x.shape[0]
@@ -164,8 +174,9 @@ def _unfused_forward(model, input_ids, positions, meta, kv_caches):
         reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = attend(q, k, v, k_cache, v_cache, meta, attn.scale)
         x = x + attn.o_proj(out.reshape(T, -1))
-        ln = layer.post_attention_layernorm
-        x = x + layer.mlp(_unfused_rms_norm(x, ln.weight, ln.eps))
+        ln, mlp = layer.post_attention_layernorm, layer.mlp
+        gate, up = mlp.gate_up_proj(_unfused_rms_norm(x, ln.weight, ln.eps)).split(mlp.ffn, dim=-1)
+        x = x + mlp.down_proj(torch.nn.functional.silu(gate) * up)
     return _unfused_rms_norm(x, model.norm.weight, model.norm.eps)
 
 
@@ -297,6 +308,19 @@ def test_fused_kernels_small_case(cuda_extension):
         y, _ = ops.fused_add_rmsnorm(x, residual, weight, 1e-5)
         torch.testing.assert_close(y, reference.fused_add_rmsnorm(x, residual, weight, 1e-5)[0],
                                    **NORM_TOL[torch.float16])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width,pad", [(1, 768, 0), (64, 11008, 0), (5, 37, 3), (3, 1408, 8)])
+def test_silu_and_mul_kernel_equals_reference(cuda_extension, dtype, rows, width, pad, seed):
+    # x as a view into a wider buffer (pad columns per row), the output NaN-poisoned in free memory.
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(rows, 2 * width + pad, generator=gen)).to("cuda", dtype)[:, :2 * width]
+    want = reference.silu_and_mul(x)
+    _poison_free_memory(want)
+    got = ops.silu_and_mul(x)
+    torch.testing.assert_close(got, want, msg=f"seed {seed}", **TOL[dtype])
 
 
 @pytest.mark.cuda

@@ -41,6 +41,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill long prompts in chunks beside the running decodes (default on)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes seen before (default on)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many ranks: GPUs cuda:0..N-1 (NCCL), or N CPU "
+                        "processes (gloo); the engine spawns the workers (docs/tensor-parallel.md)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -51,7 +54,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 cuda_graphs=args.cuda_graphs, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=args.enable_chunked_prefill,
-                enable_prefix_caching=args.enable_prefix_caching)
+                enable_prefix_caching=args.enable_prefix_caching,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

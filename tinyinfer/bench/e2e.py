@@ -3,7 +3,9 @@
 Without --ckpt: a Llama-2-7B-shaped model (32 layers, hidden 4096, MLP 11008, 32 heads; MHA and a GQA
 variant with 8 KV heads) with random weights built on the GPU, bf16 and INT4. Grid: batch 1 at
 contexts 128 (decoding 128 -> 256), 1k, 8k, 32k; batch 8, 32, 64 at 1k. Per point: decode tokens/s
-(the engine's step: metadata, graph replay, argmax, read back); the bandwidth floor = (all linear
+(the engine's step: metadata, replay of the graph that samples, read back; the median of 3 runs),
+and at batch 1 the whole engine's `LLM.generate` decode rate (scheduler, sampler, detokenization
+included); the bandwidth floor = (all linear
 weights + lm_head + norms, not the embedding, + the K/V bytes the step reads) / measured copy
 bandwidth; the achieved share of it; and a breakdown from the profiler: kernels per step, sum of kernel
 time / step time, GB/s of the linears and of attention. On a CPU a small shape runs instead and
@@ -15,19 +17,25 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 
 import torch
 
 from tinyinfer import kernels
-from tinyinfer.bench.common import GiB, copy_bandwidth, device_label, format_table, is_gpu, summary_row
+from tinyinfer.bench.common import (GiB, copy_bandwidth, device_label, format_table, is_gpu, summary_row,
+                                    synchronize)
 from tinyinfer.bench.hf import compare_with_hf
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockAllocator
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.kv_cache import PagedKVCache
+from tinyinfer.engine.llm import LLM
+from tinyinfer.engine.llm_engine import LLMEngine
+from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.loading.config import ModelConfig
+from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.ops.cuda import CUDA_IMPLS
 from tinyinfer.quant.quantizer import quantize_model
@@ -37,6 +45,7 @@ GPU_CHECK_ARGS = [[]]
 GRID = [(1, 128, 128), (1, 1024, 32), (1, 8192, 32), (1, 32768, 32),     # (batch, context, steps)
         (8, 1024, 32), (32, 1024, 32), (64, 1024, 32)]
 CPU_GRID = [(1, 128, 32), (1, 512, 16), (8, 128, 16)]
+REPEATS = 3                   # timed runs per point; the figure is their median
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +146,8 @@ def _kernel_breakdown(fn, steps: int, device) -> dict:
 def _point(cfg, kv, alloc, runner, batch: int, context: int, steps: int, device,
            profile: bool = True) -> dict:
     """Decode `steps` tokens for `batch` sequences that start at `context` cached tokens (their K/V:
-    the random pool contents). Times the engine's decode step: metadata, replay, argmax, read-back."""
+    the random pool contents). Times the engine's decode step as the engine runs it: metadata, replay
+    of the graph that also samples (greedy), read-back of the B tokens; the median of REPEATS runs."""
     seqs = []
     for i in range(batch):
         seq = Sequence(str(i), [1] * (context + 1), SamplingParams(max_tokens=steps), 0)
@@ -147,7 +157,9 @@ def _point(cfg, kv, alloc, runner, batch: int, context: int, steps: int, device,
     ones = [1] * batch
 
     def step():
-        toks = runner.run(build_batch(seqs, ones, kv.block_size)).argmax(dim=-1).tolist()
+        batch_ = build_batch(seqs, ones, kv.block_size)
+        batch_.sampling = ([0.0] * batch, [0] * batch, [s.num_outputs for s in seqs])
+        toks = runner.run(batch_, "greedy")[1].tolist()
         for s, t in zip(seqs, toks):
             s.num_cached += 1
             s.token_ids.append(t)
@@ -155,19 +167,21 @@ def _point(cfg, kv, alloc, runner, batch: int, context: int, steps: int, device,
     try:
         for _ in range(3):
             step()                                                 # capture + warm-up
-        for s in seqs:                                             # rewind: time from `context`
-            del s.token_ids[context + 1:]
-            s.num_cached = context
-        if is_gpu(device):
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        step_s = (time.perf_counter() - t0) / steps
+        times = []
+        for _ in range(REPEATS):
+            for s in seqs:                                         # rewind: time from `context`
+                del s.token_ids[context + 1:]
+                s.num_cached = context
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t0) / steps)
+        step_s = statistics.median(times)
         row = {"batch": batch, "context": context, "steps": steps, "tok_s": batch / step_s,
                "ms_step": step_s * 1e3}
         if is_gpu(device) and profile:
-            graph = runner.graph_for(batch, len(seqs[0].block_table))
+            graph = runner.graph_for(batch, len(seqs[0].block_table), "greedy")
             found = _kernel_breakdown(graph.replay, 3, device) if graph is not None else {}
             if not found.get("kernels_per_step"):                  # profiler blind to graph nodes
                 found = _kernel_breakdown(lambda: runner.forward_uncaptured(
@@ -182,6 +196,24 @@ def _point(cfg, kv, alloc, runner, batch: int, context: int, steps: int, device,
 
 def _blocks(context: int, steps: int, block_size: int) -> int:
     return -(-(context + steps) // block_size)
+
+
+def _generate_rate(model, kv, context: int, steps: int, device, cuda_graphs: bool) -> float:
+    """Decode tokens/s of the whole engine, LLM.generate on one greedy request of `context` random
+    prompt ids: scheduler, sampler, detokenization and all; time(steps tokens) - time(1 token)."""
+    tokenizer = Tokenizer.from_dir(kernels.REPO_ROOT / "models" / "shakespeare-llama")
+    runner = ModelRunner(model, kv, cuda_graphs=is_gpu(device) and cuda_graphs)
+    llm = LLM.from_engine(LLMEngine.from_runner(runner, tokenizer, enable_prefix_caching=False))
+    prompt = torch.randint(3, model.cfg.vocab_size, (context,)).tolist()
+
+    def timed(n: int) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t0
+
+    timed(steps)                                                   # warm-up: graphs captured
+    return statistics.median((steps - 1) / max(timed(steps) - timed(1), 1e-9) for _ in range(REPEATS))
 
 
 def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
@@ -229,10 +261,13 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
                 eager = GraphRunner(model, kv, capture=False)
                 for batch, context, steps in fits:
                     row = {"model": label, **_point(cfg, kv, alloc, runner, batch, context, steps, device)}
-                    if gpu and cuda_graphs and batch == 1 and context == min(c for _, c, _ in fits):
-                        # The same step without graphs: what launch overhead costs at batch 1.
-                        row["eager_tok_s"] = _point(cfg, kv, alloc, eager, batch, context, 32, device,
-                                                    profile=False)["tok_s"]
+                    if batch == 1 and context == min(c for _, c, _ in fits):
+                        if gpu and cuda_graphs:
+                            # The same step without graphs: what launch overhead costs at batch 1.
+                            row["eager_tok_s"] = _point(cfg, kv, alloc, eager, batch, context, 32,
+                                                        device, profile=False)["tok_s"]
+                        row["generate_tok_s"] = _generate_rate(model, kv, context, steps, device,
+                                                               cuda_graphs)
                     # K/V read per step: every cached token of every sequence, mid-run context.
                     row["kv_bytes"] = batch * (context + steps / 2 + 1) * per_token
                     floor_s = (weights + row["kv_bytes"]) / (copy["gbps"] * 1e9)
@@ -244,7 +279,8 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
                                    linear_gbps=weights / max(row["linear_us"], 1e-9) / 1e3,
                                    attention_gbps=row["kv_bytes"] / max(row["attention_us"], 1e-9) / 1e3)
                     rows.append(row)
-                    extra = "".join(f", {k} {row[k]:.3g}" for k in ("eager_tok_s", "kernels_per_step",
+                    extra = "".join(f", {k} {row[k]:.3g}" for k in ("eager_tok_s", "generate_tok_s",
+                                    "kernels_per_step",
                                     "kernel_share", "linear_gbps", "attention_gbps") if k in row)
                     print(f"{label} batch {batch} context {context}: {row['tok_s']:.1f} tok/s, "
                           f"{row['vs_floor']:.2f} of the floor{extra}", flush=True)   # logged as it goes
@@ -253,11 +289,10 @@ def synthetic_grid(device: torch.device, quant: str, cuda_graphs: bool) -> dict:
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
-    where = "GPU" if gpu else "CPU figure (small shape, reference ops; ratios within this run only)"
     print(f"\n{device_label(device)}; copy bandwidth {copy['gbps']:.1f} GB/s; CUDA graphs "
-          f"{'on' if gpu and cuda_graphs else 'off'}; {where}")
+          f"{'on' if gpu and cuda_graphs else 'off'}; {'GPU' if gpu else 'CPU figure (small shape)'}")
     print(format_table(rows, ["model", "batch", "context", "tok_s", "ms_step", "floor_tok_s", "vs_floor",
-                              "eager_tok_s", "kernels_per_step", "kernel_share", "linear_gbps",
+                              "eager_tok_s", "generate_tok_s", "kernels_per_step", "kernel_share", "linear_gbps",
                               "attention_gbps"]))
     summary = [summary_row(f"e2e {r['model']} bs{r['batch']} ctx{r['context']}", r["tok_s"], "tok/s",
                            vs_floor=r["vs_floor"]) for r in rows]

@@ -11,7 +11,7 @@ p % block_size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence as Seq
+from typing import Optional, Sequence as Seq
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ class StepBatch:
     query_start_loc: list[int]       # (B+1,) sequence b owns rows [qsl[b], qsl[b+1])
     block_tables: list[list[int]]    # B tables (unpadded; the sequences' own lists, read at once)
     prefill: bool                    # no sequence has a cached prefix
+    # Sampling inside the step (ModelRunner.execute_sampled): per sequence its temperature (0: greedy),
+    # seed and output position -- the key of its sampling noise (layers/sampler.py).
+    sampling: Optional[tuple[list[float], list[int], list[int]]] = None
 
     @property
     def num_seqs(self) -> int:

@@ -16,6 +16,9 @@ Programming Guide). A graph replays fixed pointers and shapes, which shapes this
   the model's context), so a short context does not launch attention work sized for 32k tokens.
 - Everything inside the captured region is graph-safe: no .item()/.tolist(), no data-dependent
   shapes; the lm_head runs over all T rows and the caller picks the ones it needs.
+- A decode graph may also sample (mode "greedy": argmax; "sample": temperature and keyed Gumbel noise,
+  layers/sampler.py `sample_rows`) and check each row's logits are finite, so a step hands the host B
+  token ids instead of B x vocab logits, and sampling costs no launches of its own.
 
 Batches larger than the biggest bucket, longer queries, or models with host-synchronising layers
 (MoE routing) run eagerly. On a CPU the same padded path runs without capture (`capture=False`), which
@@ -33,7 +36,8 @@ from torch import Tensor
 from tinyinfer import kernels
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.kv_cache import PagedKVCache
-from tinyinfer.layers.attention import AttentionMetadata
+from tinyinfer.engine.static_batch import StaticBatch
+from tinyinfer.layers.sampler import sample_rows
 from tinyinfer.ops.cuda import CUDA_IMPLS
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
@@ -59,84 +63,14 @@ def graph_unsafe_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
-class StaticBatch:
-    """The static input buffers shared by all graphs of one runner, and the code that fills them.
-
-    Device buffers (their views are what the graphs read):
-        i64 (3, T_max): input ids | positions | slot mapping
-        i32 (table_off + B_max * MB_max,): seq lens | query_start_loc | (gap) | block tables
-    A graph for (bucket b, table width mb) reads views of their prefixes: ids i64[0, :b*q_len], ...,
-    block tables i32[off : off + b*mb].view(b, mb)."""
-
-    def __init__(self, max_seqs: int, q_len: int, max_blocks: int, device: torch.device):
-        self.max_seqs, self.q_len, self.max_blocks = max_seqs, q_len, max_blocks
-        self.device = device
-        self.table_off = -(-(2 * max_seqs + 1) // 32) * 32    # tables start 128-byte aligned
-        n32 = self.table_off + max_seqs * max_blocks
-        self.i64 = torch.zeros(3, max_seqs * q_len, dtype=torch.int64, device=device)
-        self.i32 = torch.zeros(n32, dtype=torch.int32, device=device)
-        pin = device.type == "cuda"
-        self.h64 = torch.zeros(self.i64.shape, dtype=torch.int64, pin_memory=pin)
-        self.h32 = torch.zeros(n32, dtype=torch.int32, pin_memory=pin)
-        self.width = 0                        # table row stride of the last fill (0: none yet)
-        self.rows: list[Optional[list[int]]] = [None] * max_seqs  # table each host row holds now
-        self.copied = torch.cuda.Event() if pin else None        # the last host->device copy
-
-    def meta(self, bucket: int, width: int) -> tuple[Tensor, Tensor, AttentionMetadata]:
-        """(input_ids, positions, metadata) as views of the static buffers for one graph shape."""
-        T, B, off = bucket * self.q_len, bucket, self.table_off
-        meta = AttentionMetadata(
-            slot_mapping=self.i64[2, :T], block_tables=self.i32[off:off + B * width].view(B, width),
-            seq_lens=self.i32[:B], query_start_loc=self.i32[self.max_seqs:self.max_seqs + B + 1],
-            max_q_len=self.q_len, query_start_loc_host=[0] * (B + 1), seq_lens_host=[0] * B,
-            prefill=False)
-        return self.i64[0, :T], self.i64[1, :T], meta
-
-    def fill(self, batch: StepBatch, bucket: int, width: int) -> int:
-        """Write `batch` padded to `bucket` sequences with tables `width` wide; returns the real row
-        count T."""
-        if self.copied is not None:
-            self.copied.synchronize()         # the previous copy may still be reading the mirrors
-        q = self.q_len
-        ids, positions, slots = batch.input_ids, batch.positions, batch.slot_mapping
-        seq_lens, qsl, n = batch.seq_lens, batch.query_start_loc, batch.num_seqs
-        T, pad = len(ids), bucket * q - len(ids)
-        # Padding rows: token 0 at position 0, slot -1 (never stored); padding sequences own no
-        # query rows (query_start_loc stays at T) and no cached tokens.
-        self.h64[:, :bucket * q] = torch.tensor([ids + [0] * pad, positions + [0] * pad,
-                                                 slots + [-1] * pad])
-        nb = bucket - n
-        self.h32[:bucket] = torch.tensor(seq_lens + [0] * nb, dtype=torch.int32)
-        self.h32[self.max_seqs:self.max_seqs + bucket + 1] = torch.tensor(qsl + [T] * nb,
-                                                                          dtype=torch.int32)
-        self._fill_tables(batch.block_tables, width)
-        # Entries past a sequence's last block (and padding rows) keep stale values: the contract
-        # says they are never read.
-        self.i64.copy_(self.h64, non_blocking=True)            # small: 3 x T_max int64
-        end = self.table_off + bucket * width
-        self.i32[:end].copy_(self.h32[:end], non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
-        return T
-
-    def _fill_tables(self, block_tables: list[list[int]], width: int) -> None:
-        # Block tables change only when a sequence gains a block (every block_size steps) or the batch
-        # changes, so each host row remembers the table it holds and is rewritten only if it differs
-        # (a list comparison runs in C).
-        if width != self.width:
-            self.width, self.rows = width, [None] * self.max_seqs
-        tables = self.h32[self.table_off:self.table_off + self.max_seqs * width].view(-1, width)
-        for i, table in enumerate(block_tables):
-            if self.rows[i] != table:
-                tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
-                self.rows[i] = list(table)
-
-
 class GraphRunner:
     """Runs steps of `q_len` new tokens per sequence (1 = decode) through captured CUDA graphs.
 
     run() returns the float32 logits of every new token row, (T, vocab) with T = sum(num_new): a view
-    of the graph's static output, valid until the next run()."""
+    of the graph's static output, valid until the next run(). With mode "greedy" or "sample" (q_len 1
+    only) it returns (logits, tokens (B,), finite (B,)): the step's draws, from batch.sampling."""
+
+    MODES = ("logits", "greedy", "sample")
 
     def __init__(self, model: nn.Module, kv: PagedKVCache, q_len: int = 1,
                  buckets: Sequence[int] = BUCKETS, max_context: Optional[int] = None,
@@ -156,8 +90,8 @@ class GraphRunner:
         self.max_blocks = min(-(-context // bs), kv.num_blocks)
         self.widths = self._widths(self.max_blocks)
         self.batch = StaticBatch(self.buckets[-1], q_len, self.max_blocks, self.device)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], Tensor] = {}       # (T_bucket, vocab) float32
+        self.graphs: dict[tuple[int, int, str], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, str], tuple[Tensor, ...]] = {}   # (logits[, tokens, finite])
         # One memory pool for every graph of this runner (and of runners given it: `pool=`); graphs
         # never replay concurrently, so their intermediates can share memory.
         self.pool = pool if pool is not None or not self.capture else torch.cuda.graph_pool_handle()
@@ -187,29 +121,39 @@ class GraphRunner:
                 and batch.max_blocks <= self.max_blocks)
 
     @torch.inference_mode()
-    def run(self, batch: StepBatch) -> Tensor:
+    def run(self, batch: StepBatch, mode: str = "logits"):
+        if mode != "logits" and (self.q_len != 1 or batch.sampling is None):
+            raise ValueError(f"mode {mode!r} samples one token per sequence: it needs q_len 1 and "
+                             "batch.sampling")
         bucket, width = self._shape(batch.num_seqs, batch.max_blocks)
         T = self.batch.fill(batch, bucket, width)
-        if not self.capture or self.disabled:
-            return self._forward(bucket, width)[:T]            # padded, uncaptured (CPU tests)
-        key = (bucket, width)
-        if key not in self.graphs:
+        key = (bucket, width, mode)
+        if self.capture and not self.disabled and key not in self.graphs:
             try:
-                self._capture(bucket, width)
+                self._capture(*key)
             except RuntimeError as err:         # an op that synchronises, a failed launch, ...
                 self.disabled = f"capturing the step failed: {str(err).splitlines()[0]}"
                 warnings.warn(f"tinyinfer: CUDA graphs off, decode runs eagerly: {self.disabled}",
                               RuntimeWarning, stacklevel=3)
-                return self._forward(bucket, width)[:T]
-        self.graphs[key].replay()
-        return self.outputs[key][:T]
+        if key in self.graphs:
+            self.graphs[key].replay()
+            out = self.outputs[key]
+        else:
+            out = self._forward(*key)                          # padded, uncaptured (CPU tests)
+        return out[0][:T] if mode == "logits" else tuple(t[:T] for t in out)
 
-    def _forward(self, bucket: int, width: int) -> Tensor:
+    def _forward(self, bucket: int, width: int, mode: str = "logits") -> tuple[Tensor, ...]:
         input_ids, positions, meta = self.batch.meta(bucket, width)
         hidden = self.model(input_ids, positions, meta, self.kv.layers())   # (T_bucket, hidden)
-        return self.model.compute_logits(hidden)                             # (T_bucket, vocab)
+        logits = self.model.compute_logits(hidden)                           # (T_bucket, vocab)
+        if mode == "logits":
+            return (logits,)
+        temperature, seeds, steps = self.batch.sampling(bucket)
+        tokens = logits.argmax(dim=-1) if mode == "greedy" else sample_rows(logits, temperature, seeds,
+                                                                             steps)
+        return logits, tokens, torch.isfinite(logits).all(dim=-1)
 
-    def _capture(self, bucket: int, width: int) -> None:
+    def _capture(self, bucket: int, width: int, mode: str = "logits") -> None:
         # The static buffers hold the real step already; the warm-up runs (which do execute) would
         # write its K/V early, harmless since replay writes the same values, but an all-padding
         # batch writes nothing at all, so warm up and capture on that, then restore the step.
@@ -217,24 +161,24 @@ class GraphRunner:
         self.batch.i64[2].fill_(-1)
         self.batch.i32[:self.batch.table_off].zero_()
         try:
-            self._capture_padded(bucket, width)
+            self._capture_padded(bucket, width, mode)
         finally:
             self.batch.i64.copy_(saved64)
             self.batch.i32.copy_(saved32)
 
-    def _capture_padded(self, bucket: int, width: int) -> None:
+    def _capture_padded(self, bucket: int, width: int, mode: str) -> None:
         # Warm up on a side stream (lazy initialisation: cuBLAS handles and workspaces, autotuning)
         # so that none of it lands in the graph.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(bucket, width)
+                self._forward(bucket, width, mode)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(bucket, width)
-        self.graphs[(bucket, width)], self.outputs[(bucket, width)] = graph, out
+            out = self._forward(bucket, width, mode)
+        self.graphs[(bucket, width, mode)], self.outputs[(bucket, width, mode)] = graph, out
 
     @torch.inference_mode()
     def capture_all(self, max_seqs: Optional[int] = None, width: Optional[int] = None) -> None:
@@ -242,7 +186,7 @@ class GraphRunner:
         smaller graphs reuse its memory in the shared pool."""
         width = next(w for w in self.widths if w >= (width or self.max_blocks))
         for b in sorted((b for b in self.buckets if b <= (max_seqs or self.buckets[-1])), reverse=True):
-            if (b, width) not in self.graphs:
+            if (b, width, "logits") not in self.graphs:
                 self._capture(b, width)
 
     def num_graphs(self) -> int:
@@ -251,12 +195,13 @@ class GraphRunner:
     def _shape(self, num_seqs: int, num_blocks: int) -> tuple[int, int]:
         return self.bucket(num_seqs), next(w for w in self.widths if w >= num_blocks)
 
-    def graph_for(self, num_seqs: int, num_blocks: int) -> Optional[torch.cuda.CUDAGraph]:
+    def graph_for(self, num_seqs: int, num_blocks: int, mode: str = "logits"
+                  ) -> Optional[torch.cuda.CUDAGraph]:
         """The captured graph a step of `num_seqs` sequences with tables of `num_blocks` replays."""
-        return self.graphs.get(self._shape(num_seqs, num_blocks))
+        return self.graphs.get((*self._shape(num_seqs, num_blocks), mode))
 
     @torch.inference_mode()
     def forward_uncaptured(self, num_seqs: int, num_blocks: int) -> Tensor:
         """The same padded step the graph runs, launched eagerly on the current static buffers
         (benchmarks profile it when the profiler cannot see inside graph replays)."""
-        return self._forward(*self._shape(num_seqs, num_blocks))
+        return self._forward(*self._shape(num_seqs, num_blocks))[0]

@@ -28,7 +28,9 @@ from tinyinfer.sampling_params import SamplingParams
 class LLM:
     """Offline generation. Takes the same options as LLMEngine (device, dtype, quant, group_size,
     draft, speculate_k, max_kv_tokens, block_size, verbose, cuda_graphs, max_num_seqs,
-    max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching)."""
+    max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching, tensor_parallel_size).
+    With tensor_parallel_size > 1, close it (or use `with LLM(...) as llm:`) to stop its workers at
+    once; they also stop when it is garbage-collected or the process exits."""
 
     def __init__(self, path: str, **options):
         self.engine = LLMEngine(path, **options)
@@ -120,7 +122,10 @@ class LLM:
         return self.generate(prompts, params, on_token)
 
     def close(self) -> None:
-        """Release the engine (its KV cache and CUDA graphs go with it)."""
+        """Release the engine (its KV cache and CUDA graphs go with it, and its tensor-parallel
+        workers stop)."""
+        if self.engine is not None:
+            self.engine.close()
         self.engine = None
 
     def __enter__(self) -> "LLM":

@@ -12,13 +12,14 @@ continuously batched step over every live request (Yu et al., "Orca", OSDI 2022)
             print(delta.request_id, delta.new_text, delta.finish_reason)
     engine.abort(rid)      # frees its KV blocks at once; no-op (False) for unknown / finished ids
 
-Thread safety: add_request, abort, step, has_unfinished and logits take the engine's lock
+Thread safety: add_request, abort, step, has_unfinished, logits and close take the engine's lock
 (engine/locking.py), so calls from several threads run one at a time, never inside each other's step.
 Requests added between two steps join the running batch at the next step. A request that fails inside
 the engine (NaN logits) ends alone with finish_reason "error"; the others continue. With speculative
 decoding a step runs two passes: the verify pass of the decodes, then the prefill chunks. Options
 beyond LLM's loading ones: max_num_seqs, max_num_batched_tokens (the tokens of one step; 512),
 enable_chunked_prefill, enable_prefix_caching (both on; engine/scheduler.py, engine/block_manager.py).
+tensor_parallel_size=N splits the model over N ranks (engine/tensor_parallel.py; `close()` stops them).
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ from tinyinfer.engine.output import RequestDelta, TextStream
 from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
                                         check_same_tokenizer)
 from tinyinfer.engine.request import Prompt, prompt_ids, validate_request
+from tinyinfer.engine.sampling_step import run_step
 from tinyinfer.engine.scheduler import Scheduler, check_limits
 from tinyinfer.engine.sequence import RequestError, Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
-from tinyinfer.layers.sampler import process_logits, sample, token_logprobs
+from tinyinfer.engine.tensor_parallel import load_runner
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.config import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
@@ -56,14 +58,15 @@ class _Request:
     text: TextStream
 
 
-@serialized_calls("add_request", "abort", "step", "has_unfinished", "logits")
+@serialized_calls("add_request", "abort", "step", "has_unfinished", "logits", "close")
 class LLMEngine:
     def __init__(self, path: str, device: Optional[str] = None, dtype: Optional[str] = None,
                  quant: Optional[str] = None, draft: Optional[str] = None, speculate_k: int = 4,
                  max_kv_tokens: Optional[int] = None, block_size: int = 16, verbose: bool = False,
                  cuda_graphs: Optional[bool] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
-                 enable_prefix_caching: bool = True, group_size: Optional[int] = None):
+                 enable_prefix_caching: bool = True, group_size: Optional[int] = None,
+                 tensor_parallel_size: int = 1):
         check_quant(quant, group_size)
         check_speculate_k(speculate_k)
         check_limits(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
@@ -84,8 +87,8 @@ class LLMEngine:
                              "leave it unset (or False) on the CPU")
         half = self.dtype in (torch.float16, torch.bfloat16)
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
-        runner = ModelRunner.load(files, self.config, self.device, self.dtype, quant, max_kv_tokens,
-                                  block_size, use_graphs, say=self._say, group_size=group_size or 128)
+        runner = load_runner(path, files, self.config, tensor_parallel_size, self.device, self.dtype,
+                             quant, max_kv_tokens, block_size, use_graphs, group_size or 128, self._say)
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:
@@ -129,6 +132,12 @@ class LLMEngine:
         runner = ModelRunner.load(files, cfg, self.device, self.dtype, None, self.kv_tokens,
                                   self.block_size, use_graphs, self.runner.graph_pool)
         return DraftModelProposer(runner)
+
+    def close(self) -> None:
+        """Stop the model runner's worker processes (tensor parallelism): none is left after it."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def _say(self, msg: str) -> None:
         if self.verbose:
@@ -190,11 +199,11 @@ class LLMEngine:
             return deltas
         seqs = work.seqs
         if self.speculator is None:                 # one varlen batch: decodes + prefill chunks
-            emitted, logprobs = self._sample_step(seqs, work.num_new)
+            emitted, logprobs = run_step(self.runner, seqs, work.num_new)
         else:                                       # verify pass, then a prefill pass
             emitted, logprobs = self.speculator.step(work.decodes) if work.decodes else ([], [])
             if work.prefills:
-                more = self._sample_step(work.prefills, work.chunks)
+                more = run_step(self.runner, work.prefills, work.chunks)
                 emitted, logprobs = emitted + more[0], logprobs + more[1]
         for seq, tokens, lps in zip(seqs, emitted, logprobs):
             req = self.requests[seq.request_id]
@@ -216,34 +225,6 @@ class LLMEngine:
             if seq.finished:
                 del self.requests[seq.request_id]
         return deltas
-
-    def _sample_step(self, seqs: list[Sequence], num_new: list[int]
-                     ) -> tuple[list[list[int] | None], list]:
-        """Feed num_new[b] tokens each; sequences at their end sample one token (None: non-finite
-        logits) and, where the request asks, get its Logprobs (a one-item list)."""
-        logits = self.runner.execute(build_batch(seqs, num_new, self.block_size))     # (B, vocab)
-        for s, n in zip(seqs, num_new):
-            s.num_cached += n
-        rows = [b for b, s in enumerate(seqs) if s.num_cached == len(s)]
-        out: list[list[int] | None] = [[] for _ in seqs]
-        if not rows:
-            return out, [None] * len(seqs)
-        done = [seqs[b] for b in rows]
-        logits = logits if len(rows) == len(seqs) else logits[rows]                   # (R, vocab)
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        params, hist = [s.params for s in done], [s.token_ids for s in done]
-        tokens = sample(logits, params, hist, [s.seed for s in done],
-                        [s.num_outputs for s in done]).tolist()
-        logprobs: list = [None] * len(seqs)
-        want = [i for i, s in enumerate(done) if s.params.logprobs is not None and finite[i]]
-        if want:                                    # the distribution sample() drew from, again
-            x = process_logits(logits[want], [params[i] for i in want], [hist[i] for i in want])
-            lps = token_logprobs(x, [tokens[i] for i in want], [params[i].logprobs for i in want])
-            for i, lp in zip(want, lps):
-                logprobs[rows[i]] = [lp]
-        for b, t, ok in zip(rows, tokens, finite):
-            out[b] = [t] if ok else None
-        return out, logprobs
 
     def _append(self, req: _Request, tok: int) -> bool:
         """Append one generated token; True if the request finished with it."""

@@ -5,7 +5,8 @@ process) and returns float32 logits; it never touches a `Sequence` -- the engine
 counts after the step. Decode steps (one new token per sequence) replay CUDA graphs on a GPU, and so do
 speculative verify steps once `enable_verify_graphs(k + 1)` is called; every other step runs eagerly.
 The cache is sized once at load: a token budget (given, or from free memory) cut into blocks
-(Kwon et al., "PagedAttention", SOSP 2023).
+(Kwon et al., "PagedAttention", SOSP 2023). A tensor-parallel rank's runner (`shard`) holds that rank's
+shard and KV heads; its ranks agree on the number of blocks (engine/tensor_parallel.py drives them).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from torch import Tensor
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.kv_cache import PagedKVCache, default_kv_tokens
+from tinyinfer.layers.sampler import sample_rows
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.config import ModelConfig
+from tinyinfer.loading.shard import Shard
 from tinyinfer.loading.weights import load_model
 from tinyinfer.models.transformer import Transformer
 
@@ -40,20 +43,25 @@ class ModelRunner:
     def load(cls, files: CheckpointFiles, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
              quant: Optional[str] = None, kv_tokens: Optional[int] = None, block_size: int = 16,
              cuda_graphs: bool = False, graph_pool: Optional[tuple] = None,
-             say: Callable[[str], None] = lambda msg: None, group_size: int = 128) -> "ModelRunner":
+             say: Callable[[str], None] = lambda msg: None, group_size: int = 128,
+             shard: Optional[Shard] = None) -> "ModelRunner":
         """Load the checkpoint's model on `device` (quant="int4": quantized at `group_size`) and
-        allocate its KV cache (kv_tokens tokens, or what fits in memory when None)."""
-        model = load_model(files, cfg, dtype, device, quant, group_size, say=say)
-        k_dims, v_dims = Transformer.kv_dims(cfg)
+        allocate its KV cache (kv_tokens tokens, or what fits in memory when None; with `shard`: that
+        rank's shard, and the fewest tokens any rank fits)."""
+        model = load_model(files, cfg, dtype, device, quant, group_size, say=say, shard=shard)
+        k_dims, v_dims = Transformer.kv_dims(model.cfg)
         per_token = PagedKVCache.bytes_per_token(cfg.num_layers, k_dims, v_dims, dtype)
         if kv_tokens is None:
             kv_tokens = max(block_size, default_kv_tokens(device, per_token, cfg.max_context))
+            if shard is not None and shard.group is not None:
+                kv_tokens = shard.group.min(kv_tokens, device)
         if kv_tokens < block_size:
             raise ValueError(f"max_kv_tokens={kv_tokens} is smaller than one block ({block_size} tokens)")
         num_blocks = kv_tokens // block_size
         kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, k_dims, v_dims, dtype, device)
+        each = "" if shard is None else f" on each of {shard.size} ranks"
         say(f"KV cache: {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens "
-            f"({num_blocks * block_size * per_token / 2**20:.1f} MiB, {per_token} bytes/token)")
+            f"({num_blocks * block_size * per_token / 2**20:.1f} MiB, {per_token} bytes/token{each})")
         return cls(model, kv, cuda_graphs, graph_pool)
 
     @property
@@ -78,6 +86,26 @@ class ModelRunner:
         if not all_logits:
             hidden = hidden[meta.query_start_loc[1:].long() - 1]                     # (B, hidden)
         return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def execute_sampled(self, batch: StepBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """One step that also draws each sequence's next token from its last row, as the sampler
+        would for temperature-only requests (batch.sampling: temperature, seed, output position per
+        sequence): (logits (B, vocab), tokens (B,) int64, finite (B,) bool). On a GPU the decode graph
+        samples, so the host receives B token ids instead of B x vocab logits."""
+        temps, seeds, steps = batch.sampling
+        mode = "greedy" if not any(temps) else "sample"
+        graphs = self._graphs_for(batch, all_logits=False)
+        if graphs is not None:
+            return graphs.run(batch, mode)
+        logits = self.execute(batch)                                                  # (B, vocab)
+        if mode == "greedy":
+            tokens = logits.argmax(dim=-1)
+        else:
+            dev = logits.device
+            tokens = sample_rows(logits, torch.tensor(temps, dtype=torch.float32, device=dev),
+                                 torch.tensor(seeds, device=dev), torch.tensor(steps, device=dev))
+        return logits, tokens, torch.isfinite(logits).all(dim=-1)
 
     def _graphs_for(self, batch: StepBatch, all_logits: bool) -> Optional[GraphRunner]:
         if not all_logits:

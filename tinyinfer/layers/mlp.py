@@ -1,11 +1,12 @@
 """The SwiGLU feed-forward block (Shazeer, "GLU Variants Improve Transformer", 2020) of Llama-family
 models: down(silu(gate(x)) * up(x)), with gate and up fused into one projection (concatenated at load),
-so one GEMV reads both weights."""
+so one GEMV reads both weights, and the activation in one op (`ops.silu_and_mul`: one kernel on a GPU)."""
 from __future__ import annotations
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
+
+from tinyinfer import ops
 
 
 class SwiGLU(nn.Module):
@@ -16,5 +17,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(ffn, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).split(self.ffn, dim=-1)     # (T, ffn) each
-        return self.down_proj(F.silu(gate) * up)                    # (T, hidden)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))   # (T, 2 ffn) -> (T, hidden)

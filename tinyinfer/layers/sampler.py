@@ -210,6 +210,24 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], histories: Se
     return noisy.argmax(dim=-1)
 
 
+def in_step_sampling(params: SamplingParams) -> bool:
+    """True when temperature is the request's only processor (no top-k / top-p / min-p / penalty, no
+    logprobs): its token can then be drawn inside the model step, `sample_rows`, without host values."""
+    return (params.top_k == 0 and params.top_p >= 1.0 and params.min_p == 0.0
+            and params.repetition_penalty == 1.0 and getattr(params, "logprobs", None) is None)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                steps: torch.Tensor) -> torch.Tensor:
+    """`sample` for rows whose only processor is the temperature, in tensor ops alone (no host values,
+    fixed shapes: safe inside a CUDA graph). logits (B, V); temperature (B,) float32, 0 = greedy;
+    seeds, steps (B,) int64. Bit for bit what `sample` draws for the same rows."""
+    greedy = temperature == 0                                                   # (B,)
+    x = logits.float() / torch.where(greedy, 1.0, temperature).unsqueeze(1)     # /1 is exact
+    noise = _gumbel(seeds, steps, STREAM_SAMPLE, x.shape[1], x.device)          # (B, V)
+    return torch.where(greedy.unsqueeze(1), x, x + noise).argmax(dim=-1)
+
+
 # --- speculative acceptance -----------------------------------------------------------------------
 
 def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,

@@ -146,6 +146,18 @@ class TensorReader:
         """The stored dtype, as safetensors names it (F32, BF16, I8, ...), without reading the data."""
         return self._handles[self.where[name]].get_slice(name).get_dtype()
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Only rows (dim 0) or columns (dim 1) [start, stop) of tensor `name`, read lazily from the
+        memory-mapped file (safetensors' get_slice): a tensor-parallel rank reads its shard alone."""
+        if name not in self.where:
+            raise CheckpointError(f"checkpoint lacks tensor {name}")
+        try:
+            part = self._handles[self.where[name]].get_slice(name)
+            return part[start:stop] if dim == 0 else part[:, start:stop]
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.where[name]}: {e} "
+                                  "(truncated or corrupt file?)") from None
+
 
 def hf_name(name: str, arch: Optional[str] = None) -> str:
     """Our parameter name -> the Hugging Face tensor name it comes from (fused ones excluded);

@@ -167,13 +167,18 @@ def check_fits(model: Transformer, dtype: torch.dtype, device: torch.device) -> 
 
 
 def check_checkpoint(cfg: ModelConfig, reader, dtype: torch.dtype, device: torch.device,
-                     our_names: bool = False) -> None:
-    """Every check above, before the model is allocated. `reader`: a TensorReader or GGUFReader;
-    `our_names`: the tensors carry tinyinfer's module names (an INT4 file), not Hugging Face's."""
+                     our_names: bool = False, local: Optional[ModelConfig] = None) -> None:
+    """Every check above, before the model is allocated. `reader`: a TensorReader or GGUFReader of
+    the whole checkpoint; `our_names`: the tensors carry tinyinfer's module names (an INT4 file), not
+    Hugging Face's; `local`: the config of the part this device holds (a tensor-parallel rank's
+    shard, loading/shard.py), whose size must fit its memory."""
     check_layers(cfg, list(reader.where))
     check_tied_head(cfg, reader, our_names)
     with torch.device("meta"):
         model = Transformer(cfg)
     check_tensors(model, reader, our_names)
+    if local is not None:
+        with torch.device("meta"):
+            model = Transformer(local)
     check_fits(model, dtype, device)
 

@@ -3,6 +3,8 @@
 One entry point for every weight format the engine reads: a dense Hugging Face checkpoint (optionally
 quantized to INT4 after loading), tinyinfer's own INT4 file, GPTQ / AWQ directories (quant/io.py), and
 GGUF files (their Q4_0 / Q4_1 linears as exact INT4, the rest dense: loading/gguf_weights.py).
+With a `Shard` (tensor parallelism, loading/shard.py) it builds and fills one rank's shard instead,
+reading only that rank's slices (dense and tinyinfer INT4 safetensors files).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading import gguf_weights, validate
 from tinyinfer.loading.config import ModelConfig, parse_dtype
+from tinyinfer.loading.shard import Shard, check_files
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.quant.format import GROUP_SIZES
 from tinyinfer.quant.io import is_int4_file, load_gptq_awq, load_int4
@@ -58,17 +61,24 @@ def choose_dtype(cfg: ModelConfig, device: torch.device, requested: Optional[str
 
 def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
                device: torch.device, quant: Optional[str] = None, group_size: int = 128,
-               say: Callable[[str], None] = lambda msg: None) -> Transformer:
+               say: Callable[[str], None] = lambda msg: None, shard: Optional[Shard] = None
+               ) -> Transformer:
     """Build the model for `cfg` on `device` and fill it from `files` (INT4 files, GPTQ/AWQ
     directories, GGUF files, or dense weights quantized after loading when quant="int4", at
     `group_size` (quant/plan.py): then every linear still dense is quantized, a GGUF file's
-    dequantized ones included)."""
+    dequantized ones included). With `shard`: only that rank's shard (its model's cfg is
+    shard.local)."""
     check_quant(quant)
     gguf = files.gguf is not None
+    if shard is not None:
+        check_files(files, shard.size)
     reader = gguf_weights.GGUFReader(files.gguf) if gguf else ckpt.TensorReader(files.weight_files)
     # config.json against the tensors (layers, shapes, dtypes) and memory, before allocating.
-    validate.check_checkpoint(cfg, reader, dtype, device, our_names=is_int4_file(files.metadata))
-    model = build_model(cfg, dtype, device)
+    validate.check_checkpoint(cfg, reader, dtype, device, our_names=is_int4_file(files.metadata),
+                              local=None if shard is None else shard.local)
+    if shard is not None:
+        cfg, reader = shard.local, shard.reader(reader)
+    model = build_model(cfg, dtype, device, None if shard is None else shard.group)
     # A progress bar for checkpoints over 1 GiB.
     progress = sum(p.numel() for p in model.parameters()) * dtype.itemsize > (1 << 30)
     if gguf:

@@ -9,6 +9,11 @@ layer hands on its sublayer's raw output together with the residual stream, and 
 Built on the meta device (no memory touched), then allocated on the target device and filled from the
 checkpoint (loading/weights.py). Attention and MLP classes are chosen per layer by the config. The
 rotary table is built once, by `build_model`, on the device.
+
+Tensor parallelism (`group`, layers/parallel.py): built from one rank's slice of the config
+(loading/shard.py: heads, FFN width and vocabulary divided by N), the same classes hold that rank's
+shard; each layer all-reduces its attention and its MLP output (the row-parallel partial sums), the
+embedding is vocabulary-parallel, and `compute_logits` gathers the vocabulary slices.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from tinyinfer.layers.mla import MultiHeadLatentAttention
 from tinyinfer.layers.mlp import SwiGLU
 from tinyinfer.layers.moe import MoE
 from tinyinfer.layers.norm import RMSNorm
+from tinyinfer.layers.parallel import ParallelGroup, VocabParallelEmbedding, all_reduce, gather_vocab
 from tinyinfer.layers.rotary import RotaryEmbedding
 from tinyinfer.loading.config import ModelConfig
 
@@ -38,8 +44,9 @@ def make_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, group: Optional[ParallelGroup] = None):
         super().__init__()
+        self.group = group                   # tensor parallel: sums the ranks' partial outputs
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = attention_class(cfg)(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -54,17 +61,18 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
-        h = self.attn(h, positions, rotary, meta, k_cache, v_cache)
+        h = all_reduce(self.attn(h, positions, rotary, meta, k_cache, v_cache), self.group)
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
-        return self.mlp(h), residual
+        return all_reduce(self.mlp(h), self.group), residual
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, group: Optional[ParallelGroup] = None):
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.cfg, self.group = cfg, group
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size) if group is None else
+                             VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, group) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -85,13 +93,15 @@ class Transformer(nn.Module):
         return self.norm(x) if residual is None else self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden).float()                  # (n, vocab)
+        return gather_vocab(self.lm_head(hidden), self.group).float()     # (n, vocab)
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """Allocate an (uninitialised) model on `device` without ever materialising it on the CPU first."""
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                group: Optional[ParallelGroup] = None) -> Transformer:
+    """Allocate an (uninitialised) model on `device` without ever materialising it on the CPU first
+    (with `group`: this rank's shard, `cfg` being its slice of the model's config)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, group)
     model = model.to_empty(device=device).to(dtype)
     for m in model.modules():        # e.g. the MoE router: near-equal scores pick experts, keep fp32
         if getattr(m, "keep_float32", False):

@@ -48,6 +48,7 @@ CUDA_IMPLS: dict[str, Callable[..., Any]] = {
     "rms_norm": lambda ext, *args: ext.rms_norm(*args),
     "fused_add_rmsnorm": lambda ext, *args: ext.fused_add_rmsnorm(*args),
     "rope_store_kv": lambda ext, *args: ext.rope_store_kv(*args),
+    "silu_and_mul": lambda ext, *args: ext.silu_and_mul(*args),
     "int4_linear": _int4_linear,
     "paged_attention": _paged_attention,
 }

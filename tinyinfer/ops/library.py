@@ -72,6 +72,16 @@ def _(x, residual, weight, eps):
             x.new_empty(x.shape, dtype=stream_dtype))
 
 
+@torch.library.custom_op("tinyinfer::silu_and_mul", mutates_args=())
+def silu_and_mul(x: Tensor) -> Tensor:
+    return reference.silu_and_mul(x)
+
+
+@silu_and_mul.register_fake
+def _(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
 @torch.library.custom_op("tinyinfer::rope_store_kv", mutates_args=("k_cache", "v_cache"))
 def rope_store_kv(q: Tensor, k: Tensor, v: Tensor, cos_sin_cache: Tensor, positions: Tensor,
                   k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,7 @@ its CUDA impl when the extension is missing or the shapes are outside the kernel
 exactly one reference per op. Kernels (CUDA, and the batched CPU paths of ops/cpu.py) are tested
 against these. Contracts: docs/architecture.md ("The op contracts"). PagedAttention's cache layout is
 Kwon et al., "Efficient Memory Management for LLM Serving with PagedAttention", SOSP 2023; RMSNorm is
-Zhang & Sennrich 2019; RoPE is Su et al., "RoFormer", 2021, in Hugging Face's rotate_half layout.
+Zhang & Sennrich 2019; SwiGLU is Shazeer 2020; RoPE is Su et al., "RoFormer", 2021, in Hugging Face's rotate_half layout.
 """
 from __future__ import annotations
 
@@ -127,6 +127,13 @@ def fused_add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -
     # (rms_norm(x + residual), x + residual): the next sublayer's input and the new stream.
     new_residual = x + residual                                          # (T, d) model dtype
     return rms_norm(new_residual, weight, eps), new_residual
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    # x (..., 2F) = [gate | up], the fused gate/up projection's output -> (..., F): SwiGLU's
+    # activation as the two tensor ops it replaces (each rounds to the model dtype).
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         server.run()                                # returns after a graceful shutdown; uvicorn then
     except KeyboardInterrupt:                       # re-raises the signal: SIGTERM ends the process
         return 130                                  # as SIGTERM does, SIGINT arrives here
+    finally:
+        engine.close()                              # tensor parallelism: its workers stop now
     return 0
 
 

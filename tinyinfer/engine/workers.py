@@ -1,0 +1,121 @@
+"""Tensor-parallel ranks: loading one rank's model runner, and the loop a spawned worker process runs.
+
+Every rank (rank 0 in the engine's process, ranks 1..N-1 in worker processes started by
+engine/tensor_parallel.py with torch.multiprocessing's spawn) builds its `ModelRunner` the same way,
+`load_rank`: the checkpoint located from its path, that rank's shard read (loading/shard.py), the KV
+cache sized to what every rank fits. A worker then runs `worker_main`'s loop: each step rank 0 sends
+it the step's batch over its pipe (a `StepBatch` of plain host lists, a few kB pickled) and the worker
+runs the very same model-runner call as rank 0, so both take the same path (eager or the same CUDA graph)
+and meet in the same collectives; it sends nothing back -- rank 0 holds the gathered logits.
+
+A worker never outlives its engine: it ignores Ctrl-C (the engine stops it), leaves its loop when the
+pipe closes, exits when its parent process is gone (a watchdog polls the parent id), and any error
+inside it is sent to rank 0 (which reports the rank) before the process exits.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Callable, Optional
+
+import torch
+
+from tinyinfer.engine.model_runner import ModelRunner
+from tinyinfer.layers.parallel import ParallelGroup
+from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.loading.config import ModelConfig, parse_dtype
+from tinyinfer.loading.shard import Shard
+
+# What rank 0 may ask a worker to run: the ModelRunner methods that run collectives.
+OPS = ("execute", "execute_sampled", "enable_verify_graphs")
+PARENT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Everything a rank needs to load its shard (picklable: sent to each worker at spawn)."""
+    path: str                        # the checkpoint
+    size: int                        # N ranks
+    device: str                      # "cpu", or "cuda[:k]": rank r runs on cuda:(k + r)
+    dtype: str
+    quant: Optional[str]
+    group_size: int
+    kv_tokens: Optional[int]
+    block_size: int
+    cuda_graphs: bool
+    store: str                       # the rendezvous file (torch FileStore)
+    threads: int                     # torch CPU threads of each worker
+    timeout_s: float                 # every collective fails after this long
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.startswith("cuda") else "gloo"
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank r's device: the CPU, or the r-th GPU counted from the one `device` names."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    return torch.device("cuda", (dev.index or 0) + rank)
+
+
+def load_rank(spec: RankSpec, rank: int, group: ParallelGroup,
+              say: Callable[[str], None] = lambda msg: None) -> ModelRunner:
+    """Rank `rank`'s model runner: its shard of the checkpoint and its KV cache."""
+    files = ckpt.locate(spec.path)
+    cfg = ModelConfig.from_hf(files.config, files.generation_config)
+    shard = Shard(rank, spec.size, cfg, group)
+    return ModelRunner.load(files, cfg, rank_device(spec.device, rank), parse_dtype(spec.dtype),
+                            spec.quant, spec.kv_tokens, spec.block_size, spec.cuda_graphs, say=say,
+                            group_size=spec.group_size, shard=shard)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit this process as soon as its parent is gone (reparented: the parent id changes)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(3)
+    threading.Thread(target=watch, name="tinyinfer-parent-watch", daemon=True).start()
+
+
+def _send_error(conn: Connection, err: BaseException) -> None:
+    try:
+        conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
+    except (OSError, ValueError):            # the pipe is gone too: rank 0 sees the exit code
+        pass
+
+
+def worker_main(spec: RankSpec, rank: int, conn: Connection, parent_pid: int) -> None:
+    """A worker process: join the group, load rank `rank`'s shard, then run rank 0's steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C reaches the engine, which stops us
+    _exit_with_parent(parent_pid)
+    torch.set_num_threads(spec.threads)
+    try:
+        device = rank_device(spec.device, rank)
+        conn.send(("hello", os.getpid()))
+        group = ParallelGroup.create(spec.backend, spec.store, rank, spec.size, spec.timeout_s, device)
+        runner = load_rank(spec, rank, group)
+        conn.send(("ready", runner.num_blocks))
+        while True:
+            try:
+                op, *args = conn.recv()
+            except EOFError:                              # the engine is gone
+                break
+            if op == "close":
+                break
+            if op not in OPS:
+                raise ValueError(f"unknown tensor-parallel command {op!r}")
+            getattr(runner, op)(*args)
+    except BaseException as err:                          # noqa: B036 -- reported, then exit
+        _send_error(conn, err)
+        conn.close()
+        os._exit(1)
+    conn.close()
+    os._exit(0)       # skip interpreter teardown: nothing is left to flush, and the group may be gone

@@ -1,0 +1,116 @@
+"""Tensor parallelism, the model side: the group of ranks that share one model, and the two collectives
+a Megatron-style sharded transformer needs (Shoeybi et al., "Megatron-LM", 2019, section 3).
+
+Every rank holds 1/N of each layer: the column-parallel projections (qkv, gate_up) a slice of their
+output rows, the row-parallel ones (o_proj, down_proj) the matching slice of their input columns. A
+rank's o_proj / down_proj output is then a partial sum, and one all-reduce per sublayer completes it
+(`DecoderLayer` calls `all_reduce`). The vocabulary is split too: `VocabParallelEmbedding` looks up the
+ids of its own rows (zeros for the others) and one all-reduce sums the ranks' rows; the lm_head's logits
+of each rank's rows are all-gathered into the full vocabulary (`gather_vocab`). Which slice each rank
+reads from a checkpoint: loading/shard.py; the processes and their life: engine/tensor_parallel.py.
+
+The collectives run on a torch.distributed backend object of this group only (gloo on CPUs, NCCL on
+GPUs, inside the captured CUDA graph there), never on the default process group, so several engines --
+and a user's own torch.distributed program -- can live in one process. `ParallelGroup` counts the bytes
+it moves (benchmarks; eager calls only: a replayed CUDA graph does not pass through Python).
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class ParallelGroup:
+    """The N ranks (0 .. N-1) that hold one model's shards; this process is `rank`."""
+
+    def __init__(self, backend: object, rank: int, size: int):
+        self.backend, self.rank, self.size = backend, rank, size
+        self.reduced_bytes = 0          # bytes this rank contributed to all-reduces (eager calls)
+        self.gathered_bytes = 0         # bytes this rank received from all-gathers (eager calls)
+        self.num_all_reduces = 0
+
+    @classmethod
+    def create(cls, kind: str, store_path: str, rank: int, size: int, timeout_s: float,
+               device: Optional[torch.device] = None) -> "ParallelGroup":
+        """Join the group: every rank calls this with the same store file (a torch FileStore, the
+        rendezvous) and returns once all `size` ranks have joined. kind "gloo" (CPU tensors; bound to
+        127.0.0.1: the ranks live on this machine) or "nccl" (CUDA tensors on `device`). Every
+        collective fails after `timeout_s` instead of waiting for a rank that never comes."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.FileStore(store_path, size)
+        if kind == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+            backend = dist.ProcessGroupGloo(store, rank, size, opts)
+        elif kind == "nccl":
+            torch.cuda.set_device(device)
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            backend = dist.ProcessGroupNCCL(store, rank, size, opts)
+        else:
+            raise ValueError(f"unknown collective backend {kind!r}; use gloo (CPU) or nccl (CUDA)")
+        return cls(backend, rank, size)
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """x summed over the ranks, in place (every rank gets the same bits)."""
+        self.backend.allreduce([x]).wait()
+        self.reduced_bytes += x.numel() * x.element_size()
+        self.num_all_reduces += 1
+        return x
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        """(rows, cols) on each rank -> (size * rows, cols): rank r's rows at [r * rows, (r+1) * rows)."""
+        x = x.contiguous()
+        out = x.new_empty(self.size * x.shape[0], *x.shape[1:])
+        self.backend._allgather_base(out, x).wait()
+        self.gathered_bytes += (self.size - 1) * x.numel() * x.element_size()
+        return out
+
+    def min(self, value: int, device: torch.device) -> int:
+        """The smallest of the ranks' `value` (what every rank can afford, e.g. KV blocks)."""
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.backend.allreduce([t], opts).wait()
+        return int(t.item())
+
+
+def all_reduce(x: Tensor, group: Optional[ParallelGroup]) -> Tensor:
+    """The sum of a row-parallel sublayer's partial outputs over the ranks (x itself without a group)."""
+    return x if group is None else group.all_reduce(x)
+
+
+def gather_vocab(logits: Tensor, group: Optional[ParallelGroup]) -> Tensor:
+    """Logits of this rank's vocabulary rows (T, V/N) -> every rank's, in vocabulary order (T, V)."""
+    if group is None:
+        return logits
+    T = logits.shape[0]
+    parts = group.all_gather(logits)                                     # (N * T, V/N)
+    return parts.view(group.size, T, -1).transpose(0, 1).reshape(T, -1)  # (T, V)
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [rank * n, (rank + 1) * n) of the embedding table (n = V / N). A token outside them looks
+    up zeros; the all-reduce adds the one rank's row that holds it, so the result is exact."""
+
+    def __init__(self, num_local: int, dim: int, group: ParallelGroup):
+        super().__init__(num_local, dim)
+        self.group, self.start = group, group.rank * num_local
+
+    def forward(self, ids: Tensor) -> Tensor:
+        # ids (T,) global token ids -> (T, dim)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.num_embeddings)
+        x = F.embedding(local.masked_fill(~inside, 0), self.weight)
+        return self.group.all_reduce(x.masked_fill(~inside[:, None], 0))
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}..{self.start + self.num_embeddings - 1} of the vocabulary, " + \
+            super().extra_repr()
