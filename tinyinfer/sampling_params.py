@@ -89,14 +89,16 @@ class SamplingParams:
         if not is_real(rp) or not PENALTY_RANGE[0] <= rp <= PENALTY_RANGE[1]:
             raise bad("repetition_penalty", rp, f"use a number in [{PENALTY_RANGE[0]:g}, "
                       f"{PENALTY_RANGE[1]:g}] (1 turns it off)")
-        if self.seed is not None and (not is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+        lo, hi = SEED_RANGE
+        if self.seed is not None and (not is_int(self.seed) or not lo <= self.seed < hi):
             raise bad("seed", self.seed, "use None or an integer of 64 bits, in [-2**63, 2**63)")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, "use an integer >= 1")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
-            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) and x
+                                                                   for x in self.stop):
                 raise bad("stop", self.stop, "use a non-empty string or a list of non-empty strings")
             self.stop = list(self.stop)
         if self.stop_token_ids is not None:

@@ -50,7 +50,7 @@ def prompt_ids(prompt: Prompt, tokenizer: Tokenizer) -> list[int]:
     if isinstance(prompt, (np.ndarray, torch.Tensor)):
         if prompt.ndim != 1:
             raise RequestError(f"a prompt array must be 1-D (token ids), got shape {tuple(prompt.shape)}")
-        items = list(prompt)          # numpy scalars / 0-d tensors, each checked below
+        items = prompt.tolist()       # Python ints (or bools / floats, refused below)
     elif isinstance(prompt, (list, tuple)):
         items = prompt
     else:

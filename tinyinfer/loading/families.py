@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from tinyinfer.loading.config_fields import MAX_COUNT, check_int, read_bool, read_int
+from tinyinfer.loading.config_fields import MAX_COUNT, check_int, get, read_bool, read_int
 from tinyinfer.loading.errors import ConfigError
 
 LLAMA_LIKE = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
@@ -160,7 +160,7 @@ def _deepseek(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
         n_group=cfg.get("n_group") or 1, topk_group=cfg.get("topk_group") or 1,
         # V2 renormalises the top-k weights only when k > 1 (and then does not scale them)
         norm_topk_prob=read_bool(cfg, "norm_topk_prob") and (v3 or top_k > 1),
-        routed_scaling_factor=cfg.get("routed_scaling_factor", 1.0),
+        routed_scaling_factor=get(cfg, "routed_scaling_factor", 1.0),
         # DeepSeek-V3's multi-token-prediction layers follow the last layer in the checkpoint; the
         # model does not run them (as transformers does not), so their tensors are expected, unused.
         num_mtp_layers=read_int(cfg, "num_nextn_predict_layers", 0, minimum=0, maximum=MAX_COUNT))
