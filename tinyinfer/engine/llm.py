@@ -55,7 +55,8 @@ class LLM:
                  params: Union[SamplingParams, Seq[SamplingParams], None] = None,
                  on_token: Optional[Callable[[RequestDelta], None]] = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in prompt order. `on_token` is called
-        with each step's RequestDelta of every request (streaming)."""
+        with each step's RequestDelta of every request (streaming); without it the text of a request
+        is decoded once, when it ends."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -69,7 +70,7 @@ class LLM:
             out = RequestOutput(prompt_token_ids=[])
             outputs.append(out)
             try:
-                rid = engine.add_request(prompt, sp)
+                rid = engine.add_request(prompt, sp, stream=on_token is not None)
             except RequestError as err:
                 out.prompt_token_ids = list(prompt) if not isinstance(prompt, str) else []
                 out.finish_reason, out.error = "error", err
