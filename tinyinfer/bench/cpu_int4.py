@@ -19,7 +19,7 @@ from torch import nn
 from tinyinfer.bench.common import device_label, format_table, summary_row
 from tinyinfer.bench.hf import _decode_rate, _prompts, hf_generate, hf_model
 from tinyinfer.engine.llm import LLM
-from tinyinfer.layers.linear import Int4Linear
+from tinyinfer.layers.linear import Int4Linear, Linear
 from tinyinfer.sampling_params import SamplingParams
 
 GPU_CHECK_ARGS: list[list[str]] = []          # a CPU benchmark: make gpu-check skips it
@@ -37,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def dequantized(llm: LLM) -> LLM:
-    """Every Int4Linear of the model replaced by an nn.Linear holding its dequantized weight."""
+    """Every Int4Linear of the model replaced by a dense Linear holding its dequantized weight."""
     for name, module in list(llm.model.named_modules()):
         if isinstance(module, Int4Linear):
-            dense = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+            dense = Linear(module.in_features, module.out_features, module.bias is not None)
             dense.weight.data = module.dequantize()                        # (N, K), the layer's dtype
             if module.bias is not None:
                 dense.bias.data = module.bias.data

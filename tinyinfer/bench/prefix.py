@@ -31,7 +31,7 @@ from tinyinfer.bench.common import device_label, format_table, is_gpu, summary_r
 from tinyinfer.engine.llm import LLM
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.ops import reference
-from tinyinfer.ops.cpu import paged_attention_batched
+from tinyinfer.ops.cpu_attention import paged_attention_batched
 from tinyinfer.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
