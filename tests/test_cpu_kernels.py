@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from paged_util import CPU_CASES, dense_float64, make_batch
 from test_fused_ops import _bits, _rope_inputs
@@ -147,9 +146,10 @@ def test_linear_row_does_not_depend_on_the_batch():
         assert torch.equal(ops.linear(x[row:row + 1], w, b)[0], batched[row])
 
 
-def test_linear_one_row_on_a_small_weight_is_torchs_own_matmul():
+def test_linear_one_row_on_a_small_weight_is_torchs_matmul_of_the_transposed_weight():
     x, w, b = _linear_case(1, 64, 32, torch.float32, seed=2)
-    assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+    assert torch.equal(ops.linear(x, w, b), torch.addmm(b, x, w.t().contiguous()))
+    assert torch.equal(ops.linear(x[None], w, None), (x @ w.t().contiguous())[None])   # (1, 1, K)
 
 
 def test_linear_weight_changed_in_place_is_used_as_written():

@@ -41,6 +41,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill long prompts in chunks beside the running decodes (default on)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes seen before (default on)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch's intra-op threads for the CPU work (default 1; 0: torch's default, one "
+                        "per core). A decode step is hundreds of small ops: more threads help only "
+                        "large matmuls with idle cores, and on a busy machine they wait on each other "
+                        "(docs/cpu-performance.md: 2 threads on a shared 2-core box, up to 30x slower)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -52,6 +57,15 @@ def engine_options(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 enable_prefix_caching=args.enable_prefix_caching)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """torch.set_num_threads(--threads) unless it is 0 (torch's own default); refuses a negative."""
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: give a positive number, or 0 for torch's default")
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
                                 ignore_eos=args.ignore_eos,
                                 skip_special_tokens=not args.show_special)
+        apply_threads(args)
         t_load = time.perf_counter()
         llm = LLM(args.ckpt, verbose=not args.json, **engine_options(args))
         t_load = time.perf_counter() - t_load

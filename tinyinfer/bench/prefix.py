@@ -11,7 +11,7 @@
 3. The attention of a prefill over a cached prefix (many queries over paged K/V), alternatives on the
    same data: gather + SDPA per sequence (ops.paged_prefill_attention, what the engine runs), the
    paged_attention reference (per-sequence gather, explicit scores) and the padded batch of
-   ops/cpu.py (every sequence padded to the longest query run and context).
+   ops/cpu_attention.py (every sequence padded to the longest query run and context).
 
 Default model: the demo checkpoint (context 1024); --ckpt takes any other (e.g. a 4k-context one with
 --long-tokens 4000). Text comes from data/tinyshakespeare-val-slice.txt, repeated as needed.

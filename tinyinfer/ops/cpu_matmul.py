@@ -6,11 +6,13 @@ linear: torch's own float32 matmul on a CPU is MKL's sgemm, which on this projec
 generic path: 1.5x (one row) to 2x (16 rows) slower than oneDNN, PyTorch's other CPU math library
 (docs/cpu-performance.md). So a float32 / bfloat16 weight is reordered once into oneDNN's blocked layout
 (`aten mkldnn._reorder_linear_weight`) and multiplied by `mkldnn._linear_pointwise`, the pair
-PyTorch's own compiler uses for CPU linears. One row against a small weight (< SMALL_GEMV elements,
-cache-resident: a tiny model's decode) stays on torch's matmul, which skips oneDNN's ~10 us fixed cost
-per call. Results are float32 GEMMs with another summation order: within float32 rounding of float64
-(tests/test_cpu_linear.py), and a row's result does not depend on the rows beside it. Memory: the
-reordered copy sits beside the checkpoint's weight (twice the dense weight memory on a CPU).
+PyTorch's own compiler uses for CPU linears. One row against a small weight (< SMALL_GEMV elements: a
+small model's decode, its weights in cache) skips oneDNN's ~10 us fixed cost per call: torch's matmul
+on a transposed copy of the weight, (K, N) row-major, which MKL reads ~20% faster than the (N, K)
+original. Results are float32 GEMMs with another summation order: within float32 rounding of float64
+(tests/test_cpu_kernels.py), and on the oneDNN path a row's result does not depend on the rows beside
+it. Memory: the reordered copy sits beside the checkpoint's weight (twice the dense weight memory on a
+CPU; small weights three times).
 
 int4_linear: the reference unpacks and dequantizes the whole weight on every call. On a CPU the weight
 is instead converted once, in one of two forms:
@@ -44,35 +46,45 @@ from tinyinfer.quant.format import dequantize_kernel_layout, from_kernel_layout
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-SMALL_GEMV = 1 << 18          # weights below this many elements: one row stays on torch's matmul
+SMALL_GEMV = 1 << 19          # weights below this many elements: one row takes torch's matmul
 # The overload itself: calling the packet makes torch match the arguments against every overload.
 _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if ONEDNN else None
 
-# weight -> (version, oneDNN weight); qweight -> (scales, zeros, qweight version, converted weights).
+# weight -> (version, oneDNN / transposed weight); qweight -> (scales, zeros, qweight version, weights).
 _ONEDNN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _TINYGEMM: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _DEQUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _onednn_weight(weight: Tensor) -> Tensor:
-    """weight (N, K) in oneDNN's blocked layout (an opaque mkldnn tensor), cached per weight."""
+def _converted(cache: WeakIdKeyDictionary, weight: Tensor, convert: Callable[[Tensor], Tensor]) -> Tensor:
+    """convert(weight), made once per weight (again if the weight is written in place)."""
     version = -1 if weight.is_inference() else weight._version
-    hit = _ONEDNN.get(weight)
+    hit = cache.get(weight)
     if hit is not None and hit[0] == version:
         return hit[1]
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)   # tuned for 16-row steps
-    _ONEDNN[weight] = (version, packed)
-    return packed
+    value = convert(weight.detach())
+    cache[weight] = (version, value)
+    return value
+
+
+def _reorder(weight: Tensor) -> Tensor:
+    # (N, K) -> oneDNN's blocked layout (an opaque mkldnn tensor), tuned for 16-row steps.
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)
 
 
 def linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    # x (..., K), weight (N, K), bias (N,) -> (..., N); oneDNN on the reordered weight (module doc).
+    # x (..., K), weight (N, K), bias (N,) -> (..., N) (module docstring: which path, and why).
     rows = x.numel() // max(1, x.shape[-1])
     if (not ONEDNN or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype or rows == 0
-            or (bias is not None and bias.dtype != x.dtype)
-            or (rows == 1 and weight.numel() < SMALL_GEMV)):
+            or (bias is not None and bias.dtype != x.dtype)):
         return F.linear(x, weight, bias)
-    return _ONEDNN_LINEAR(x, _onednn_weight(weight), bias, "none", [], "")
+    if rows == 1 and weight.numel() < SMALL_GEMV:
+        wt = _converted(_TRANSPOSED, weight, lambda w: w.t().contiguous())          # (K, N)
+        x2 = x.reshape(1, -1)
+        y = x2 @ wt if bias is None else torch.addmm(bias, x2, wt)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return _ONEDNN_LINEAR(x, _converted(_ONEDNN, weight, _reorder), bias, "none", [], "")
 
 
 def _cached(cache: WeakIdKeyDictionary, qweight: Tensor, scales: Tensor, zeros: Tensor,
