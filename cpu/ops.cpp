@@ -2,9 +2,10 @@
 // registration; built and loaded by tinyinfer/kernels/cpu.py). tinyinfer/ops/cpu.py calls them as the
 // `cpu` kernels of the engine's ops, with the same arguments as the op: paged_attention reads the
 // paged cache in place (cpu/paged_attention.h); rope_store_kv and store_kv repeat their references
-// bit for bit (cpu/rope_store_kv.h).
+// bit for bit (cpu/rope_store_kv.h), and so do the norms (cpu/norm.h: the reference's ATen calls).
 #include <torch/library.h>
 
+#include "norm.h"
 #include "paged_attention.h"
 #include "rope_store_kv.h"
 
@@ -22,10 +23,14 @@ TINYINFER_LIBRARY(TINYINFER_CPU_LIB, m) {
   m.def("rope_store_kv(Tensor q, Tensor k, Tensor v, Tensor cos_sin_cache, Tensor positions, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)");
   m.def("store_kv(Tensor k, Tensor? v, Tensor(a!) k_cache, Tensor(b!)? v_cache, Tensor slot_mapping) -> ()");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("fused_add_rmsnorm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
 }
 
 TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
   m.impl("paged_attention", &tinyinfer_cpu::paged_attention);
   m.impl("rope_store_kv", &tinyinfer_cpu::rope_store_kv);
   m.impl("store_kv", &tinyinfer_cpu::store_kv);
+  m.impl("rms_norm", &tinyinfer_cpu::rms_norm);
+  m.impl("fused_add_rmsnorm", &tinyinfer_cpu::fused_add_rmsnorm);
 }

@@ -4,8 +4,8 @@ built, each against the op's reference and float64.
 
 paged_attention: float64 attention over batches built the hard way (shuffled tables, NaN in every slot
 no sequence owns, varlen queries, padding rows), in float32, bfloat16 and float16, and scores that
-span more than e^87 (the exp's flush to zero). rope_store_kv and store_kv: the reference's bits, NaN-
-poisoned caches and -1 slots included. linear (oneDNN on a reordered weight): within float32 rounding
+span more than e^87 (the exp's flush to zero). rope_store_kv, store_kv and the norms: the reference's
+bits, NaN-poisoned caches and -1 slots included, a float32 weight on a half-precision input too. linear (oneDNN on a reordered weight): within float32 rounding
 of float64, a row's result independent of the batch, a weight written in place used as written.
 """
 from __future__ import annotations
@@ -70,6 +70,17 @@ def test_rope_store_kv_gives_the_reference_bits(path, dtype):
     got_q, got_k = ops.rope_store_kv(*args)
     for got, want in ((got_q, want_q), (got_k, want_k), (args[5], want_k_cache), (args[6], want_v_cache)):
         assert torch.equal(_bits(got), _bits(want))                    # NaN slots: untouched bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_norms_give_the_reference_bits(path, dtype):
+    gen = torch.Generator().manual_seed(7)
+    x, residual = (3 * torch.randn(9, 576, generator=gen)).to(dtype), torch.randn(9, 576, generator=gen).to(dtype)
+    for weight in ((1 + 0.1 * torch.randn(576, generator=gen)).to(dtype), torch.randn(576, generator=gen)):
+        assert torch.equal(_bits(ops.rms_norm(x, weight, 1e-5)), _bits(reference.rms_norm(x, weight, 1e-5)))
+        got = ops.fused_add_rmsnorm(x, residual, weight, 1e-6)
+        want = reference.fused_add_rmsnorm(x, residual, weight, 1e-6)
+        assert all(g.dtype == w.dtype and torch.equal(_bits(g), _bits(w)) for g, w in zip(got, want))
 
 
 def test_store_kv_gives_the_reference_bits_with_and_without_v(path):

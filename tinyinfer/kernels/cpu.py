@@ -109,8 +109,9 @@ def _load() -> tuple[Any, str]:
             compile_library()
             return getattr(torch.ops, LIBRARY_NAME), ""
         except (RuntimeError, OSError, ImportError) as err:
-            lines = [ln for ln in str(err).splitlines() if "error" in ln.lower()] or str(err).splitlines()
-            reason = f"building the CPU kernels failed: {lines[0] if lines else type(err).__name__}"
+            lines = ([ln for ln in str(err).splitlines() if "error:" in ln]
+                     or [ln for ln in str(err).splitlines() if "error" in ln.lower()] or [""])
+            reason = f"building the CPU kernels failed: {lines[0].strip() or type(err).__name__}"
     warnings.warn(f"tinyinfer: {reason}; the CPU ops use their pure-PyTorch paths (slower for small "
                   "models)", RuntimeWarning, stacklevel=3)
     return None, reason

@@ -129,6 +129,9 @@ def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
 
 def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # reference.rms_norm: weight * dtype(x * rsqrt(mean(x^2) + eps)), float32 inside.
+    lib = cpu_kernels.library()
+    if lib is not None:
+        return lib.rms_norm.default(x, weight, eps)
     xf = x if x.dtype == torch.float32 else x.float()
     inv = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     y = xf * inv
@@ -141,6 +144,9 @@ def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def fused_add_rmsnorm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: float
                           ) -> tuple[Tensor, Tensor]:
+    lib = cpu_kernels.library()
+    if lib is not None:
+        return lib.fused_add_rmsnorm.default(x, residual, weight, eps)
     new_residual = x + residual                                                # (T, d)
     return rms_norm_cpu(new_residual, weight, eps), new_residual
 
