@@ -1,10 +1,11 @@
 // paged_attention.h -- causal attention of each sequence's new queries over its paged K/V cache, read in
 // place through the block table (Kwon et al., "Efficient Memory Management for LLM Serving with
-// PagedAttention", SOSP 2023): no gathered copy of the context is made. Per (sequence, KV head):
-//   pass 1  the score of every query row x query head of the group against each visible key
-//           (each K row read once for the whole group: GQA, MQA and MLA share it),
-//   pass 2  softmax of each row in float32 (max subtracted),
-//   pass 3  the weighted sum of the V rows (each V row read once for the whole group).
+// PagedAttention", SOSP 2023): no gathered copy of the context is made. Per (sequence, KV head), the
+// pointers to its K and V rows are listed once; then for each query row of the head group (GQA, MQA
+// and MLA share a KV head's rows, re-read from cache):
+//   scores  against the visible keys, 16 keys at a time (16 independent accumulators with AVX-512),
+//   softmax in float32 (max subtracted; an exp written to vectorize, cpu/common.h),
+//   output  the weighted sum of the V rows, divided by the softmax's sum.
 // Query i of sequence b (q_len_b rows, seq_lens[b] cached tokens including them) sits at position
 // seq_lens[b] - q_len_b + i and sees keys 0..that; rows past query_start_loc[B] stay zero. The contract
 // is ops.paged_attention's (docs/architecture.md); tests/test_cpu_kernels.py checks it against float64.
@@ -12,7 +13,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -58,7 +58,8 @@ inline void row_scores(const float* q, const float* const* keys, int64_t count, 
                        float* out) {
 #if defined(__AVX512F__)
   if (D % 16 == 0) {
-    for (int64_t p = 0; p < count; p += 16) scores16(q, keys + p, std::min<int64_t>(16, count - p), D, scale, out + p);
+    for (int64_t p = 0; p < count; p += 16)
+      scores16(q, keys + p, std::min<int64_t>(16, count - p), D, scale, out + p);
     return;
   }
 #endif
@@ -92,12 +93,15 @@ inline void row_weighted_sum(const float* w, const float* const* values, int64_t
 // Pointers to the float32 rows of positions 0..L of one sequence and KV head: the cache rows themselves
 // for a float32 cache, else rows converted once into `buffer`.
 template <typename T>
-void cache_rows(const T* base, const int32_t* table, int64_t L, int64_t BS, int64_t s0, int64_t s1,
-                int64_t width, std::vector<float>& buffer, std::vector<const float*>& rows) {
+void cache_rows(const T* base, const int32_t* table, int64_t L, int64_t BS, int64_t NB, int64_t s0,
+                int64_t s1, int64_t width, std::vector<float>& buffer, std::vector<const float*>& rows) {
   rows.resize(L);
   if constexpr (!std::is_same_v<T, float>) buffer.resize(L * width);
   for (int64_t p0 = 0; p0 < L; p0 += BS) {           // block by block: no division per position
-    const T* block = base + table[p0 / BS] * s0;
+    const int64_t id = table[p0 / BS];
+    TORCH_CHECK(id >= 0 && id < NB, "paged_attention: block table entry ", id, " for position ", p0,
+                " is outside the cache's ", NB, " blocks");
+    const T* block = base + id * s0;
     for (int64_t p = p0; p < std::min(L, p0 + BS); ++p) {
       const T* src = block + (p - p0) * s1;
       if constexpr (std::is_same_v<T, float>) {
@@ -126,14 +130,16 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   std::vector<const float*> krows, vrows;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t q0 = qsl[b], n = qsl[b + 1] - q0, L = lens[b];
-    if (n <= 0 || L <= 0) continue;
+    if (n <= 0) continue;
+    TORCH_CHECK(L >= n, "paged_attention: sequence ", b, " has ", n, " new queries but seq_lens ", L,
+                " (seq_lens count the cached tokens including the new ones)");
     const int32_t* table = tables + b * table_stride;
     scores.resize(L);
     for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-      cache_rows(kp + kvh * k_cache.stride(2), table, L, BS, k_cache.stride(0), k_cache.stride(1), D,
-                 kbuf, krows);
-      cache_rows(vp + kvh * v_cache.stride(2), table, L, BS, v_cache.stride(0), v_cache.stride(1), Dv,
-                 vbuf, vrows);
+      cache_rows(kp + kvh * k_cache.stride(2), table, L, BS, k_cache.size(0), k_cache.stride(0),
+                 k_cache.stride(1), D, kbuf, krows);
+      cache_rows(vp + kvh * v_cache.stride(2), table, L, BS, v_cache.size(0), v_cache.stride(0),
+                 v_cache.stride(1), Dv, vbuf, vrows);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t visible = L - n + i + 1;          // query i sees keys 0 .. L - n + i
         for (int64_t g = 0; g < G; ++g) {

@@ -44,6 +44,8 @@ void write_slots(const at::Tensor& src, at::Tensor& cache, const int64_t* slots)
   T* cp = cache.mutable_data_ptr<T>();
   for (int64_t t = 0; t < Tn; ++t) {
     if (slots[t] < 0) continue;
+    TORCH_CHECK(slots[t] < cache.size(0) * BS, "store_kv: slot ", slots[t], " is outside the cache of ",
+                cache.size(0) * BS, " slots");
     T* row = cp + (slots[t] / BS) * cache.stride(0) + (slots[t] % BS) * cache.stride(1);
     for (int64_t h = 0; h < H; ++h)
       for (int64_t d = 0; d < D; ++d)

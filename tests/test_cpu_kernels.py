@@ -5,8 +5,9 @@ built, each against the op's reference and float64.
 paged_attention: float64 attention over batches built the hard way (shuffled tables, NaN in every slot
 no sequence owns, varlen queries, padding rows), in float32, bfloat16 and float16, and scores that
 span more than e^87 (the exp's flush to zero). rope_store_kv, store_kv and the norms: the reference's
-bits, NaN-poisoned caches and -1 slots included, a float32 weight on a half-precision input too. linear (oneDNN on a reordered weight): within float32 rounding
-of float64, a row's result independent of the batch, a weight written in place used as written.
+bits, NaN-poisoned caches and -1 slots included, a float32 weight on a half-precision input too.
+linear (oneDNN on a reordered weight): within float32 rounding of float64, a row's result independent
+of the batch, a weight written in place used as written.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def test_rope_store_kv_gives_the_reference_bits(path, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_norms_give_the_reference_bits(path, dtype):
     gen = torch.Generator().manual_seed(7)
-    x, residual = (3 * torch.randn(9, 576, generator=gen)).to(dtype), torch.randn(9, 576, generator=gen).to(dtype)
+    x = (3 * torch.randn(9, 576, generator=gen)).to(dtype)
+    residual = torch.randn(9, 576, generator=gen).to(dtype)
     for weight in ((1 + 0.1 * torch.randn(576, generator=gen)).to(dtype), torch.randn(576, generator=gen)):
         assert torch.equal(_bits(ops.rms_norm(x, weight, 1e-5)), _bits(reference.rms_norm(x, weight, 1e-5)))
         got = ops.fused_add_rmsnorm(x, residual, weight, 1e-6)
@@ -130,7 +132,8 @@ def test_without_a_compiler_the_ops_warn_once_and_keep_their_pytorch_paths(monke
 
 def _linear_case(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    x, w, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen)
     return x.to(dtype), w.to(dtype), b.to(dtype)
 
 
@@ -168,3 +171,15 @@ def test_linear_weight_changed_in_place_is_used_as_written():
     before = ops.linear(x, w, None)
     w.mul_(-2.0)
     torch.testing.assert_close(ops.linear(x, w, None), -2.0 * before, rtol=1e-5, atol=1e-4)
+
+
+def test_slots_and_blocks_outside_the_cache_are_refused(path):
+    k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    k_cache, v_cache = torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)
+    with pytest.raises((RuntimeError, IndexError)):
+        ops.store_kv(k, v, k_cache, v_cache, torch.tensor([3, 64]))                  # 64 slots
+    q = torch.randn(1, 4, 16)
+    tables = torch.tensor([[0, 9]], dtype=torch.int32)                              # block 9 of 4
+    with pytest.raises((RuntimeError, IndexError)):
+        ops.paged_attention(q, k_cache, v_cache, tables, torch.tensor([20], dtype=torch.int32),
+                            torch.tensor([0, 1], dtype=torch.int32), 0.25)

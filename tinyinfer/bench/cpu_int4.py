@@ -16,7 +16,7 @@ import argparse
 import torch
 from torch import nn
 
-from tinyinfer.bench.common import device_label, format_table, summary_row
+from tinyinfer.bench.common import cpu_only, device_label, format_table, summary_row
 from tinyinfer.bench.hf import _decode_rate, _prompts, dequantized, hf_generate, hf_model
 from tinyinfer.engine.llm import LLM
 from tinyinfer.layers.linear import Int4Linear
@@ -54,10 +54,7 @@ def linear_bytes(model: nn.Module) -> int:
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    if device.type != "cpu":
-        raise SystemExit("cpu_int4 measures the CPU path; run it with --device cpu")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    cpu_only("cpu_int4", device, args.threads)
     rows = []
     for path in args.ckpt or ["models/shakespeare-llama"]:
         gguf = path.endswith(".gguf")

@@ -2,19 +2,19 @@
 
 For each --ckpt, at batch 1 and 16, the engine is run to a decode step with ~20 generated tokens and
 that step is taken apart. "step" is the fastest of 40 real engine steps (the least disturbed by the
-rest of a shared machine); every other row re-runs one part of the step, on its own, on that step's
-inputs (the fastest of repeated runs): the linears, RoPE +
-K/V write, attention, norms and SwiGLU activations of every layer in layer order (so a large model's
-weights stream from memory as in the step), the embedding and lm_head, batch building (build_batch +
-StepBatch.to_device), argmax + finite check, and the forward pass whole. "layer glue" is the forward
-minus its parts (views, splits, module calls, and the cache misses of running the parts interleaved);
-"engine Python" is, over the real steps, the time outside the model runner (scheduler, the sampling
-step's bookkeeping, appending tokens, deltas). Two rows are costs included above, not extra: "custom-op dispatch"
-(each op through its custom op minus the same kernel called directly, times the op calls in a step)
-and "detokenization, streamed" (pushing the step's tokens through TextStream, what a streaming
-request pays per step; a request nobody streams decodes once at its end). --compile adds
-torch.compile of the forward: compile seconds and the forward's time compiled. One torch thread;
-a .gguf runs dense float32, as `bench hf` compares it. CPU figures: each a time in one run.
+rest of a shared machine), and "engine Python" their time outside the model runner (scheduler, the
+sampling step's bookkeeping, appending tokens, deltas). Every other row re-runs one part of the step
+on its own, on that step's inputs (the fastest of repeated runs): the linears, RoPE + K/V write,
+attention, norms and SwiGLU activations of every layer in layer order (so a large model's weights
+stream from memory as in the step), the embedding, lm_head, argmax + finite check, batch building
+(build_batch + StepBatch.to_device), and the forward pass whole; "layer glue" is the forward minus its
+parts (views, splits, module calls, and the cache misses of running the parts interleaved). Two rows
+are costs included above, not extra: "custom-op dispatch" (each op through its custom op minus the
+same kernel called directly, times the op calls in a step) and "detokenization, streamed" (pushing the
+step's tokens through TextStream: what a streaming request pays per step; a request nobody streams
+decodes once at its end). --compile adds torch.compile of the forward: compile seconds and the
+forward's time compiled. One torch thread; a .gguf runs dense float32, as `bench hf` compares it;
+Llama-family models (MHA / GQA). CPU figures: times within one run.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyinfer import ops
-from tinyinfer.bench.common import device_label, format_table, git_commit
+from tinyinfer.bench.common import cpu_only, device_label, format_table, git_commit
 from tinyinfer.bench.hf import _prompts, dequantized
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.llm import LLM
@@ -141,10 +141,7 @@ def _step_parts(llm: LLM, batch_size: int, compile_forward: bool) -> dict:
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    if device.type != "cpu":
-        raise SystemExit("cpu_profile measures the CPU path; run it with --device cpu")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    cpu_only("cpu_profile", device, args.threads)
     rows = []
     for path in args.ckpt or ["models/shakespeare-llama"]:
         llm = LLM(path, device="cpu", dtype="float32", max_kv_tokens=8192)

@@ -120,7 +120,7 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) 
         rows.append({"batch": batch, "prompt_lens": f"{min(map(len, prompts))}-{max(map(len, prompts))}",
                      "tinyinfer_tok_s": tps, "hf_tok_s": hf_tps, "ratio": tps / hf_tps,
                      "tinyinfer_cpu_ms_step": ms, "hf_cpu_ms_step": hf_ms, "cpu_time_ratio": hf_ms / ms})
-    where = "" if is_gpu(device) else " -- CPU figure: overhead-bound, ratios within this run only"
+    where = "" if is_gpu(device) else " -- CPU figure: ratios within this run only"
     print(f"{device_label(device)}; {path}, {dtype}, greedy, {n} new tokens, commit {git_commit()}{where}")
     print(format_table(rows, ["batch", "prompt_lens", "tinyinfer_tok_s", "hf_tok_s", "ratio",
                               "tinyinfer_cpu_ms_step", "hf_cpu_ms_step", "cpu_time_ratio"]))

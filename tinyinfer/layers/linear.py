@@ -1,8 +1,8 @@
 """Linear layers: `Linear`, the dense nn.Linear the checkpoint fills, run through `ops.linear` (torch's
 matmul on a GPU, oneDNN on a reordered weight on a CPU: ops/cpu_matmul.py), and `Int4Linear`, a
 weight-only INT4 linear whose weights stay 4-bit in memory and are dequantized inside the matmul
-(`ops.int4_linear`: the tensor-core GEMV on a GPU). Weight-only quantization as in GPTQ (Frantar et al., 2023) and AWQ (Lin et
-al., 2024); the format and its layouts are tinyinfer/quant/format.py.
+(`ops.int4_linear`: the tensor-core GEMV on a GPU). Weight-only quantization as in GPTQ (Frantar et
+al., 2023) and AWQ (Lin et al., 2024); the format and its layouts are tinyinfer/quant/format.py.
 """
 from __future__ import annotations
 

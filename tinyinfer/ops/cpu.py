@@ -11,8 +11,8 @@ the dispatcher (`torch.library.Library.impl`), which calls them with none of the
     k at once when k follows q in memory (the fused qkv projection's output) with the table gathered
     once, rows written by one `index_copy_` per cache. RoPE either way repeats the reference's
     arithmetic element for element: the same bits.
-  * rms_norm / fused_add_rmsnorm: the reference's operations in the same order (same bits), without
-    its no-op dtype casts and temporaries.
+  * rms_norm / fused_add_rmsnorm: the reference's operations in the same order (same bits), called
+    from C++ where the library is built, else from here without the reference's no-op casts.
   * linear and int4_linear: ops/cpu_matmul.py.
 The fused-op tests hold these to the unfused model math bit for bit (tests/test_fused_ops.py).
 """
