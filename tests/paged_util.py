@@ -14,6 +14,16 @@ from tinyinfer.layers.attention import AttentionMetadata
 from tinyinfer.models.transformer import Transformer
 
 
+# Batches every CPU path of the op is checked on. name: (seq_lens, q_lens, hq, hkv, d, dv, bs, mla)
+CPU_CASES = {
+    "decode_gqa": ([37, 5, 64, 1], [1, 1, 1, 1], 8, 2, 16, 16, 8, False),
+    "verify_q16_mha": ([40, 16, 77], [16, 16, 3], 4, 4, 8, 8, 16, False),
+    "varlen_with_empty_sequences": ([20, 0, 33, 9, 0], [4, 0, 7, 9, 0], 6, 3, 8, 8, 4, False),
+    "mqa_block32": ([70, 33], [2, 5], 4, 1, 32, 32, 32, False),
+    "mla_latent_view": ([30, 51], [1, 4], 16, 1, 576, 512, 16, True),
+}
+
+
 @dataclass
 class Batch:
     q: torch.Tensor             # (T, Hq, D)

@@ -66,6 +66,6 @@ def test_ops_bench_counts_each_custom_op_once_and_no_views():
     for op in ("tinyinfer.paged_attention", "tinyinfer.rope_store_kv", "tinyinfer.silu_and_mul"):
         assert counts[op] == layers, (op, counts)
     assert counts["tinyinfer.fused_add_rmsnorm"] == 2 * layers
-    assert counts["linear"] == 4 * layers + 1                 # qkv, o, gate_up, down; the lm_head
+    assert counts["tinyinfer.linear"] == 4 * layers + 1       # qkv, o, gate_up, down; the lm_head
     assert not {"view", "slice", "unsqueeze"} & set(counts)
     assert engine.stats["free_blocks"] == engine.stats["num_blocks"]

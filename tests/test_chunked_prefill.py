@@ -18,7 +18,7 @@ from tinyinfer.engine.proposers import DraftModelProposer, NgramProposer
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.layers.attention import AttentionMetadata, attend
 from tinyinfer.ops import reference
-from tinyinfer.ops.cpu import length_groups
+from tinyinfer.ops.cpu_attention import length_groups
 
 CASES = {   # name: (seq_lens, q_lens, hq, hkv, d, dv, bs, mla, num_decodes)
     "prefix_gqa": ([70, 33, 120], [40, 33, 17], 8, 2, 16, 16, 8, False, 0),

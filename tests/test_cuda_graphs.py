@@ -14,7 +14,7 @@ from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.cuda_graphs import GraphRunner, StaticBatch
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.ops import reference
-from tinyinfer.ops.cpu import paged_attention_batched
+from tinyinfer.ops.cpu_attention import paged_attention_batched
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "To be", "KING RICHARD III:\nNow is the winter",
            "First Citizen:\nBefore we proceed any further, hear me speak.", "A", "MENENIUS:\nWhy"]

@@ -119,11 +119,25 @@ def test_cli_streams_text_and_prints_a_figures_line():
     assert "12 generated" in r.stderr and "tokens/s" in r.stderr and "time to first token" in r.stderr
 
 
+def test_cli_threads_option_sets_torchs_thread_count():
+    from tinyinfer.generate import apply_threads, parse_args
+    before = torch.get_num_threads()
+    try:
+        assert parse_args(["--ckpt", LLAMA]).threads == 1                    # the default
+        apply_threads(parse_args(["--ckpt", LLAMA, "--threads", "2"]))
+        assert torch.get_num_threads() == 2
+        apply_threads(parse_args(["--ckpt", LLAMA, "--threads", "0"]))     # 0: torch's, untouched
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["--ckpt", "/does/not/exist"], "does not exist"),
     (["--ckpt", os.path.join(REPO, "tests")], "no .safetensors"),
     (["--ckpt", LLAMA, "--temperature", "-1"], "temperature"),
     (["--ckpt", LLAMA, "--prompt", "x" * 5000], "context"),
+    (["--ckpt", LLAMA, "--threads", "-2"], "--threads -2"),
 ])
 def test_cli_user_mistakes_give_one_clear_line_and_no_traceback(args, pattern):
     r = _cli(*args, "--device", "cpu")

@@ -20,14 +20,15 @@ def params(i: int, max_tokens: int = 24) -> SamplingParams:
 
 
 def run(engine: LLMEngine, plan: dict[int, list[int]], abort_at: dict[int, list[str]] = {},
-        max_steps: int = 500) -> dict[str, dict]:
+        max_steps: int = 500, stream: bool = True) -> dict[str, dict]:
     """Drive `engine` step by step: before step s, add the prompts plan[s] (as ids "p<i>") and abort
-    the ids abort_at[s]. Returns per request its concatenated tokens, text and finish reason."""
+    the ids abort_at[s]. Returns per request its concatenated tokens, text (and the part of it that
+    came before the final delta) and finish reason."""
     out: dict[str, dict] = {}
     for step in range(max_steps):
         for i in plan.get(step, []):
-            rid = engine.add_request(PROMPTS[i], params(i), request_id=f"p{i}")
-            out[rid] = {"tokens": [], "text": "", "reason": None, "deltas": 0}
+            rid = engine.add_request(PROMPTS[i], params(i), request_id=f"p{i}", stream=stream)
+            out[rid] = {"tokens": [], "text": "", "early_text": "", "reason": None, "deltas": 0}
         for rid in abort_at.get(step, []):
             assert engine.abort(rid), f"{rid} should still be running at step {step}"
         if step > max(list(plan) + list(abort_at)) and not engine.has_unfinished():
@@ -37,6 +38,7 @@ def run(engine: LLMEngine, plan: dict[int, list[int]], abort_at: dict[int, list[
             assert rec["reason"] is None, f"{d.request_id} got a delta after it finished"
             rec["tokens"] += d.new_token_ids
             rec["text"] += d.new_text
+            rec["early_text"] += "" if d.finished else d.new_text
             rec["deltas"] += 1
             if d.finished:
                 rec["reason"] = d.finish_reason
@@ -78,6 +80,20 @@ def test_abort_frees_blocks_and_leaves_the_others_unchanged(engine, alone, when)
     assert got["p2"]["tokens"] == alone["p2"]["tokens"][:len(got["p2"]["tokens"])]
     for rid in ("p0", "p1"):
         assert got[rid]["tokens"] == alone[rid]["tokens"]
+    _assert_idle(engine)
+
+
+@pytest.mark.parametrize("abort", [False, True], ids=["finish", "abort"])
+def test_unstreamed_requests_get_the_streamed_text_whole_in_their_final_delta(engine, alone, abort):
+    # stream=False (LLM.generate without on_token): text is decoded once, when a request ends --
+    # the very text the streamed deltas add up to, aborted requests included.
+    got = run(engine, {0: [0, 1], 3: [2]}, abort_at={12: ["p2"]} if abort else {}, stream=False)
+    streamed = run(engine, {0: [0, 1], 3: [2]}, abort_at={12: ["p2"]} if abort else {})
+    for rid, rec in got.items():
+        assert rec["tokens"] == streamed[rid]["tokens"] and rec["reason"] == streamed[rid]["reason"]
+        assert rec["text"] == streamed[rid]["text"] and rec["early_text"] == ""
+        assert streamed[rid]["early_text"] and rec["deltas"] > 1, "tokens still arrive step by step"
+    assert got["p2"]["reason"] == ("abort" if abort else "length")
     _assert_idle(engine)
 
 

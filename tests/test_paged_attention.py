@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paged_util import Batch, dense_float64, make_batch
+from paged_util import CPU_CASES, Batch, dense_float64, make_batch
 from tinyinfer import ops
 from tinyinfer.ops import reference
 from tinyinfer.ops.cuda import CUDA_IMPLS
@@ -24,16 +24,6 @@ from tinyinfer.ops.cuda import CUDA_IMPLS
 # ------------------------------------------------------------------------------------------------
 # CPU: the reference is the contract
 # ------------------------------------------------------------------------------------------------
-
-CPU_CASES = {
-    # name: (seq_lens, q_lens, hq, hkv, d, dv, bs, mla)
-    "decode_gqa": ([37, 5, 64, 1], [1, 1, 1, 1], 8, 2, 16, 16, 8, False),
-    "verify_q16_mha": ([40, 16, 77], [16, 16, 3], 4, 4, 8, 8, 16, False),
-    "varlen_with_empty_sequences": ([20, 0, 33, 9, 0], [4, 0, 7, 9, 0], 6, 3, 8, 8, 4, False),
-    "mqa_block32": ([70, 33], [2, 5], 4, 1, 32, 32, 32, False),
-    "mla_latent_view": ([30, 51], [1, 4], 16, 1, 576, 512, 16, True),
-}
-
 
 @pytest.mark.parametrize("name", list(CPU_CASES))
 def test_reference_matches_float64_attention(name):

@@ -1,4 +1,4 @@
-"""The CPU kernel of ops.int4_linear (ops/cpu.py) against the op's reference and float64: bfloat16
+"""The CPU kernel of ops.int4_linear (ops/cpu_matmul.py) against the op's reference and float64: bfloat16
 activations run PyTorch's CPU INT4 matmul (aten._weight_int4pack_mm_for_cpu) within the documented
 bfloat16 bound, for both zero conventions (integer zero point; GGUF Q4_1's float offset); float32 /
 float16 activations give the reference's values bit for bit; a changed weight is never served stale."""
@@ -36,7 +36,7 @@ def test_bfloat16_within_the_documented_bound_of_float64(m, n, k, g, float_zeros
     s64 = s.double().repeat_interleave(g, 1)
     zero = ((8 * s.double() + z.double()) if float_zeros
             else (8 - z.double()) * s.double()).repeat_interleave(g, 1)
-    # |y - ref| <= 2^-8 * sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |ref|   (ops/cpu.py)
+    # |y - ref| <= 2^-8 * sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |ref|   (ops/cpu_matmul.py)
     weight_scale = (q.double() - 8).abs() * s64 + zero.abs()
     bound = 2 ** -8 * (x.double().abs() @ weight_scale.T + ref.abs())
     assert bool(((y.double() - ref).abs() <= bound).all())

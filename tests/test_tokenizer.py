@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyinfer.engine.output import IncrementalDetokenizer
+from tinyinfer.engine.output import IncrementalDetokenizer, TextStream
 from tinyinfer.loading.tokenizer import Tokenizer
 
 CKPT = Path(__file__).resolve().parent.parent / "models" / "shakespeare-llama"
@@ -220,3 +220,36 @@ def test_random_token_streams_add_up_to_decode_including_invalid_bytes(sp_tok):
         assert sp_tok.decode(prompt) + "".join(pieces) == sp_tok.decode(prompt + output)
         # Held-back text is only ever an unfinished UTF-8 sequence, released by flush().
         assert all(not p.endswith("\ufffd") for p in pieces[:-1])
+
+
+def _texts_of(stream: TextStream, output: list[int], ended: bool) -> list[str]:
+    """What the engine hands out per step: push, take; at the end finish() (a stop or length
+    finish) or nothing (an abort), then the final take."""
+    pieces = []
+    for tok in output:
+        stream.push(tok)
+        pieces.append(stream.take(final=False))
+    if ended:
+        stream.finish()
+    return pieces + [stream.take(final=True)]
+
+
+@pytest.mark.parametrize("backend", ["sentencepiece", "bpe"])
+def test_text_decoded_once_at_the_end_equals_the_streamed_text(sp_tok, bpe_dir, backend):
+    # TextStream(stream=False) (LLM.generate without on_token) decodes once when the request ends:
+    # the same text the per-token pieces add up to, for normal finishes and aborts alike, with
+    # invalid byte runs and special tokens shown or skipped.
+    tok = sp_tok if backend == "sentencepiece" else Tokenizer.from_dir(bpe_dir)
+    rng = random.Random(1)
+    byte_ids = [i for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("<0x")]
+    for _ in range(150):
+        prompt = tok.encode(rng.choice(TEXTS[:5]))
+        pool = byte_ids[128:] if byte_ids and rng.random() < 0.4 else range(tok.vocab_size)
+        output = [rng.choice(pool) for _ in range(rng.randint(1, 30))]
+        skip, ended = rng.random() < 0.7, rng.random() < 0.7
+        streamed = _texts_of(TextStream(tok, prompt, [], skip), output, ended)
+        deferred = _texts_of(TextStream(tok, prompt, [], skip, stream=False), output, ended)
+        assert deferred[:-1] == [""] * len(output), "a deferred stream hands out nothing before the end"
+        assert deferred[-1] == "".join(streamed)
+    # Stop strings need the text as it grows: with one, stream=False still streams.
+    assert not TextStream(tok, [], ["x"], stream=False).deferred

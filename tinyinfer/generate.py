@@ -44,6 +44,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the model over this many ranks: GPUs cuda:0..N-1 (NCCL), or N CPU "
                         "processes (gloo); the engine spawns the workers (docs/tensor-parallel.md)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch's intra-op threads for the CPU work (default 1; 0: torch's default, one "
+                        "per core). A decode step is hundreds of small ops: more threads help only "
+                        "large matmuls with idle cores, and on a busy machine they wait on each other "
+                        "(docs/cpu-performance.md: 2 threads on a shared 2-core box, up to 30x slower)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -56,6 +61,15 @@ def engine_options(args: argparse.Namespace) -> dict:
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 enable_prefix_caching=args.enable_prefix_caching,
                 tensor_parallel_size=args.tensor_parallel_size)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """torch.set_num_threads(--threads) unless it is 0 (torch's own default); refuses a negative."""
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: give a positive number, or 0 for torch's default")
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop,
                                 ignore_eos=args.ignore_eos,
                                 skip_special_tokens=not args.show_special)
+        apply_threads(args)
         t_load = time.perf_counter()
         llm = LLM(args.ckpt, verbose=not args.json, **engine_options(args))
         t_load = time.perf_counter() - t_load

@@ -42,6 +42,14 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
+def cpu_only(bench: str, device: torch.device, threads: int) -> None:
+    """A CPU benchmark's set-up: refuse another device; torch's threads (0 = torch's default)."""
+    if device.type != "cpu":
+        raise SystemExit(f"{bench} measures the CPU path; run it with --device cpu")
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def is_gpu(device: torch.device) -> bool:
     return device.type == "cuda"
 

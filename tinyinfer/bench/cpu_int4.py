@@ -1,8 +1,8 @@
 """cpu_int4: INT4 against float32 decode on a CPU, in the same run: decode tokens/s at batch 1 and 16.
 
 For each --ckpt (default: the demo model): "float32" is the dense model in float32 (a .gguf file's
-weights dequantized, its INT4 layers turned back into nn.Linear); "int4" is what tinyinfer runs by
-default for INT4 on a CPU -- bfloat16 activations through torch's CPU INT4 matmul (ops/cpu.py) --
+weights dequantized, its INT4 layers turned back into dense linears); "int4" is what tinyinfer runs by
+default for INT4 on a CPU -- bfloat16 activations through torch's CPU INT4 matmul (ops/cpu_matmul.py) --
 with the file's own Q4 blocks for a .gguf, else quantized on the fly at --group-size; "hf" is
 Hugging Face generate() on the float32 model (with transformers installed; --no-hf to skip). Greedy,
 one torch thread, decode time = time(N tokens) - time(1 token), best of three (bench/hf.py); the
@@ -16,8 +16,8 @@ import argparse
 import torch
 from torch import nn
 
-from tinyinfer.bench.common import device_label, format_table, summary_row
-from tinyinfer.bench.hf import _decode_rate, _prompts, hf_generate, hf_model
+from tinyinfer.bench.common import cpu_only, device_label, format_table, summary_row
+from tinyinfer.bench.hf import _decode_rate, _prompts, dequantized, hf_generate, hf_model
 from tinyinfer.engine.llm import LLM
 from tinyinfer.layers.linear import Int4Linear
 from tinyinfer.sampling_params import SamplingParams
@@ -34,19 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                         help="also time Hugging Face generate() on the float32 model")
-
-
-def dequantized(llm: LLM) -> LLM:
-    """Every Int4Linear of the model replaced by an nn.Linear holding its dequantized weight."""
-    for name, module in list(llm.model.named_modules()):
-        if isinstance(module, Int4Linear):
-            dense = nn.Linear(module.in_features, module.out_features, module.bias is not None)
-            dense.weight.data = module.dequantize()                        # (N, K), the layer's dtype
-            if module.bias is not None:
-                dense.bias.data = module.bias.data
-            parent, _, child = name.rpartition(".")
-            setattr(llm.model.get_submodule(parent) if parent else llm.model, child, dense)
-    return llm
 
 
 def _greedy(llm: LLM):
@@ -67,10 +54,7 @@ def linear_bytes(model: nn.Module) -> int:
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    if device.type != "cpu":
-        raise SystemExit("cpu_int4 measures the CPU path; run it with --device cpu")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    cpu_only("cpu_int4", device, args.threads)
     rows = []
     for path in args.ckpt or ["models/shakespeare-llama"]:
         gguf = path.endswith(".gguf")

@@ -1,9 +1,12 @@
 """hf: tinyinfer vs Hugging Face generate() on a checkpoint: decode tokens/s at batch 1 and batch 16
 (prompts of mixed length), greedy, one run each, same process; decode time = time(N tokens) - time(1
 token), so prefill is left out of both. On a CPU a tiny model is overhead-bound: this measures each
-engine's own cost. Also what `python -m tinyinfer.bench e2e --ckpt PATH` runs. A .gguf checkpoint is
-read by transformers with `from_pretrained(dir, gguf_file=...)` (dequantized); tinyinfer in float32
-runs its INT4 layers on the once-dequantized weights (ops/cpu.py), the same values.
+engine's own cost. Also what `python -m tinyinfer.bench e2e --ckpt PATH` runs (and `make bench`, on the
+demo model and SmolLM2: docs/cpu-performance.md). A .gguf checkpoint is read by transformers with
+`from_pretrained(dir, gguf_file=...)`, its Q4 tensors dequantized into dense float32 linears; tinyinfer
+runs the same dense float32 model (`dequantized`: its INT4 layers turned into dense linears of the
+same values), like with like. (Kept as INT4, tinyinfer's float32 path multiplies by the same values
+with torch's own matmul, bit for bit the op's reference: ops/cpu_matmul.py.)
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import time
 
 import torch
 
-from tinyinfer.bench.common import device_label, format_table, is_gpu, summary_row
+from tinyinfer.bench.common import device_label, format_table, git_commit, is_gpu, summary_row
 from tinyinfer.engine.llm import LLM
+from tinyinfer.layers.linear import Int4Linear, Linear
 from tinyinfer.sampling_params import SamplingParams
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First "
@@ -60,6 +64,19 @@ def _decode_rate(generate, prompts: list[list[int]], n: int) -> tuple[float, flo
     return len(prompts) * (n - 1) / wall, cpu / (n - 1) * 1e3
 
 
+def dequantized(llm: LLM) -> LLM:
+    """Every Int4Linear of the model replaced by a dense Linear holding its dequantized weight."""
+    for name, module in list(llm.model.named_modules()):
+        if isinstance(module, Int4Linear):
+            dense = Linear(module.in_features, module.out_features, module.bias is not None)
+            dense.weight.data = module.dequantize()                        # (N, K), the layer's dtype
+            if module.bias is not None:
+                dense.bias.data = module.bias.data
+            parent, _, child = name.rpartition(".")
+            setattr(llm.model.get_submodule(parent) if parent else llm.model, child, dense)
+    return llm
+
+
 def hf_model(path: str, dtype: torch.dtype):
     """transformers' model of a checkpoint directory, or of a .gguf file."""
     from transformers import AutoModelForCausalLM           # a test/bench-only dependency
@@ -86,6 +103,8 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) 
     dtype = "float32" if not is_gpu(device) else "bfloat16"
     llm = LLM(path, device=str(device), dtype=dtype, cuda_graphs=cuda_graphs and is_gpu(device),
               max_kv_tokens=16 * 256)
+    if path.endswith(".gguf") and not is_gpu(device):
+        dequantized(llm)                               # dense float32, as transformers loads the file
     hf = hf_model(path, getattr(torch, dtype)).to(device).eval()
     pad = llm.config.eos_token_ids[0] if llm.config.eos_token_ids else 0
     theirs = hf_generate(hf, pad, device)
@@ -101,8 +120,8 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) 
         rows.append({"batch": batch, "prompt_lens": f"{min(map(len, prompts))}-{max(map(len, prompts))}",
                      "tinyinfer_tok_s": tps, "hf_tok_s": hf_tps, "ratio": tps / hf_tps,
                      "tinyinfer_cpu_ms_step": ms, "hf_cpu_ms_step": hf_ms, "cpu_time_ratio": hf_ms / ms})
-    where = "" if is_gpu(device) else " -- CPU figure: overhead-bound, ratios within this run only"
-    print(f"{device_label(device)}; {path}, {dtype}, greedy, {n} new tokens{where}")
+    where = "" if is_gpu(device) else " -- CPU figure: ratios within this run only"
+    print(f"{device_label(device)}; {path}, {dtype}, greedy, {n} new tokens, commit {git_commit()}{where}")
     print(format_table(rows, ["batch", "prompt_lens", "tinyinfer_tok_s", "hf_tok_s", "ratio",
                               "tinyinfer_cpu_ms_step", "hf_cpu_ms_step", "cpu_time_ratio"]))
     print("ratio: tokens/s over HF's (wall clock); cpu_time_ratio: HF's CPU time per decode step over "

@@ -22,7 +22,8 @@ from tinyinfer.sampling_params import SamplingParams
 # Ops that only make a view or read metadata: no kernel.
 NO_KERNEL = {"view", "unsqueeze", "slice", "select", "reshape", "split", "split_with_sizes", "chunk",
              "detach", "detach_", "lift_fresh", "t", "transpose", "expand", "_unsafe_view", "alias",
-             "as_strided", "empty", "squeeze", "permute", "unbind", "_reshape_alias"}
+             "as_strided", "empty", "squeeze", "permute", "unbind", "_reshape_alias", "resolve_conj",
+             "resolve_neg"}
 
 
 class OpCounter(TorchDispatchMode):

@@ -11,7 +11,7 @@
 3. The attention of a prefill over a cached prefix (many queries over paged K/V), alternatives on the
    same data: gather + SDPA per sequence (ops.paged_prefill_attention, what the engine runs), the
    paged_attention reference (per-sequence gather, explicit scores) and the padded batch of
-   ops/cpu.py (every sequence padded to the longest query run and context).
+   ops/cpu_attention.py (every sequence padded to the longest query run and context).
 
 Default model: the demo checkpoint (context 1024); --ckpt takes any other (e.g. a 4k-context one with
 --long-tokens 4000). Text comes from data/tinyshakespeare-val-slice.txt, repeated as needed.
@@ -31,7 +31,7 @@ from tinyinfer.bench.common import device_label, format_table, is_gpu, summary_r
 from tinyinfer.engine.llm import LLM
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.ops import reference
-from tinyinfer.ops.cpu import paged_attention_batched
+from tinyinfer.ops.cpu_attention import paged_attention_batched
 from tinyinfer.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,6 +10,7 @@ p % block_size.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
@@ -54,12 +55,19 @@ class StepBatch:
     def to_device(self, device: torch.device) -> tuple[Tensor, Tensor, AttentionMetadata]:
         """(input_ids (T,) int64, positions (T,) int64, metadata) on `device`: two host-to-device
         copies, one int64 and one int32 (the engine's own cost is what a small model's step is)."""
-        B = self.num_seqs
+        B, T = self.num_seqs, len(self.input_ids)
         width = self.max_blocks
-        flat = torch.tensor([self.input_ids, self.positions, self.slot_mapping]).to(device)  # (3, T)
-        tables = [t + [-1] * (width - len(t)) for t in self.block_tables]
-        small = torch.tensor(self.seq_lens + self.query_start_loc + [x for t in tables for x in t],
-                             dtype=torch.int32).to(device)                # (2B + 1 + B * width,)
+        # Packed through array buffers: no per-element Python conversion (torch.tensor(list) has one).
+        flat = array("q", self.input_ids)
+        flat.extend(self.positions)
+        flat.extend(self.slot_mapping)
+        small = array("i", self.seq_lens)
+        small.extend(self.query_start_loc)
+        for t in self.block_tables:
+            small.extend(t)
+            small.extend([-1] * (width - len(t)))
+        flat = _tensor(flat, torch.int64).view(3, T).to(device)                     # (3, T)
+        small = _tensor(small, torch.int32).to(device)               # (2B + 1 + B * width,)
         meta = AttentionMetadata(
             slot_mapping=flat[2], block_tables=small[2 * B + 1:].view(B, width),
             seq_lens=small[:B], query_start_loc=small[B:2 * B + 1], max_q_len=self.max_q_len,
@@ -67,6 +75,11 @@ class StepBatch:
             prefill=self.prefill,
             num_decodes=next((b for b, n in enumerate(self.num_new) if n > MAX_KERNEL_Q_LEN), B))
         return flat[0], flat[1], meta
+
+
+def _tensor(values: array, dtype: torch.dtype) -> Tensor:
+    # A tensor over the array's buffer (it keeps the array alive); frombuffer refuses an empty one.
+    return torch.frombuffer(values, dtype=dtype) if len(values) else torch.empty(0, dtype=dtype)
 
 
 def build_batch(seqs: Seq[Sequence], num_new: Seq[int], block_size: int) -> StepBatch:

@@ -61,7 +61,8 @@ class LLM:
                  params: Union[SamplingParams, Seq[SamplingParams], None] = None,
                  on_token: Optional[Callable[[RequestDelta], None]] = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in prompt order. `on_token` is called
-        with each step's RequestDelta of every request (streaming). Holds the engine's lock throughout."""
+        with each step's RequestDelta of every request (streaming); without it the text of a request
+        is decoded once, when it ends. Holds the engine's lock throughout."""
         prompts = [prompts] if is_single_prompt(prompts) else list(prompts)
         params = SamplingParams() if params is None else params
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -78,7 +79,7 @@ class LLM:
             out = RequestOutput(prompt_token_ids=[])
             outputs.append(out)
             try:
-                rid = engine.add_request(prompt, sp)
+                rid = engine.add_request(prompt, sp, stream=on_token is not None)
             except RequestError as err:
                 out.prompt_token_ids = _given_ids(prompt)
                 out.finish_reason, out.error = "error", err

@@ -160,8 +160,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None) -> str:
-        """Queue a request; it joins the batch at the next step. Raises RequestError if it cannot run."""
+                    request_id: Optional[str] = None, stream: bool = True) -> str:
+        """Queue a request; it joins the batch at the next step. Raises RequestError if it cannot run.
+        stream=False: nobody reads its text before it ends, so without stop strings its deltas carry
+        new_text "" until the final one, which carries the whole text (decoded once, not per token)."""
         params = params if params is not None else SamplingParams()
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
@@ -171,7 +173,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(rid, ids, params, seed, tuple(self.config.eos_token_ids))
         self.requests[rid] = _Request(seq, TextStream(self.tokenizer, ids, params.stop or [],
-                                                      params.skip_special_tokens))
+                                                      params.skip_special_tokens, stream))
         self.scheduler.add(seq)
         return rid
 

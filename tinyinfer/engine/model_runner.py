@@ -26,6 +26,14 @@ from tinyinfer.loading.weights import load_model
 from tinyinfer.models.transformer import Transformer
 
 
+def finite_rows(logits: Tensor) -> Tensor:
+    """(B,) bool: which rows of logits (B, vocab) hold no NaN / inf. One sum first: a NaN or an inf
+    anywhere makes it non-finite, so a finite sum settles every row (the common case) in one pass."""
+    if bool(torch.isfinite(logits.sum())):
+        return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return torch.isfinite(logits).all(dim=-1)
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, kv: PagedKVCache, cuda_graphs: bool = False,
                  graph_pool: Optional[tuple] = None):
@@ -83,7 +91,8 @@ class ModelRunner:
             return graphs.run(batch)           # (T, vocab); a decode step has T == B
         input_ids, positions, meta = batch.to_device(self.device)
         hidden = self.model(input_ids, positions, meta, self.kv.layers())            # (T, hidden)
-        if not all_logits:
+        decode = len(batch.input_ids) == batch.num_seqs and batch.max_q_len == 1     # T == B
+        if not all_logits and not decode:
             hidden = hidden[meta.query_start_loc[1:].long() - 1]                     # (B, hidden)
         return self.model.compute_logits(hidden)
 
@@ -105,7 +114,7 @@ class ModelRunner:
             dev = logits.device
             tokens = sample_rows(logits, torch.tensor(temps, dtype=torch.float32, device=dev),
                                  torch.tensor(seeds, device=dev), torch.tensor(steps, device=dev))
-        return logits, tokens, torch.isfinite(logits).all(dim=-1)
+        return logits, tokens, finite_rows(logits)
 
     def _graphs_for(self, batch: StepBatch, all_logits: bool) -> Optional[GraphRunner]:
         if not all_logits:

@@ -8,6 +8,11 @@ without the new ones, emits the difference, and holds text back while it ends in
 sequence (U+FFFD) -- the "prefix/read offset" scheme used by serving engines such as vLLM (Kwon et al.,
 SOSP 2023). `TextStream` adds stop strings: the text is cut where one starts, and a tail that may
 still become one is held back from the stream.
+
+Text nobody reads per step is not made per step: a request without stop strings whose consumer does
+not stream (`TextStream(..., stream=False)`: LLM.generate without `on_token`) only collects its tokens,
+and its text is decoded once when it ends -- one decode of the window and the output, the same text the
+incremental pieces add up to (tests/test_tokenizer.py checks both ways agree).
 """
 from __future__ import annotations
 
@@ -72,6 +77,10 @@ class IncrementalDetokenizer:
         self.tokens.append(int(token_id))
         return self._advance(force=False)
 
+    def extend(self, token_ids: Sequence[int]) -> None:
+        """Add tokens without decoding them: the next `flush` returns their text in one decode."""
+        self.tokens += [int(t) for t in token_ids]
+
     def flush(self) -> str:
         """At the end of a sequence: return held-back text (an incomplete sequence decodes to U+FFFD)."""
         return self._advance(force=True) if self.read_offset < len(self.tokens) else ""
@@ -81,17 +90,23 @@ class TextStream:
     """The output text of one request: incremental detokenization plus its stop strings."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stops: Sequence[str],
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, stream: bool = True):
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self.stops = list(stops)
         self.text = ""                             # the output so far, cut at a stop string
         self.sent = 0                              # characters already handed out by take()
         self._checked = 0                          # text before this offset holds no stop string
+        # Deferred: no stop string to watch and no reader before the end -> decode once, at the end.
+        self.deferred = not stream and not self.stops
+        self._pending: list[int] = []              # deferred tokens not decoded yet
 
     def push(self, token_id: int, check_stops: bool = True) -> bool:
         """Add one generated token's text; True if the text now contains a stop string (cut there).
         check_stops=False (before min_tokens): no stop string can end it; one that starts before
         and ends after this text still can, later."""
+        if self.deferred:
+            self._pending.append(token_id)
+            return False
         self.text += self.detok.push(token_id)
         if not check_stops:
             self._checked = len(self.text)
@@ -100,12 +115,22 @@ class TextStream:
 
     def finish(self) -> bool:
         """The request ends: add the held-back text; True if that completes a stop string."""
+        if self.deferred:
+            self.detok.extend(self._pending)
+            self._pending = []
         self.text += self.detok.flush()
         return self._stop_hit()
 
     def take(self, final: bool) -> str:
         """The text not handed out yet; while not final, a tail that may be the start of a stop
-        string is held back."""
+        string is held back. A deferred stream has text only once final."""
+        if self.deferred:
+            if not final:
+                return ""
+            # Ended without finish() (abort, error): the text streaming would have sent by now.
+            for tok in self._pending:
+                self.text += self.detok.push(tok)
+            self._pending = []
         end = len(self.text) if final else len(self.text) - self._held()
         new = self.text[self.sent:end]
         self.sent = max(self.sent, end)

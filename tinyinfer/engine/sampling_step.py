@@ -57,6 +57,6 @@ def _sample_in_step(runner: ModelRunner, seqs: list[Sequence], num_new: list[int
     _, tokens, finite = runner.execute_sampled(batch)
     for s, n in zip(seqs, num_new):
         s.num_cached += n
-    drawn = torch.stack((tokens, finite.long())).tolist()                        # one copy
-    out = [([t] if ok else None) if e else [] for t, ok, e in zip(*drawn, ends)]
+    out = [([t] if ok else None) if e else []
+           for t, ok, e in zip(tokens.tolist(), finite.tolist(), ends)]
     return out, [None] * len(seqs)

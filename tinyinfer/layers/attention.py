@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from tinyinfer import ops
+from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.rotary import RotaryEmbedding
 from tinyinfer.loading.config import ModelConfig
@@ -68,9 +69,9 @@ class MultiHeadAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         # Fused projection: one GEMV reads the q, k and v weights (concatenated at load).
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size,
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size,
                                   bias=cfg.attention_bias or cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.splits = [cfg.q_size, cfg.kv_size, cfg.kv_size]
         # Qwen3: RMSNorm over each head's q and k (weights (D,) shared by the heads), before RoPE.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None

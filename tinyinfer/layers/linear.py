@@ -1,8 +1,10 @@
-"""Linear layers: the dense nn.Linear the checkpoint fills, and `Int4Linear`, a weight-only INT4 linear
-whose weights stay 4-bit in memory and are dequantized inside the matmul (`ops.int4_linear`: the
-tensor-core GEMV on a GPU). Weight-only quantization as in GPTQ (Frantar et al., 2023) and AWQ (Lin et
-al., 2024); the format and its layouts are tinyinfer/quant/format.py. `ConcatLinear` keeps a fused
-projection (qkv_proj, gate_up_proj) as its separate parts when they cannot share one weight.
+"""Linear layers: `Linear`, the dense nn.Linear the checkpoint fills, run through `ops.linear` (torch's
+matmul on a GPU, oneDNN on a reordered weight on a CPU: ops/cpu_matmul.py), and `Int4Linear`, a
+weight-only INT4 linear whose weights stay 4-bit in memory and are dequantized inside the matmul
+(`ops.int4_linear`: the tensor-core GEMV on a GPU). Weight-only quantization as in GPTQ (Frantar et
+al., 2023) and AWQ (Lin et al., 2024); the format and its layouts are tinyinfer/quant/format.py.
+`ConcatLinear` keeps a fused projection (qkv_proj, gate_up_proj) as its separate parts when they
+cannot share one weight.
 """
 from __future__ import annotations
 
@@ -14,6 +16,14 @@ from torch import Tensor, nn
 from tinyinfer import ops
 from tinyinfer.quant.format import (TILE_K, TILE_N, check_shape, dequantize_kernel_layout,
                                     from_kernel_layout, to_kernel_layout)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) whose product is `ops.linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x (..., in_features) -> (..., out_features)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class Int4Linear(nn.Module):

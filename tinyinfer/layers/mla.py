@@ -23,6 +23,7 @@ from torch import Tensor
 
 from tinyinfer import ops
 from tinyinfer.layers.attention import AttentionMetadata, attend
+from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.rotary import RotaryEmbedding, apply_rope, yarn_mscale
 from tinyinfer.loading.config import ModelConfig
@@ -57,15 +58,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.mode = "auto"
         qk = self.nope + self.rope
         if cfg.q_lora_rank:                     # V2 / V3: the query is low-rank too
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, bias=False)
         else:                                   # V2-Lite: a plain query projection
-            self.q_proj = nn.Linear(d, H * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
+            self.q_proj = Linear(d, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, d, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, d, bias=cfg.attention_bias)
 
     @staticmethod
     def kv_dims(cfg: ModelConfig) -> tuple[tuple[int, int], None]:

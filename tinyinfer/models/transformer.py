@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from tinyinfer.layers.attention import AttentionMetadata, MultiHeadAttention
+from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.mla import MultiHeadLatentAttention
 from tinyinfer.layers.mlp import SwiGLU
 from tinyinfer.layers.moe import MoE
@@ -74,7 +75,7 @@ class Transformer(nn.Module):
                              VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, group) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary: Optional[RotaryEmbedding] = None        # set by build_model, on the device

@@ -39,6 +39,16 @@ def _(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 
+@torch.library.custom_op("tinyinfer::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return reference.linear(x, weight, bias)
+
+
+@linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 @torch.library.custom_op("tinyinfer::int4_linear", mutates_args=())
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
     return reference.int4_linear(x, qweight, scales, zeros, group_size)

@@ -106,6 +106,11 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     return out
 
 
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    # x (..., K), weight (N, K), bias (N,) | None -> x @ weight.T + bias (..., N): torch's own matmul.
+    return F.linear(x, weight, bias)
+
+
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
     # x (M, K); qweight (N/16, Kp/64, 32, 4) int32; scales, zeros (N/16, Kp/G, 16) -> y (M, N).
     # W = (q - z) * s for uint8 zeros, q * s + z for floating zeros (a per-group offset: GGUF Q4_1's

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from tinyinfer.generate import add_engine_arguments, engine_options
+from tinyinfer.generate import add_engine_arguments, apply_threads, engine_options
 from tinyinfer.loading.checkpoint import CheckpointError
 from tinyinfer.loading.config import ConfigError
 
@@ -35,8 +35,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="require 'Authorization: Bearer KEY' on /v1/ endpoints (401 otherwise)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds running requests get to finish")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU: torch intra-op threads (0: torch's default)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (info logs every request)")
     add_engine_arguments(p)
@@ -51,11 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"error: the server needs its packages ({err}): pip install -e '.[serve]'", file=sys.stderr)
         return 2
-    import torch
     from tinyinfer.engine.llm_engine import LLMEngine
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     try:
+        apply_threads(args)
         engine = LLMEngine(args.ckpt, verbose=True, **engine_options(args))
     except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,185 @@
+"""The CPU kernels of the ops (tinyinfer/ops/cpu.py): the C++ library of cpu/ (native build, and a
+portable build without AVX-512 loaded beside it) and the pure-PyTorch paths used where it cannot be
+built, each against the op's reference and float64.
+
+paged_attention: float64 attention over batches built the hard way (shuffled tables, NaN in every slot
+no sequence owns, varlen queries, padding rows), in float32, bfloat16 and float16, and scores that
+span more than e^87 (the exp's flush to zero). rope_store_kv, store_kv and the norms: the reference's
+bits, NaN-poisoned caches and -1 slots included, a float32 weight on a half-precision input too.
+linear (oneDNN on a reordered weight): within float32 rounding of float64, a row's result independent
+of the batch, a weight written in place used as written.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from paged_util import CPU_CASES, dense_float64, make_batch
+from test_fused_ops import _bits, _rope_inputs
+from tinyinfer import ops
+from tinyinfer.kernels import cpu as cpu_kernels
+from tinyinfer.kernels import host_cxx
+from tinyinfer.ops import cpu_matmul, reference
+
+HAVE_CXX = shutil.which(host_cxx()) is not None
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+       torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+@pytest.fixture(params=["cpp", "pytorch"])
+def path(request, monkeypatch):
+    """Each CPU path of the ops: the C++ library (it must build where there is a compiler), or the
+    pure-PyTorch one the ops fall back to."""
+    if request.param == "cpp":
+        if cpu_kernels.library() is None:
+            if HAVE_CXX:
+                pytest.fail(f"the CPU kernels did not build: {cpu_kernels._load()[1]}")
+            pytest.skip("no C++ compiler: the CPU kernels cannot be built here")
+    else:
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_paged_attention_matches_float64(path, name, dtype):
+    seq_lens, q_lens, hq, hkv, d, dv, bs, mla = CPU_CASES[name]
+    batch = make_batch(seq_lens, q_lens, hq, hkv, d, dv, bs, dtype, mla=mla, seed=len(name))
+    got = ops.paged_attention(*batch.args())
+    assert got.dtype == dtype and not got.isnan().any(), "an unused (NaN) cache slot was read"
+    torch.testing.assert_close(got.double(), dense_float64(batch), **TOL[dtype])
+    padding = got[int(batch.query_start_loc[-1]):]
+    assert len(padding) and torch.equal(padding, torch.zeros_like(padding)), "padding rows stay zero"
+
+
+def test_paged_attention_with_scores_far_apart_matches_float64(path):
+    # Scores spread over hundreds: most weights underflow to exactly 0 next to the largest.
+    batch = make_batch([45, 130, 7], [1, 3, 1], 8, 2, 32, 32, 16, torch.float32, seed=5)
+    batch.q.mul_(40.0)
+    got = ops.paged_attention(*batch.args())
+    torch.testing.assert_close(got.double(), dense_float64(batch), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_rope_store_kv_gives_the_reference_bits(path, dtype):
+    args = _rope_inputs(29, 6, 2, 64, 8, dtype, "cpu", seed=11, num_blocks=8)
+    want_k_cache, want_v_cache = args[5].clone(), args[6].clone()
+    want_q, want_k = reference.rope_store_kv(*args[:5], want_k_cache, want_v_cache, args[7])
+    got_q, got_k = ops.rope_store_kv(*args)
+    for got, want in ((got_q, want_q), (got_k, want_k), (args[5], want_k_cache), (args[6], want_v_cache)):
+        assert torch.equal(_bits(got), _bits(want))                    # NaN slots: untouched bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_norms_give_the_reference_bits(path, dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = (3 * torch.randn(9, 576, generator=gen)).to(dtype)
+    residual = torch.randn(9, 576, generator=gen).to(dtype)
+    for weight in ((1 + 0.1 * torch.randn(576, generator=gen)).to(dtype), torch.randn(576, generator=gen)):
+        assert torch.equal(_bits(ops.rms_norm(x, weight, 1e-5)), _bits(reference.rms_norm(x, weight, 1e-5)))
+        got = ops.fused_add_rmsnorm(x, residual, weight, 1e-6)
+        want = reference.fused_add_rmsnorm(x, residual, weight, 1e-6)
+        assert all(g.dtype == w.dtype and torch.equal(_bits(g), _bits(w)) for g, w in zip(got, want))
+
+
+def test_store_kv_gives_the_reference_bits_with_and_without_v(path):
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(10, 2, 16, generator=gen), torch.randn(10, 2, 8, generator=gen)
+    slots = torch.tensor([5, -1, 0, 63, 17, -1, 40, 2, 33, 9])
+    for values in (v, None):
+        caches = [torch.full((4, 16, 2, 16), float("nan")), torch.full((4, 16, 2, 8), float("nan"))]
+        want = [c.clone() for c in caches]
+        reference.store_kv(k, values, want[0], want[1] if values is not None else None, slots)
+        ops.store_kv(k, values, caches[0], caches[1] if values is not None else None, slots)
+        assert all(torch.equal(_bits(g), _bits(w)) for g, w in zip(caches, want))
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler: the CPU kernels cannot be built here")
+def test_portable_build_without_avx512_matches_too():
+    # The loops a CPU without AVX-512 runs: built with the portable flags, under another name.
+    flags = cpu_kernels.PORTABLE_FLAGS + ["-mno-avx512f"]
+    cpu_kernels.compile_library(flags, name="tinyinfer_cpu_portable")
+    lib = torch.ops.tinyinfer_cpu_portable
+    for name in ("decode_gqa", "verify_q16_mha", "mla_latent_view"):
+        seq_lens, q_lens, hq, hkv, d, dv, bs, mla = CPU_CASES[name]
+        batch = make_batch(seq_lens, q_lens, hq, hkv, d, dv, bs, torch.float32, mla=mla, seed=2)
+        torch.testing.assert_close(lib.paged_attention(*batch.args()).double(), dense_float64(batch),
+                                   atol=2e-5, rtol=1e-5)
+    args = _rope_inputs(13, 4, 2, 32, 8, torch.bfloat16, "cpu", seed=4)
+    want = reference.rope_store_kv(*args[:5], args[5].clone(), args[6].clone(), args[7])
+    got = lib.rope_store_kv(*args)
+    assert all(torch.equal(_bits(g), _bits(w)) for g, w in zip(got, want))
+
+
+def test_the_switch_turns_the_library_off_quietly(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # asked for: no warning
+        assert cpu_kernels._load.__wrapped__() == (None, f"{cpu_kernels.ENV_SWITCH}=0")
+
+
+def test_without_a_compiler_the_ops_warn_once_and_keep_their_pytorch_paths(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "host_cxx", lambda: "/nonexistent/g++")
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler .*pure-PyTorch"):
+        library, reason = cpu_kernels._load.__wrapped__()
+    assert library is None and "/nonexistent/g++" in reason
+
+
+# ---------------------------------------------------------------------------------------- linear
+
+def _linear_case(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen)
+    return x.to(dtype), w.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 64, 32), (1, 1024, 576), (5, 960, 576), (40, 96, 256)])
+def test_linear_is_within_rounding_of_float64(m, n, k, dtype):
+    x, w, b = _linear_case(m, n, k, dtype)
+    y = ops.linear(x, w, b)
+    want = x.double() @ w.double().T + b.double()
+    # float32 accumulation: <= k ulps of sum |x w|; a bfloat16 result is rounded once more (2^-8).
+    bound = k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    if dtype == torch.bfloat16:
+        bound = bound + 2.0 ** -8 * want.abs()
+    assert y.dtype == dtype and bool(((y.double() - want).abs() <= bound).all())
+    wrong = x.double() @ w.double().flip(0).T + b.double()          # outputs in the wrong order
+    assert not bool(((wrong - want).abs() <= bound).all()), "the bound must be able to fail"
+
+
+def test_linear_row_does_not_depend_on_the_batch():
+    x, w, b = _linear_case(16, 1024, 576, torch.float32, seed=1)
+    assert w.numel() >= cpu_matmul.SMALL_GEMV                  # one row takes oneDNN too
+    batched = ops.linear(x, w, b)
+    for row in (0, 7, 15):
+        assert torch.equal(ops.linear(x[row:row + 1], w, b)[0], batched[row])
+
+
+def test_linear_one_row_on_a_small_weight_is_torchs_matmul_of_the_transposed_weight():
+    x, w, b = _linear_case(1, 64, 32, torch.float32, seed=2)
+    assert torch.equal(ops.linear(x, w, b), torch.addmm(b, x, w.t().contiguous()))
+    assert torch.equal(ops.linear(x[None], w, None), (x @ w.t().contiguous())[None])   # (1, 1, K)
+
+
+def test_linear_weight_changed_in_place_is_used_as_written():
+    x, w, _ = _linear_case(8, 512, 576, torch.float32, seed=3)
+    before = ops.linear(x, w, None)
+    w.mul_(-2.0)
+    torch.testing.assert_close(ops.linear(x, w, None), -2.0 * before, rtol=1e-5, atol=1e-4)
+
+
+def test_slots_and_blocks_outside_the_cache_are_refused(path):
+    k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    k_cache, v_cache = torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)
+    with pytest.raises((RuntimeError, IndexError)):
+        ops.store_kv(k, v, k_cache, v_cache, torch.tensor([3, 64]))                  # 64 slots
+    q = torch.randn(1, 4, 16)
+    tables = torch.tensor([[0, 9]], dtype=torch.int32)                              # block 9 of 4
+    with pytest.raises((RuntimeError, IndexError)):
+        ops.paged_attention(q, k_cache, v_cache, tables, torch.tensor([20], dtype=torch.int32),
+                            torch.tensor([0, 1], dtype=torch.int32), 0.25)

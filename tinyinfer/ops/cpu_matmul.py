@@ -1,0 +1,126 @@
+"""CPU matmuls: the `cpu` kernels of ops.linear and ops.int4_linear (registered by ops/cpu.py). Each
+layer's weight is converted once, on its first call, and cached (keyed by the weight tensor and its
+version, so a weight written in place is converted again).
+
+linear: torch's own float32 matmul on a CPU is MKL's sgemm, which on this project's AMD machine takes a
+generic path: 1.5x (one row) to 2x (16 rows) slower than oneDNN, PyTorch's other CPU math library
+(docs/cpu-performance.md). So a float32 / bfloat16 weight is reordered once into oneDNN's blocked layout
+(`aten mkldnn._reorder_linear_weight`) and multiplied by `mkldnn._linear_pointwise`, the pair
+PyTorch's own compiler uses for CPU linears. One row against a small weight (< SMALL_GEMV elements: a
+small model's decode, its weights in cache) skips oneDNN's ~10 us fixed cost per call: torch's matmul
+on a transposed copy of the weight, (K, N) row-major, which MKL reads ~20% faster than the (N, K)
+original. Results are float32 GEMMs with another summation order: within float32 rounding of float64
+(tests/test_cpu_kernels.py), and on the oneDNN path a row's result does not depend on the rows beside
+it. Memory: the reordered copy sits beside the checkpoint's weight (twice the dense weight memory on a
+CPU; small weights three times).
+
+int4_linear: the reference unpacks and dequantizes the whole weight on every call. On a CPU the weight
+is instead converted once, in one of two forms:
+  * bfloat16 activations: PyTorch's own CPU INT4 matmul, `aten._weight_int4pack_mm_for_cpu` (the CPU
+    port of the "tinygemm" kernel; AVX-512 / AVX2 for bf16 -- its float32 path is scalar, slower than
+    the reference), on the weight repacked by `aten._convert_weight_to_int4pack_for_cpu`:
+        packed          uint8 (N, K/2)
+        scale_and_zero  bf16 (K/G, N, 2)      the kernel computes w = (q - 8) * scale + zero in fp32
+    Our zero conventions map onto it exactly in real numbers: an integer zero z gives
+    zero = (8 - z) * s, a float offset m (GGUF Q4_1) gives zero = 8 * s + m. The operands are
+    bfloat16, so scale and zero are rounded to 8 significant bits (our scales are fp16, 11) and y to
+    bf16 (as the reference rounds it for a bf16 model). Bound, per output (tests/test_quant_cpu.py checks
+    it against float64): |y - y_ref| <= 2^-8 * sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |y_ref|,
+    the weight-level error of bfloat16, far inside INT4's own rounding error (s / 2 per weight).
+    Memory: the 4-bit weights twice (kernel layout + this packing) and 4 bytes of scale/zero a group.
+  * float32 / float16 activations: the weight dequantized once to float32 -- the reference's own
+    values -- so y equals the reference bit for bit at float32 matmul speed, with float32 weight
+    memory. (No exact INT4 matmul exists on the CPU for float32; loading/weights.py therefore runs
+    INT4 models in bf16 on a CPU unless a dtype is asked for.)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from tinyinfer.quant.format import dequantize_kernel_layout, from_kernel_layout
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+SMALL_GEMV = 1 << 19          # weights below this many elements: one row takes torch's matmul
+# The overload itself: calling the packet makes torch match the arguments against every overload.
+_ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if ONEDNN else None
+
+# weight -> (version, oneDNN / transposed weight); qweight -> (scales, zeros, qweight version, weights).
+_ONEDNN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_TINYGEMM: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_DEQUANTIZED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _converted(cache: WeakIdKeyDictionary, weight: Tensor, convert: Callable[[Tensor], Tensor]) -> Tensor:
+    """convert(weight), made once per weight (again if the weight is written in place)."""
+    version = -1 if weight.is_inference() else weight._version
+    hit = cache.get(weight)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    value = convert(weight.detach())
+    cache[weight] = (version, value)
+    return value
+
+
+def _reorder(weight: Tensor) -> Tensor:
+    # (N, K) -> oneDNN's blocked layout (an opaque mkldnn tensor), tuned for 16-row steps.
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+
+
+def linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    # x (..., K), weight (N, K), bias (N,) -> (..., N) (module docstring: which path, and why).
+    rows = x.numel() // max(1, x.shape[-1])
+    if (not ONEDNN or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype or rows == 0
+            or (bias is not None and bias.dtype != x.dtype)):
+        return F.linear(x, weight, bias)
+    if rows == 1 and weight.numel() < SMALL_GEMV:
+        wt = _converted(_TRANSPOSED, weight, lambda w: w.t().contiguous())          # (K, N)
+        x2 = x.reshape(1, -1)
+        y = x2 @ wt if bias is None else torch.addmm(bias, x2, wt)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return _ONEDNN_LINEAR(x, _converted(_ONEDNN, weight, _reorder), bias, "none", [], "")
+
+
+def _cached(cache: WeakIdKeyDictionary, qweight: Tensor, scales: Tensor, zeros: Tensor,
+            convert: Callable[[], Any]) -> Any:
+    hit = cache.get(qweight)
+    if hit is not None and hit[0] is scales and hit[1] is zeros and hit[2] == qweight._version:
+        return hit[3]
+    value = convert()
+    cache[qweight] = (scales, zeros, qweight._version, value)
+    return value
+
+
+def tinygemm_weights(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The kernel-layout INT4 weight (quant/format.py) in the CPU kernel's packing, cached per layer:
+    -> (packed uint8 (N, K/2), scale_and_zero bf16 (K/G, N, 2))."""
+    def convert() -> tuple[Tensor, Tensor]:
+        q, s, z = from_kernel_layout(qweight, scales, zeros, k)        # (N, K), (N, K/G) x 2
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        s32 = s.float()
+        zero = 8 * s32 + z.float() if z.is_floating_point() else (8 - z.float()) * s32  # (N, K/G)
+        scale_and_zero = torch.stack([s32, zero], dim=-1).transpose(0, 1)             # (K/G, N, 2)
+        return packed, scale_and_zero.to(torch.bfloat16).contiguous()
+    return _cached(_TINYGEMM, qweight, scales, zeros, convert)
+
+
+def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
+                    group_size: int) -> Tensor:
+    # x (M, K) -> y (M, N) = x @ W.T; bf16: the CPU INT4 kernel, else the cached float32 weight
+    # (module docstring: both forms, the zero conventions, the error bound).
+    m, k = x.shape
+    if x.dtype != torch.bfloat16:
+        w = _cached(_DEQUANTIZED, qweight, scales, zeros,
+                    lambda: dequantize_kernel_layout(qweight, scales, zeros, k))      # (N, K) fp32
+        return (x.float() @ w.T).to(x.dtype)
+    packed, scale_and_zero = tinygemm_weights(qweight, scales, zeros, k)
+    if m == 0:
+        return x.new_empty(0, packed.shape[0])
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size,
+                                                     scale_and_zero)                  # (M, N) bf16
