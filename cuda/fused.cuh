@@ -37,6 +37,19 @@ __host__ __device__ inline float add_rn(float a, float b) {
 
 enum class FusedDtype { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+#if defined(__CUDACC__) && !defined(TINYINFER_EMULATE)
+// Calls launch(T{}) with T the element type of `dtype`: the one place a fused kernel's dtype picks its
+// template instance (the launchers of fused_norm.cu, rope_store_kv.cu and silu_mul.cu).
+template <typename Launch>
+inline cudaError_t launch_for_dtype(FusedDtype dtype, Launch&& launch) {
+  switch (dtype) {
+    case FusedDtype::kFloat32: return launch(float{});
+    case FusedDtype::kFloat16: return launch(__half{});
+    default: return launch(__nv_bfloat16{});
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm, optionally after a residual add
 // ---------------------------------------------------------------------------------------------

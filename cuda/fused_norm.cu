@@ -177,11 +177,7 @@ cudaError_t launch_rms_norm(const RMSNormParams& p, FusedDtype dtype, cudaStream
     q.residual_out = nullptr;
     q.residual_stride = 0;
   }
-  switch (dtype) {
-    case FusedDtype::kFloat32: return launch_typed<float>(q, stream);
-    case FusedDtype::kFloat16: return launch_typed<__half>(q, stream);
-    default: return launch_typed<__nv_bfloat16>(q, stream);
-  }
+  return launch_for_dtype(dtype, [&](auto t) { return launch_typed<decltype(t)>(q, stream); });
 }
 
 }  // namespace tinyinfer

@@ -156,11 +156,7 @@ cudaError_t launch_typed(const RopeStoreKVParams& p, cudaStream_t stream) {
 
 // Host launcher: 0 < T < 2^31, D even; strides in elements. Picks 16-byte vectors when aligned.
 cudaError_t launch_rope_store_kv(const RopeStoreKVParams& p, FusedDtype dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case FusedDtype::kFloat32: return launch_typed<float>(p, stream);
-    case FusedDtype::kFloat16: return launch_typed<__half>(p, stream);
-    default: return launch_typed<__nv_bfloat16>(p, stream);
-  }
+  return launch_for_dtype(dtype, [&](auto t) { return launch_typed<decltype(t)>(p, stream); });
 }
 #endif  // TINYINFER_EMULATE
 

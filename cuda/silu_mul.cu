@@ -82,11 +82,7 @@ cudaError_t launch_typed(const SiluMulParams& p, cudaStream_t stream) {
 
 cudaError_t launch_silu_and_mul(const SiluMulParams& p, FusedDtype dtype, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
-  switch (dtype) {
-    case FusedDtype::kFloat32: return launch_typed<float>(p, stream);
-    case FusedDtype::kFloat16: return launch_typed<__half>(p, stream);
-    default: return launch_typed<__nv_bfloat16>(p, stream);
-  }
+  return launch_for_dtype(dtype, [&](auto t) { return launch_typed<decltype(t)>(p, stream); });
 }
 #endif  // TINYINFER_EMULATE
 
