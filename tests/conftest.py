@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import random
+
 import pytest
 import torch
 
@@ -61,3 +63,12 @@ def prebuilt_extension():
     if module is None:
         pytest.skip("no up-to-date prebuilt extension: run `make build` first")
     return module
+
+
+# Fresh inputs every run; the seed is in every test id that uses it ("...-seed1234]"): a failure names it.
+FRESH_SEED = random.SystemRandom().randrange(2**31)
+
+
+@pytest.fixture(params=[FRESH_SEED], ids=lambda s: f"seed{s}")
+def seed(request) -> int:
+    return request.param

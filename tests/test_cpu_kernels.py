@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from paged_util import CPU_CASES, dense_float64, make_batch
-from test_fused_ops import _bits, _rope_inputs
+from fused_util import bits, rope_inputs
 from tinyinfer import ops
 from tinyinfer.kernels import cpu as cpu_kernels
 from tinyinfer.kernels import host_cxx
@@ -65,12 +65,12 @@ def test_paged_attention_with_scores_far_apart_matches_float64(path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_rope_store_kv_gives_the_reference_bits(path, dtype):
-    args = _rope_inputs(29, 6, 2, 64, 8, dtype, "cpu", seed=11, num_blocks=8)
+    args = rope_inputs(29, 6, 2, 64, 8, dtype, "cpu", seed=11, num_blocks=8)
     want_k_cache, want_v_cache = args[5].clone(), args[6].clone()
     want_q, want_k = reference.rope_store_kv(*args[:5], want_k_cache, want_v_cache, args[7])
     got_q, got_k = ops.rope_store_kv(*args)
     for got, want in ((got_q, want_q), (got_k, want_k), (args[5], want_k_cache), (args[6], want_v_cache)):
-        assert torch.equal(_bits(got), _bits(want))                    # NaN slots: untouched bits
+        assert torch.equal(bits(got), bits(want))                    # NaN slots: untouched bits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -79,10 +79,10 @@ def test_norms_give_the_reference_bits(path, dtype):
     x = (3 * torch.randn(9, 576, generator=gen)).to(dtype)
     residual = torch.randn(9, 576, generator=gen).to(dtype)
     for weight in ((1 + 0.1 * torch.randn(576, generator=gen)).to(dtype), torch.randn(576, generator=gen)):
-        assert torch.equal(_bits(ops.rms_norm(x, weight, 1e-5)), _bits(reference.rms_norm(x, weight, 1e-5)))
+        assert torch.equal(bits(ops.rms_norm(x, weight, 1e-5)), bits(reference.rms_norm(x, weight, 1e-5)))
         got = ops.fused_add_rmsnorm(x, residual, weight, 1e-6)
         want = reference.fused_add_rmsnorm(x, residual, weight, 1e-6)
-        assert all(g.dtype == w.dtype and torch.equal(_bits(g), _bits(w)) for g, w in zip(got, want))
+        assert all(g.dtype == w.dtype and torch.equal(bits(g), bits(w)) for g, w in zip(got, want))
 
 
 def test_store_kv_gives_the_reference_bits_with_and_without_v(path):
@@ -94,7 +94,7 @@ def test_store_kv_gives_the_reference_bits_with_and_without_v(path):
         want = [c.clone() for c in caches]
         reference.store_kv(k, values, want[0], want[1] if values is not None else None, slots)
         ops.store_kv(k, values, caches[0], caches[1] if values is not None else None, slots)
-        assert all(torch.equal(_bits(g), _bits(w)) for g, w in zip(caches, want))
+        assert all(torch.equal(bits(g), bits(w)) for g, w in zip(caches, want))
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler: the CPU kernels cannot be built here")
@@ -108,10 +108,10 @@ def test_portable_build_without_avx512_matches_too():
         batch = make_batch(seq_lens, q_lens, hq, hkv, d, dv, bs, torch.float32, mla=mla, seed=2)
         torch.testing.assert_close(lib.paged_attention(*batch.args()).double(), dense_float64(batch),
                                    atol=2e-5, rtol=1e-5)
-    args = _rope_inputs(13, 4, 2, 32, 8, torch.bfloat16, "cpu", seed=4)
+    args = rope_inputs(13, 4, 2, 32, 8, torch.bfloat16, "cpu", seed=4)
     want = reference.rope_store_kv(*args[:5], args[5].clone(), args[6].clone(), args[7])
     got = lib.rope_store_kv(*args)
-    assert all(torch.equal(_bits(g), _bits(w)) for g, w in zip(got, want))
+    assert all(torch.equal(bits(g), bits(w)) for g, w in zip(got, want))
 
 
 def test_the_switch_turns_the_library_off_quietly(monkeypatch):
