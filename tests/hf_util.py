@@ -113,3 +113,32 @@ def write_copy(tmp_path, src: str = LLAMA, tensors=None, edit_tensors=None, edit
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     shutil.copy(os.path.join(src, "tokenizer.model"), tmp_path)
     return str(tmp_path)
+
+
+def save_random_deepseek(tmp_path, version: str, seed: int = 0, **overrides) -> str:
+    """A random-weight DeepseekV2/V3ForCausalLM written with save_pretrained (tiny shapes), with the
+    demo tokenizer beside it. Weights larger than the default init (fewer near-ties), and a random
+    e_score_correction_bias so V3's biased expert choice is exercised."""
+    import transformers
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=1024, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+              q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24,
+              n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+              n_group=4, topk_group=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    if version == "v3":
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**kw))
+    else:
+        model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+    model.save_pretrained(str(tmp_path))
+    shutil.copy(os.path.join(MLA, "tokenizer.model"), str(tmp_path))
+    return str(tmp_path)

@@ -5,13 +5,13 @@ The paged_attention op in MLA shape (576/512 view, one KV head) is covered by te
 (reference vs float64 on the CPU; the CUDA kernel vs the reference on a GPU)."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 import paged_util
-from hf_util import MLA, assert_greedy_matches_hf, assert_logits_close, hf_greedy, hf_logits, hf_model
+from hf_util import (MLA, assert_greedy_matches_hf, assert_logits_close, hf_greedy, hf_logits, hf_model,
+                     save_random_deepseek)
 from tinyinfer import LLM, SamplingParams
 from tinyinfer.loading.config import ConfigError, ModelConfig
 from tinyinfer.engine.kv_cache import PagedKVCache
@@ -22,35 +22,6 @@ from tinyinfer.models.transformer import Transformer
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "mscale": 0.707,
         "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
-
-
-def save_random_deepseek(tmp_path, version: str, seed: int = 0, **overrides) -> str:
-    """A random-weight DeepseekV2/V3ForCausalLM written with save_pretrained (tiny shapes), with the
-    demo tokenizer beside it. Weights larger than the default init (fewer near-ties), and a random
-    e_score_correction_bias so V3's biased expert choice is exercised."""
-    import transformers
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=1024, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-              q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24,
-              n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-              n_group=4, topk_group=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-              bos_token_id=1, eos_token_id=2)
-    kw.update(overrides)
-    if version == "v3":
-        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**kw))
-    else:
-        model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.1)
-    model.save_pretrained(str(tmp_path))
-    shutil.copy(os.path.join(MLA, "tokenizer.model"), str(tmp_path))
-    return str(tmp_path)
 
 
 # name: (version, save_random_deepseek overrides); seeds picked so HF's greedy run has no near-tie early

@@ -16,8 +16,7 @@ import shutil
 import pytest
 import torch
 
-from hf_util import DRAFT, LLAMA, MLA, save_random
-from test_mla import save_random_deepseek
+from hf_util import DRAFT, LLAMA, MLA, save_random, save_random_deepseek
 from tinyinfer import LLM, LLMEngine, SamplingParams
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.proposers import DraftModelProposer
