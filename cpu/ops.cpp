@@ -1,5 +1,5 @@
 // ops.cpp -- the CPU kernels of cpu/*.h as the operator library `tinyinfer_cpu` (torch.library's C++
-// registration; built and loaded by tinyinfer/kernels/cpu.py). tinyinfer/ops/cpu.py calls them as the
+// registration; built and loaded by tinyinfer/extensions/cpu.py). tinyinfer/ops/cpu.py calls them as the
 // `cpu` kernels of the engine's ops, with the same arguments as the op: paged_attention reads the
 // paged cache in place (cpu/paged_attention.h); rope_store_kv and store_kv repeat their references
 // bit for bit (cpu/rope_store_kv.h), and so do the norms (cpu/norm.h: the reference's ATen calls).

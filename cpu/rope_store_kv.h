@@ -4,7 +4,7 @@
 // instead of the reference's dozen tensor ops (ops/reference.py), computing what it computes bit for
 // bit: each output is x * c + (+-x') * s with each product and the sum rounded to the tensor dtype, as
 // the reference's separate multiplies and add round them (this file is compiled without contracting
-// a * b + c into one fused multiply-add: tinyinfer/kernels/cpu.py). tests/test_fused_ops.py holds the
+// a * b + c into one fused multiply-add: tinyinfer/extensions/cpu.py). tests/test_fused_ops.py holds the
 // model to the unfused math bit for bit; tests/test_cpu_kernels.py checks these against the references.
 #pragma once
 

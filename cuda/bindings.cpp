@@ -23,7 +23,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tinyinfer CUDA kernels (see cuda/*.cu); called through the ops in tinyinfer/ops/";
-  m.def("int4_linear", &int4_linear, "y = x @ dequant(W).T for INT4 W in the kernel layout (tinyinfer/quant/format.py)",
+  m.def("int4_linear", &int4_linear, "y = x @ dequant(W).T for INT4 W in the kernel layout (tinyinfer/ops/int4_format.py)",
         pybind11::arg("x"), pybind11::arg("qweight"), pybind11::arg("scales"), pybind11::arg("zeros"),
         pybind11::arg("group_size"));
   m.def("int4_linear_out", &int4_linear_out, "int4_linear writing into a given (M, N) tensor (tests poison it)",

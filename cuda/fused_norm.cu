@@ -19,7 +19,7 @@
 // same thread's own writes, still in L1/L2) for the vectors beyond that. Rows whose length or
 // addresses are not 16-byte aligned take the same kernel with one value per vector.
 //
-// Build: through tinyinfer/kernels/ (`make build`, or JIT at first use); no torch headers here.
+// Build: through tinyinfer/extensions/ (`make build`, or JIT at first use); no torch headers here.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

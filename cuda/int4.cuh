@@ -3,7 +3,7 @@
 // fp16/bf16 values without an int->float conversion per element. `__host__ __device__` and free of
 // CUDA types, so tests/host/test_int4.cpp checks every nibble value at every position on the CPU.
 //
-// Kernel layout (tinyinfer/quant/format.py builds it): W (N x K) is cut into tiles of 16 rows x 64 columns;
+// Kernel layout (tinyinfer/ops/int4_format.py builds it): W (N x K) is cut into tiles of 16 rows x 64 columns;
 // tile (nt, kb) is 32 lanes x 4 int32 words, 512 contiguous bytes, so a warp reads it with one
 // 16-byte load per lane. Word j of lane l feeds that lane's A operand of one tensor-core
 // `mma.m16n8k16` (A = 16 rows of W x 16 k, B = 16 k x 8 activation rows):

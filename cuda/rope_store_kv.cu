@@ -28,7 +28,7 @@
 // depends only on tensor shapes, so a captured CUDA graph replays it for new positions and slots.
 // Misaligned shapes (D/2 or Dv or a stride not a multiple of 16 bytes) use one value per unit.
 //
-// Build: through tinyinfer/kernels/ (`make build`, or JIT at first use); no torch headers here.
+// Build: through tinyinfer/extensions/ (`make build`, or JIT at first use); no torch headers here.
 // Host emulation: with TINYINFER_EMULATE defined (tests/host/emulate_rope.cpp) only the kernel compiles.
 #ifdef TINYINFER_EMULATE
 #include "emulate_cuda.h"

@@ -12,7 +12,7 @@
 // Launch shape: grid (T, ceil(F / (N * 128))), 128 threads; each thread one vector of N values (16
 // bytes when F and the rows are 16-byte aligned, else one value). From shapes only: CUDA-graph safe.
 //
-// Build: through tinyinfer/kernels/ (`make build`, or JIT at first use); no torch headers here.
+// Build: through tinyinfer/extensions/ (`make build`, or JIT at first use); no torch headers here.
 // Host emulation: with TINYINFER_EMULATE defined (tests/host/emulate_silu_mul.cpp) the kernel compiles
 // for the CPU.
 #ifdef TINYINFER_EMULATE

@@ -17,7 +17,7 @@
 // 8/4/2/1 bytes that is. The launch shape depends only on T, so a captured
 // CUDA graph replays correctly for new slot values. Pure bandwidth: 2 bytes moved per byte stored.
 //
-// Build: through tinyinfer/kernels/ (`make build`, or JIT at first use); no torch headers here.
+// Build: through tinyinfer/extensions/ (`make build`, or JIT at first use); no torch headers here.
 #include <cuda_runtime.h>
 
 #include "common.cuh"

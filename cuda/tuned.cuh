@@ -1,5 +1,5 @@
 // tuned.cuh -- the kernel configurations tinyinfer ships, in one place, and the card they were measured
-// on. `make gpu-tune` (tinyinfer/gpu_tune.py) times every variant on a GPU, prints a table and the
+// on. `make gpu-tune` (tools/gpu_tune.py) times every variant on a GPU, prints a table and the
 // configuration it would choose; copy that choice here together with the card's name.
 //
 // Measured on: predicted, not yet measured on a GPU (cuda/NOTES.md gives the reasoning for each value).

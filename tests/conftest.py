@@ -44,8 +44,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def cuda_extension():
     """The built CUDA extension; FAILS (never skips) on a GPU machine where it did not build, so a
     kernel test cannot pass by silently running the reference instead."""
-    from tinyinfer import kernels
-    return kernels.require_extension()
+    from tinyinfer import extensions
+    return extensions.require_extension()
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +53,11 @@ def prebuilt_extension():
     """The module `make build` compiled on this machine (also without a GPU); skips where it cannot
     exist (no toolkit, CPU-only torch) or is stale; FAILS where it is up to date but does not import
     (a missing symbol), which is a broken build, not a missing one."""
-    from tinyinfer import kernels
-    if kernels.find_cuda_home() is None or torch.version.cuda is None:
+    from tinyinfer import extensions
+    if extensions.find_cuda_home() is None or torch.version.cuda is None:
         pytest.skip("no CUDA toolkit or CPU-only torch: the extension cannot be built here")
     try:
-        module = kernels.load_prebuilt(kernels.target_arch(), strict=True)
+        module = extensions.load_prebuilt(extensions.target_arch(), strict=True)
     except ImportError as err:
         pytest.fail(f"the prebuilt extension is up to date but does not import: {err}")
     if module is None:

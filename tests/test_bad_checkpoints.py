@@ -17,8 +17,8 @@ from hf_util import LLAMA, MLA, write_copy
 from quant_util import gptq_checkpoint
 from tinyinfer import LLM
 from tinyinfer.loading import validate
-from tinyinfer.loading.checkpoint import CheckpointError
-from tinyinfer.loading.config import ConfigError, ModelConfig
+from tinyinfer.config.errors import CheckpointError, ConfigError
+from tinyinfer.config.model import ModelConfig
 
 IDS = [1, 45, 300, 12, 77]
 

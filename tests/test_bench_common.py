@@ -5,9 +5,9 @@ import json
 
 import torch
 
-from tinyinfer.bench import bench_names, load_bench
-from tinyinfer.bench.__main__ import main
-from tinyinfer.bench.common import (copy_bandwidth, format_table, l2_bytes, rotation_count, time_calls)
+from tools.bench import bench_names, load_bench
+from tools.bench.__main__ import main
+from tools.bench.common import (copy_bandwidth, format_table, l2_bytes, rotation_count, time_calls)
 
 CPU = torch.device("cpu")
 
@@ -58,7 +58,7 @@ def test_format_table_aligns_columns():
 
 def test_ops_bench_counts_each_custom_op_once_and_no_views():
     from hf_util import LLAMA
-    from tinyinfer.bench.ops import count_decode_step
+    from tools.bench.ops import count_decode_step
     from tinyinfer.engine.llm_engine import LLMEngine
     engine = LLMEngine(LLAMA, device="cpu", dtype="float32", max_kv_tokens=1024)
     counts = count_decode_step(engine, batch=3)

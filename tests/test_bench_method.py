@@ -1,10 +1,10 @@
-"""The benchmark method (tinyinfer/bench/common.py): every timed run covers every rotated input set, and the
+"""The benchmark method (tools/bench/common.py): every timed run covers every rotated input set, and the
 read-only yardstick sits beside the copy bandwidth with both ratios."""
 from __future__ import annotations
 
 import torch
 
-from tinyinfer.bench.common import ratios, read_bandwidth, time_calls
+from tools.bench.common import ratios, read_bandwidth, time_calls
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_util import LLAMA, write_copy
 from tinyinfer import LLM
-from tinyinfer.loading.checkpoint import CheckpointError
-from tinyinfer.loading.config import ConfigError
+from tinyinfer.config.errors import CheckpointError, ConfigError
 
 IDS = [1, 45, 300, 12, 77, 501, 9]
 

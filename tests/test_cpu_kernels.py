@@ -20,8 +20,8 @@ import torch
 from paged_util import CPU_CASES, dense_float64, make_batch
 from fused_util import bits, rope_inputs
 from tinyinfer import ops
-from tinyinfer.kernels import cpu as cpu_kernels
-from tinyinfer.kernels import host_cxx
+from tinyinfer.extensions import cpu as cpu_kernels
+from tinyinfer.extensions import host_cxx
 from tinyinfer.ops import cpu_matmul, reference
 
 HAVE_CXX = shutil.which(host_cxx()) is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyinfer import kernels, ops
+from tinyinfer import extensions, ops
 from tinyinfer.ops import cuda as ops_cuda
 from tinyinfer.ops import reference
 
@@ -58,16 +58,16 @@ def _check_against_reference(k, v, k_cache, v_cache, slots, seed=None):
 # ----------------------------------------------------------------------------------------------
 
 def test_sources_are_every_cu_file_plus_bindings():
-    names = [p.name for p in kernels.sources()]
+    names = [p.name for p in extensions.sources()]
     assert "store_kv.cu" in names and names.count("bindings.cpp") == 1
-    assert sorted(n for n in names if n.endswith(".cu")) == sorted(p.name for p in kernels.CUDA_DIR.glob("*.cu"))
+    assert sorted(n for n in names if n.endswith(".cu")) == sorted(p.name for p in extensions.CUDA_DIR.glob("*.cu"))
 
 
 def test_builds_only_the_target_arch():
-    _, nvcc = kernels.compile_flags("90a")
+    _, nvcc = extensions.compile_flags("90a")
     assert [f for f in nvcc if "arch" in f] == ["-gencode=arch=compute_90a,code=sm_90a"]
     if not torch.cuda.is_available():
-        assert kernels.target_arch() == "90a"
+        assert extensions.target_arch() == "90a"
 
 
 def test_store_kv_has_a_cuda_kernel_registered():
@@ -75,7 +75,7 @@ def test_store_kv_has_a_cuda_kernel_registered():
 
 
 def test_cuda_impl_falls_back_to_the_reference_without_extension(monkeypatch):
-    monkeypatch.setattr(kernels, "extension", lambda: None)
+    monkeypatch.setattr(extensions, "extension", lambda: None)
     def kernel_must_not_run(ext, *args):
         raise AssertionError("called the extension although there is none")
     impl = ops_cuda._cuda_impl("store_kv", kernel_must_not_run, reference.store_kv)
@@ -89,27 +89,27 @@ def test_cuda_impl_falls_back_to_the_reference_without_extension(monkeypatch):
 def _fake_gpu_machine(monkeypatch, tmp_path, compile_result):
     # A GPU machine without a prebuilt module, whose JIT compile returns or raises compile_result.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(kernels, "target_arch", lambda: "90a")
-    monkeypatch.setattr(kernels, "load_prebuilt", lambda arch: None)
-    monkeypatch.setattr(kernels, "build_directory", lambda arch: tmp_path / "ext")
+    monkeypatch.setattr(extensions, "target_arch", lambda: "90a")
+    monkeypatch.setattr(extensions, "load_prebuilt", lambda arch: None)
+    monkeypatch.setattr(extensions, "build_directory", lambda arch: tmp_path / "ext")
     def compile_extension(arch, verbose=False):
         if isinstance(compile_result, Exception):
             raise compile_result
         return compile_result
-    monkeypatch.setattr(kernels, "compile_extension", compile_extension)
+    monkeypatch.setattr(extensions, "compile_extension", compile_extension)
 
 
 def test_first_use_on_a_gpu_compiles_with_one_line(monkeypatch, tmp_path, capsys):
     module = object()
     _fake_gpu_machine(monkeypatch, tmp_path, module)
-    assert kernels._load.__wrapped__() == (module, "")
+    assert extensions._load.__wrapped__() == (module, "")
     assert capsys.readouterr().err == "tinyinfer: compiling CUDA kernels (first run only)...\n"
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     _fake_gpu_machine(monkeypatch, tmp_path, RuntimeError("ninja: build stopped\nstore_kv.cu(3): error: boom"))
     with pytest.warns(RuntimeWarning, match="reference ops") as caught:
-        module, reason = kernels._load.__wrapped__()
+        module, reason = extensions._load.__wrapped__()
     assert module is None and "error: boom" in reason and len(caught) == 1
     assert "error: boom" in (tmp_path / "ext" / "jit-error.log").read_text()
 

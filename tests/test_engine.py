@@ -120,7 +120,8 @@ def test_cli_streams_text_and_prints_a_figures_line():
 
 
 def test_cli_threads_option_sets_torchs_thread_count():
-    from tinyinfer.generate import apply_threads, parse_args
+    from tinyinfer.cli import apply_threads
+    from tinyinfer.generate import parse_args
     before = torch.get_num_threads()
     try:
         assert parse_args(["--ckpt", LLAMA]).threads == 1                    # the default

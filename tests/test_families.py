@@ -6,7 +6,8 @@ import pytest
 
 from hf_util import assert_greedy_matches_hf, assert_logits_close, hf_logits, hf_model, save_random
 from tinyinfer import LLM
-from tinyinfer.loading.config import ConfigError, ModelConfig
+from tinyinfer.config.errors import ConfigError
+from tinyinfer.config.model import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 

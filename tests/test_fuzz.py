@@ -23,9 +23,7 @@ import torch
 import fuzz_util as fz
 from hf_util import hf_logits, hf_model
 from tinyinfer import LLM, LLMEngine, RequestError, SamplingParams
-from tinyinfer.loading.checkpoint import CheckpointError
-from tinyinfer.loading.config import ConfigError
-from tinyinfer.sampling_params import InvalidParam
+from tinyinfer.config.errors import CheckpointError, ConfigError, InvalidParam
 
 SEED = int(os.environ.get("TINYINFER_FUZZ_SEED") or random.SystemRandom().randrange(2**31))
 SAMPLES = int(os.environ.get("TINYINFER_FUZZ_SAMPLES", "12"))

@@ -11,7 +11,7 @@ from tinyinfer import LLM, SamplingParams
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.layers.sampler import in_step_sampling, sample, sample_rows
+from tinyinfer.sampling.sampler import in_step_sampling, sample, sample_rows
 
 
 @pytest.mark.parametrize("temps", [[0.0] * 5, [1.0] * 5, [0.0, 0.7, 1.0, 1.3, 0.0], [2.5, 0.1, 0.0, 1.0, 0.9]])

@@ -1,5 +1,7 @@
-"""The package reads as a reference: no import cycles (lazy imports included), every file short and
-opening with a docstring that names what it implements, and the documents the code cites exist."""
+"""The package reads as a reference: every import goes down the layer table of docs/architecture.md (lazy
+imports included; the test reads the table, so docs and code cannot drift), no import cycle inside a
+layer, the runtime package never imports the development tools, every file short and opening with a
+docstring that names what it implements, and the documents the code cites exist."""
 from __future__ import annotations
 
 import ast
@@ -10,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "tinyinfer"
+TOOLS = REPO / "tools"
+ARCHITECTURE = REPO / "docs" / "architecture.md"
 MAX_LINES = 300
 
 
@@ -72,6 +76,68 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def declared_layers(text: str) -> list[set[str]]:
+    """The rows of the table under "## Layers" in docs/architecture.md, highest first: each row the set
+    of units (`engine/`, `cli.py`, ...) named in backticks in its first column."""
+    section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return [set(re.findall(r"`([^`]+)`", first)) for first in rows]
+
+
+def unit_of(module: str) -> str:
+    """The layer unit a module belongs to: its top-level package (`engine/`) or module (`cli.py`)."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "__init__.py"
+    return parts[0] + "/" if (PACKAGE / parts[0]).is_dir() else parts[0] + ".py"
+
+
+def order_violations(graph: dict[str, set[str]], layers: list[set[str]], unit=unit_of) -> list[str]:
+    """Every edge a -> b of the import graph where b's unit is not a's own and not in a row below a's."""
+    rank = {u: i for i, row in enumerate(layers) for u in row}          # 0 = the top row
+    bad = []
+    for a in sorted(graph):
+        for b in sorted(graph[a]):
+            ua, ub = unit(a), unit(b)
+            if ua != ub and rank[ub] <= rank[ua]:
+                bad.append(f"{a} ({ua}) imports {b} ({ub}), which is not below it")
+    return bad
+
+
+def test_every_unit_of_the_package_is_declared_once_in_the_layer_table():
+    layers = declared_layers(ARCHITECTURE.read_text())
+    declared = [u for row in layers for u in row]
+    assert len(layers) >= 10 and len(declared) == len(set(declared)), f"a unit is declared twice: {layers}"
+    units = {unit_of(m) for m in modules()}
+    assert units == set(declared), (f"not in docs/architecture.md's layer table: {sorted(units - set(declared))}; "
+                                    f"declared but absent: {sorted(set(declared) - units)}")
+
+
+def test_every_import_goes_down_the_declared_layers():
+    mods = modules()
+    graph = {name: imports_of(path, name, set(mods)) for name, path in mods.items()}
+    bad = order_violations(graph, declared_layers(ARCHITECTURE.read_text()))
+    assert not bad, "imports against the layer order of docs/architecture.md:\n" + "\n".join(bad)
+
+
+def test_the_order_check_finds_a_planted_upward_import():
+    layers = [{"top.py"}, {"mid/", "peer/"}, {"low/"}]
+    unit = {"t": "top.py", "m": "mid/", "m2": "mid/", "p": "peer/", "l": "low/"}.__getitem__
+    assert order_violations({"t": {"m", "l"}, "m": {"m2", "l"}, "l": set()}, layers, unit) == []
+    assert order_violations({"l": {"m"}}, layers, unit) == ["l (low/) imports m (mid/), which is not below it"]
+    assert len(order_violations({"m": {"p"}, "m2": {"t"}}, layers, unit)) == 2      # a peer, then upward
+    table = "\n## Layers\n\n| layer | owns |\n| --- | --- |\n| `top.py` | x |\n| `mid/`, `peer/` | y |\n## Next\n"
+    assert declared_layers(table) == [{"top.py"}, {"mid/", "peer/"}]
+
+
+def test_the_runtime_package_never_imports_the_tools():
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n == "tools" or n.startswith("tools.") for n in names), f"{path} imports {names}"
+
+
 def test_the_package_has_no_import_cycle():
     mods = modules()
     graph = {name: imports_of(path, name, set(mods)) for name, path in mods.items()}
@@ -93,7 +159,8 @@ def test_a_lazy_import_counts_as_an_import(tmp_path):
     assert imports_of(src, "tinyinfer.x", {"tinyinfer.x", "tinyinfer.y"}) == {"tinyinfer.y"}
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")) + sorted(TOOLS.rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_each_module_is_short_and_opens_with_a_docstring(path: Path):
     text = path.read_text()
     assert text.count("\n") <= MAX_LINES, f"{path.name}: {text.count(chr(10))} lines > {MAX_LINES}"
@@ -103,7 +170,7 @@ def test_each_module_is_short_and_opens_with_a_docstring(path: Path):
 
 def test_documents_cited_in_the_code_exist():
     cited = set()
-    for path in list(PACKAGE.rglob("*.py")) + [p for p in (REPO / "cuda").rglob("*") if p.is_file()] + [
+    for path in list(PACKAGE.rglob("*.py")) + list(TOOLS.rglob("*.py")) + [p for p in (REPO / "cuda").rglob("*") if p.is_file()] + [
             REPO / "README.md"]:
         cited |= set(re.findall(r"\b((?:docs|cuda)/[\w.-]+\.md)\b", path.read_text(errors="replace")))
         assert not re.search(r"\b(ARCHITECTURE|GPU-CHECK|METHOD|HOPPER)\.md\b", path.read_text(

@@ -1,4 +1,4 @@
-"""The serving benchmark's load generator (serve/loadgen.py): Poisson arrivals at the asked rate,
+"""The serving benchmark's load generator (tools/loadgen.py): Poisson arrivals at the asked rate,
 percentiles as numpy computes them, and a real run against the server where every request gets its
 fixed number of tokens and sensible timings."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hf_util import LLAMA
 from serve_util import ServerThread
 from tinyinfer import LLMEngine
-from tinyinfer.serve.loadgen import arrival_times, percentile, run_load, summarize
+from tools.loadgen import arrival_times, percentile, run_load, summarize
 
 
 def test_arrivals_are_a_poisson_process_at_the_rate():

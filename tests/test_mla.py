@@ -13,7 +13,8 @@ import paged_util
 from hf_util import (MLA, assert_greedy_matches_hf, assert_logits_close, hf_greedy, hf_logits, hf_model,
                      save_random_deepseek)
 from tinyinfer import LLM, SamplingParams
-from tinyinfer.loading.config import ConfigError, ModelConfig
+from tinyinfer.config.errors import ConfigError
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.memory import kv_bytes_per_token, shape_from_hf
 from tinyinfer.layers.mla import set_mla_mode
@@ -170,7 +171,7 @@ def test_cuda_absorbed_decode_through_the_kernel_matches_the_cpu_reference(cuda_
 
 
 def test_generate_figures_and_bench_report_kv_bytes_against_mha(shakespeare):
-    from tinyinfer.bench.mla import cache_table
+    from tools.bench.mla import cache_table
     from tinyinfer.memory import kv_figures
     llm, _ = shakespeare
     # shakespeare-mla: 4 layers x (512 + 64) values vs MHA's 4 heads x (128 + 64) (K and V), bf16

@@ -1,10 +1,10 @@
-"""INT4 format and quantizer (tinyinfer/quant/format.py, quantizer.py): packing, layouts, error bounds, the reference op."""
+"""INT4 format and quantizer (tinyinfer/ops/int4_format.py, quantizer.py): packing, layouts, error bounds, the reference op."""
 import pytest
 import torch
 from torch import nn
 
 from tinyinfer import ops
-from tinyinfer.quant import format as qformat
+from tinyinfer.ops import int4_format as qformat
 from tinyinfer.quant import quantizer
 from tinyinfer.layers.linear import Int4Linear
 

@@ -7,7 +7,7 @@ import torch
 
 from tinyinfer import ops
 from tinyinfer.ops import reference
-from tinyinfer.quant import format as qformat
+from tinyinfer.ops import int4_format as qformat
 
 SHAPES = [(16, 64, 32), (48, 96, 32), (960, 576, 32), (64, 256, 64), (32, 384, 128)]
 

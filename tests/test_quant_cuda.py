@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tinyinfer import ops
-from tinyinfer.quant import format as qformat
+from tinyinfer.ops import int4_format as qformat
 from tinyinfer.ops import reference
 
 pytestmark = [pytest.mark.cuda,
@@ -19,8 +19,8 @@ TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 @pytest.fixture(scope="module")
 def ext():
-    from tinyinfer import kernels
-    return kernels.require_extension()
+    from tinyinfer import extensions
+    return extensions.require_extension()
 
 
 def _random_int4(n, k, g, scale_dtype, gen):

@@ -1,4 +1,4 @@
-"""INT4 on disk (tinyinfer/quant/io.py, tinyinfer/quantize.py): our self-describing file, GPTQ and AWQ.
+"""INT4 on disk (tinyinfer/quant/io.py, tinyinfer/loading/gptq_awq.py, tinyinfer/quantize.py): our self-describing file, GPTQ and AWQ.
 
 The GPTQ / AWQ tensors are built here from known integer weights following each format's documented
 packing (not with the code under test), then imported and compared exactly.
@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from hf_util import assert_logits_close
 from quant_util import dequantized, gptq_checkpoint, pack_awq, pack_gptq, random_levels
 from tinyinfer import LLM
-from tinyinfer.quant import io as quant_io
 from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.loading import gptq_awq
+from tinyinfer.quant import io as quant_io
 from tinyinfer.quant import quantizer
 from tinyinfer.layers.linear import ConcatLinear, Int4Linear
 
@@ -30,7 +31,7 @@ def test_gptq_import_dequantizes_exactly(v1, act_order):
     if act_order:
         g_idx = g_idx[torch.randperm(k, generator=gen)]             # groups scattered over K
     t = pack_gptq(q, z, s, g_idx, v1)
-    qq, ss, zz, perm = quant_io.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], v1)
+    qq, ss, zz, perm = gptq_awq.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], v1)
     assert (perm is not None) == act_order
     layer = Int4Linear.from_quantized(qq, ss, zz, g, torch.float32, perm=perm)
     want = (q.float() - z.float()[g_idx].T) * s.float()[g_idx].T      # W[n, k] with k's own group
@@ -43,7 +44,7 @@ def test_gptq_v1_zero_point_zero_reads_as_sixteen():
     q = torch.full((16, 32), 3)
     t = pack_gptq(q, torch.zeros(1, 16, dtype=torch.long), torch.ones(1, 16).half(),
                    torch.zeros(32, dtype=torch.long), v1=True)
-    qq, ss, zz, _ = quant_io.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], True)
+    qq, ss, zz, _ = gptq_awq.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], True)
     assert torch.equal(Int4Linear.from_quantized(qq, ss, zz, 32, torch.float32).dequantize(),
                        torch.full((16, 32), 3.0 - 16))
 
@@ -55,7 +56,7 @@ def test_gptq_act_order_with_uneven_groups_is_refused():
     g_idx[:10] = 1                                                   # 54 + 10 channels, not 32 + 32
     t = pack_gptq(q, z, s, g_idx, False)
     with pytest.raises(ValueError, match="not the group size 32"):
-        quant_io.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], False)
+        gptq_awq.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], False)
 
 
 def test_awq_import_dequantizes_exactly():
@@ -63,7 +64,7 @@ def test_awq_import_dequantizes_exactly():
     n, k, g = 48, 256, 128
     q, z, s = random_levels(n, k, g, gen)
     t = pack_awq(q, z, s)
-    qq, ss, zz = quant_io.unpack_awq(t["qweight"], t["qzeros"], t["scales"])
+    qq, ss, zz = gptq_awq.unpack_awq(t["qweight"], t["qzeros"], t["scales"])
     layer = Int4Linear.from_quantized(qq, ss, zz, g, torch.float32)
     want = (q.float() - z.float().repeat_interleave(g, 0).T) * s.float().repeat_interleave(g, 0).T
     assert torch.equal(layer.dequantize(), want)

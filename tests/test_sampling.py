@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stats_util import chi2_pvalue, row, total_variation
-from tinyinfer.layers.sampler import SamplingParams, keyed_uniform, probabilities, process_logits, sample
+from tinyinfer.sampling.sampler import SamplingParams, keyed_uniform, probabilities, process_logits, sample
 
 INF = math.inf
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tinyinfer import LLM, SamplingParams
-from tinyinfer.loading.checkpoint import CheckpointError
+from tinyinfer.config.errors import CheckpointError
 from tinyinfer.engine.proposers import NgramProposer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ __all__ = ["LLM", "LLMEngine", "RequestDelta", "RequestError", "RequestOutput", 
 
 _PUBLIC = {"LLM": "tinyinfer.engine.llm", "LLMEngine": "tinyinfer.engine.llm_engine",
            "RequestDelta": "tinyinfer.engine.output", "RequestOutput": "tinyinfer.engine.output",
-           "RequestError": "tinyinfer.engine.sequence", "SamplingParams": "tinyinfer.sampling_params"}
+           "RequestError": "tinyinfer.config.errors", "SamplingParams": "tinyinfer.sampling.params"}
 
 
 def __getattr__(name: str):

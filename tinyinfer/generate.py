@@ -11,65 +11,8 @@ import json
 import sys
 import time
 
-from tinyinfer.loading.checkpoint import CheckpointError
-from tinyinfer.loading.config import ConfigError
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """The options that build an LLM / LLMEngine (shared by generate and serve)."""
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None,
-                   help="float32, float16 or bfloat16 (default: float32 on CPU -- bfloat16 for a model "
-                        "with INT4 weights, which torch's CPU INT4 matmul takes -- and the "
-                        "checkpoint's half type on GPU)")
-    p.add_argument("--quant", choices=["int4"], default=None, help="quantize weights on the fly")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
-                   help="--quant int4: input channels per scale and zero point (default 128; a layer "
-                        "whose width it does not divide takes 64 or 32)")
-    p.add_argument("--draft", default=None,
-                   help="speculative decoding: a draft checkpoint path, or 'ngram'")
-    p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
-    p.add_argument("--max-kv-tokens", type=int, default=None,
-                   help="cap the paged KV cache at this many tokens (default: sized from memory)")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
-                        "--no-cuda-graphs launches every kernel from Python, to compare")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="requests in the running batch at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="tokens one step computes at most (decodes + prefill chunks)")
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                   help="prefill long prompts in chunks beside the running decodes (default on)")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV blocks of prompt prefixes seen before (default on)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="split the model over this many ranks: GPUs cuda:0..N-1 (NCCL), or N CPU "
-                        "processes (gloo); the engine spawns the workers (docs/tensor-parallel.md)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch's intra-op threads for the CPU work (default 1; 0: torch's default, one "
-                        "per core). A decode step is hundreds of small ops: more threads help only "
-                        "large matmuls with idle cores, and on a busy machine they wait on each other "
-                        "(docs/cpu-performance.md: 2 threads on a shared 2-core box, up to 30x slower)")
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    """LLM(...) keyword arguments from the options add_engine_arguments added."""
-    return dict(device=args.device, dtype=args.dtype, quant=args.quant, group_size=args.group_size,
-                draft=args.draft,
-                speculate_k=args.speculate_k, max_kv_tokens=args.max_kv_tokens,
-                cuda_graphs=args.cuda_graphs, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_chunked_prefill=args.enable_chunked_prefill,
-                enable_prefix_caching=args.enable_prefix_caching,
-                tensor_parallel_size=args.tensor_parallel_size)
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    """torch.set_num_threads(--threads) unless it is 0 (torch's own default); refuses a negative."""
-    if args.threads < 0:
-        raise ValueError(f"--threads {args.threads}: give a positive number, or 0 for torch's default")
-    if args.threads > 0:
-        import torch
-        torch.set_num_threads(args.threads)
+from tinyinfer.cli import add_engine_arguments, apply_threads, engine_options
+from tinyinfer.config.errors import CheckpointError, ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tinyinfer.engine.llm import LLM
     from tinyinfer.memory import kv_figures
-    from tinyinfer.sampling_params import SamplingParams
+    from tinyinfer.sampling.params import SamplingParams
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 min_p=args.min_p, repetition_penalty=args.repetition_penalty,

@@ -23,10 +23,10 @@ import time
 from typing import Optional
 
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.loading.config import ModelConfig, parse_dtype
+from tinyinfer.config.model import ModelConfig, parse_dtype
 from tinyinfer.loading.validate import resolve_device
 from tinyinfer.loading.weights import load_model, stored_dtype
-from tinyinfer.quant.format import GROUP_SIZES
+from tinyinfer.ops.int4_format import GROUP_SIZES
 from tinyinfer.quant.io import save_int4
 from tinyinfer.quant.plan import Int4Plan
 from tinyinfer.quant.quantizer import quantize_model

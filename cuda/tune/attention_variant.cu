@@ -1,5 +1,5 @@
 // attention_variant.cu -- one configuration of the paged-attention kernel (cuda/paged_attention.cuh) as a
-// C entry point, for the tuning library `make gpu-tune` builds (tinyinfer/gpu_tune.py compiles this file
+// C entry point, for the tuning library `make gpu-tune` builds (tools/gpu_tune.py compiles this file
 // once per variant with -D TI_NAME=... -D TI_MT=... -D TI_W=... -D TI_TK=... -D TI_STAGES=...).
 // bf16, head dim 128, contiguous caches (NB, BS, Hkv, 128); the plan as paged_attention_make_plan makes
 // it, with the split fill and minimum partition given. Returns a cudaError_t, or -1 when `ws_floats`

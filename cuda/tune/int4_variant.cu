@@ -1,5 +1,5 @@
 // int4_variant.cu -- one tile configuration of the INT4 kernel (cuda/int4_mm.cuh) as a C entry point, for
-// the tuning library `make gpu-tune` builds (tinyinfer/gpu_tune.py compiles this file once per variant with
+// the tuning library `make gpu-tune` builds (tools/gpu_tune.py compiles this file once per variant with
 // -D TI_NAME=... -D TI_MS=... -D TI_WN=... -D TI_WK=... -D TI_R=... -D TI_KPS=... -D TI_STAGES=...).
 // Activations bf16, scales fp16, integer zeros, G = 128: how an INT4 Llama checkpoint runs.
 #include <cuda_runtime.h>

@@ -32,7 +32,7 @@ class StepBatch:
     block_tables: list[list[int]]    # B tables (unpadded; the sequences' own lists, read at once)
     prefill: bool                    # no sequence has a cached prefix
     # Sampling inside the step (ModelRunner.execute_sampled): per sequence its temperature (0: greedy),
-    # seed and output position -- the key of its sampling noise (layers/sampler.py).
+    # seed and output position -- the key of its sampling noise (sampling/sampler.py).
     sampling: Optional[tuple[list[float], list[int], list[int]]] = None
 
     @property

@@ -17,7 +17,7 @@ Programming Guide). A graph replays fixed pointers and shapes, which shapes this
 - Everything inside the captured region is graph-safe: no .item()/.tolist(), no data-dependent
   shapes; the lm_head runs over all T rows and the caller picks the ones it needs.
 - A decode graph may also sample (mode "greedy": argmax; "sample": temperature and keyed Gumbel noise,
-  layers/sampler.py `sample_rows`) and check each row's logits are finite, so a step hands the host B
+  sampling/sampler.py `sample_rows`) and check each row's logits are finite, so a step hands the host B
   token ids instead of B x vocab logits, and sampling costs no launches of its own.
 
 Batches larger than the biggest bucket, longer queries, or models with host-synchronising layers
@@ -33,11 +33,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from tinyinfer import kernels
+from tinyinfer import extensions
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.engine.static_batch import StaticBatch
-from tinyinfer.layers.sampler import sample_rows
+from tinyinfer.sampling.sampler import sample_rows
 from tinyinfer.ops.cuda import CUDA_IMPLS
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
@@ -49,7 +49,7 @@ def graph_unsafe_reason(model: nn.Module) -> Optional[str]:
     """Why decode of `model` on CUDA cannot be captured, or None when it can. A captured step must not
     synchronise with the host, so every op in it needs its CUDA kernel (the references index with
     host-side values) and no layer may read values back (MoE routing does, to slice the batch)."""
-    if kernels.extension() is None:
+    if extensions.extension() is None:
         return "the CUDA extension is not available (the reference ops synchronise with the host)"
     needed = ["store_kv", "rope_store_kv", "paged_attention"]
     if any(type(m).__name__ == "Int4Linear" for m in model.modules()):

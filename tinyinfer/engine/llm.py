@@ -20,9 +20,9 @@ from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.engine.locking import engine_lock
 from tinyinfer.engine.request import Prompt, is_single_prompt, prompt_ids
 from tinyinfer.engine.output import RequestDelta, RequestOutput
-from tinyinfer.engine.sequence import RequestError
+from tinyinfer.config.errors import RequestError
 from tinyinfer.loading.chat import apply_chat_template
-from tinyinfer.sampling_params import SamplingParams
+from tinyinfer.sampling.params import SamplingParams
 
 
 class LLM:

@@ -18,9 +18,9 @@ from torch import Tensor
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.kv_cache import PagedKVCache, default_kv_tokens
-from tinyinfer.layers.sampler import sample_rows
+from tinyinfer.sampling.sampler import sample_rows
 from tinyinfer.loading.checkpoint import CheckpointFiles
-from tinyinfer.loading.config import ModelConfig
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.shard import Shard
 from tinyinfer.loading.weights import load_model
 from tinyinfer.models.transformer import Transformer

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from tinyinfer.layers.sampler import Logprobs
+from tinyinfer.sampling.sampler import Logprobs
 from tinyinfer.loading.tokenizer import Tokenizer
 
 # Tokens of context kept before the unread ones: enough that a piece's leading space is decoded as

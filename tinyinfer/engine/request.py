@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from tinyinfer.engine.block_manager import BlockManager
-from tinyinfer.engine.sequence import RequestError
-from tinyinfer.loading.config import ModelConfig
+from tinyinfer.config.errors import InvalidParam, RequestError
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
-from tinyinfer.sampling_params import InvalidParam, SamplingParams, as_int
+from tinyinfer.sampling.params import SamplingParams, as_int
 
 # Text, or token ids: a list / tuple of integers, or a 1-D integer numpy array or torch tensor.
 Prompt = Union[str, Sequence[int], np.ndarray, torch.Tensor]

@@ -3,7 +3,7 @@ the model runner, then draw one token for every sequence whose step reached the 
 (a prefill chunk short of the end draws nothing). Temperature-only requests are drawn inside the step
 (in the decode CUDA graph on a GPU, `ModelRunner.execute_sampled`); the others through the full sampler
 on the host, with their logprobs when asked. Both key the noise by (seed, output position), so a request
-gets the same tokens either way (layers/sampler.py; keyed randomness after Salmon et al., SC'11).
+gets the same tokens either way (sampling/sampler.py; keyed randomness after Salmon et al., SC'11).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from tinyinfer.engine.batch import StepBatch, build_batch
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.layers.sampler import in_step_sampling, process_logits, sample, token_logprobs
+from tinyinfer.sampling.sampler import in_step_sampling, process_logits, sample, token_logprobs
 
 
 def run_step(runner: ModelRunner, seqs: list[Sequence], num_new: list[int]

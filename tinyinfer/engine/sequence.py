@@ -8,17 +8,7 @@ from __future__ import annotations
 import enum
 from typing import Optional
 
-from tinyinfer.sampling_params import SamplingParams
-
-
-class RequestError(ValueError):
-    """A request cannot run (empty, too long for the context or the KV pool, non-finite logits).
-    `field`: the request field at fault when it is one of the sampling parameters (for an API's error
-    "param"); None for the prompt and the request as a whole."""
-
-    def __init__(self, message: str, field: Optional[str] = None):
-        super().__init__(message)
-        self.field = field
+from tinyinfer.sampling.params import SamplingParams
 
 
 class Status(enum.Enum):
@@ -36,7 +26,7 @@ class Sequence:
         self.prompt_ids = list(prompt_ids)
         self.token_ids = list(prompt_ids)          # prompt + generated
         self.params = params
-        self.seed = seed                           # keys the sampler's randomness (layers/sampler.py)
+        self.seed = seed                           # keys the sampler's randomness (sampling/sampler.py)
         # Token ids that end the request (they are kept in token_ids, never rendered as text).
         self.stop_ids = set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_ids))
         self.block_table: list[int] = []

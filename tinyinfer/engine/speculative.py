@@ -6,7 +6,7 @@ Decoding", 2023; Chen et al., "Accelerating LLM Decoding with Speculative Sampli
     propose   d_b <= k draft tokens per sequence, with their distributions q (one-hot for n-gram drafts)
     verify    ONE target forward over [last token, d_1 .. d_db] per sequence (varlen, paged cache)
               -> target distributions p at the d_b + 1 positions
-    accept    layers/sampler.rejection_sample: keep d_i with probability min(1, p/q); at the first
+    accept    sampling/sampler.rejection_sample: keep d_i with probability min(1, p/q); at the first
               rejection draw from norm(max(0, p - q)); if all are kept draw a bonus token from p. The
               emitted tokens follow p exactly, so greedy output equals plain greedy decoding.
     rollback  BlockManager.truncate drops the rejected positions from the target cache (emptied blocks
@@ -25,7 +25,7 @@ from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.proposers import Proposal, Proposer, gumbel_argmax
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.layers.sampler import (STREAM_SAMPLE, probabilities, process_logits, rejection_sample,
+from tinyinfer.sampling.sampler import (STREAM_SAMPLE, probabilities, process_logits, rejection_sample,
                                       token_logprobs)
 from tinyinfer.ops.limits import MAX_SPECULATE_K
 

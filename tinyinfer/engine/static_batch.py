@@ -4,7 +4,7 @@ A CUDA graph replays fixed device pointers (NVIDIA, "CUDA Graphs", CUDA C++ Prog
 input of a captured step lives in a buffer allocated once and overwritten in place before each replay:
 the host fills pinned mirrors and one copy per buffer moves them. Padding follows the paged-attention
 contract (engine/cuda_graphs.py). Decode graphs that sample inside the graph also read each row's
-temperature and its sampling key (seed, output position) from here (layers/sampler.py `sample_rows`).
+temperature and its sampling key (seed, output position) from here (sampling/sampler.py `sample_rows`).
 """
 from __future__ import annotations
 

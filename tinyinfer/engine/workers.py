@@ -28,7 +28,7 @@ import torch
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.loading.config import ModelConfig, parse_dtype
+from tinyinfer.config.model import ModelConfig, parse_dtype
 from tinyinfer.loading.shard import Shard
 
 # What rank 0 may ask a worker to run: the ModelRunner methods that run collectives.

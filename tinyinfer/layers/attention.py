@@ -22,7 +22,7 @@ from tinyinfer import ops
 from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.rotary import RotaryEmbedding
-from tinyinfer.loading.config import ModelConfig
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
 

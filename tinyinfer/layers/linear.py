@@ -2,7 +2,7 @@
 matmul on a GPU, oneDNN on a reordered weight on a CPU: ops/cpu_matmul.py), and `Int4Linear`, a
 weight-only INT4 linear whose weights stay 4-bit in memory and are dequantized inside the matmul
 (`ops.int4_linear`: the tensor-core GEMV on a GPU). Weight-only quantization as in GPTQ (Frantar et
-al., 2023) and AWQ (Lin et al., 2024); the format and its layouts are tinyinfer/quant/format.py.
+al., 2023) and AWQ (Lin et al., 2024); the format and its layouts are tinyinfer/ops/int4_format.py.
 `ConcatLinear` keeps a fused projection (qkv_proj, gate_up_proj) as its separate parts when they
 cannot share one weight.
 """
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tinyinfer import ops
-from tinyinfer.quant.format import (TILE_K, TILE_N, check_shape, dequantize_kernel_layout,
+from tinyinfer.ops.int4_format import (TILE_K, TILE_N, check_shape, dequantize_kernel_layout,
                                     from_kernel_layout, to_kernel_layout)
 
 

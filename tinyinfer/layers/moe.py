@@ -11,7 +11,7 @@ Routing rules (DeepSeek-V2 paper section 2.2; DeepSeek-V3 paper section 2.1.2):
       ('noaux_tc': groups ranked by the sum of their two best biased scores); the weights are the
       unbiased scores of the chosen experts, normalised to sum to 1 when norm_topk_prob.
   Both scale the weights by routed_scaling_factor (V2 only when it does not normalise: the config
-  parser, loading/families.py, folds V2's "normalise only if k > 1" into norm_topk_prob).
+  parser, config/families.py, folds V2's "normalise only if k > 1" into norm_topk_prob).
   Qwen3-MoE (Qwen team, "Qwen3 Technical Report", 2025) and Mixtral (Jiang et al., "Mixtral of
   Experts", 2024) route as V2 'greedy' with softmax scores, no shared experts and no scaling: the top-k
   weights renormalised (always for Mixtral, if norm_topk_prob for Qwen3-MoE).
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinyinfer.loading.config import ModelConfig
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.layers.mlp import SwiGLU
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from tinyinfer.loading.config import ModelConfig
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.ops.reference import apply_rotary, rope_rows
 
 

@@ -20,11 +20,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 from safetensors import safe_open
 
+from tinyinfer.config.errors import CheckpointError
 from tinyinfer.loading.gguf import GGUFCheckpoint, GGUFError, is_gguf, load_gguf
-
-
-class CheckpointError(Exception):
-    """The checkpoint cannot be read: missing path or tensor, wrong shape, truncated file, ..."""
 
 
 # Fused modules of ours -> the Hugging Face projections concatenated (along the output dim) to fill them.

@@ -6,7 +6,7 @@ safetensors `TensorReader` (`where`, `get`, `shape`), tensor values dequantized 
 model's dtype is applied in one rounding. Before that, `load_int4_linears` replaces every linear whose
 GGUF sources are all Q4_0 or all Q4_1 (q, k, v of a fused qkv_proj; gate, up of gate_up_proj) by an
 `Int4Linear` at group size 32 holding the file's own levels, scales and zeros (Q4_1: the float-offset
-variant w = q*s + m; quant/format.py), and hides those tensors from the reader. A linear that mixes
+variant w = q*s + m; ops/int4_format.py), and hides those tensors from the reader. A linear that mixes
 types, or whose shape the INT4 layout does not take, is dequantized to the model dtype, as are Q8_0,
 Q5_x and the K-quants (no exact INT4 form, see gguf_tensors.py); `summary` says how many of each.
 """
@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from tinyinfer.layers.linear import Int4Linear
-from tinyinfer.loading.checkpoint import CheckpointError, hf_sources
+from tinyinfer.config.errors import CheckpointError
+from tinyinfer.loading.checkpoint import hf_sources
 from tinyinfer.loading.gguf import GGUFCheckpoint, GGUFTensor
 from tinyinfer.loading.gguf_tensors import INT4_GROUP_SIZE
-from tinyinfer.quant.format import check_shape
+from tinyinfer.ops.int4_format import check_shape
 
 
 class GGUFReader:

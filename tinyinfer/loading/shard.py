@@ -31,10 +31,11 @@ from typing import Optional
 import torch
 
 from tinyinfer.layers.parallel import ParallelGroup
-from tinyinfer.loading.checkpoint import CheckpointError, CheckpointFiles, TensorReader
-from tinyinfer.loading.config import ModelConfig
+from tinyinfer.config.errors import CheckpointError
+from tinyinfer.loading.checkpoint import CheckpointFiles, TensorReader
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.models.transformer import Transformer
-from tinyinfer.quant.format import TILE_N
+from tinyinfer.ops.int4_format import TILE_N
 from tinyinfer.quant.io import is_int4_file
 from tinyinfer.quant.plan import plan_int4
 

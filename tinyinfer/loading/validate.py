@@ -24,9 +24,11 @@ from typing import Optional, Union
 
 import torch
 
-from tinyinfer.loading.checkpoint import CheckpointError, TensorReader, hf_sources, mtp_layers
-from tinyinfer.loading.config import ModelConfig
-from tinyinfer.loading.errors import ConfigError
+from tinyinfer.config.errors import CheckpointError
+
+from tinyinfer.loading.checkpoint import TensorReader, hf_sources, mtp_layers
+from tinyinfer.config.model import ModelConfig
+from tinyinfer.config.errors import ConfigError
 from tinyinfer.models.transformer import Transformer
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")         # safetensors dtype names the loader casts from

@@ -14,11 +14,12 @@ import torch
 
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading import gguf_weights, validate
-from tinyinfer.loading.config import ModelConfig, parse_dtype
+from tinyinfer.loading.gptq_awq import load_gptq_awq
+from tinyinfer.config.model import ModelConfig, parse_dtype
 from tinyinfer.loading.shard import Shard, check_files
 from tinyinfer.models.transformer import Transformer, build_model
-from tinyinfer.quant.format import GROUP_SIZES
-from tinyinfer.quant.io import is_int4_file, load_gptq_awq, load_int4
+from tinyinfer.ops.int4_format import GROUP_SIZES
+from tinyinfer.quant.io import is_int4_file, load_int4
 from tinyinfer.quant.quantizer import quantize_model
 
 QUANT_MODES = (None, "int4")

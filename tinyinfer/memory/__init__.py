@@ -6,7 +6,7 @@
 
 Weights: every parameter costs 2 bytes in fp16/bf16, half a byte in INT4, plus one scale (fp16) and one
 zero point (uint8) per group of `group_size` weights (the overhead of group-wise quantization, in
-tinyinfer's INT4 format, quant/format.py). For a checkpoint, `planned_int4` counts exactly what
+tinyinfer's INT4 format, ops/int4_format.py). For a checkpoint, `planned_int4` counts exactly what
 `python -m tinyinfer.quantize` writes: the same plan (quant/plan.py: which linears, which group size
 each, the embedding and unquantized head in the checkpoint's dtype) applied to the model built on the
 meta device (checkpoints the engine cannot build get the estimate: every parameter at group_size).
@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 
 from tinyinfer.engine.kv_cache import PagedKVCache
-from tinyinfer.loading.config import ConfigError, ModelConfig
+from tinyinfer.config.errors import ConfigError
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.weights import stored_dtype
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.quant.plan import Int4Plan, plan_int4, planned_bytes
@@ -89,7 +90,7 @@ def weight_bytes(num_params: float, bits: int = 16) -> float:
 def int4_bytes(num_params: float, group_size: int = 128, scale_bytes: int = 2, zero_bytes: int = 1
                ) -> tuple[float, float]:
     """(packed 4-bit weights, per-group scales + zero points) in bytes. Defaults: tinyinfer's format
-    (quant/format.py), an fp16 scale and a uint8 zero point per group."""
+    (ops/int4_format.py), an fp16 scale and a uint8 zero point per group."""
     return num_params / 2, num_params / group_size * (scale_bytes + zero_bytes)
 
 

@@ -31,7 +31,7 @@ from tinyinfer.layers.moe import MoE
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.parallel import ParallelGroup, VocabParallelEmbedding, all_reduce, gather_vocab
 from tinyinfer.layers.rotary import RotaryEmbedding
-from tinyinfer.loading.config import ModelConfig
+from tinyinfer.config.model import ModelConfig
 
 
 def attention_class(cfg: ModelConfig) -> type[nn.Module]:

@@ -5,7 +5,7 @@ the fixed price of one call (~1-2 us), not arithmetic (docs/cpu-performance.md).
 compute what their references compute in as few calls as possible, and are registered straight with
 the dispatcher (`torch.library.Library.impl`), which calls them with none of the Python wrapping
 `CustomOpDef.register_kernel` adds (~2 us an op). Here:
-  * paged_attention, rope_store_kv, store_kv: the C++ kernels of cpu/ (tinyinfer/kernels/cpu.py builds
+  * paged_attention, rope_store_kv, store_kv: the C++ kernels of cpu/ (tinyinfer/extensions/cpu.py builds
     them on first use) -- attention reads the paged cache in place, RoPE + K/V write is one pass --
     and where they cannot be built, pure-PyTorch paths: ops/cpu_attention.py, and here RoPE on q and
     k at once when k follows q in memory (the fused qkv projection's output) with the table gathered
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tinyinfer.kernels import cpu as cpu_kernels
+from tinyinfer.extensions import cpu as cpu_kernels
 from tinyinfer.ops import library, reference
 from tinyinfer.ops.cpu_attention import paged_attention_grouped
 from tinyinfer.ops.cpu_matmul import int4_linear_cpu, linear_cpu

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tinyinfer.quant.format import dequantize_kernel_layout, from_kernel_layout
+from tinyinfer.ops.int4_format import dequantize_kernel_layout, from_kernel_layout
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -98,7 +98,7 @@ def _cached(cache: WeakIdKeyDictionary, qweight: Tensor, scales: Tensor, zeros: 
 
 
 def tinygemm_weights(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The kernel-layout INT4 weight (quant/format.py) in the CPU kernel's packing, cached per layer:
+    """The kernel-layout INT4 weight (ops/int4_format.py) in the CPU kernel's packing, cached per layer:
     -> (packed uint8 (N, K/2), scale_and_zero bf16 (K/G, N, 2))."""
     def convert() -> tuple[Tensor, Tensor]:
         q, s, z = from_kernel_layout(qweight, scales, zeros, k)        # (N, K), (N, K/G) x 2

@@ -1,7 +1,7 @@
 """The CUDA kernels of `cuda/` as the `cuda` impl of each op (the override half of the custom-op design).
 
 For every op named in `CUDA_IMPLS`, the `cuda` dispatch key runs the hand-written kernel from the
-extension that `tinyinfer.kernels` builds or loads; when there is no extension (no toolkit, a failed
+extension that `tinyinfer.extensions` builds or loads; when there is no extension (no toolkit, a failed
 build) or the shapes are outside the kernel's limits (ops/limits.py), the impl runs the op's reference
 (ops/reference.py) -- the same function that is the op's body, so there is one reference per op.
 Registering compiles nothing: the extension is built or loaded at the first call on a CUDA tensor.
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from tinyinfer import kernels
+from tinyinfer import extensions
 from tinyinfer.ops import library, limits, reference
 
 
@@ -61,7 +61,7 @@ def _warn_reference_once(what: str) -> None:
 
 def _cuda_impl(name: str, impl: Callable[..., Any], ref: Callable[..., Any]) -> Callable[..., Any]:
     def cuda_impl(*args: Any) -> Any:
-        ext = kernels.extension()  # compiled (or loaded) at the first call on a CUDA tensor
+        ext = extensions.extension()  # compiled (or loaded) at the first call on a CUDA tensor
         return ref(*args) if ext is None else impl(ext, *args)
     cuda_impl.__name__ = f"{name}_cuda"
     return cuda_impl

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinyinfer.quant.format import dequantize_kernel_layout
+from tinyinfer.ops.int4_format import dequantize_kernel_layout
 
 
 def store_kv(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optional[Tensor],

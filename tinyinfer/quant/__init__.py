@@ -1,2 +1,2 @@
-"""INT4 weight-only quantization: the format and its layouts (format.py), the quantizer (quantizer.py),
-and files on disk -- tinyinfer's own INT4 file, GPTQ / AWQ imports (io.py)."""
+"""INT4 weight-only quantization: which linears become INT4 at which group size (plan.py), the quantizer
+(quantizer.py) and tinyinfer's own INT4 file (io.py). The format itself is ops/int4_format.py."""

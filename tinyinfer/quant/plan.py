@@ -8,7 +8,7 @@ not a multiple of 128: g64); one whose K no group size divides, or whose output 
 multiple of 16 (the kernel layout's tile), stays dense and is named in a warning. With tied embeddings
 and `quantize_head`, the head is quantized as a copy of the embedding (which stays dense).
 
-Bytes, as `quant/io.py` writes them (canonical layout, quant/format.py): per INT4 linear N*K/2 packed
+Bytes, as `quant/io.py` writes them (canonical layout, ops/int4_format.py): per INT4 linear N*K/2 packed
 bytes, N*K/G fp16 scales and N*K/G uint8 zeros, its bias in the model dtype; every other parameter
 (tied ones once) in its own dtype (the model dtype; float32 for the MoE router).
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from tinyinfer.layers.linear import Int4Linear
-from tinyinfer.quant.format import GROUP_SIZES, TILE_N
+from tinyinfer.ops.int4_format import GROUP_SIZES, TILE_N
 
 SCALE_BYTES, ZERO_BYTES = 2, 1          # fp16 scale, uint8 zero point per group
 

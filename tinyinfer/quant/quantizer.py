@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from tinyinfer.layers.linear import Int4Linear
-from tinyinfer.quant.format import check_shape
+from tinyinfer.ops.int4_format import check_shape
 from tinyinfer.quant.plan import Int4Plan, plan_int4
 
 

@@ -14,9 +14,8 @@ import argparse
 import os
 import sys
 
-from tinyinfer.generate import add_engine_arguments, apply_threads, engine_options
-from tinyinfer.loading.checkpoint import CheckpointError
-from tinyinfer.loading.config import ConfigError
+from tinyinfer.cli import add_engine_arguments, apply_threads, engine_options
+from tinyinfer.config.errors import CheckpointError, ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from tinyinfer.engine.llm_engine import LLMEngine
-from tinyinfer.engine.sequence import RequestError
+from tinyinfer.config.errors import RequestError
 from tinyinfer.loading.chat import ChatTemplateError, apply_chat_template
-from tinyinfer.sampling_params import SamplingParams
+from tinyinfer.sampling.params import SamplingParams
 from tinyinfer.serve.async_engine import AsyncEngine, RequestStream
 from tinyinfer.serve.metrics import CONTENT_TYPE
 from tinyinfer.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, _Common,

@@ -27,7 +27,7 @@ from typing import Optional
 
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.engine.output import RequestDelta
-from tinyinfer.sampling_params import SamplingParams
+from tinyinfer.sampling.params import SamplingParams
 from tinyinfer.serve.metrics import Metrics
 
 _IDLE_WAIT_S = 0.5          # how long the idle engine thread blocks on the command queue

@@ -15,7 +15,9 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tinyinfer.sampling_params import SEED_RANGE, InvalidParam, SamplingParams
+from tinyinfer.config.errors import InvalidParam
+
+from tinyinfer.sampling.params import SEED_RANGE, SamplingParams
 
 MAX_N = 64
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tinyinfer.layers.sampler import Logprobs
+from tinyinfer.sampling.sampler import Logprobs
 from tinyinfer.loading.tokenizer import Tokenizer
 
 
