@@ -16,8 +16,8 @@ from tinyinfer import LLM, SamplingParams
 from tinyinfer.config.errors import ConfigError
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.kv_cache import PagedKVCache
-from tinyinfer.memory import kv_bytes_per_token, shape_from_hf
 from tinyinfer.layers.mla import set_mla_mode
+from tinyinfer.memory import kv_bytes_per_token, shape_from_hf
 from tinyinfer.models.transformer import Transformer
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"

@@ -37,9 +37,9 @@ from tinyinfer import extensions
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.engine.static_batch import StaticBatch
-from tinyinfer.sampling.sampler import sample_rows
 from tinyinfer.ops.cuda import CUDA_IMPLS
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
+from tinyinfer.sampling.sampler import sample_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_TABLE_WIDTH = 64          # blocks: 1k tokens at block size 16
@@ -179,15 +179,6 @@ class GraphRunner:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._forward(bucket, width, mode)
         self.graphs[(bucket, width, mode)], self.outputs[(bucket, width, mode)] = graph, out
-
-    @torch.inference_mode()
-    def capture_all(self, max_seqs: Optional[int] = None, width: Optional[int] = None) -> None:
-        """Capture ahead of time (benchmarks): every bucket up to `max_seqs`, largest first so the
-        smaller graphs reuse its memory in the shared pool."""
-        width = next(w for w in self.widths if w >= (width or self.max_blocks))
-        for b in sorted((b for b in self.buckets if b <= (max_seqs or self.buckets[-1])), reverse=True):
-            if (b, width, "logits") not in self.graphs:
-                self._capture(b, width)
 
     def num_graphs(self) -> int:
         return len(self.graphs)

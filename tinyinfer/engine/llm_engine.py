@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from tinyinfer.config.errors import RequestError
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.locking import serialized_calls
@@ -41,12 +43,10 @@ from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Propo
 from tinyinfer.engine.request import Prompt, prompt_ids, validate_request
 from tinyinfer.engine.sampling_step import run_step
 from tinyinfer.engine.scheduler import Scheduler, check_limits
-from tinyinfer.config.errors import RequestError
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
 from tinyinfer.engine.tensor_parallel import load_runner
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.loading.validate import resolve_device
 from tinyinfer.loading.weights import check_quant, choose_dtype, has_int4_weights

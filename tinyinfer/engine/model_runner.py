@@ -15,15 +15,15 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.kv_cache import PagedKVCache, default_kv_tokens
-from tinyinfer.sampling.sampler import sample_rows
 from tinyinfer.loading.checkpoint import CheckpointFiles
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.shard import Shard
 from tinyinfer.loading.weights import load_model
 from tinyinfer.models.transformer import Transformer
+from tinyinfer.sampling.sampler import sample_rows
 
 
 def finite_rows(logits: Tensor) -> Tensor:

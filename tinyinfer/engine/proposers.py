@@ -13,14 +13,14 @@ from typing import Optional, Protocol
 
 import torch
 
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.sampling.sampler import STREAM_DRAFT, keyed_uniform, probabilities, process_logits
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
+from tinyinfer.sampling.sampler import STREAM_DRAFT, keyed_uniform, probabilities, process_logits
 
 
 @dataclass

@@ -41,10 +41,6 @@ class Sequence:
         self.num_preemptions = 0
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
-
-    @property
     def num_outputs(self) -> int:
         return len(self.token_ids) - len(self.prompt_ids)
 

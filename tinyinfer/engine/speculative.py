@@ -25,9 +25,9 @@ from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.proposers import Proposal, Proposer, gumbel_argmax
 from tinyinfer.engine.sequence import Sequence
+from tinyinfer.ops.limits import MAX_SPECULATE_K
 from tinyinfer.sampling.sampler import (STREAM_SAMPLE, probabilities, process_logits, rejection_sample,
                                       token_logprobs)
-from tinyinfer.ops.limits import MAX_SPECULATE_K
 
 
 def check_speculate_k(k: object) -> int:

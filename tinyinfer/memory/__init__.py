@@ -28,9 +28,9 @@ from typing import Optional
 
 import torch
 
-from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.config.errors import ConfigError
 from tinyinfer.config.model import ModelConfig
+from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.loading.weights import stored_dtype
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.quant.plan import Int4Plan, plan_int4, planned_bytes
