@@ -39,7 +39,7 @@ from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.engine.static_batch import StaticBatch
 from tinyinfer.ops.cuda import CUDA_IMPLS
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
-from tinyinfer.sampling.sampler import sample_rows
+from tinyinfer.sampling.sampler import sample_in_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_TABLE_WIDTH = 64          # blocks: 1k tokens at block size 16
@@ -148,10 +148,8 @@ class GraphRunner:
         logits = self.model.compute_logits(hidden)                           # (T_bucket, vocab)
         if mode == "logits":
             return (logits,)
-        temperature, seeds, steps = self.batch.sampling(bucket)
-        tokens = logits.argmax(dim=-1) if mode == "greedy" else sample_rows(logits, temperature, seeds,
-                                                                             steps)
-        return logits, tokens, torch.isfinite(logits).all(dim=-1)
+        keys = None if mode == "greedy" else self.batch.sampling(bucket)
+        return (logits, *sample_in_step(logits, keys, sync=False))
 
     def _capture(self, bucket: int, width: int, mode: str = "logits") -> None:
         # The static buffers hold the real step already; the warm-up runs (which do execute) would

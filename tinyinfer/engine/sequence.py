@@ -6,7 +6,7 @@ moves sequences between WAITING, RUNNING and FINISHED between steps (Yu et al., 
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Iterable, Optional
 
 from tinyinfer.sampling.params import SamplingParams
 
@@ -39,6 +39,13 @@ class Sequence:
         self.finish_reason: Optional[str] = None   # "stop" | "length" | "error" | "abort"
         self.error: Optional[Exception] = None
         self.num_preemptions = 0
+
+    def advance(self, computed: int = 0, tokens: Iterable[int] = ()) -> None:
+        """The one way a sequence moves forward: a step computed the K/V of `computed` more of its
+        tokens (now cached), and `tokens` join its tokens (drawn by the sampler; for a draft model's
+        shadow sequence, its drafts). Rollback is BlockManager.truncate's."""
+        self.num_cached += computed
+        self.token_ids.extend(tokens)
 
     @property
     def num_outputs(self) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tinyinfer.loading.tokenizer import Tokenizer
-from tinyinfer.sampling.sampler import Logprobs
+from tinyinfer.sampling.processors import Logprobs
 
 
 def dumps(obj) -> str:
