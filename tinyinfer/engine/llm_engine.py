@@ -1,9 +1,7 @@
-"""`LLMEngine`: the online engine. Requests arrive and leave at any time; each `step()` runs one
-continuously batched step over every live request (Yu et al., "Orca", OSDI 2022):
-
-    schedule (decodes + prefill chunks) -> build the step's batch -> model runner -> sample (or verify
-    drafts) -> commit full blocks to the prefix cache -> append tokens, detokenize, check stops
-    -> one RequestDelta per request that progressed (a prompt chunk short of its end sends none)
+"""`LLMEngine`: the online engine. Requests arrive and leave at any time; each `step()` is one
+continuously batched step over every live request (Yu et al., "Orca", OSDI 2022): schedule
+(engine/scheduler.py) -> execute (engine/sampling_step.py; engine/speculative.py with a draft) ->
+process the outputs into one RequestDelta per request that progressed (docs/architecture.md walks it).
 
     engine = LLMEngine("models/shakespeare-llama")
     rid = engine.add_request("ROMEO:", SamplingParams(max_tokens=32))   # validated now: RequestError
@@ -12,14 +10,9 @@ continuously batched step over every live request (Yu et al., "Orca", OSDI 2022)
             print(delta.request_id, delta.new_text, delta.finish_reason)
     engine.abort(rid)      # frees its KV blocks at once; no-op (False) for unknown / finished ids
 
-Thread safety: add_request, abort, step, has_unfinished, logits and close take the engine's lock
-(engine/locking.py), so calls from several threads run one at a time, never inside each other's step.
-Requests added between two steps join the running batch at the next step. A request that fails inside
-the engine (NaN logits) ends alone with finish_reason "error"; the others continue. With speculative
-decoding a step runs two passes: the verify pass of the decodes, then the prefill chunks. Options
-beyond LLM's loading ones: max_num_seqs, max_num_batched_tokens (the tokens of one step; 512),
-enable_chunked_prefill, enable_prefix_caching (both on; engine/scheduler.py, engine/block_manager.py).
-tensor_parallel_size=N splits the model over N ranks (engine/tensor_parallel.py; `close()` stops them).
+Calls from several threads run one at a time (engine/locking.py). A request that fails inside the
+engine (non-finite logits) ends alone with finish_reason "error". tensor_parallel_size=N splits the
+model over N ranks (engine/tensor_parallel.py; `close()` stops them).
 """
 from __future__ import annotations
 
