@@ -35,7 +35,7 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
   TORCH_CHECK(q_in.dim() == 3, "paged_attention: q must be (T, n_heads, head_dim), got shape ", q_in.sizes());
   TORCH_CHECK(q_in.scalar_type() == torch::kFloat16 || q_in.scalar_type() == torch::kBFloat16,
               "paged_attention: the CUDA kernel supports float16 and bfloat16, got ", q_in.scalar_type(),
-              "; run the model in fp16/bf16 or call ops.paged_attention_reference");
+              "; run the model in fp16/bf16 or call tinyinfer.ops.reference.paged_attention");
   check_attention_cache(k_cache, q_in, "k_cache");
   check_attention_cache(v_cache, q_in, "v_cache");
   const int64_t T = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
@@ -48,10 +48,10 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
               Hkv);
   TORCH_CHECK(tinyinfer::paged_attention_supports(static_cast<int>(D), static_cast<int>(Dv)),
               "paged_attention: head dims (K ", D, ", V ", Dv, ") have no CUDA kernel; supported: 64/64, "
-              "128/128 and MLA 576/512. Call ops.paged_attention_reference for other shapes");
+              "128/128 and MLA 576/512. Call tinyinfer.ops.reference.paged_attention for other shapes");
   TORCH_CHECK(tinyinfer::paged_attention_supports_block_size(static_cast<int>(BS)), "paged_attention: the CUDA "
               "kernel needs a power-of-two block size (8, 16, 32, ...), got ", BS,
-              "; allocate the KV cache with such a block size or call ops.paged_attention_reference");
+              "; allocate the KV cache with such a block size or call tinyinfer.ops.reference.paged_attention");
   TORCH_CHECK(block_tables_in.dim() == 2 && block_tables_in.scalar_type() == torch::kInt32,
               "paged_attention: block_tables must be int32 (B, max_blocks), got ", block_tables_in.scalar_type(),
               " ", block_tables_in.sizes());

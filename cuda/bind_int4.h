@@ -29,7 +29,8 @@ tinyinfer::Int4LinearParams int4_params(const Tensor& x, const Tensor& qweight, 
   TORCH_CHECK(qweight.dim() == 4 && qweight.scalar_type() == torch::kInt32 && qweight.size(1) == KB &&
               qweight.size(2) == 32 && qweight.size(3) == 4,
               "int4_linear: qweight must be int32 (N/16, ", KB, ", 32, 4) for K=", K, ", got ",
-              qweight.scalar_type(), " ", qweight.sizes(), "; build it with tinyinfer.quant.to_kernel_layout");
+              qweight.scalar_type(), " ", qweight.sizes(),
+              "; build it with tinyinfer.ops.int4_format.to_kernel_layout");
   const int64_t NT = qweight.size(0);
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == NT && scales.size(1) == NG && scales.size(2) == 16,
               "int4_linear: scales must be (", NT, ", ", NG, ", 16) for K=", K, " and group size ", group_size,
@@ -44,7 +45,8 @@ tinyinfer::Int4LinearParams int4_params(const Tensor& x, const Tensor& qweight, 
   for (const Tensor* t : {&qweight, &scales, &zeros}) {
     TORCH_CHECK(t->is_contiguous() && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
                 "int4_linear: qweight, scales and zeros must be contiguous and start 16-byte aligned (the kernel "
-                "copies them in 16-byte pieces); repack once at load with tinyinfer.quant.to_kernel_layout");
+                "copies them in 16-byte pieces); repack once at load with "
+                "tinyinfer.ops.int4_format.to_kernel_layout");
     TORCH_CHECK(t->device() == x.device(), "int4_linear: x is on ", x.device(), " but a weight tensor is on ",
                 t->device(), "; move the layer to the activations' device");
   }

@@ -16,9 +16,9 @@ import gguf_util
 from hf_util import LLAMA, MLA, write_copy
 from quant_util import gptq_checkpoint
 from tinyinfer import LLM
-from tinyinfer.loading import validate
 from tinyinfer.config.errors import CheckpointError, ConfigError
 from tinyinfer.config.model import ModelConfig
+from tinyinfer.loading import validate
 
 IDS = [1, 45, 300, 12, 77]
 

@@ -1,4 +1,4 @@
-"""The benchmark harness (tinyinfer/bench): registry, timing, the copy yardstick, and CPU labelling."""
+"""The benchmark harness (tools/bench): registry, timing, the copy yardstick, and CPU labelling."""
 from __future__ import annotations
 
 import json

@@ -14,7 +14,7 @@ from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.cuda_graphs import GraphRunner, StaticBatch
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.ops import reference
-from tinyinfer.ops.cpu_attention import paged_attention_batched
+from tools.bench.prefix import paged_attention_batched
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "To be", "KING RICHARD III:\nNow is the winter",
            "First Citizen:\nBefore we proceed any further, hear me speak.", "A", "MENENIUS:\nWhy"]
@@ -199,7 +199,8 @@ def test_verify_shape_graph_matches_eager(gpu_pair):
 
 
 # ------------------------------------------------------------------------------------------------
-# The batched CPU body of paged_attention (what the padded batch runs through on a CPU)
+# The CPU attention as one padded group (ops/cpu_attention.py pad_group + attend_group; the bench's
+# baseline, tools/bench/prefix.py)
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seq_lens,q_lens,pad", [

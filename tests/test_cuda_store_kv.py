@@ -54,7 +54,7 @@ def _check_against_reference(k, v, k_cache, v_cache, slots, seed=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# CPU: the build road
+# CPU: the build of the extension
 # ----------------------------------------------------------------------------------------------
 
 def test_sources_are_every_cu_file_plus_bindings():

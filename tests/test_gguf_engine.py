@@ -15,11 +15,11 @@ from safetensors.torch import save_file
 from gguf_util import VOCAB, build
 from hf_util import assert_logits_close, hf_logits, hf_model
 from tinyinfer import LLM, SamplingParams
+from tinyinfer.config.errors import CheckpointError
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.generate import main as generate_main
 from tinyinfer.layers.linear import Int4Linear
-from tinyinfer.config.errors import CheckpointError
 from tinyinfer.loading.checkpoint import locate
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.weights import choose_dtype, has_int4_weights
 
 pytest.importorskip("transformers")

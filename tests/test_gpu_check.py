@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tinyinfer import gpu_check
+from tools import gpu_check
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")

@@ -1,10 +1,12 @@
 """The package reads as a reference: every import goes down the layer table of docs/architecture.md (lazy
 imports included; the test reads the table, so docs and code cannot drift), no import cycle inside a
 layer, the runtime package never imports the development tools, every file short and opening with a
-docstring that names what it implements, and the documents the code cites exist."""
+docstring that names what it implements, and every name the code and the docs cite exists: `ops.X`,
+`tinyinfer.x.y` / `tools.x` paths, repository files, `module/file.name` attributes."""
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -177,3 +179,101 @@ def test_documents_cited_in_the_code_exist():
             errors="replace")), f"{path} cites a document that is not in the repository"
     missing = sorted(c for c in cited if not (REPO / c).is_file())
     assert not missing, f"cited but missing: {missing}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Every cited name exists
+# ------------------------------------------------------------------------------------------------
+
+SUBPACKAGES = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+ROOT_DIRS = ("cuda", "cpu", "docs", "tinyinfer", "tools", "tests", "models", "data")
+DOTTED = re.compile(r"(?<![\w.\-/])((?:tinyinfer|tools)(?:\.[A-Za-z_]\w*)+)")
+OPS = re.compile(r"(?<![\w./\-])ops((?:\.[A-Za-z_]\w*)+)")
+PATH = re.compile(r"(?<![\w./\-])((?:%s)/[\w./\-]*[\w/])(?![*<{\w])" % "|".join(
+    sorted(set(ROOT_DIRS) | set(SUBPACKAGES) | {"bench"})))
+FILE_SUFFIXES = (".py", ".md", ".cpp", ".h", ".cu", ".cuh")
+
+
+def citing_files() -> list[Path]:
+    """The code, error messages, README and docs that name modules, ops and files (this test's own
+    planted names aside)."""
+    files = [*PACKAGE.rglob("*.py"), *TOOLS.rglob("*.py"), *(REPO / "tests").rglob("*.py"),
+             *(REPO / "docs").glob("*.md"), REPO / "README.md", REPO / "Makefile", REPO / "setup.py"]
+    files += [p for d in ("cuda", "cpu", "tests/host") for p in (REPO / d).rglob("*")
+              if p.suffix in FILE_SUFFIXES]
+    return sorted(set(files) - {Path(__file__).resolve()})
+
+
+def resolves(dotted: str) -> bool:
+    """`a.b.c`: the longest importable module prefix, then attributes; or a custom op's name
+    (`tinyinfer.rms_norm`, how the profiler names torch.ops.tinyinfer.rms_norm)."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                break
+            obj = getattr(obj, attr)
+        else:
+            return True
+        break
+    if parts[0] == "tinyinfer" and len(parts) == 2:
+        import torch
+        importlib.import_module("tinyinfer.ops")
+        return hasattr(torch.ops.tinyinfer, parts[1])
+    return False
+
+
+def top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def path_resolves(cited: str) -> bool:
+    """A repository path (`cuda/x.cu`), a package-relative one (`engine/x.py`, `bench/x.py`), or a
+    module's name in one (`engine/cuda_graphs.GraphRunner`: the file defines GraphRunner)."""
+    cited = cited.rstrip(".")
+    first = cited.split("/")[0]
+    roots = ([REPO] if first in ROOT_DIRS else []) + ([PACKAGE] if first in SUBPACKAGES else []) + (
+        [TOOLS] if first == "bench" else [])
+    if any((r / cited).exists() for r in roots):
+        return True
+    head, _, tail = cited.rpartition("/")
+    module, _, attr = tail.partition(".")
+    return bool(attr) and any((r / head / f"{module}.py").is_file() and attr.split(".")[0] in
+                              top_level_names(r / head / f"{module}.py") for r in roots)
+
+
+def dangling_names(text: str) -> list[str]:
+    bad = [m.group(1) for m in DOTTED.finditer(text) if not m.group(1).endswith(FILE_SUFFIXES)
+           and not resolves(m.group(1))]
+    bad += ["ops" + m.group(1) for m in OPS.finditer(text) if not m.group(1).endswith(FILE_SUFFIXES)
+            and not resolves("tinyinfer.ops" + m.group(1))]
+    return bad + [m.group(1) for m in PATH.finditer(text) if not path_resolves(m.group(1))]
+
+
+def test_every_cited_module_op_and_file_exists():
+    texts = {path: path.read_text(errors="replace") for path in citing_files()}
+    found = sum(len(rx.findall(t)) for t in texts.values() for rx in (DOTTED, OPS, PATH))
+    assert found > 800, f"the scan found only {found} cited names"          # ~1200 at the time of writing
+    bad = {f"{path.relative_to(REPO)}: {name}" for path, text in texts.items() for name in dangling_names(text)}
+    assert not bad, "cited but missing:\n" + "\n".join(sorted(bad))
+
+
+def test_the_cited_name_check_finds_planted_dangling_names():
+    text = ("calls ops.rms_norm_reference and ops.rms_norm; python -m tinyinfer.no_such_module or "
+            "tinyinfer.ops.reference.paged_attention; see cuda/int4_gemv.cu, cuda/NOTES.md, "
+            "engine/sequence.Sequence, engine/sequence.NoSuchThing, tests/host/emulate_<name>.cpp")
+    assert set(dangling_names(text)) == {"ops.rms_norm_reference", "tinyinfer.no_such_module",
+                                         "cuda/int4_gemv.cu", "engine/sequence.NoSuchThing"}

@@ -1,4 +1,4 @@
-"""`python -m tinyinfer.memory` reproduces the chapter's numbers, and its parameter count matches the
+"""`python -m tinyinfer.memory` reproduces hand-computed figures, and its parameter count matches the
 tensors actually stored in checkpoints."""
 import json
 import os
@@ -71,7 +71,7 @@ def test_parameter_count_of_a_deepseek_moe_checkpoint(tmp_path, version):
     assert count_params(shape) == checkpoint_params(str(tmp_path))[0]
 
 
-def test_cli_prints_the_chapter_figures(capsys):
+def test_cli_prints_the_hand_computed_figures(capsys):
     main(["--params", "70B", "--layers", "32", "--d-model", "4096", "--heads", "32",
           "--context", "1000000"])
     out = capsys.readouterr().out

@@ -16,8 +16,8 @@ from tinyinfer import LLM, SamplingParams
 from tinyinfer.config.errors import ConfigError
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.kv_cache import PagedKVCache
-from tinyinfer.memory import kv_bytes_per_token, shape_from_hf
 from tinyinfer.layers.mla import set_mla_mode
+from tinyinfer.memory import kv_bytes_per_token, shape_from_hf
 from tinyinfer.models.transformer import Transformer
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
@@ -132,7 +132,7 @@ def test_latent_cache_holds_one_row_of_rank_plus_rope_per_token_per_layer(shakes
     cfg = llm.config
     for k_cache, v_cache in llm.engine.runner.kv.layers():
         assert k_cache.shape[1:] == (16, 1, 512 + 64) and v_cache is None
-    # bytes per token, from the engine's own accounting and from the chapter's formula
+    # bytes per token, from the engine's own accounting and from the formula (tinyinfer/memory/)
     k_dims, v_dims = Transformer.kv_dims(cfg)
     with open(os.path.join(MLA, "config.json")) as f:
         shape = shape_from_hf(json.load(f))

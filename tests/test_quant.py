@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from tinyinfer import ops
+from tinyinfer.layers.linear import Int4Linear
 from tinyinfer.ops import int4_format as qformat
 from tinyinfer.quant import quantizer
-from tinyinfer.layers.linear import Int4Linear
 
 
 def _levels(n, k, gen):

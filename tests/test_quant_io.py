@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from hf_util import assert_logits_close
 from quant_util import dequantized, gptq_checkpoint, pack_awq, pack_gptq, random_levels
 from tinyinfer import LLM
+from tinyinfer.layers.linear import ConcatLinear, Int4Linear
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading import gptq_awq
 from tinyinfer.quant import io as quant_io
 from tinyinfer.quant import quantizer
-from tinyinfer.layers.linear import ConcatLinear, Int4Linear
 
 LLAMA = "models/shakespeare-llama"
 

@@ -5,8 +5,9 @@ and the draws are keyed (batch-independent, reproducible)."""
 import torch
 
 from stats_util import chi2_pvalue, total_variation
-from tinyinfer.sampling.sampler import STREAM_SAMPLE, probabilities, rejection_sample, sample
 from tinyinfer.sampling.params import SamplingParams
+from tinyinfer.sampling.processors import probabilities
+from tinyinfer.sampling.sampler import STREAM_SAMPLE, rejection_sample, sample
 
 
 def run_rejection(p: torch.Tensor, q: torch.Tensor, n: int, seed: int = 0):

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from stats_util import chi2_pvalue, row, total_variation
-from tinyinfer.sampling.sampler import SamplingParams, keyed_uniform, probabilities, process_logits, sample
+from tinyinfer.sampling.params import SamplingParams
+from tinyinfer.sampling.processors import probabilities, process_logits
+from tinyinfer.sampling.sampler import keyed_uniform, sample
 
 INF = math.inf
 

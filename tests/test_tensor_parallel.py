@@ -18,10 +18,10 @@ import torch
 
 from hf_util import DRAFT, LLAMA, MLA, save_random, save_random_deepseek
 from tinyinfer import LLM, LLMEngine, SamplingParams
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.proposers import DraftModelProposer
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.quant.io import save_int4
 
 POOL = 256                  # KV tokens: the preemption test's 6 requests must take turns

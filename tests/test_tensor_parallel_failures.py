@@ -20,9 +20,9 @@ import torch
 
 from hf_util import LLAMA, REPO
 from tinyinfer import LLM, SamplingParams
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.tensor_parallel import TensorParallelError, check_devices
 from tinyinfer.loading.checkpoint import CheckpointFiles, TensorReader, locate
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.shard import ShardedReader, check_files, check_int4_shards, check_shardable
 from tinyinfer.quant.io import save_int4
 

@@ -22,8 +22,8 @@ import sys
 import time
 from typing import Optional
 
-from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.config.model import ModelConfig, parse_dtype
+from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.validate import resolve_device
 from tinyinfer.loading.weights import load_model, stored_dtype
 from tinyinfer.ops.int4_format import GROUP_SIZES

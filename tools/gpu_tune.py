@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from tools.gpu_tune_sweeps import (ATTN_TILES, INT4_TILES, attn_name, copy_gbps, int4_name, tune_attention,
-                                       tune_int4)
 from tinyinfer.extensions import CUDA_DIR, REPO_ROOT, build_directory, compile_flags, find_cuda_home, host_cxx, target_arch
+from tools.gpu_tune_sweeps import (ATTN_TILES, INT4_TILES, attn_name, copy_gbps, int4_name, tune_attention,
+                                   tune_int4)
 
 INT4_NAMES = {1: "Int4M8", 2: "Int4M16", 4: "Int4M32", 8: "Int4M64"}
 

@@ -4,8 +4,8 @@ inputs, torch references, and L2-rotated CUDA-graph timing of each variant of th
 INT4 (cuda/int4_mm.cuh): per class of M (m-set count MS, M <= 8 MS), every tile configuration over one
 Llama-3-8B decoder layer (byte-weighted time), bf16 activations, fp16 scales, uint8 zeros, G = 128; then
 the split-K fill for the best tile. Each variant is first checked on a 48 x 8192 weight (three CTAs over
-N, so the launcher splits K over clusters) against x @ W.T with W unpacked here from the layout's
-definition (cuda/int4.cuh), normwise error <= 1e-2.
+N, so the launcher splits K over clusters) against x @ W.T with W unpacked from the kernel layout by
+ops/int4_format.py, normwise error <= 1e-2.
 
 Attention (cuda/paged_attention.cuh): bf16, head dim 128, GQA 32/8, block size 16, shuffled blocks; every
 tile configuration on the benchmark cases of its m-tile count, then the split fill and the minimum
@@ -20,6 +20,8 @@ import statistics
 import time
 
 import torch
+
+from tinyinfer.ops.int4_format import TILE_K, dequantize_kernel_layout
 
 # INT4: (WN, WK, R, KPS, STAGES) per m-set count MS; the first of each list is what cuda/tuned.cuh ships.
 INT4_TILES = {
@@ -105,19 +107,8 @@ def int4_weights(n: int, k: int) -> tuple[torch.Tensor, ...]:
 
 
 def int4_reference(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
-    """x @ W.T, W = (q - z) s unpacked from the layout's definition: nibble i of word j of lane 4g + t of
-    tile (nt, kb) is row 16 nt + g + 8 (i & 1), column 64 kb + 32 (j >> 1) + 8t + 4 (j & 1) + 2 ((i >> 1) & 1)
-    + (i >> 2); scale / zero entry 2r + h of a tile is row r + 8h."""
-    nt, kb = qw.shape[:2]
-    ar = lambda n, *shape: torch.arange(n, device=qw.device).view(*shape)
-    lane, j, i = ar(32, 32, 1, 1), ar(4, 1, 4, 1), ar(8, 1, 1, 8)
-    row = (lane // 4 + 8 * (i & 1)) + ar(nt, nt, 1, 1, 1, 1) * 16
-    col = 32 * (j >> 1) + 8 * (lane % 4) + 4 * (j & 1) + 2 * ((i >> 1) & 1) + (i >> 2) + ar(kb, 1, kb, 1, 1, 1) * 64
-    nib = (qw.unsqueeze(-1) >> (4 * ar(8, 8).int())) & 0xF                          # (nt, kb, 32, 4, 8)
-    q = torch.empty(nt * 16, kb * 64, device=qw.device)
-    q[row.expand(nib.shape), col.expand(nib.shape)] = nib.float()
-    pairs = lambda t: t.view(nt, -1, 8, 2).permute(0, 3, 2, 1).reshape(nt * 16, -1).float().repeat_interleave(128, 1)
-    return x.float() @ ((q - pairs(zs)) * pairs(sc)).T
+    """x @ W.T in float32, W = (q - z) s unpacked from the kernel layout (ops/int4_format.py)."""
+    return x.float() @ dequantize_kernel_layout(qw, sc, zs, qw.shape[1] * TILE_K).T
 
 
 def int4_row(lib, ms: int, tile: tuple, fill: float, x, sets: dict, copy: float, deadline: float) -> dict:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from tinyinfer.config.fields import MAX_COUNT, check_int, get, read_bool, read_int
 from tinyinfer.config.errors import ConfigError
+from tinyinfer.config.fields import MAX_COUNT, check_int, get, read_bool, read_int
 
 LLAMA_LIKE = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM",
               "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"}

@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 import torch
 
-from tinyinfer.config.fields import (MAX_COUNT, MAX_DIM, MAX_POSITIONS, check_bool, check_int,
-                                             check_number, get, read_bool, read_dict, read_int,
-                                             read_token_ids, show)
 from tinyinfer.config.errors import ConfigError
 from tinyinfer.config.families import (DEFAULT_THETA, MLA_ARCHITECTURES, SUPPORTED_ARCHITECTURES,
                                         family_fields, head_dim)
+from tinyinfer.config.fields import (MAX_COUNT, MAX_DIM, MAX_POSITIONS, check_bool, check_int,
+                                             check_number, get, read_bool, read_dict, read_int,
+                                             read_token_ids, show)
 
 __all__ = ["ConfigError", "ModelConfig", "parse_dtype"]
 # Our field names that config.json spells differently.

@@ -174,7 +174,8 @@ class BlockManager:
         for b in hit:
             self.allocator.share(b)
         seq.block_table = hit + self.allocator.allocate(new)
-        seq.num_committed, seq.num_cached = len(hit), len(hit) * self.block_size
+        seq.num_committed = len(hit)
+        seq.advance(len(hit) * self.block_size)                # the hit blocks' K/V are cached
         if self.enable_caching:
             self.queries += len(seq)
             self.hits += seq.num_cached

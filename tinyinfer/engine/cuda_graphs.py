@@ -1,28 +1,18 @@
-"""CUDA graphs for decode: launch a whole decode step with one call.
+"""CUDA graphs for decode: a whole decode step launched with one call (NVIDIA, "CUDA Graphs", CUDA C++
+Programming Guide). At batch 1 each of a 7B step's ~320 kernels runs for microseconds, about as long as
+launching it takes; a graph records the launches once and replays them. A graph replays fixed pointers
+and shapes, hence:
 
-A decode step of a 7B model is ~10 kernels per layer x 32 layers, and at batch 1 each kernel runs for
-only microseconds -- about as long as Python and the driver take to launch it. A CUDA graph records
-the step's launches once and replays them all with a single call (NVIDIA, "CUDA Graphs", CUDA C++
-Programming Guide). A graph replays fixed pointers and shapes, which shapes this module:
+- batches padded up to a bucket (1, 2, 4, ..., 64 sequences), one graph per bucket and block-table
+  width (powers of two from 64 blocks), T = bucket x q_len rows (q_len 1 to decode, k+1 to verify);
+- inputs in static buffers overwritten before each replay (engine/static_batch.py); padding follows
+  the paged-attention contract (q_len 0 and seq_len 0 sequences, slot -1 rows);
+- nothing host-synchronising inside (lm_head over all T rows; the caller picks its rows); a decode
+  graph may also draw the tokens and check the logits are finite (sampling/sampler.py
+  `sample_in_step`), so the host receives B token ids instead of B x vocab logits.
 
-- The batch is padded up to a *bucket* (1, 2, 4, ..., 64 sequences): one graph per bucket, each of
-  T = bucket x q_len token rows (q_len 1 for decode, k+1 to verify k drafted tokens).
-- Every input lives in a *static buffer* overwritten in place before each replay: input ids,
-  positions, slot mapping, block tables, seq lens, query_start_loc. The host fills pinned mirrors and
-  two copies move them (one int64 buffer, one int32 buffer).
-- Padding follows the paged-attention contract: padding sequences have q_len 0 and seq_len 0, padding
-  rows (at or past query_start_loc[B]) have slot -1 (store_kv skips them) and attend to nothing.
-- The block-table width is fixed per graph. Widths come in powers of two (64 blocks upward, capped by
-  the model's context), so a short context does not launch attention work sized for 32k tokens.
-- Everything inside the captured region is graph-safe: no .item()/.tolist(), no data-dependent
-  shapes; the lm_head runs over all T rows and the caller picks the ones it needs.
-- A decode graph may also sample (mode "greedy": argmax; "sample": temperature and keyed Gumbel noise,
-  sampling/sampler.py `sample_rows`) and check each row's logits are finite, so a step hands the host B
-  token ids instead of B x vocab logits, and sampling costs no launches of its own.
-
-Batches larger than the biggest bucket, longer queries, or models with host-synchronising layers
-(MoE routing) run eagerly. On a CPU the same padded path runs without capture (`capture=False`), which
-is how the padding and bucketing are tested without a GPU.
+Larger batches, longer queries and host-synchronising models (MoE routing) run eagerly. On a CPU the same
+padded path runs without capture, which is how padding and bucketing are tested without a GPU.
 """
 from __future__ import annotations
 
@@ -37,9 +27,9 @@ from tinyinfer import extensions
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.engine.static_batch import StaticBatch
-from tinyinfer.sampling.sampler import sample_rows
 from tinyinfer.ops.cuda import CUDA_IMPLS
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
+from tinyinfer.sampling.sampler import sample_in_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_TABLE_WIDTH = 64          # blocks: 1k tokens at block size 16
@@ -148,23 +138,21 @@ class GraphRunner:
         logits = self.model.compute_logits(hidden)                           # (T_bucket, vocab)
         if mode == "logits":
             return (logits,)
-        temperature, seeds, steps = self.batch.sampling(bucket)
-        tokens = logits.argmax(dim=-1) if mode == "greedy" else sample_rows(logits, temperature, seeds,
-                                                                             steps)
-        return logits, tokens, torch.isfinite(logits).all(dim=-1)
+        keys = None if mode == "greedy" else self.batch.sampling(bucket)
+        return (logits, *sample_in_step(logits, keys, sync=False))
 
     def _capture(self, bucket: int, width: int, mode: str = "logits") -> None:
         # The static buffers hold the real step already; the warm-up runs (which do execute) would
         # write its K/V early, harmless since replay writes the same values, but an all-padding
         # batch writes nothing at all, so warm up and capture on that, then restore the step.
-        saved64, saved32 = self.batch.i64.clone(), self.batch.i32.clone()
-        self.batch.i64[2].fill_(-1)
-        self.batch.i32[:self.batch.table_off].zero_()
+        saved_tokens, saved_seqs = self.batch.token_rows.clone(), self.batch.seq_rows.clone()
+        self.batch.token_rows[2].fill_(-1)
+        self.batch.seq_rows[:self.batch.table_off].zero_()
         try:
             self._capture_padded(bucket, width, mode)
         finally:
-            self.batch.i64.copy_(saved64)
-            self.batch.i32.copy_(saved32)
+            self.batch.token_rows.copy_(saved_tokens)
+            self.batch.seq_rows.copy_(saved_seqs)
 
     def _capture_padded(self, bucket: int, width: int, mode: str) -> None:
         # Warm up on a side stream (lazy initialisation: cuBLAS handles and workspaces, autotuning)
@@ -179,15 +167,6 @@ class GraphRunner:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._forward(bucket, width, mode)
         self.graphs[(bucket, width, mode)], self.outputs[(bucket, width, mode)] = graph, out
-
-    @torch.inference_mode()
-    def capture_all(self, max_seqs: Optional[int] = None, width: Optional[int] = None) -> None:
-        """Capture ahead of time (benchmarks): every bucket up to `max_seqs`, largest first so the
-        smaller graphs reuse its memory in the shared pool."""
-        width = next(w for w in self.widths if w >= (width or self.max_blocks))
-        for b in sorted((b for b in self.buckets if b <= (max_seqs or self.buckets[-1])), reverse=True):
-            if (b, width, "logits") not in self.graphs:
-                self._capture(b, width)
 
     def num_graphs(self) -> int:
         return len(self.graphs)

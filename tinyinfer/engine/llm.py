@@ -16,11 +16,11 @@ from typing import Callable, Optional, Sequence as Seq, Union
 
 import torch
 
+from tinyinfer.config.errors import RequestError
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.engine.locking import engine_lock
-from tinyinfer.engine.request import Prompt, is_single_prompt, prompt_ids
 from tinyinfer.engine.output import RequestDelta, RequestOutput
-from tinyinfer.config.errors import RequestError
+from tinyinfer.engine.request import Prompt, is_single_prompt, prompt_ids
 from tinyinfer.loading.chat import apply_chat_template
 from tinyinfer.sampling.params import SamplingParams
 

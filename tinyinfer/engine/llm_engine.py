@@ -1,9 +1,7 @@
-"""`LLMEngine`: the online engine. Requests arrive and leave at any time; each `step()` runs one
-continuously batched step over every live request (Yu et al., "Orca", OSDI 2022):
-
-    schedule (decodes + prefill chunks) -> build the step's batch -> model runner -> sample (or verify
-    drafts) -> commit full blocks to the prefix cache -> append tokens, detokenize, check stops
-    -> one RequestDelta per request that progressed (a prompt chunk short of its end sends none)
+"""`LLMEngine`: the online engine. Requests arrive and leave at any time; each `step()` is one
+continuously batched step over every live request (Yu et al., "Orca", OSDI 2022): schedule
+(engine/scheduler.py) -> execute (engine/sampling_step.py; engine/speculative.py with a draft) ->
+process the outputs into one RequestDelta per request that progressed (docs/architecture.md walks it).
 
     engine = LLMEngine("models/shakespeare-llama")
     rid = engine.add_request("ROMEO:", SamplingParams(max_tokens=32))   # validated now: RequestError
@@ -12,14 +10,9 @@ continuously batched step over every live request (Yu et al., "Orca", OSDI 2022)
             print(delta.request_id, delta.new_text, delta.finish_reason)
     engine.abort(rid)      # frees its KV blocks at once; no-op (False) for unknown / finished ids
 
-Thread safety: add_request, abort, step, has_unfinished, logits and close take the engine's lock
-(engine/locking.py), so calls from several threads run one at a time, never inside each other's step.
-Requests added between two steps join the running batch at the next step. A request that fails inside
-the engine (NaN logits) ends alone with finish_reason "error"; the others continue. With speculative
-decoding a step runs two passes: the verify pass of the decodes, then the prefill chunks. Options
-beyond LLM's loading ones: max_num_seqs, max_num_batched_tokens (the tokens of one step; 512),
-enable_chunked_prefill, enable_prefix_caching (both on; engine/scheduler.py, engine/block_manager.py).
-tensor_parallel_size=N splits the model over N ranks (engine/tensor_parallel.py; `close()` stops them).
+Calls from several threads run one at a time (engine/locking.py). A request that fails inside the
+engine (non-finite logits) ends alone with finish_reason "error". tensor_parallel_size=N splits the
+model over N ranks (engine/tensor_parallel.py; `close()` stops them).
 """
 from __future__ import annotations
 
@@ -31,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from tinyinfer.config.errors import RequestError
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.locking import serialized_calls
@@ -39,14 +34,12 @@ from tinyinfer.engine.output import RequestDelta, TextStream
 from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
                                         check_same_tokenizer)
 from tinyinfer.engine.request import Prompt, prompt_ids, validate_request
-from tinyinfer.engine.sampling_step import run_step
-from tinyinfer.engine.scheduler import Scheduler, check_limits
-from tinyinfer.config.errors import RequestError
+from tinyinfer.engine.sampling_step import StepOutput, run_step
+from tinyinfer.engine.scheduler import ScheduledStep, Scheduler, check_limits
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
 from tinyinfer.engine.tensor_parallel import load_runner
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.loading.validate import resolve_device
 from tinyinfer.loading.weights import check_quant, choose_dtype, has_int4_weights
@@ -193,38 +186,45 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestDelta]:
+        """One engine step: schedule, execute (the model and the sampler), process the outputs."""
+        deltas = self._take_pending()
+        work = self.scheduler.schedule(self.speculator.k if self.speculator is not None else 0)
+        if work:
+            deltas += self._process(work.seqs, self._execute(work))
+        return deltas
+
+    def _take_pending(self) -> list[RequestDelta]:
+        """The deltas of requests that ended between steps (aborts); their requests are forgotten."""
         deltas, self._pending = self._pending, []
         for d in deltas:
             self.requests.pop(d.request_id, None)
-        lookahead = self.speculator.k if self.speculator is not None else 0
-        work = self.scheduler.schedule(lookahead)
-        if not work:
-            return deltas
-        seqs = work.seqs
+        return deltas
+
+    def _execute(self, work: ScheduledStep) -> list[StepOutput]:
+        """One StepOutput per scheduled sequence, in work.seqs' order (decodes first)."""
         if self.speculator is None:                 # one varlen batch: decodes + prefill chunks
-            emitted, logprobs = run_step(self.runner, seqs, work.num_new)
-        else:                                       # verify pass, then a prefill pass
-            emitted, logprobs = self.speculator.step(work.decodes) if work.decodes else ([], [])
-            if work.prefills:
-                more = run_step(self.runner, work.prefills, work.chunks)
-                emitted, logprobs = emitted + more[0], logprobs + more[1]
-        for seq, tokens, lps in zip(seqs, emitted, logprobs):
+            return run_step(self.runner, work.seqs, work.num_new)
+        out = self.speculator.step(work.decodes) if work.decodes else []       # verify pass, then
+        return out + (run_step(self.runner, work.prefills, work.chunks) if work.prefills else [])
+
+    def _process(self, seqs: list[Sequence], outputs: list[StepOutput]) -> list[RequestDelta]:
+        """Append each sequence's new tokens (stop conditions checked token by token), one delta per
+        request that progressed; finished requests are forgotten."""
+        deltas = []
+        for seq, out in zip(seqs, outputs):
             req = self.requests[seq.request_id]
-            if tokens is None:
-                self._finish(req, "error", RequestError(
-                    f"request {seq.request_id}: the model produced NaN/inf logits at output position "
-                    f"{seq.num_outputs}; the request was stopped (its KV blocks were freed)"))
-                tokens = []
+            if out.error is not None:
+                self._finish(req, "error", out.error)
             else:
                 self.blocks.commit(seq)             # its computed full blocks join the prefix cache
-                if not tokens:
+                if not out.tokens:
                     continue                        # a prompt chunk that did not reach its end
             new = []
-            for tok in tokens:
+            for tok in out.tokens:
                 new.append(tok)
                 if self._append(req, tok):          # nothing after a stop is emitted
                     break
-            deltas.append(self._delta(req, new, None if lps is None else lps[:len(new)]))
+            deltas.append(self._delta(req, new, None if out.logprobs is None else out.logprobs[:len(new)]))
             if seq.finished:
                 del self.requests[seq.request_id]
         return deltas
@@ -232,7 +232,7 @@ class LLMEngine:
     def _append(self, req: _Request, tok: int) -> bool:
         """Append one generated token; True if the request finished with it."""
         seq = req.seq
-        seq.token_ids.append(tok)
+        seq.advance(tokens=[tok])
         can_stop = seq.num_outputs >= seq.params.min_tokens      # min_tokens: stops ignored before
         if can_stop and tok in seq.stop_ids:        # eos / stop ids end the text, unrendered
             reason = "stop"

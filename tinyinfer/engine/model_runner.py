@@ -15,23 +15,15 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.kv_cache import PagedKVCache, default_kv_tokens
-from tinyinfer.sampling.sampler import sample_rows
 from tinyinfer.loading.checkpoint import CheckpointFiles
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.shard import Shard
 from tinyinfer.loading.weights import load_model
 from tinyinfer.models.transformer import Transformer
-
-
-def finite_rows(logits: Tensor) -> Tensor:
-    """(B,) bool: which rows of logits (B, vocab) hold no NaN / inf. One sum first: a NaN or an inf
-    anywhere makes it non-finite, so a finite sum settles every row (the common case) in one pass."""
-    if bool(torch.isfinite(logits.sum())):
-        return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return torch.isfinite(logits).all(dim=-1)
+from tinyinfer.sampling.sampler import sample_in_step
 
 
 class ModelRunner:
@@ -108,13 +100,11 @@ class ModelRunner:
         if graphs is not None:
             return graphs.run(batch, mode)
         logits = self.execute(batch)                                                  # (B, vocab)
-        if mode == "greedy":
-            tokens = logits.argmax(dim=-1)
-        else:
-            dev = logits.device
-            tokens = sample_rows(logits, torch.tensor(temps, dtype=torch.float32, device=dev),
-                                 torch.tensor(seeds, device=dev), torch.tensor(steps, device=dev))
-        return logits, tokens, finite_rows(logits)
+        dev = logits.device
+        keys = None if mode == "greedy" else (torch.tensor(temps, dtype=torch.float32, device=dev),
+                                              torch.tensor(seeds, device=dev),
+                                              torch.tensor(steps, device=dev))
+        return (logits, *sample_in_step(logits, keys))
 
     def _graphs_for(self, batch: StepBatch, all_logits: bool) -> Optional[GraphRunner]:
         if not all_logits:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from tinyinfer.sampling.sampler import Logprobs
 from tinyinfer.loading.tokenizer import Tokenizer
+from tinyinfer.sampling.processors import Logprobs
 
 # Tokens of context kept before the unread ones: enough that a piece's leading space is decoded as
 # "inside the text" rather than "at its start".

@@ -13,14 +13,15 @@ from typing import Optional, Protocol
 
 import torch
 
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.sampling.sampler import STREAM_DRAFT, keyed_uniform, probabilities, process_logits
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
+from tinyinfer.sampling.processors import probabilities, process_logits
+from tinyinfer.sampling.sampler import STREAM_DRAFT, gumbel_argmax
 
 
 @dataclass
@@ -38,12 +39,6 @@ class Proposer(Protocol):
 
     def forget(self, seq: Sequence) -> None:
         """`seq` finished, was aborted or preempted: drop whatever the proposer keeps for it."""
-
-
-def gumbel_argmax(probs: torch.Tensor, seeds: list[int], steps: list[int], stream: int) -> torch.Tensor:
-    """(B,) draws from the rows of probs (B, V) with keyed noise; one-hot (greedy) rows give their argmax."""
-    u = keyed_uniform(seeds, steps, stream, probs.shape[1], probs.device)          # (B, V)
-    return (probs.log() - torch.log(-torch.log(u))).argmax(dim=1)
 
 
 class NgramProposer:
@@ -122,8 +117,6 @@ class DraftModelProposer:
             batch_seqs = [shadows[b] for b in act]
             num_new = [len(sh) - sh.num_cached for sh in batch_seqs]
             logits = self.runner.execute(build_batch(batch_seqs, num_new, self.runner.block_size))
-            for sh, n in zip(batch_seqs, num_new):
-                sh.num_cached += n
             params, hist = [seqs[b].params for b in act], [shadows[b].token_ids for b in act]
             if greedy:
                 x = process_logits(logits, params, hist).argmax(dim=1).tolist()
@@ -132,9 +125,9 @@ class DraftModelProposer:
                 x = gumbel_argmax(probs, [seqs[b].seed for b in act],
                                   [seqs[b].num_outputs + j for b in act], STREAM_DRAFT).tolist()
                 q[act, j] = probs
-            for b, t in zip(act, x):
+            for b, n, t in zip(act, num_new, x):
                 tokens[b].append(t)
-                shadows[b].token_ids.append(t)
+                shadows[b].advance(n, [t])          # its new tokens cached, the draft appended
         return Proposal(tokens, q)
 
     def accepted(self, seqs: list[Sequence], lengths: list[int], num_accepted: list[int]) -> None:

@@ -14,9 +14,9 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.config.errors import InvalidParam, RequestError
 from tinyinfer.config.model import ModelConfig
+from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.sampling.params import SamplingParams, as_int
 

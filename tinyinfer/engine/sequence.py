@@ -6,7 +6,7 @@ moves sequences between WAITING, RUNNING and FINISHED between steps (Yu et al., 
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Iterable, Optional
 
 from tinyinfer.sampling.params import SamplingParams
 
@@ -40,9 +40,12 @@ class Sequence:
         self.error: Optional[Exception] = None
         self.num_preemptions = 0
 
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
+    def advance(self, computed: int = 0, tokens: Iterable[int] = ()) -> None:
+        """The one way a sequence moves forward: a step computed the K/V of `computed` more of its
+        tokens (now cached), and `tokens` join its tokens (drawn by the sampler; for a draft model's
+        shadow sequence, its drafts). Rollback is BlockManager.truncate's."""
+        self.num_cached += computed
+        self.token_ids.extend(tokens)
 
     @property
     def num_outputs(self) -> int:

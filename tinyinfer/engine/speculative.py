@@ -23,11 +23,12 @@ import torch
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.model_runner import ModelRunner
-from tinyinfer.engine.proposers import Proposal, Proposer, gumbel_argmax
+from tinyinfer.engine.proposers import Proposal, Proposer
+from tinyinfer.engine.sampling_step import StepOutput, nonfinite
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.sampling.sampler import (STREAM_SAMPLE, probabilities, process_logits, rejection_sample,
-                                      token_logprobs)
 from tinyinfer.ops.limits import MAX_SPECULATE_K
+from tinyinfer.sampling.processors import probabilities, process_logits, token_logprobs
+from tinyinfer.sampling.sampler import STREAM_SAMPLE, finite_rows, gumbel_argmax, rejection_sample
 
 
 def check_speculate_k(k: object) -> int:
@@ -63,10 +64,10 @@ class Speculator:
     def forget(self, seq: Sequence) -> None:
         self.proposer.forget(seq)
 
-    def step(self, seqs: list[Sequence]) -> tuple[list[list[int] | None], list]:
+    def step(self, seqs: list[Sequence]) -> list[StepOutput]:
         """One speculative decode step: per sequence, the tokens to emit (the kept drafts, then the
-        corrected or bonus token), or None where the target's logits were not finite; and per
-        sequence their Logprobs where the request asks for them (else None)."""
+        corrected or bonus token) with their Logprobs where the request asks, or the error where the
+        target's logits were not finite."""
         prop = self.proposer.propose(seqs, self.limits(seqs))
         d = [len(t) for t in prop.tokens]
         lengths = [len(s) for s in seqs]
@@ -80,45 +81,44 @@ class Speculator:
                 del s.token_ids[L:]
         logits = self.runner.execute(batch, all_logits=True)                         # (T, V)
         for s, n in zip(seqs, num_new):
-            s.num_cached += n
+            s.advance(n)
         accepted, tokens = self.verify(seqs, prop, logits)
-        finite = self._finite_rows(logits, d)
-        out: list[list[int] | None] = []
+        finite = self._finite_seqs(logits, d)
+        out: list[StepOutput] = []
         for b, s in enumerate(seqs):
             n = accepted[b]
             # The target cache keeps the sequence so far + the n accepted drafts; the token that ends
             # this run is new (not cached yet), exactly as after a plain decode step.
             self.blocks.truncate(s, lengths[b] + n)
             if not finite[b]:
-                out.append(None)
+                out.append(nonfinite(s))
                 continue
             self.proposed, self.accepted, self.seq_steps = (self.proposed + d[b],
                                                             self.accepted + n, self.seq_steps + 1)
             self.emitted += n + 1
-            out.append(tokens[b][:n + 1])
+            out.append(StepOutput(tokens[b][:n + 1]))
         self.steps += 1
         self.proposer.accepted(seqs, lengths, accepted)
-        return out, self.logprobs(seqs, prop, logits, out)
+        self.logprobs(seqs, prop, logits, out)
+        return out
 
     @staticmethod
-    def logprobs(seqs: list[Sequence], prop: Proposal, logits: torch.Tensor,
-                 out: list[list[int] | None]) -> list:
-        """Logprobs of each emitted token under the target's processed distribution at its position
-        (row j of sequence b: after its tokens + drafts 1..j), for the requests that ask."""
-        want = [b for b, s in enumerate(seqs) if s.params.logprobs is not None and out[b] is not None]
-        result: list = [None] * len(seqs)
+    def logprobs(seqs: list[Sequence], prop: Proposal, logits: torch.Tensor, out: list[StepOutput]) -> None:
+        """Fill in the Logprobs of each emitted token under the target's processed distribution at its
+        position (row j of sequence b: after its tokens + drafts 1..j), for the requests that ask."""
+        want = [b for b, s in enumerate(seqs) if s.params.logprobs is not None and out[b].error is None]
         if not want:
-            return result
+            return
         starts = [0]
         for t in prop.tokens:
             starts.append(starts[-1] + len(t) + 1)
-        rows = [(b, j) for b in want for j in range(len(out[b]))]
+        rows = [(b, j) for b in want for j in range(len(out[b].tokens))]
         x = process_logits(logits[[starts[b] + j for b, j in rows]], [seqs[b].params for b, _ in rows],
                            [seqs[b].token_ids + prop.tokens[b][:j] for b, j in rows])   # (R, V)
-        lps = token_logprobs(x, [out[b][j] for b, j in rows], [seqs[b].params.logprobs for b, _ in rows])
+        lps = token_logprobs(x, [out[b].tokens[j] for b, j in rows],
+                             [seqs[b].params.logprobs for b, _ in rows])
         for (b, _), lp in zip(rows, lps):
-            result[b] = (result[b] or []) + [lp]
-        return result
+            out[b].logprobs = (out[b].logprobs or []) + [lp]
 
     def verify(self, seqs: list[Sequence], prop: Proposal, logits: torch.Tensor
                ) -> tuple[list[int], list[list[int]]]:
@@ -172,8 +172,9 @@ class Speculator:
         return accepted, tokens
 
     @staticmethod
-    def _finite_rows(logits: torch.Tensor, d: list[int]) -> list[bool]:
-        ok = torch.isfinite(logits).all(dim=1)                                        # (T,)
+    def _finite_seqs(logits: torch.Tensor, d: list[int]) -> list[bool]:
+        """Per sequence: all d_b + 1 of its rows finite."""
+        ok = finite_rows(logits)                                                      # (T,)
         sizes = torch.tensor([n + 1 for n in d], device=logits.device)
         seq_idx = torch.repeat_interleave(torch.arange(len(d), device=logits.device), sizes)
         bad = torch.zeros(len(d), dtype=torch.long, device=logits.device)

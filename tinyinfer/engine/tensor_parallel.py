@@ -30,12 +30,12 @@ from typing import Callable, Optional
 import torch
 import torch.multiprocessing as mp
 
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.workers import RankSpec, load_rank, rank_device, worker_main
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading.checkpoint import CheckpointFiles
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.shard import check_files, check_int4_shards, check_shardable
 
 TIMEOUT_S = 600.0          # a collective, or a worker's start, that takes longer fails

@@ -25,10 +25,10 @@ from typing import Callable, Optional
 
 import torch
 
+from tinyinfer.config.model import ModelConfig, parse_dtype
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading import checkpoint as ckpt
-from tinyinfer.config.model import ModelConfig, parse_dtype
 from tinyinfer.loading.shard import Shard
 
 # What rank 0 may ask a worker to run: the ModelRunner methods that run collectives.

@@ -1,4 +1,4 @@
-"""The build road of the CUDA kernels: compile `cuda/` into one extension and load it.
+"""The build of the CUDA kernels: compile `cuda/` into one extension and load it.
 
 The hand-written kernels in `cuda/` are compiled into one extension through `torch.utils.cpp_extension`
 (PyTorch's C++/CUDA extension mechanism); `tinyinfer/ops/cuda.py` registers them as the `cuda` impl of

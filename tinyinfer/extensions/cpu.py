@@ -1,4 +1,4 @@
-"""The build road of the CPU kernels: compile `cpu/` into the operator library `tinyinfer_cpu` and load it.
+"""The build of the CPU kernels: compile `cpu/` into the operator library `tinyinfer_cpu` and load it.
 
 `cpu/ops.cpp` registers C++ kernels (paged attention read in place through the block table, RoPE +
 K/V write) with torch's dispatcher; `tinyinfer/ops/cpu.py` calls them as the `cpu` kernels of the

@@ -19,10 +19,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from tinyinfer import ops
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.rotary import RotaryEmbedding
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
 

@@ -22,11 +22,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from tinyinfer import ops
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.layers.attention import AttentionMetadata, attend
 from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.rotary import RotaryEmbedding, apply_rope, yarn_mscale
-from tinyinfer.config.model import ModelConfig
 
 MODES = ("auto", "naive", "absorbed")
 LATENT_NORM_EPS = 1e-6      # DeepSeek's q_a_layernorm / kv_a_layernorm use their own eps, not rms_norm_eps

@@ -6,7 +6,7 @@ Herd of Models", 2024), and YaRN (Peng et al., "YaRN", 2023) with its attention-
 dtype: row p = [cos(p f_0 .. p f_{D/2-1}) | sin(...)] x attention scaling, so a step gathers its rows by
 position (inside the fused RoPE + K/V-write kernel on a GPU) instead of recomputing cos/sin. The rotation
 itself is part of the op contract (ops/reference.py: `apply_rotary`, the rotate-half layout); DeepSeek's
-interleaved-pair layout is `apply_rope_pairs` here.
+interleaved pairs are permuted into that layout (`apply_rope_pairs`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from tinyinfer.config.model import ModelConfig
 from tinyinfer.ops.reference import apply_rotary, rope_rows
 
 
-def default_inv_freq(theta: float, dim: int) -> Tensor:
-    """(dim/2,) float32: f_i = theta^(-2i/dim)."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+def default_inv_freq(theta: float, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(dim/2,): f_i = theta^(-2i/dim)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype) / dim))
 
 
 def llama3_inv_freq(inv_freq: Tensor, rs: dict) -> Tensor:
@@ -105,10 +105,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -
 
 def apply_rope_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE on DeepSeek's layout, where dims (2i, 2i+1) form pair i. x (T, H, R); cos, sin (T, R) in
-    the cat(freqs, freqs) layout. The output lists the rotated first members of the pairs, then the
-    second members: a fixed permutation of the dims, the same for q and k, so q . k is unchanged and
-    the cached rope key is in the same order Hugging Face's DeepSeek-V3 code produces."""
-    half = x.shape[-1] // 2
-    c, s = cos[:, None, :half], sin[:, None, :half]
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    the cat(freqs, freqs) layout. The pairs' first members, then their second members, are rotated in
+    the rotate-half layout (`apply_rotary`): a fixed permutation of the dims, the same for q and k, so
+    q . k is unchanged and the cached rope key is in the order Hugging Face's DeepSeek-V3 code gives."""
+    return apply_rotary(torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1), cos, sin)

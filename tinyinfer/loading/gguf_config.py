@@ -32,7 +32,9 @@ import math
 from typing import Any, Iterable, Optional
 
 import numpy as np
+import torch
 
+from tinyinfer.layers.rotary import default_inv_freq, llama3_inv_freq
 from tinyinfer.loading.gguf_file import GGUFError, Metadata
 
 # GGUF architecture -> (HF architecture, HF model_type); llama with experts is handled apart.
@@ -226,13 +228,11 @@ def _unique(values: Iterable[Any]) -> list[int]:
 
 
 def llama3_factors(rope: dict, theta: float, head_dim: int) -> np.ndarray:
-    """The factor llama3 rope scaling divides each rotary frequency by (Meta's Llama 3.1 formula,
-    as transformers' rope_config "llama3"): 1 for short wavelengths, `factor` for long ones, and
+    """The factor llama3 rope scaling divides each rotary frequency by (layers/rotary.py
+    `llama3_inv_freq`, in float64): 1 for short wavelengths, `factor` for long ones, and
     1 / ((1 - s) / factor + s) between, s = (L / wavelength - low) / (high - low) clamped to [0, 1]."""
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-    s = (rope["original_max_position_embeddings"] * inv_freq / (2 * math.pi) - low) / (high - low)
-    return 1 / ((1 - np.clip(s, 0, 1)) / factor + np.clip(s, 0, 1))
+    inv_freq = default_inv_freq(theta, head_dim, torch.float64)
+    return (inv_freq / llama3_inv_freq(inv_freq, rope)).numpy()
 
 
 def llama3_rope(factors: np.ndarray, theta: float, head_dim: int) -> Optional[dict]:
@@ -246,7 +246,7 @@ def llama3_rope(factors: np.ndarray, theta: float, head_dim: int) -> Optional[di
     if f.shape != (head_dim // 2,):
         return None
     factor = float(f.max())
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_freq = default_inv_freq(theta, head_dim, torch.float64).numpy()
     blended = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
     if factor <= 1 or blended.sum() < 2:
         return None

@@ -17,8 +17,8 @@ from collections import Counter
 import torch
 from torch import nn
 
-from tinyinfer.layers.linear import Int4Linear
 from tinyinfer.config.errors import CheckpointError
+from tinyinfer.layers.linear import Int4Linear
 from tinyinfer.loading.checkpoint import hf_sources
 from tinyinfer.loading.gguf import GGUFCheckpoint, GGUFTensor
 from tinyinfer.loading.gguf_tensors import INT4_GROUP_SIZE

@@ -30,10 +30,10 @@ from typing import Optional
 
 import torch
 
-from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.config.errors import CheckpointError
-from tinyinfer.loading.checkpoint import CheckpointFiles, TensorReader
 from tinyinfer.config.model import ModelConfig
+from tinyinfer.layers.parallel import ParallelGroup
+from tinyinfer.loading.checkpoint import CheckpointFiles, TensorReader
 from tinyinfer.models.transformer import Transformer
 from tinyinfer.ops.int4_format import TILE_N
 from tinyinfer.quant.io import is_int4_file

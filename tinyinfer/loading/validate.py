@@ -26,9 +26,9 @@ import torch
 
 from tinyinfer.config.errors import CheckpointError
 
-from tinyinfer.loading.checkpoint import TensorReader, hf_sources, mtp_layers
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.config.errors import ConfigError
+from tinyinfer.config.model import ModelConfig
+from tinyinfer.loading.checkpoint import TensorReader, hf_sources, mtp_layers
 from tinyinfer.models.transformer import Transformer
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")         # safetensors dtype names the loader casts from

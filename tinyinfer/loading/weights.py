@@ -12,10 +12,10 @@ from typing import Callable, Optional
 
 import torch
 
+from tinyinfer.config.model import ModelConfig, parse_dtype
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading import gguf_weights, validate
 from tinyinfer.loading.gptq_awq import load_gptq_awq
-from tinyinfer.config.model import ModelConfig, parse_dtype
 from tinyinfer.loading.shard import Shard, check_files
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.ops.int4_format import GROUP_SIZES

@@ -1,4 +1,4 @@
-"""The chapter's memory arithmetic as a tool: how many bytes the weights and the KV cache take.
+"""Memory arithmetic as a tool: how many bytes the weights and the KV cache take.
 
     python -m tinyinfer.memory --ckpt models/shakespeare-mla --context 4096 --batch 8
     python -m tinyinfer.memory --layers 32 --d-model 4096 --heads 32 --context 1000000
@@ -13,7 +13,7 @@ meta device (checkpoints the engine cannot build get the estimate: every paramet
 KV cache: per token and per layer, standard attention stores K and V for every head (2 x heads x
 head_dim values); GQA/MQA store them for the KV heads only (MQA: divided by the head count); MLA
 (DeepSeek-V2) stores one compressed latent of kv_lora_rank values plus one shared rope key of
-qk_rope_head_dim values. Units: GB = 10^9 bytes, as in the chapter. The shape is read from
+qk_rope_head_dim values. Units: GB = 10^9 bytes. The shape is read from
 config.json directly (not through ModelConfig), so the tool also sizes checkpoints the engine refuses
 to run (e.g. FP8 DeepSeek-V3).
 """
@@ -28,9 +28,9 @@ from typing import Optional
 
 import torch
 
-from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.config.errors import ConfigError
 from tinyinfer.config.model import ModelConfig
+from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.loading.weights import stored_dtype
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.quant.plan import Int4Plan, plan_int4, planned_bytes

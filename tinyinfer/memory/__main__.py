@@ -1,4 +1,4 @@
-"""`python -m tinyinfer.memory`: the chapter's memory arithmetic as a command (tinyinfer/memory/).
+"""`python -m tinyinfer.memory`: the memory arithmetic of tinyinfer/memory/ as a command.
 
     python -m tinyinfer.memory --ckpt models/shakespeare-mla --context 4096 --batch 8
     python -m tinyinfer.memory --layers 32 --d-model 4096 --heads 32 --context 1000000
@@ -35,7 +35,7 @@ def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtyp
         packed, extra = int4_bytes(num_params, group_size)
         lines += [f"weights: {_count(num_params)} parameters ({params_source})",
                   f"  fp16/bf16   {_gb(weight_bytes(num_params, 16))}"]
-        if planned is None:          # every parameter at group_size: the chapter's estimate
+        if planned is None:          # every parameter at group_size: the estimate
             lines.append(f"  int4        {_gb(packed)} packed + {_gb(extra)} for scales and zero "
                          f"points (fp16 scale + uint8 zero per {group_size} weights: "
                          f"+{100 * extra / packed:.2f}%) = {_gb(packed + extra)} (estimate: every "

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.layers.attention import AttentionMetadata, MultiHeadAttention
 from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.mla import MultiHeadLatentAttention
@@ -31,7 +32,6 @@ from tinyinfer.layers.moe import MoE
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.parallel import ParallelGroup, VocabParallelEmbedding, all_reduce, gather_vocab
 from tinyinfer.layers.rotary import RotaryEmbedding
-from tinyinfer.config.model import ModelConfig
 
 
 def attention_class(cfg: ModelConfig) -> type[nn.Module]:

@@ -5,14 +5,11 @@ the fixed price of one call (~1-2 us), not arithmetic (docs/cpu-performance.md).
 compute what their references compute in as few calls as possible, and are registered straight with
 the dispatcher (`torch.library.Library.impl`), which calls them with none of the Python wrapping
 `CustomOpDef.register_kernel` adds (~2 us an op). Here:
-  * paged_attention, rope_store_kv, store_kv: the C++ kernels of cpu/ (tinyinfer/extensions/cpu.py builds
-    them on first use) -- attention reads the paged cache in place, RoPE + K/V write is one pass --
-    and where they cannot be built, pure-PyTorch paths: ops/cpu_attention.py, and here RoPE on q and
-    k at once when k follows q in memory (the fused qkv projection's output) with the table gathered
-    once, rows written by one `index_copy_` per cache. RoPE either way repeats the reference's
-    arithmetic element for element: the same bits.
-  * rms_norm / fused_add_rmsnorm: the reference's operations in the same order (same bits), called
-    from C++ where the library is built, else from here without the reference's no-op casts.
+  * paged_attention, rope_store_kv, store_kv, rms_norm, fused_add_rmsnorm: the C++ kernels of cpu/
+    (tinyinfer/extensions/cpu.py builds them on first use) -- attention reads the paged cache in
+    place, RoPE + K/V write is one pass, the norms repeat the reference's operations in order (same
+    bits). Where the library cannot be built: ops/cpu_attention.py for attention, the cache rows
+    written by one `index_copy_` per cache, and the references for the rest.
   * linear and int4_linear: ops/cpu_matmul.py.
 The fused-op tests hold these to the unfused model math bit for bit (tests/test_fused_ops.py).
 """
@@ -23,21 +20,20 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from tinyinfer.extensions import cpu as cpu_kernels
 from tinyinfer.ops import library, reference
 from tinyinfer.ops.cpu_attention import paged_attention_grouped
 from tinyinfer.ops.cpu_matmul import int4_linear_cpu, linear_cpu
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what the C++ kernels run
 
 
 def _kernels_take(*tensors: Optional[Tensor]) -> bool:
     """The C++ kernels' terms: one dtype they run, innermost dimension contiguous."""
     dtype = tensors[0].dtype
-    return dtype in KERNEL_DTYPES and all(t is None or (t.dtype == dtype and t.stride(-1) == 1)
-                                          for t in tensors)
+    return dtype in CPU_KERNEL_DTYPES and all(t is None or (t.dtype == dtype and t.stride(-1) == 1)
+                                              for t in tensors)
 
 
 def _slot_rows(cache: Optional[Tensor]) -> Optional[Tensor]:
@@ -64,56 +60,14 @@ def store_kv_cpu(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optio
         v_rows.index_copy_(0, slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
 
-# cos_sin_cache -> (version, table (P, 2D) = [c, c | -s, s]): the rotate-half rows, sign folded in.
-_ROPE_TABLES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _rope_table(cos_sin_cache: Tensor) -> Tensor:
-    version = -1 if cos_sin_cache.is_inference() else cos_sin_cache._version
-    hit = _ROPE_TABLES.get(cos_sin_cache)
-    if hit is None or hit[0] != version:
-        c, s = cos_sin_cache.chunk(2, dim=-1)                                  # (P, D/2) each
-        hit = (version, torch.cat((c, c, -s, s), dim=-1))                       # (P, 2D)
-        _ROPE_TABLES[cos_sin_cache] = hit
-    return hit[1]
-
-
-def _heads_together(q: Tensor, k: Tensor) -> Optional[Tensor]:
-    """(T, Hq + Hkv, D): q and k as one view when k's heads follow q's in memory, row by row."""
-    T, Hq, D = q.shape
-    if (k.dtype != q.dtype or k.shape[0] != T or k.shape[2] != D or q.stride()[1:] != (D, 1)
-            or k.stride() != q.stride() or k.storage_offset() != q.storage_offset() + Hq * D
-            or k.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()):
-        return None
-    return q.as_strided((T, Hq + k.shape[1], D), q.stride())
-
-
 def rope_store_kv_cpu(q: Tensor, k: Tensor, v: Tensor, cos_sin_cache: Tensor, positions: Tensor,
                       k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
-    # reference.rope_store_kv: x * cat(c, c) + cat(-x2, x1) * cat(s, s), per element the same
-    # products and sum (-x2 * s == x2 * -s exactly), then the K/V rows stored.
+    # reference.rope_store_kv in one C++ pass: the same products and sum per element, so the same bits.
     lib = cpu_kernels.library()
     if lib is not None and _kernels_take(q, k, v, cos_sin_cache, k_cache, v_cache):
         return lib.rope_store_kv.default(q, k, v, cos_sin_cache, positions, k_cache, v_cache,
                                          slot_mapping)
-    if q.dtype != cos_sin_cache.dtype or k.dtype != q.dtype:
-        return reference.rope_store_kv(q, k, v, cos_sin_cache, positions, k_cache, v_cache,
-                                       slot_mapping)
-    D = q.shape[-1]
-    rows = _rope_table(cos_sin_cache).index_select(0, positions)[:, None, :]  # (T, 1, 2D)
-    cos, sin = rows[..., :D], rows[..., D:]
-    qk = _heads_together(q, k)
-    parts = [qk] if qk is not None else [q, k]
-    out = []
-    for x in parts:
-        x1, x2 = x.chunk(2, dim=-1)
-        swapped = torch.cat((x2, x1), dim=-1)                                  # (T, H, D)
-        y = x * cos
-        y += swapped.mul_(sin)
-        out.append(y)
-    q_out, k_out = out[0].split([q.shape[1], k.shape[1]], dim=1) if qk is not None else out
-    store_kv_cpu(k_out, v, k_cache, v_cache, slot_mapping)
-    return q_out, k_out
+    return reference.rope_store_kv(q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -128,18 +82,9 @@ def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
 
 
 def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # reference.rms_norm: weight * dtype(x * rsqrt(mean(x^2) + eps)), float32 inside.
+    # reference.rms_norm's operations in the same order, from C++.
     lib = cpu_kernels.library()
-    if lib is not None:
-        return lib.rms_norm.default(x, weight, eps)
-    xf = x if x.dtype == torch.float32 else x.float()
-    inv = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-    y = xf * inv
-    if x.dtype != torch.float32:
-        y = y.to(x.dtype)
-    if weight.dtype != y.dtype:
-        return weight * y
-    return y.mul_(weight)
+    return lib.rms_norm.default(x, weight, eps) if lib is not None else reference.rms_norm(x, weight, eps)
 
 
 def fused_add_rmsnorm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: float
@@ -147,8 +92,7 @@ def fused_add_rmsnorm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: floa
     lib = cpu_kernels.library()
     if lib is not None:
         return lib.fused_add_rmsnorm.default(x, residual, weight, eps)
-    new_residual = x + residual                                                # (T, d)
-    return rms_norm_cpu(new_residual, weight, eps), new_residual
+    return reference.fused_add_rmsnorm(x, residual, weight, eps)
 
 
 _LIB = torch.library.Library("tinyinfer", "IMPL")     # kept alive: it owns the registrations

@@ -5,7 +5,7 @@ step. This path reads every sequence's K/V through its block table at once (Page
 block-table read, Kwon et al., SOSP 2023), pads to the longest context and masks; sequences of very
 different lengths run as a few such batches of similar length. Same contract, tested against the
 reference and float64 (tests/test_paged_attention.py, tests/test_chunked_prefill.py,
-tests/test_cuda_graphs.py).
+tests/test_cuda_graphs.py for one padded group).
 
 What a step's layers share is worked out once per step (`_plan`): which cache slot each padded
 position reads, the mask, the length groups. Positions past a sequence's end read the sequence's own
@@ -52,8 +52,8 @@ class _Group:
     seq_index: Optional[Tensor]   # the group's sequences (None: one group)
 
 
-def _group(block_tables: Tensor, seq_lens: Tensor, qsl: Tensor, lens: list[int], starts: list[int],
-           block_size: int) -> Optional[_Group]:
+def pad_group(block_tables: Tensor, seq_lens: Tensor, qsl: Tensor, lens: list[int], starts: list[int],
+              block_size: int) -> Optional[_Group]:
     B, dev = len(lens), seq_lens.device
     L = max(lens, default=0)
     Q = max((b - a for a, b in zip(starts, starts[1:])), default=0)
@@ -87,7 +87,7 @@ def _plan(block_tables: Tensor, seq_lens: Tensor, qsl: Tensor, block_size: int) 
     lens, starts = seq_lens.tolist(), qsl.tolist()                      # one host read each
     groups = length_groups(lens)
     if len(groups) == 1:
-        g = _group(block_tables, seq_lens, qsl, lens, starts, block_size)
+        g = pad_group(block_tables, seq_lens, qsl, lens, starts, block_size)
         return [g] if g is not None else []
     plan = []
     for idx in groups:
@@ -98,7 +98,7 @@ def _plan(block_tables: Tensor, seq_lens: Tensor, qsl: Tensor, block_size: int) 
         for b in idx:
             sub.append(sub[-1] + starts[b + 1] - starts[b])
         idx_t = torch.tensor(idx, device=seq_lens.device)
-        g = _group(block_tables[idx_t], seq_lens[idx_t],
+        g = pad_group(block_tables[idx_t], seq_lens[idx_t],
                    torch.tensor(sub, dtype=torch.int32, device=seq_lens.device),
                    [lens[b] for b in idx], sub, block_size)
         if g is not None:
@@ -128,7 +128,7 @@ def step_plan(block_tables: Tensor, seq_lens: Tensor, qsl: Tensor, block_size: i
     return plan
 
 
-def _attend(g: _Group, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float) -> Tensor:
+def attend_group(g: _Group, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float) -> Tensor:
     """The group's output rows: decode (B, Hq, Dv), else (T_real, Hq, Dv), float32."""
     Hq, D = q.shape[1], q.shape[2]
     Hkv, Dv = k_cache.shape[2], v_cache.shape[-1]
@@ -158,32 +158,15 @@ def paged_attention_grouped(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     Dv = v_cache.shape[-1]
     plan = step_plan(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
     if len(plan) == 1 and plan[0].rows is None and plan[0].decode and T == plan[0].B:
-        return _attend(plan[0], q, k_cache, v_cache, scale).to(q.dtype)   # a plain decode step
+        return attend_group(plan[0], q, k_cache, v_cache, scale).to(q.dtype)   # a plain decode step
     out = q.new_zeros(T, Hq, Dv)                                          # padding rows stay zero
     for g in plan:
         qg = q if g.rows is None else q[g.rows]
-        o = _attend(g, qg, k_cache, v_cache, scale).to(q.dtype)
+        o = attend_group(g, qg, k_cache, v_cache, scale).to(q.dtype)
         if g.rows is not None:
             out[g.rows] = o
         elif g.decode:
             out[:g.B] = o
         else:
             out[g.q_index[0]] = o
-    return out
-
-
-def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                            seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
-    """The whole batch as one padded group, whatever its lengths (benchmarks compare it)."""
-    T, Hq, _ = q.shape
-    out = q.new_zeros(T, Hq, v_cache.shape[-1])
-    lens, starts = seq_lens.tolist(), query_start_loc.tolist()
-    g = _group(block_tables, seq_lens, query_start_loc, lens, starts, k_cache.shape[1])
-    if g is None:
-        return out
-    o = _attend(g, q, k_cache, v_cache, scale).to(q.dtype)
-    if g.decode:
-        out[:g.B] = o
-    else:
-        out[g.q_index[0]] = o
     return out

@@ -1,37 +1,13 @@
 """CPU matmuls: the `cpu` kernels of ops.linear and ops.int4_linear (registered by ops/cpu.py). Each
-layer's weight is converted once, on its first call, and cached (keyed by the weight tensor and its
-version, so a weight written in place is converted again).
+layer's weight is converted once, on its first call, and cached (again if it is written in place).
 
-linear: torch's own float32 matmul on a CPU is MKL's sgemm, which on this project's AMD machine takes a
-generic path: 1.5x (one row) to 2x (16 rows) slower than oneDNN, PyTorch's other CPU math library
-(docs/cpu-performance.md). So a float32 / bfloat16 weight is reordered once into oneDNN's blocked layout
-(`aten mkldnn._reorder_linear_weight`) and multiplied by `mkldnn._linear_pointwise`, the pair
-PyTorch's own compiler uses for CPU linears. One row against a small weight (< SMALL_GEMV elements: a
-small model's decode, its weights in cache) skips oneDNN's ~10 us fixed cost per call: torch's matmul
-on a transposed copy of the weight, (K, N) row-major, which MKL reads ~20% faster than the (N, K)
-original. Results are float32 GEMMs with another summation order: within float32 rounding of float64
-(tests/test_cpu_kernels.py), and on the oneDNN path a row's result does not depend on the rows beside
-it. Memory: the reordered copy sits beside the checkpoint's weight (twice the dense weight memory on a
-CPU; small weights three times).
+linear: float32 / bfloat16 weights reordered once into oneDNN's blocked layout, the pair of calls
+PyTorch's own compiler uses for CPU linears (MKL's sgemm, torch's default, is 1.5-2x slower on this
+project's AMD machine: docs/cpu-performance.md). Results: within float32 rounding of float64.
 
-int4_linear: the reference unpacks and dequantizes the whole weight on every call. On a CPU the weight
-is instead converted once, in one of two forms:
-  * bfloat16 activations: PyTorch's own CPU INT4 matmul, `aten._weight_int4pack_mm_for_cpu` (the CPU
-    port of the "tinygemm" kernel; AVX-512 / AVX2 for bf16 -- its float32 path is scalar, slower than
-    the reference), on the weight repacked by `aten._convert_weight_to_int4pack_for_cpu`:
-        packed          uint8 (N, K/2)
-        scale_and_zero  bf16 (K/G, N, 2)      the kernel computes w = (q - 8) * scale + zero in fp32
-    Our zero conventions map onto it exactly in real numbers: an integer zero z gives
-    zero = (8 - z) * s, a float offset m (GGUF Q4_1) gives zero = 8 * s + m. The operands are
-    bfloat16, so scale and zero are rounded to 8 significant bits (our scales are fp16, 11) and y to
-    bf16 (as the reference rounds it for a bf16 model). Bound, per output (tests/test_quant_cpu.py checks
-    it against float64): |y - y_ref| <= 2^-8 * sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |y_ref|,
-    the weight-level error of bfloat16, far inside INT4's own rounding error (s / 2 per weight).
-    Memory: the 4-bit weights twice (kernel layout + this packing) and 4 bytes of scale/zero a group.
-  * float32 / float16 activations: the weight dequantized once to float32 -- the reference's own
-    values -- so y equals the reference bit for bit at float32 matmul speed, with float32 weight
-    memory. (No exact INT4 matmul exists on the CPU for float32; loading/weights.py therefore runs
-    INT4 models in bf16 on a CPU unless a dtype is asked for.)
+int4_linear: bfloat16 activations run PyTorch's CPU INT4 matmul on a repacked weight (its error bound at
+`tinygemm_weights`); float32 / float16 activations multiply by the weight dequantized once to float32,
+the reference's own values, bit for bit. Memory: each converted copy sits beside the weight.
 """
 from __future__ import annotations
 
@@ -74,7 +50,10 @@ def _reorder(weight: Tensor) -> Tensor:
 
 
 def linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    # x (..., K), weight (N, K), bias (N,) -> (..., N) (module docstring: which path, and why).
+    # x (..., K), weight (N, K), bias (N,) -> (..., N). One row against a small weight (a small model's
+    # decode, its weights in cache) skips oneDNN's ~10 us fixed cost: torch's matmul on a (K, N)
+    # row-major copy, which MKL reads ~20% faster than (N, K). On the oneDNN path a row's result does
+    # not depend on the rows beside it.
     rows = x.numel() // max(1, x.shape[-1])
     if (not ONEDNN or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype or rows == 0
             or (bias is not None and bias.dtype != x.dtype)):
@@ -98,8 +77,15 @@ def _cached(cache: WeakIdKeyDictionary, qweight: Tensor, scales: Tensor, zeros: 
 
 
 def tinygemm_weights(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The kernel-layout INT4 weight (ops/int4_format.py) in the CPU kernel's packing, cached per layer:
-    -> (packed uint8 (N, K/2), scale_and_zero bf16 (K/G, N, 2))."""
+    """The kernel-layout INT4 weight (ops/int4_format.py) in the packing of `_weight_int4pack_mm_for_cpu`
+    (the CPU port of "tinygemm"; AVX-512 / AVX2 for bf16, its float32 path is scalar), cached per layer:
+    -> (packed uint8 (N, K/2), scale_and_zero bf16 (K/G, N, 2)); the kernel computes w = (q - 8) *
+    scale + zero in fp32. An integer zero z maps exactly to zero = (8 - z) s, a float offset m (GGUF
+    Q4_1) to 8 s + m; rounding scale and zero to bfloat16 (8 significant bits; our scales have 11) and y
+    to bf16 bounds each output (tests/test_quant_cpu.py checks it against float64) by
+    |y - y_ref| <= 2^-8 sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |y_ref|, far inside INT4's own
+    rounding (s / 2 per weight). (No exact CPU INT4 matmul exists for float32, so loading/weights.py
+    runs INT4 models in bf16 on a CPU unless a dtype is asked for.)"""
     def convert() -> tuple[Tensor, Tensor]:
         q, s, z = from_kernel_layout(qweight, scales, zeros, k)        # (N, K), (N, K/G) x 2
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
@@ -112,8 +98,7 @@ def tinygemm_weights(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int) -> 
 
 def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
                     group_size: int) -> Tensor:
-    # x (M, K) -> y (M, N) = x @ W.T; bf16: the CPU INT4 kernel, else the cached float32 weight
-    # (module docstring: both forms, the zero conventions, the error bound).
+    # x (M, K) -> y (M, N) = x @ W.T; bf16: the CPU INT4 kernel, else the cached float32 weight.
     m, k = x.shape
     if x.dtype != torch.bfloat16:
         w = _cached(_DEQUANTIZED, qweight, scales, zeros,

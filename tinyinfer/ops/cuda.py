@@ -37,7 +37,7 @@ def _int4_linear(ext: Any, x: torch.Tensor, qweight: torch.Tensor, scales: torch
                  zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     # The kernels take fp16/bf16 activations (uint8 zeros or floating offsets, M <= 64 in the
     # tensor-core kernel, dequantize + cuBLAS above); a float32 model runs the reference.
-    if x.dtype not in limits.KERNEL_DTYPES:
+    if x.dtype not in limits.CUDA_KERNEL_DTYPES:
         return reference.int4_linear(x, qweight, scales, zeros, group_size)
     return ext.int4_linear(x, qweight, scales, zeros, group_size)
 

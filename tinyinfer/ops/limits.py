@@ -14,12 +14,12 @@ import torch
 MAX_KERNEL_Q_LEN = 16
 # (K head dim, V head dim): Llama-family heads, and MLA's latent row (512 + 64 rope) with V = its 512.
 PAGED_ATTENTION_DIMS = frozenset({(64, 64), (128, 128), (576, 512)})
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Speculative decoding: k drafts + the last token are scored in one pass of <= MAX_KERNEL_Q_LEN rows.
 MAX_SPECULATE_K = MAX_KERNEL_Q_LEN - 1
 
 
 def paged_attention_kernel_covers(dtype: torch.dtype, k_dim: int, v_dim: int, block_size: int) -> bool:
     """True when the CUDA paged-attention kernel runs for these shapes (else the reference does)."""
-    return (dtype in KERNEL_DTYPES and (k_dim, v_dim) in PAGED_ATTENTION_DIMS
+    return (dtype in CUDA_KERNEL_DTYPES and (k_dim, v_dim) in PAGED_ATTENTION_DIMS
             and block_size > 0 and block_size & (block_size - 1) == 0)

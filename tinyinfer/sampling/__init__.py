@@ -1,3 +1,4 @@
-"""Sampling: what a request asks for (`params.py` SamplingParams, validated at construction) and how the
-next token is drawn from the logits (`sampler.py`: logits processors, keyed sampling, rejection
-sampling). It sits below the model code, which never needs it, and above config/ for its errors."""
+"""Sampling: what a request asks for (`params.py` SamplingParams, validated at construction), what its
+parameters do to the logits (`processors.py`) and how the next token is drawn (`sampler.py`: greedy,
+keyed Gumbel sampling, speculative acceptance, the finite check). It sits below the model code, which
+never needs it, and above config/ for its errors."""

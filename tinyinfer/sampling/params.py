@@ -1,7 +1,7 @@
 """`SamplingParams`: what a request asks of the sampler and of the engine (how many tokens, when to stop,
-whether to report log-probabilities), validated at construction so a bad value is refused before the request runs. The sampler that applies
-them is sampling/sampler.py (temperature, top-k, top-p (Holtzman et al., 2020), min-p (Nguyen et al.,
-2024), repetition penalty (Keskar et al., "CTRL", 2019)).
+whether to report log-probabilities), validated at construction so that a bad value is refused before
+the request runs (`InvalidParam` naming the field). Applied by sampling/processors.py and
+sampling/sampler.py.
 """
 from __future__ import annotations
 

@@ -1,30 +1,24 @@
-"""Sampling: request parameters, logits processors, keyed randomness, speculative acceptance, and the
-log-probabilities of what was sampled (`token_logprobs`).
+"""Drawing tokens, in one place: greedy (argmax), keyed Gumbel-max sampling over the processed logits
+(sampling/processors.py), the in-step variant for temperature-only requests (safe inside a CUDA graph),
+draws from a given distribution (a draft model's proposals, a bonus token), the speculative acceptance
+rule, and the check that a row of logits is finite.
 
-The chapter's idea: turning logits into the next token is a pipeline of processors (repetition penalty,
-temperature, top-k, top-p, min-p) followed by one draw. Two choices make it an engine part rather than a
-loop over requests:
-
-- every processor is vectorised over the batch (per-row parameters become small [B, 1] tensors);
-- randomness is *keyed*, not stateful: the noise for a request is a pure function of
-  (seed, step, stream, vocab index) computed by a counter-based integer hash (the idea behind Philox /
-  Random123, Salmon et al., SC'11). A seeded request therefore draws the same tokens alone, in any batch,
-  and after preemption, because nothing depends on the order in which rows were sampled.
-
-`rejection_sample` is the speculative-decoding acceptance rule (Leviathan et al. 2023, Chen et al. 2023):
-accept draft token x with probability min(1, p(x)/q(x)); at the first rejection draw from
+Randomness is *keyed*, not stateful: the noise for a request is a pure function of (seed, output
+position, stream, vocab index) computed by a counter-based integer hash (the idea behind Philox /
+Random123, Salmon et al., SC'11), so a seeded request draws the same tokens alone, in any batch and after
+preemption. `rejection_sample` is speculative decoding's acceptance rule (Leviathan et al. 2023, Chen et
+al. 2023): accept draft token x with probability min(1, p(x)/q(x)); at the first rejection draw from
 norm(max(0, p - q)); if all k are accepted draw a bonus token from p. The emitted tokens follow p exactly.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from itertools import chain
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from tinyinfer.sampling.params import SamplingParams
+from tinyinfer.sampling.processors import greedy_mask, process_logits
 
 # Streams of keyed randomness: one purpose each, so no two decisions at the same (seed, step) share noise.
 STREAM_SAMPLE = 0    # plain sampling (and the bonus token of a fully accepted speculative run)
@@ -33,116 +27,6 @@ STREAM_ACCEPT = 2    # the accept/reject uniform of each draft slot
 STREAM_RESIDUAL = 3  # the draw from norm(max(0, p - q)) after a rejection
 
 _MASK32 = 0xFFFFFFFF
-
-
-# --- logits processors ----------------------------------------------------------------------------
-
-def _row_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)  # (B, 1)
-
-
-def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
-                   histories: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(B, V) logits -> (B, V) processed logits; filtered-out entries are -inf.
-
-    Order: repetition penalty (over prompt + output tokens in `histories`), temperature, top-k, top-p,
-    min-p. Greedy rows skip the temperature; the filters never remove the argmax, so greedy is unchanged.
-    Ties at a top-k / top-p cut-off are all kept, so the result never depends on sort order.
-    """
-    if logits.dim() != 2 or logits.shape[0] != len(params) or len(histories) != len(params):
-        raise ValueError(f"process_logits: logits {tuple(logits.shape)} needs one row per request; "
-                         f"got {len(params)} params and {len(histories)} histories")
-    x = logits.float().clone()  # (B, V)
-    B, V = x.shape
-
-    pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-    if pen_rows:
-        # seen[b, t] = token t occurs in row b's history; one scatter over the concatenated histories.
-        row_ids = list(chain.from_iterable([i] * len(histories[i]) for i in pen_rows))
-        tok_ids = list(chain.from_iterable(histories[i] for i in pen_rows))
-        seen = torch.zeros(B, V, dtype=torch.bool, device=x.device)  # (B, V)
-        if tok_ids:
-            seen[torch.tensor(row_ids, device=x.device), torch.tensor(tok_ids, device=x.device)] = True
-        pen = _row_tensor([p.repetition_penalty for p in params], x)  # (B, 1)
-        # CTRL / HF rule: make a seen token less likely whatever its sign.
-        x = torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
-
-    if any(p.temperature not in (0.0, 1.0) for p in params):
-        temp = _row_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], x)  # (B, 1)
-        x = x / temp
-
-    use_k = any(p.top_k > 0 for p in params)
-    use_p = any(p.top_p < 1.0 for p in params)
-    if use_k and not use_p:
-        # Top-k alone needs only the k-th largest value per row, not a full sort.
-        ks = [p.top_k if 0 < p.top_k < V else V for p in params]
-        top = torch.topk(x, max(ks), dim=-1).values  # (B, k_max) descending
-        k = torch.tensor(ks, device=x.device)  # (B,)
-        cutoff = top.gather(1, (k.clamp(max=top.shape[1]) - 1).unsqueeze(1))  # (B, 1)
-        cutoff = cutoff.masked_fill((k >= V).unsqueeze(1), -math.inf)  # rows with top-k off
-        x = x.masked_fill(x < cutoff, -math.inf)
-    elif use_p:
-        sorted_x, _ = torch.sort(x, dim=-1, descending=True)  # (B, V)
-        k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=x.device)  # (B,)
-        in_k = torch.arange(V, device=x.device).unsqueeze(0) < k.unsqueeze(1)  # (B, V)
-        probs = torch.softmax(sorted_x.masked_fill(~in_k, -math.inf), dim=-1)  # (B, V) descending
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        top_p = _row_tensor([p.top_p for p in params], x)  # (B, 1)
-        # Smallest prefix whose mass reaches top_p (the first token always stays).
-        n_p = (in_k & (mass_before < top_p)).sum(dim=-1).clamp(min=1)  # (B,)
-        off = torch.tensor([p.top_p >= 1.0 for p in params], device=x.device)  # p=1: rounding must not cut
-        n_keep = torch.where(off, k, torch.minimum(n_p, k))
-        cutoff = sorted_x.gather(1, (n_keep - 1).unsqueeze(1))  # (B, 1)
-        x = x.masked_fill(x < cutoff, -math.inf)
-
-    if any(p.min_p > 0.0 for p in params):
-        # p(t) >= min_p * p_max  <=>  x_t >= x_max + log(min_p)
-        log_min_p = _row_tensor([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], x)
-        x_max = x.max(dim=-1, keepdim=True).values  # (B, 1)
-        x = x.masked_fill(x < x_max + log_min_p, -math.inf)
-    return x
-
-
-def _greedy_mask(params: Sequence[SamplingParams], device: torch.device) -> torch.Tensor:
-    return torch.tensor([p.temperature == 0.0 for p in params], device=device)  # (B,)
-
-
-def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams],
-                  histories: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(B, V) distribution the sampler draws from: softmax of the processed logits; greedy rows one-hot."""
-    x = process_logits(logits, params, histories)  # (B, V)
-    probs = torch.softmax(x, dim=-1)
-    if any(p.temperature == 0.0 for p in params):  # decided on the host: no device sync
-        greedy = _greedy_mask(params, x.device)
-        one_hot = torch.zeros_like(probs).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
-    return probs
-
-
-@dataclass
-class Logprobs:
-    """One emitted token's log-probability and the N most likely tokens, under the distribution the
-    sampler drew from: log-softmax of the processed logits (greedy rows: the same at temperature 1,
-    whose argmax was taken). Tokens the filters removed (-inf) are never listed."""
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]        # (token id, logprob), most likely first; at most N entries
-
-
-def token_logprobs(processed: torch.Tensor, tokens: Sequence[int], nums: Sequence[int]) -> list[Logprobs]:
-    """processed (R, V) logits from `process_logits`, tokens (R,) emitted at those rows, nums (R,) the
-    top-N each row wants -> one Logprobs per row."""
-    logp = torch.log_softmax(processed.float(), dim=-1)                               # (R, V)
-    idx = torch.as_tensor(list(tokens), dtype=torch.long, device=logp.device)       # (R,)
-    chosen = logp.gather(1, idx.unsqueeze(1)).squeeze(1).tolist()                   # (R,)
-    n_max = max(nums, default=0)
-    top_v, top_i = logp.topk(min(n_max, logp.shape[1]), dim=-1) if n_max else (None, None)  # (R, N)
-    out = []
-    for r, (tok, n) in enumerate(zip(tokens, nums)):
-        top = [] if not n else [(i, v) for i, v in zip(top_i[r, :n].tolist(), top_v[r, :n].tolist())
-                                if v != -math.inf]
-        out.append(Logprobs(int(tok), chosen[r], top))
-    return out
 
 
 # --- keyed randomness -----------------------------------------------------------------------------
@@ -204,7 +88,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], histories: Se
     x = process_logits(logits, params, histories)  # (B, V)
     if all(p.temperature == 0.0 for p in params):
         return x.argmax(dim=-1)
-    greedy = _greedy_mask(params, x.device)
+    greedy = greedy_mask(params, x.device)
     noise = _gumbel(seeds, steps, stream, x.shape[1], x.device)  # (B, V)
     noisy = torch.where(greedy.unsqueeze(1), x, x + noise)
     return noisy.argmax(dim=-1)
@@ -226,6 +110,31 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Te
     x = logits.float() / torch.where(greedy, 1.0, temperature).unsqueeze(1)     # /1 is exact
     noise = _gumbel(seeds, steps, STREAM_SAMPLE, x.shape[1], x.device)          # (B, V)
     return torch.where(greedy.unsqueeze(1), x, x + noise).argmax(dim=-1)
+
+
+def sample_in_step(logits: torch.Tensor, keys: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   sync: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token each row draws inside a model step, and whether its logits were finite: (tokens (B,)
+    int64, finite (B,) bool). keys: `sample_rows`' (temperature, seeds, steps), or None when every row
+    is greedy (decided on the host), which skips the noise. sync=False inside a CUDA graph."""
+    tokens = logits.argmax(dim=-1) if keys is None else sample_rows(logits, *keys)
+    return tokens, finite_rows(logits, sync)
+
+
+def gumbel_argmax(probs: torch.Tensor, seeds: Sequence[int] | torch.Tensor,
+                  steps: Sequence[int] | torch.Tensor, stream: int | torch.Tensor) -> torch.Tensor:
+    """(B,) draws from the rows of a distribution probs (B, V): argmax(log p + keyed Gumbel noise) (a
+    draft model's proposals, a bonus or corrected token); one-hot (greedy) rows give their argmax."""
+    return (torch.log(probs) + _gumbel(seeds, steps, stream, probs.shape[1], probs.device)).argmax(dim=1)
+
+
+def finite_rows(logits: torch.Tensor, sync: bool = True) -> torch.Tensor:
+    """(B,) bool: which rows of logits (B, V) hold no NaN / inf -- a row that does draws no token. With
+    sync (the host may wait) one sum first: a NaN or an inf anywhere makes it non-finite, so a finite sum
+    settles every row (the common case) in one pass; sync=False for a CUDA graph."""
+    if sync and bool(torch.isfinite(logits.sum())):
+        return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return torch.isfinite(logits).all(dim=-1)
 
 
 # --- speculative acceptance -----------------------------------------------------------------------
@@ -282,8 +191,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
     residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p_n)
     # The bonus token is an ordinary draw at its step, so it uses the plain sampling stream.
     stream = torch.where(bonus, STREAM_SAMPLE, STREAM_RESIDUAL)  # (B,)
-    noise = _gumbel(seeds, steps + n, stream, V, dev)  # (B, V)
-    last = (torch.log(residual) + noise).argmax(dim=1)  # (B,)
+    last = gumbel_argmax(residual, seeds, steps + n, stream)  # (B,)
 
     slots = torch.arange(k1, device=dev).unsqueeze(0)  # (1, k+1)
     tokens = torch.cat([x, torch.zeros(B, 1, dtype=torch.long, device=dev)], dim=1)  # (B, k+1)

@@ -20,8 +20,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.config.errors import RequestError
+from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.loading.chat import ChatTemplateError, apply_chat_template
 from tinyinfer.sampling.params import SamplingParams
 from tinyinfer.serve.async_engine import AsyncEngine, RequestStream

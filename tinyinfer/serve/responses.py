@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tinyinfer.sampling.sampler import Logprobs
 from tinyinfer.loading.tokenizer import Tokenizer
+from tinyinfer.sampling.processors import Logprobs
 
 
 def dumps(obj) -> str:

@@ -25,7 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from tinyinfer import ops
 from tools.bench.common import (device_label, format_table, gbps, is_gpu, ratios, rotation_count, summary_row,
-                                    time_calls, yardstick_label, yardsticks)
+                                time_calls, yardstick_label, yardsticks)
 
 # name, batch, context (keys per sequence, new queries included), q_len, Hq, Hkv, D, block-table width in
 # tokens (0: just the context)

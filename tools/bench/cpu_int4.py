@@ -16,11 +16,11 @@ import argparse
 import torch
 from torch import nn
 
-from tools.bench.common import cpu_only, device_label, format_table, summary_row
-from tools.bench.hf import _decode_rate, _prompts, dequantized, hf_generate, hf_model
 from tinyinfer.engine.llm import LLM
 from tinyinfer.layers.linear import Int4Linear
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench.common import cpu_only, device_label, format_table, summary_row
+from tools.bench.hf import _decode_rate, _prompts, dequantized, hf_generate, hf_model
 
 GPU_CHECK_ARGS: list[list[str]] = []          # a CPU benchmark: make gpu-check skips it
 

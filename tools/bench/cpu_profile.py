@@ -25,16 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from tinyinfer import ops
-from tools.bench.common import cpu_only, device_label, format_table, git_commit
-from tools.bench.hf import _prompts, dequantized
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.llm import LLM
-from tinyinfer.engine.model_runner import finite_rows
 from tinyinfer.engine.output import TextStream
 from tinyinfer.layers.attention import attend
 from tinyinfer.ops import cpu as cpu_kernels
 from tinyinfer.ops.cpu_matmul import linear_cpu
 from tinyinfer.sampling.params import SamplingParams
+from tinyinfer.sampling.sampler import finite_rows
+from tools.bench.common import cpu_only, device_label, format_table, git_commit
+from tools.bench.hf import _prompts, dequantized
 
 GPU_CHECK_ARGS: list[list[str]] = []          # a CPU benchmark: make gpu-check skips it
 

@@ -23,9 +23,7 @@ import time
 import torch
 
 from tinyinfer import extensions
-from tools.bench.common import (GiB, copy_bandwidth, device_label, format_table, is_gpu, summary_row,
-                                    synchronize)
-from tools.bench.hf import compare_with_hf
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockAllocator
 from tinyinfer.engine.cuda_graphs import GraphRunner
@@ -34,12 +32,14 @@ from tinyinfer.engine.llm import LLM
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.ops.cuda import CUDA_IMPLS
 from tinyinfer.quant.quantizer import quantize_model
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench.common import (GiB, copy_bandwidth, device_label, format_table, is_gpu, summary_row,
+                                synchronize)
+from tools.bench.hf import compare_with_hf
 
 GPU_CHECK_ARGS = [[]]
 GRID = [(1, 128, 128), (1, 1024, 32), (1, 8192, 32), (1, 32768, 32),     # (batch, context, steps)

@@ -17,8 +17,9 @@ import argparse
 import torch
 
 from tinyinfer import ops
+from tinyinfer.ops import reference
 from tools.bench.common import (device_label, format_table, gbps, is_gpu, ratios, rotation_count, summary_row,
-                                    time_calls, yardstick_label, yardsticks)
+                                time_calls, yardstick_label, yardsticks)
 
 NORM_CASES = [("norm decode b1, d4096", 1, 4096), ("norm decode b64, d4096", 64, 4096),
               ("norm prefill 2048, d4096", 2048, 4096)]
@@ -46,15 +47,9 @@ def _norm_case(case, dtype, device, runs) -> dict:
         ops.fused_add_rmsnorm(xs[i], residuals[i], weight, 1e-5)
 
     def torch_baseline(i: int) -> None:
-        ops.rms_norm_reference(residuals[i] + xs[i], weight, 1e-5)
+        reference.rms_norm(residuals[i] + xs[i], weight, 1e-5)
 
     return _timed(name, (4 * T * d + d) * es, kernel, torch_baseline, n, device, runs)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (T, H, D); cos, sin (T, D): the rotate_half formula in torch ops (the former path)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
 
 
 def _rope_case(case, dtype, device, runs, cache_bytes) -> dict:
@@ -85,8 +80,8 @@ def _rope_case(case, dtype, device, runs, cache_bytes) -> dict:
         emb = positions[i][:, None].float() * inv_freq[None, :]
         emb = torch.cat((emb, emb), dim=-1)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        _rotate(q, cos, sin)
-        ops.store_kv(_rotate(k, cos, sin), v, k_cache, v_cache, slots[i])
+        reference.apply_rotary(q, cos, sin)
+        ops.store_kv(reference.apply_rotary(k, cos, sin), v, k_cache, v_cache, slots[i])
 
     moved = T * D * (2 * Hq + 5 * Hkv + 1) * es + 8 * T
     return _timed(name, moved, kernel, torch_baseline, n, device, runs)

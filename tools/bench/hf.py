@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from tools.bench.common import device_label, format_table, git_commit, is_gpu, summary_row
 from tinyinfer.engine.llm import LLM
 from tinyinfer.layers.linear import Int4Linear, Linear
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench.common import device_label, format_table, git_commit, is_gpu, summary_row
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First "
         "Citizen: You are all resolved rather to die than to famish? All: Resolved. resolved. First "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from tinyinfer import ops
 from tools.bench.common import (device_label, format_table, gbps, is_gpu, ratios, rotation_count, summary_row,
-                                    time_calls, yardstick_label, yardsticks)
+                                time_calls, yardstick_label, yardsticks)
 
 # (name, N, K, how many of it one layer has)
 LAYERS = {

@@ -18,7 +18,6 @@ import os
 
 import torch
 
-from tools.bench.common import device_label, format_table, is_gpu, summary_row, time_calls
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.kv_cache import PagedKVCache
@@ -28,6 +27,7 @@ from tinyinfer.layers.mla import set_mla_mode
 from tinyinfer.memory import Shape, kv_bytes_per_token, kv_values_per_token_layer, shape_from_hf
 from tinyinfer.models.transformer import Transformer
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench.common import device_label, format_table, is_gpu, summary_row, time_calls
 
 GPU_CHECK_ARGS = [[]]
 DEFAULT_CKPT = os.path.join(os.path.dirname(__file__), "..", "..", "models", "shakespeare-mla")

@@ -15,9 +15,9 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tools.bench.common import device_label, format_table, summary_row
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench.common import device_label, format_table, summary_row
 
 # Ops that only make a view or read metadata: no kernel.
 NO_KERNEL = {"view", "unsqueeze", "slice", "select", "reshape", "split", "split_with_sizes", "chunk",

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from tools.bench.common import device_label, format_table, is_gpu, summary_row
 from tinyinfer.engine.llm import LLM
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench.common import device_label, format_table, is_gpu, summary_row
 from tools.loadgen import run_load, summarize
 
 GPU_CHECK_ARGS: list[list[str]] = []        # needs the serve extra, which gpu-check does not install

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tools.bench.common import device_label, format_table, is_gpu, summary_row, time_calls
+from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.kv_cache import PagedKVCache
@@ -36,10 +36,10 @@ from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.proposers import DraftModelProposer, NgramProposer, Proposal
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.engine.speculative import Speculator
-from tinyinfer.config.model import ModelConfig
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench.common import device_label, format_table, is_gpu, summary_row, time_calls
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET, DRAFT = ROOT / "models" / "shakespeare-llama", ROOT / "models" / "shakespeare-draft"

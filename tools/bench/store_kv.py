@@ -14,7 +14,7 @@ import torch
 
 from tinyinfer import ops
 from tools.bench.common import (device_label, format_table, gbps, is_gpu, ratios, rotation_count, summary_row,
-                                    time_calls, yardstick_label, yardsticks)
+                                time_calls, yardstick_label, yardsticks)
 
 # name, T, Hkv, D, Dv (0 = MLA latent, no V): Llama-2-7B's 32 kv heads x 128, DeepSeek's 512 + 64 latent.
 CASES = [("decode b64, 32x128", 64, 32, 128, 128),

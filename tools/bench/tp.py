@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from tools.bench.common import device_label, format_table, is_gpu, summary_row
 from tinyinfer.engine.llm import LLM
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench.common import device_label, format_table, is_gpu, summary_row
 
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["N", "backend", "threads_per_rank", "ms_per_step", "decode_tok_s", "vs_N1", "reduced_B_per_step",
