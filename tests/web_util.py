@@ -19,7 +19,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 60                 # the longest any step of a page test waits for the page (bounded, never forever)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--window-size=1100,760"]
+         "--disable-extensions", "--disable-dev-shm-usage", "--window-size=1100,760"]
 
 
 def browser_missing() -> str | None:
