@@ -18,8 +18,8 @@ import pytest
 from chat_util import demo_chat_model
 from hf_util import LLAMA, REPO
 from serve_util import ServerThread, metric
-from web_util import (AppThread, browser_missing, cli_server, last_reply, open_page, screenshot, send, settings,
-                      start_chromium, wait)
+from web_util import (AppThread, browser_missing, cli_server, last_reply, open_page, screenshot, send,
+                      settings, start_chromium, wait)
 from tinyinfer import LLMEngine
 
 import httpx  # noqa: E402  (serve_util skips the module when the serve packages are missing)
@@ -113,7 +113,8 @@ def test_stop_aborts_the_request_on_the_server(driver, demo):
     n = int(got["stats"].split()[0])
     want = api(demo, "/v1/completions", {"prompt": "ROMEO:", "temperature": 1.5, "max_tokens": n, "seed": 8})
     assert want["choices"][0]["finish_reason"] == "length" and got["text"] == want["choices"][0]["text"]
-    assert driver.find_element("id", "send").is_enabled() and not driver.find_element("id", "stop").is_enabled()
+    assert driver.find_element("id", "send").is_enabled()
+    assert not driver.find_element("id", "stop").is_enabled()
 
 
 def test_a_server_error_shows_as_the_servers_message(driver, demo):
@@ -121,8 +122,9 @@ def test_a_server_error_shows_as_the_servers_message(driver, demo):
     settings(driver, temperature=-1, max_tokens=8, seed=None)
     send(driver, "ROMEO:")
     got = last_reply(driver)
-    want = api(demo, "/v1/completions", {"model": "shakespeare-llama", "prompt": "ROMEO:", "temperature": -1.0,
-                                         "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}})
+    want = api(demo, "/v1/completions", {"model": "shakespeare-llama", "prompt": "ROMEO:", "max_tokens": 8,
+                                         "temperature": -1.0, "stream": True,
+                                         "stream_options": {"include_usage": True}})
     assert got["finish"] == "error" and "error" in got["classes"].split()
     assert got["text"] == want["error"]["message"] and "temperature" in got["text"]
 
@@ -202,8 +204,8 @@ def fake_server():
 
     @app.post("/v1/chat/completions")
     async def chat() -> StreamingResponse:
-        return stream(*[{"choices": [{"index": 0, "delta": {"content": HTML[i:i + 5]}, "finish_reason": None}]}
-                        for i in range(0, len(HTML), 5)],
+        return stream(*[{"choices": [{"index": 0, "delta": {"content": HTML[i:i + 5]},
+                                      "finish_reason": None}]} for i in range(0, len(HTML), 5)],
                       {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, "[DONE]")
 
     @app.post("/v1/completions")

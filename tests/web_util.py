@@ -95,7 +95,8 @@ def settings(driver, **fields) -> None:
         if name == "mode":
             Select(el).select_by_value(value)
         else:
-            driver.execute_script("arguments[0].value = arguments[1]", el, "" if value is None else str(value))
+            text = "" if value is None else str(value)
+            driver.execute_script("arguments[0].value = arguments[1]", el, text)
 
 
 def send(driver, text: str) -> None:
@@ -129,7 +130,8 @@ def cli_server(*extra: str) -> Iterator[tuple[str, str]]:
     announcing it); terminated (killed if it lingers) on the way out."""
     proc = subprocess.Popen([sys.executable, "-m", "tinyinfer.serve", "--ckpt", LLAMA, "--port", "0",
                              "--device", "cpu", "--dtype", "float32", "--max-kv-tokens", "2048", *extra],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO})
     try:
         timer = threading.Timer(60, proc.kill)      # bounded: never wait forever for the line
         timer.start()
