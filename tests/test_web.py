@@ -77,7 +77,8 @@ def record_text_lengths(driver) -> None:
 
 def test_completion_mode_streams_the_same_text_as_the_api(driver, demo):
     open_page(driver, demo.url, "shakespeare-llama")
-    assert driver.execute_script("return document.querySelector('#mode option[value=chat]').disabled")
+    chat_option = driver.find_element("css selector", "#mode option[value=chat]")
+    assert not chat_option.is_enabled() and "no chat template" in chat_option.text
     assert not driver.find_element("id", "key-row").is_displayed()     # no --api-key: no key field
     settings(driver, temperature=0.8, max_tokens=40, seed=7)
     record_text_lengths(driver)
@@ -150,6 +151,11 @@ def test_chat_mode_sends_the_conversation_and_matches_the_api(driver, chat):
     assert len(driver.find_elements("css selector", "#log .turn")) == 4
     path = screenshot(driver, "chat-page.png")
     assert path.stat().st_size > 10_000
+    driver.find_element("id", "clear").click()      # a new conversation: the first turn's reply again
+    settings(driver, seed=7)
+    send(driver, "Who goes there?")
+    assert last_reply(driver)["text"] == history[2]["content"]
+    assert len(driver.find_elements("css selector", "#log .turn")) == 2
 
 
 def test_api_key_flow_and_the_page_without_a_key(driver):

@@ -53,9 +53,10 @@ async function init() {
   const config = await (await fetch("web/config.json")).json();
   $("key-row").hidden = !config.api_key_required;
   if (!config.chat_template) {              // the server would refuse every chat request
+    const option = $("mode").querySelector('option[value="chat"]');
+    option.disabled = true;
+    option.textContent = "Chat (the model has no chat template)";
     $("mode").value = "completion";
-    $("mode").querySelector('option[value="chat"]').disabled = true;
-    $("mode").title = "this model has no chat template: completion mode only";
   }
   modeChanged();
   $("mode").addEventListener("change", modeChanged);
@@ -65,7 +66,11 @@ async function init() {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
   });
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
-  $("clear").addEventListener("click", () => { state.history = []; $("log").replaceChildren(); });
+  $("clear").addEventListener("click", () => {
+    if (state.controller) state.controller.abort();
+    state.history = [];
+    $("log").replaceChildren();
+  });
   if (!config.api_key_required) return loadModel();
   $("model").textContent = "API key needed";
   notice("This server needs an API key: type it above.");
@@ -211,7 +216,9 @@ async function send() {
   }
   if (f.finish !== "error") {
     stats.textContent = figures(f);
-    if (chat) state.history.push({ role: "user", content: text }, { role: "assistant", content: out });
+    if (chat && reply.turn.isConnected) {       // (not after "New conversation" cleared the log)
+      state.history.push({ role: "user", content: text }, { role: "assistant", content: out });
+    }
   }
   reply.turn.dataset.finish = f.finish;         // the turn is over (tests wait for this)
   reply.turn.scrollIntoView({ block: "end" });
