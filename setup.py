@@ -26,6 +26,8 @@ setup(
     version="0.1.0",
     description="A small, from-scratch LLM inference engine: paged KV cache, INT4, MLA, speculative decoding",
     packages=find_packages(include=["tinyinfer", "tinyinfer.*"]),
+    # The chat page's files (python -m tinyinfer.serve serves them at /): not Python, so named here.
+    package_data={"tinyinfer.serve": ["web/*.html", "web/*.js", "web/*.css"]},
     python_requires=">=3.10",
     # jinja2 renders chat templates, which are untrusted code: 3.1.6 closed the known sandbox escapes.
     install_requires=["torch>=2.11", "safetensors", "sentencepiece", "numpy", "ninja", "tqdm", "tokenizers",
@@ -35,8 +37,9 @@ setup(
         # HTTP parser and event loop, which it picks up when installed).
         "serve": ["fastapi", "uvicorn", "httptools", "uvloop; sys_platform != 'win32'", "pydantic>=2",
                   "prometheus_client", "jinja2>=3.1.6"],
+        # selenium drives Debian's chromium / chromedriver for the chat page's test (make test-browser).
         "test": ["pytest", "transformers>=5.0", "protobuf", "accelerate", "openai>=1.0", "httpx",
-                 "fastapi", "uvicorn", "httptools", "pydantic>=2", "prometheus_client"],
+                 "fastapi", "uvicorn", "httptools", "pydantic>=2", "prometheus_client", "selenium>=4.11"],
     },
     cmdclass={"build_kernels": BuildKernels},
 )

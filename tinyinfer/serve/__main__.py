@@ -3,6 +3,7 @@
     python -m tinyinfer.serve --ckpt models/shakespeare-llama --port 8000
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "ROMEO:", "max_tokens": 32}'
+    open http://127.0.0.1:8000/ in a browser: the chat page (--no-web leaves it out)
 
 SIGINT / SIGTERM shut it down gracefully: no new connections, running requests finish (up to
 --shutdown-timeout seconds, then they are cancelled and aborted), then the engine thread stops, and
@@ -22,8 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tinyinfer.serve",
         description="Serve a checkpoint over the OpenAI API (POST /v1/completions, "
-                    "/v1/chat/completions; GET /v1/models, /health, /metrics). Needs the serve extra: "
-                    "pip install -e '.[serve]'.")
+                    "/v1/chat/completions; GET /v1/models, /health, /metrics) and a chat page at /. "
+                    "Needs the serve extra: pip install -e '.[serve]'.")
     p.add_argument("--ckpt", required=True, help="checkpoint directory or .safetensors file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed)")
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "directory name)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ endpoints (401 otherwise)")
+    p.add_argument("--no-web", action="store_true",
+                   help="leave out the chat page at / (by default / serves it: open the printed address)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds running requests get to finish")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
-    app = build_app(engine, name, args.api_key)
+    app = build_app(engine, name, args.api_key, web=not args.no_web)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
 
@@ -65,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             await super().startup(sockets)
             if self.started:                        # listening now: say where (the real --port 0)
                 port = self.servers[0].sockets[0].getsockname()[1]
+                page = "" if args.no_web else f"; chat page: http://{args.host}:{port}/"
                 print(f"tinyinfer: serving {name!r} at http://{args.host}:{port}/v1 ({engine.device}, "
                       f"{engine.blocks.num_blocks} KV blocks of {engine.block_size} tokens; chat "
-                      f"template: {'yes' if engine.tokenizer.chat_template else 'none'})",
+                      f"template: {'yes' if engine.tokenizer.chat_template else 'none'}){page}",
                       file=sys.stderr, flush=True)
 
     server = Server(config)

@@ -3,6 +3,7 @@
     POST /v1/completions        prompt (text, texts, token ids) -> text_completion
     POST /v1/chat/completions   messages -> the checkpoint's chat template -> chat.completion
     GET  /v1/models, /health, /metrics (Prometheus text format)
+    GET  /                      the chat page (serve/page.py; web=False leaves it out)
 
 A request's choices run as engine requests (n choices of p prompts: p * n, choice p * n + j).
 Streaming sends one server-sent event per engine step that produced text, as it is produced; a client
@@ -26,6 +27,7 @@ from tinyinfer.loading.chat import ChatTemplateError, apply_chat_template
 from tinyinfer.sampling.params import SamplingParams
 from tinyinfer.serve.async_engine import AsyncEngine, RequestStream
 from tinyinfer.serve.metrics import CONTENT_TYPE
+from tinyinfer.serve.page import add_page
 from tinyinfer.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, _Common,
                                       parse)
 from tinyinfer.serve.responses import ChatFormat, Choice, CompletionFormat, Formatter, TokenTexts, sse
@@ -33,7 +35,8 @@ from tinyinfer.serve.responses import ChatFormat, Choice, CompletionFormat, Form
 _DISCONNECT_POLL_S = 0.25
 
 
-def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None) -> FastAPI:
+def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None,
+              web: bool = True) -> FastAPI:
     """The app; its lifespan starts the engine thread and, at shutdown, stops it."""
     runner = AsyncEngine(engine)
 
@@ -140,6 +143,8 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None)
         return await whole_response(request, stream, choices, fmt, prompt_tokens)
 
     app.include_router(v1)
+    if web:
+        add_page(app, chat_template=tok.chat_template is not None, api_key_required=api_key is not None)
     return app
 
 
