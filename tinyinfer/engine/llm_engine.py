@@ -127,6 +127,11 @@ class LLMEngine:
                                   self.block_size, use_graphs, self.runner.graph_pool)
         return DraftModelProposer(runner)
 
+    def failure(self) -> Optional[str]:
+        """Why this engine can no longer run a step (a tensor-parallel rank lost), None while it can."""
+        check = getattr(self.runner, "failure", None)
+        return check() if check is not None else None
+
     def close(self) -> None:
         """Stop the model runner's worker processes (tensor parallelism): none is left after it."""
         close = getattr(self.runner, "close", None)

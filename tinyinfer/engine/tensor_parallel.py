@@ -160,6 +160,16 @@ class TensorParallelRunner:
     def enable_verify_graphs(self, q_len: int) -> None:
         self._run("enable_verify_graphs", q_len)
 
+    def failure(self) -> Optional[str]:
+        """Why the group cannot step (it failed, or a worker is gone), None while it can."""
+        if self.broken:
+            return self.broken
+        dead = next(((r, p) for r, p in enumerate(self.procs, start=1) if not p.is_alive()), None)
+        if dead is not None:
+            return (f"tensor-parallel worker rank {dead[0]} (pid {dead[1].pid}) "
+                    f"{_how_it_ended(dead[1].exitcode)}")
+        return None
+
     def close(self) -> None:
         """Stop the workers (no process is left) and release rank 0's shard."""
         self._close()
