@@ -6,6 +6,7 @@ gets the same tokens as before."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -166,3 +167,26 @@ def test_health_is_503_once_the_engine_thread_is_dead(tmp_path):
         assert r.status_code == 503, r.text
     finally:
         srv.stop()
+
+
+def test_the_byte_level_prompt_bound_never_refuses_text_that_fits():
+    """PromptBound: for a byte-level tokenizer (SmolLM2's), len(text) / L <= tokens for any text --
+    checked on texts built from the longest tokens themselves, the case closest to the bound."""
+    gguf = pytest.importorskip("tinyinfer.loading.gguf")
+    from hf_util import LLAMA, REPO
+    from tinyinfer.loading.tokenizer import Tokenizer
+    from tinyinfer.serve.limits import PromptBound
+    path = f"{REPO}/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not os.path.isfile(path):
+        pytest.skip("SmolLM2 GGUF not fetched (tests/test_gguf.py fetches it)")
+    tok = Tokenizer.from_gguf(gguf.load_gguf(path).tokenizer())
+    bound = PromptBound(tok, 64)
+    longest = bound.max_chars // 64
+    vocab = sorted(tok._backend.tk.get_vocab(), key=len, reverse=True)[:50]
+    for text in [tok.decode(tok.encode(p, add_bos=False)) for p in vocab] + ["héllo wörld " * 50]:
+        assert len(tok.encode(text, add_bos=False)) >= len(text) / longest, text
+    bound.check("x" * bound.max_chars, "prompt")
+    with pytest.raises(Exception, match="cannot fit"):
+        bound.check("x" * (bound.max_chars + 1), "prompt")
+    sp = PromptBound(Tokenizer.from_dir(LLAMA), 64)
+    assert sp.max_chars is None                     # SentencePiece: no sound bound, none applied
