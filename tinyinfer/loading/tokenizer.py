@@ -268,7 +268,12 @@ class Tokenizer:
         """The tokenizer of a located checkpoint (loading/checkpoint.CheckpointFiles): from the GGUF
         file itself, else from the files in its directory."""
         if getattr(files, "gguf", None) is not None:
-            return cls.from_gguf(files.gguf.tokenizer())
+            from tinyinfer.loading.checkpoint import CheckpointError
+            from tinyinfer.loading.gguf import GGUFError
+            try:
+                return cls.from_gguf(files.gguf.tokenizer())
+            except GGUFError as err:                # names the file and the key
+                raise CheckpointError(str(err)) from None
         return cls.from_dir(files.tokenizer_dir)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
