@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from tinyinfer.config.errors import CheckpointError
+
 # The named special tokens a chat template sees as variables (Hugging Face's special_tokens_map).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                        "mask_token")
@@ -268,7 +270,6 @@ class Tokenizer:
         """The tokenizer of a located checkpoint (loading/checkpoint.CheckpointFiles): from the GGUF
         file itself, else from the files in its directory."""
         if getattr(files, "gguf", None) is not None:
-            from tinyinfer.loading.checkpoint import CheckpointError
             from tinyinfer.loading.gguf import GGUFError
             try:
                 return cls.from_gguf(files.gguf.tokenizer())
