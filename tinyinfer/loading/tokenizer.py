@@ -139,7 +139,7 @@ class _HFTokenizers:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:    # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {path}: {err}; fix or remove the file") from err
 
 
