@@ -5,7 +5,9 @@ Header-level bombs are written by hand (struct), the rest as a valid synthetic L
 merge. `CASES`: case id -> (how to write it into a path, the error class name, a regex its message
 must match). `python tests/gguf_hostile.py DIR` (run by tests/test_gguf_hostile.py) writes each,
 loads it in this process, and prints one JSON line per case: the error, its message, the seconds
-the refusal took and the process's peak RSS so far (it only grows: a case that ballooned shows).
+the refusal took and the process's peak RSS so far (it only grows: a case that ballooned shows),
+beside the peak once warmed up (imports, a valid file loaded). `... DIR flips SEED N`: N seeded
+single-bit flips in each section of a valid synthetic model instead, each loaded by LLMEngine.
 """
 from __future__ import annotations
 
@@ -119,28 +121,64 @@ CASES = {   # GGUF errors reach the caller as CheckpointError (loading/checkpoin
 }
 
 
-def main(root: str) -> None:
+def sections(path: str) -> dict[str, tuple[int, int]]:
+    """Byte ranges of a GGUF file's header, key/values, tensor table and tensor data."""
+    import gguf
+    from tinyinfer.loading.gguf_scan import scan
+    kv_end, data_start = scan(path).kv_end, gguf.GGUFReader(path).data_offset
+    return {"header": (0, 24), "metadata": (24, kv_end), "tensor_table": (kv_end, data_start),
+            "tensor_data": (data_start, os.path.getsize(path))}
+
+
+def flip_cases(root: str, seed: int, per_section: int) -> dict:
+    """`per_section` single-bit flips of a valid file in each section, seeded: case -> writer."""
+    import random
+    import pathlib
+    from gguf_util import build
+    base, _ = build(pathlib.Path(root), "llama")
+    data, rng, out = open(base, "rb").read(), random.Random(seed), {}
+    for name, (lo, hi) in sections(base).items():
+        for i in range(per_section):
+            at, bit = rng.randrange(lo, hi), rng.randrange(8)
+            flipped = bytearray(data)
+            flipped[at] ^= 1 << bit
+            out[f"flip_{name}_{i}_at{at}b{bit}"] = (lambda p, b=bytes(flipped): open(p, "wb").write(b))
+    return out
+
+
+def _load(path: str):
+    from tinyinfer import LLMEngine
+    LLMEngine(path, device="cpu", dtype="float32", max_kv_tokens=256)
+
+
+def main(root: str, mode: str = "cases", seed: int = 0, count: int = 0) -> None:
     from tinyinfer.loading.checkpoint import locate
     from tinyinfer.loading.tokenizer import Tokenizer
-    warm = os.path.join(root, "valid.gguf")         # every lazy import done before the clock runs
-    Tokenizer.for_checkpoint(locate(_valid(warm)))
-    os.remove(warm)
-    for case, (write, _, _) in CASES.items():
+    warm = _valid(os.path.join(root, "valid.gguf"))  # every lazy import done before the clock runs
+    Tokenizer.for_checkpoint(locate(warm))
+    if mode != "cases":
+        import pathlib
+        from gguf_util import build
+        _load(build(pathlib.Path(root), "llama")[0])
+    cases = CASES if mode == "cases" else flip_cases(root, seed, count)
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # peak after warming
+    for case, spec in cases.items():
+        write = spec[0] if isinstance(spec, tuple) else spec
         path = os.path.join(root, f"{case}.gguf")
         write(path)
         t = time.perf_counter()
         try:
-            Tokenizer.for_checkpoint(locate(path))
+            Tokenizer.for_checkpoint(locate(path)) if mode == "cases" else _load(path)
             err = None
         except Exception as e:                      # noqa: BLE001 -- reported to the test
             err = e
         took = time.perf_counter() - t
         os.remove(path)
-        print(json.dumps({"case": case, "error": type(err).__name__, "message": str(err),
-                          "seconds": took,
+        print(json.dumps({"case": case, "error": type(err).__name__, "message": str(err)[:2000],
+                          "seconds": took, "base_mb": base_mb,
                           "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
               flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:3], *map(int, sys.argv[3:5]))

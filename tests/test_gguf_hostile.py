@@ -1,8 +1,8 @@
 """Hostile GGUF files (tests/gguf_hostile.py: memory bombs in the metadata, lying counts and lengths,
 invalid UTF-8, misaligned or overlapping tensors, zero or inconsistent head counts, a corrupt merge)
 are each refused with their specific error, naming the file and the key or tensor -- in a process
-of their own, so that each refusal's time (under 5 s) and the process's peak memory (under 1 GB)
-are what loading these files costs."""
+of their own, so that each refusal's time (under 5 s) and the memory it adds to the process's peak
+(under 256 MB) are what loading these files costs."""
 from __future__ import annotations
 
 import json
@@ -32,4 +32,5 @@ def test_a_hostile_gguf_file_is_refused_by_name_in_bounded_time_and_memory(resul
     got, (_, error, words) = results[case], CASES[case]
     assert got["error"] == error and re.search(words, got["message"]), got
     assert f"{case}.gguf" in got["message"], got            # names the file
-    assert got["seconds"] < 5 and got["peak_mb"] < 1024, got
+    # The refusal's own cost: the peak RSS over the peak once warmed up (torch alone is ~700 MB).
+    assert got["seconds"] < 5 and got["peak_mb"] - got["base_mb"] < 256, got
