@@ -190,3 +190,35 @@ def test_the_byte_level_prompt_bound_never_refuses_text_that_fits():
         bound.check("x" * (bound.max_chars + 1), "prompt")
     sp = PromptBound(Tokenizer.from_dir(LLAMA), 64)
     assert sp.max_chars is None                     # SentencePiece: no sound bound, none applied
+
+
+def test_a_good_request_gets_its_solo_tokens_while_hostile_ones_are_in_flight(server):
+    """The "done when" scene without its timings (those are `python -m tools.bench hostile`): an
+    oversized body, a looping template and a prompts x n flood, each sent over and over, while
+    another client's seeded request gets exactly its tokens and /health keeps answering."""
+    body = {"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0.8, "seed": 7, "ignore_eos": True}
+    solo = post(server, "/v1/completions", body).json()["choices"]
+    server.engine.tokenizer.chat_template = next(iter(HOSTILE))     # the looping one
+    stop, seen = threading.Event(), []
+
+    def attack(path, payload):
+        while not stop.is_set():
+            seen.append(post(server, path, payload).status_code)
+
+    threads = [threading.Thread(target=attack, args=a) for a in (
+        ("/v1/completions", {"prompt": "x" * 300_000}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": ["a"] * 1000, "n": 64}))]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        for _ in range(3):
+            assert post(server, "/v1/completions", body).json()["choices"] == solo
+            assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        server.engine.tokenizer.chat_template = SCRIPT_TEMPLATE
+    assert set(seen) <= {400, 413} and {400, 413} <= set(seen), seen

@@ -98,7 +98,12 @@ class TemplateRenderer:
 
 
 def _serve() -> None:
-    """The worker: render jobs from stdin until it closes."""
+    """The worker: render jobs from stdin until it closes. At a lower CPU priority (nice 10): a
+    template that loops until its deadline yields the CPU to the engine thread."""
+    try:
+        os.nice(10)
+    except (AttributeError, OSError):
+        pass
     try:
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY, _WORKER_MEMORY))
