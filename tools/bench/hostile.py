@@ -72,6 +72,12 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     try:
         with httpx.Client() as c:
             _timed(c, url)                                          # warm-up
+            quiet_ms = []
+            for _ in range(args.repeats * 4):                       # /health with nothing running
+                t = time.perf_counter()
+                c.get(url + "/health", timeout=30)
+                quiet_ms.append((time.perf_counter() - t) * 1000)
+                time.sleep(0.02)
             solo = [_timed(c, url) for _ in range(args.repeats)]
         big = b'{"prompt": "' + b"x" * (50 * 2**20) + b'"}'
         attacks = {"50MB prompt": ("/v1/completions", big),
@@ -123,9 +129,12 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
           f"(x{hit_s / solo_s:.2f}; bound x3); {len(attacked)} runs, same tokens as alone: {same}")
     print(f"/health during the attack: {len(health)} answers, median {statistics.median(health):.1f} ms, "
           f"p99 {p99:.1f} ms, max {health[-1]:.1f} ms (bound 100 ms)" if health else "/health: none")
+    print(f"/health with nothing else running: median {statistics.median(quiet_ms):.1f} ms, max "
+          f"{max(quiet_ms):.1f} ms (what this machine's load alone costs)")
     print(f"hostile answers: {({k: sorted(map(str, v)) for k, v in statuses.items()})}")
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
     return {"solo_s": solo_s, "attacked_s": hit_s, "ratio": hit_s / solo_s, "same_tokens": same,
             "health_ms_median": statistics.median(health) if health else None, "health_ms_p99": p99,
             "health_ms_max": health[-1] if health else None,
+            "quiet_health_ms_median": statistics.median(quiet_ms), "quiet_health_ms_max": max(quiet_ms),
             "summary": [summary_row("8-token request under attack / alone", hit_s / solo_s, "x")]}
