@@ -2,8 +2,8 @@
 single-bit flips in every section of a GGUF file, and hostile HTTP requests -- chat templates that
 loop, explode or raise; bodies too large or too deep; amplification; stop-string and message floods.
 Each ends in its specific error (or loads / is served), within bounded time and memory, and a seeded
-request right after gets exactly the tokens it got alone. `make test` runs a seeded sample;
-`pytest -m fuzz` runs all of them."""
+request right after gets exactly the tokens it got alone. `make test` runs a sample drawn with a fresh
+seed shown in the test id (TINYINFER_FUZZ_SEED=N replays it); `make fuzz` runs all of them."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ from chat_util import SCRIPT_TEMPLATE, demo_chat_model
 from hf_util import REPO
 from tinyinfer import LLMEngine
 
-SEED = int(os.environ.get("TINYINFER_FUZZ_SEED", "0"))
+SEED = int(os.environ.get("TINYINFER_FUZZ_SEED") or random.SystemRandom().randrange(2**31))
 ALLOWED = {"NoneType", "CheckpointError", "ConfigError"}   # loads, or a checkpoint / config error
 
 
@@ -42,7 +42,8 @@ def check_flips(results: list[dict], per_section: int) -> None:
     assert "header" in refused, results                     # a flipped header never loads
 
 
-def test_gguf_bit_flips_sample(tmp_path):
+@pytest.mark.parametrize("seed", [SEED], ids=lambda s: f"seed{s}")  # TINYINFER_FUZZ_SEED replays it
+def test_gguf_bit_flips_sample(tmp_path, seed):
     check_flips(flips(tmp_path, 3), 3)
 
 
@@ -132,8 +133,9 @@ def check_requests(server, cases: list[str]) -> None:
     assert stats["running"] == stats["waiting"] == 0 and stats["free_blocks"] == stats["num_blocks"]
 
 
-def test_hostile_requests_sample(server):
-    check_requests(server, random.Random(SEED).sample(sorted(REQUESTS), 8))
+@pytest.mark.parametrize("seed", [SEED], ids=lambda s: f"seed{s}")
+def test_hostile_requests_sample(server, seed):
+    check_requests(server, random.Random(seed).sample(sorted(REQUESTS), 8))
 
 
 @pytest.mark.fuzz
