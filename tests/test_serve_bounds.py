@@ -122,7 +122,7 @@ def test_completion_max_tokens_past_the_context_names_max_tokens(server):
 def test_a_hostile_template_is_a_400_and_health_answers_meanwhile(server, template):
     """/health keeps answering while the template runs (rendered on the loop or under the GIL, it
     would answer nothing until the render ends); how fast it answers is measured by
-    `python -m tinyinfer.bench hostile`, not here (no timings in tests)."""
+    `python -m tools.bench hostile`, not here (no timings in tests)."""
     before = good(server)
     tok = server.engine.tokenizer
     tok.chat_template = template
