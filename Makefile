@@ -43,7 +43,7 @@ test-browser: browser-deps
 # The whole fuzz-style suite of bad input (make test runs a sample of it): every checkpoint and request
 # mutation as its own test, each checkpoint that loads compared with transformers (tests/test_fuzz.py).
 fuzz: test-deps
-	$(PYTHON) -m pytest -q -m fuzz tests/test_fuzz.py
+	$(PYTHON) -m pytest -q -m fuzz tests/test_fuzz.py tests/test_fuzz_hostile.py
 
 # On a CPU: tinyinfer against Hugging Face generate() (one torch thread, 32 new tokens, same run) on the
 # demo model and on SmolLM2 (docs/cpu-performance.md), then INT4 against float32.

@@ -13,12 +13,14 @@ pytest.importorskip("openai")
 
 from tinyinfer.engine.llm_engine import LLMEngine  # noqa: E402
 from tinyinfer.serve.app import build_app  # noqa: E402
+from tinyinfer.serve.limits import Limits  # noqa: E402
 
 
 class ServerThread:
-    def __init__(self, engine: LLMEngine, name: str = "demo", api_key: str | None = None):
+    def __init__(self, engine: LLMEngine, name: str = "demo", api_key: str | None = None,
+                 limits: Limits = Limits()):
         self.engine = engine
-        self.app = build_app(engine, name, api_key)
+        self.app = build_app(engine, name, api_key, limits)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error",
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)

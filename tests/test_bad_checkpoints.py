@@ -203,3 +203,11 @@ def test_rope_scaling_and_rope_parameters_that_disagree_are_refused():
     cfg["rope_scaling"] = {"type": "llama3", "factor": 4.0}
     with pytest.raises(ConfigError, match=r"disagree on factor \(4\.0 vs 8\.0\)"):
         ModelConfig.from_hf(cfg)
+
+
+def test_a_config_json_nested_100000_deep_is_a_config_error(tmp_path):
+    path = write(tmp_path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match="config.json nests its JSON deeper"):
+        LLM(path, device="cpu")

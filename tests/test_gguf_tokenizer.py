@@ -37,7 +37,7 @@ def _hf_tokenizer(path: str):
 
 
 def _ours(path: str):
-    return build_tokenizer(Metadata(open_reader(path), path))
+    return build_tokenizer(Metadata(open_reader(path)[1], path))
 
 
 def assert_same(ours, hf, texts):

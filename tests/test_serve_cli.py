@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -63,3 +64,24 @@ def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=60,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "nope" in proc.stderr
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "tinyinfer.serve", "--ckpt", LLAMA, "--port",
+                               str(port)], capture_output=True, text=True, cwd=REPO, timeout=120,
+                               env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: cannot listen on 127.0.0.1:") and "--port" in proc.stderr
+    assert "Traceback" not in proc.stderr and "loaded" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--max-request-bytes", "0"), ("--template-timeout", "-1")])
+def test_a_bound_that_is_not_positive_is_one_line_and_exit_2(flag, value):
+    proc = subprocess.run([sys.executable, "-m", "tinyinfer.serve", "--ckpt", LLAMA, flag, value],
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                               env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {flag} "), proc.stderr

@@ -112,6 +112,29 @@ def test_rejected_blocks_return_to_both_pools(prompts):
     assert draft.blocks.num_free == draft.blocks.num_blocks and not draft.shadows
 
 
+def test_a_tiny_pool_with_repeated_prompts_drafts_less_but_never_runs_dry(plain):
+    """Draft model + prefix caching with a 256-token pool and 8 copies of a 140-token prompt: the
+    target shares the prompt's blocks; the draft pool (prefix-cached too) shares them where it can
+    and skips drafting for a sequence it cannot hold -- no OutOfBlocks, plain greedy's output."""
+    prompt = "ROMEO: " * 20
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    llm = speculative_llm(DRAFT, 4, pool=256)
+    draft = llm.engine.speculator.proposer
+    got = llm.generate([prompt] * 8, sp)
+    small = LLM(TARGET, device="cpu", dtype="float32", max_kv_tokens=256)
+    assert [o.token_ids for o in got] == [o.token_ids for o in small.generate([prompt] * 8, sp)]
+    assert all(o.finish_reason == "length" for o in got)
+    assert draft.blocks.hits > 0                    # the shadows shared the prompt's blocks
+    assert draft.blocks.num_free == draft.blocks.num_blocks and not draft.shadows
+    # A draft pool with 2 blocks left: most sequences are not drafted, the output is the same.
+    taken = draft.blocks.allocator.allocate(draft.blocks.num_free - 2)
+    try:
+        assert [o.token_ids for o in llm.generate([prompt] * 8, sp)] == [o.token_ids for o in got]
+    finally:
+        draft.blocks.allocator.release(taken)
+    assert draft.skipped > 0
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 def exact_triples(plain: LLM, prompt: list[int], top_k: int) -> dict[tuple[int, int, int], float]:

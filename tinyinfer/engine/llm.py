@@ -33,13 +33,20 @@ class LLM:
     once; they also stop when it is garbage-collected or the process exits."""
 
     def __init__(self, path: str, **options):
-        self.engine = LLMEngine(path, **options)
+        self._engine: Optional[LLMEngine] = LLMEngine(path, **options)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":
         llm = cls.__new__(cls)
-        llm.engine = engine
+        llm._engine = engine
         return llm
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise RuntimeError("this LLM is closed (close() was called, or its `with` block ended); "
+                               "create a new LLM to generate again")
+        return self._engine
 
     # The model and its surroundings, for callers that look inside (tests, benchmarks).
     config = property(lambda self: self.engine.config)
@@ -125,9 +132,9 @@ class LLM:
     def close(self) -> None:
         """Release the engine (its KV cache and CUDA graphs go with it, and its tensor-parallel
         workers stop)."""
-        if self.engine is not None:
-            self.engine.close()
-        self.engine = None
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = None
 
     def __enter__(self) -> "LLM":
         return self

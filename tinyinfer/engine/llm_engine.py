@@ -122,10 +122,16 @@ class LLMEngine:
         files = ckpt.locate(draft)
         check_same_tokenizer(draft, Tokenizer.for_checkpoint(files), self.tokenizer)
         cfg = ModelConfig.from_hf(files.config, files.generation_config)
-        # The draft's pool is as large as the target's, so it never runs dry before the target does.
+        # The draft's pool is as large as the target's and prefix-cached as it is; when it is still
+        # short, a sequence is not drafted for that step (engine/proposers.py).
         runner = ModelRunner.load(files, cfg, self.device, self.dtype, None, self.kv_tokens,
                                   self.block_size, use_graphs, self.runner.graph_pool)
-        return DraftModelProposer(runner)
+        return DraftModelProposer(runner, self.blocks.enable_caching)
+
+    def failure(self) -> Optional[str]:
+        """Why this engine can no longer run a step (a tensor-parallel rank lost), None while it can."""
+        check = getattr(self.runner, "failure", None)
+        return check() if check is not None else None
 
     def close(self) -> None:
         """Stop the model runner's worker processes (tensor parallelism): none is left after it."""

@@ -86,18 +86,68 @@ class IncrementalDetokenizer:
         return self._advance(force=True) if self.read_offset < len(self.tokens) else ""
 
 
+class StopMatcher:
+    """Finds stop strings in a text fed a few characters at a time, in O(new characters x stops) per
+    feed: one Knuth-Morris-Pratt automaton per stop string (Knuth, Morris & Pratt, "Fast pattern
+    matching in strings", SIAM J. Comput. 1977). Its state for a stop is the longest prefix of that
+    stop the text ends with -- which is also the tail to hold back from a stream, as it may still
+    become the stop -- so nothing rescans the text or slices prefixes of the stops."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.fail = [_failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+
+    def feed(self, text: str, report: bool = True) -> Optional[int]:
+        """Advance over `text`; the offset in it where the first stop (in list order) that ends
+        inside it starts, or None. report=False: matches ending inside `text` do not count (the
+        automata still advance, so a stop that ends later is found)."""
+        hit = None
+        for i, (stop, fail) in enumerate(zip(self.stops, self.fail)):
+            k, first = self.state[i], None
+            for pos, ch in enumerate(text):
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):
+                    if first is None and report:
+                        first = pos + 1 - k
+                    k = fail[k - 1]
+            self.state[i] = k
+            if first is not None and hit is None:
+                hit = first                     # list order decides, as before: the first stop found
+        return hit
+
+    def held(self) -> int:
+        """Characters at the end of the text that may be the start of a stop string."""
+        return max(self.state, default=0)
+
+
+def _failure(stop: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of stop[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[k] != stop[i]:
+            k = fail[k - 1]
+        if stop[k] == stop[i]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 class TextStream:
     """The output text of one request: incremental detokenization plus its stop strings."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stops: Sequence[str],
                  skip_special_tokens: bool = True, stream: bool = True):
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
-        self.stops = list(stops)
+        self.stops = StopMatcher(stops)
         self.text = ""                             # the output so far, cut at a stop string
         self.sent = 0                              # characters already handed out by take()
-        self._checked = 0                          # text before this offset holds no stop string
+        self.stopped = False
         # Deferred: no stop string to watch and no reader before the end -> decode once, at the end.
-        self.deferred = not stream and not self.stops
+        self.deferred = not stream and not stops
         self._pending: list[int] = []              # deferred tokens not decoded yet
 
     def push(self, token_id: int, check_stops: bool = True) -> bool:
@@ -107,19 +157,14 @@ class TextStream:
         if self.deferred:
             self._pending.append(token_id)
             return False
-        self.text += self.detok.push(token_id)
-        if not check_stops:
-            self._checked = len(self.text)
-            return False
-        return self._stop_hit()
+        return self._add(self.detok.push(token_id), check_stops)
 
     def finish(self) -> bool:
         """The request ends: add the held-back text; True if that completes a stop string."""
         if self.deferred:
             self.detok.extend(self._pending)
             self._pending = []
-        self.text += self.detok.flush()
-        return self._stop_hit()
+        return self._add(self.detok.flush(), True)
 
     def take(self, final: bool) -> str:
         """The text not handed out yet; while not final, a tail that may be the start of a stop
@@ -131,28 +176,24 @@ class TextStream:
             for tok in self._pending:
                 self.text += self.detok.push(tok)
             self._pending = []
-        end = len(self.text) if final else len(self.text) - self._held()
+        end = len(self.text) if final else len(self.text) - min(self.stops.held(), len(self.text))
         new = self.text[self.sent:end]
         self.sent = max(self.sent, end)
         return new
 
-    def _stop_hit(self) -> bool:
-        for stop in self.stops:
-            idx = self.text.find(stop, max(0, self._checked - len(stop) + 1))
-            if idx >= 0:
-                self.text = self.text[:idx]
-                return True
-        self._checked = len(self.text)
-        return False
-
-    def _held(self) -> int:
-        held = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.text)), held, -1):
-                if self.text.endswith(stop[:k]):
-                    held = k
-                    break
-        return held
+    def _add(self, new: str, check_stops: bool) -> bool:
+        if self.stopped:
+            return True
+        start = len(self.text)
+        hit = self.stops.feed(new, check_stops)
+        if hit is None:
+            self.text += new
+            return False
+        # A stop may start in text added before (held back, never sent): cut where it starts.
+        cut = start + hit
+        self.text = (self.text + new)[:max(cut, 0)]
+        self.stopped = True
+        return True
 
 
 @dataclass

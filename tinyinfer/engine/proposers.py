@@ -71,12 +71,19 @@ class NgramProposer:
 
 class DraftModelProposer:
     """A small model run autoregressively k times, with its own paged cache (a model runner and a block
-    manager of its own) holding one shadow sequence per running target sequence."""
+    manager of its own) holding one shadow sequence per running target sequence.
 
-    def __init__(self, runner: ModelRunner):
+    The draft pool has as many blocks as the target's and is prefix-cached like it (shadows of
+    requests with a common prompt share its blocks), yet it can still be shorter than the target's
+    needs (the target shares blocks the draft has evicted). A sequence whose shadow cannot get its
+    blocks is simply not drafted for that step -- a plain decode step for it, the target's output
+    unchanged -- rather than an OutOfBlocks error (vLLM does the same)."""
+
+    def __init__(self, runner: ModelRunner, enable_caching: bool = False):
         self.runner = runner
-        self.blocks = BlockManager(runner.num_blocks, runner.block_size)
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_caching)
         self.shadows: dict[str, Sequence] = {}      # target request id -> its state in the draft cache
+        self.skipped = 0                            # sequence-steps not drafted for lack of blocks
 
     def forget(self, seq: Sequence) -> None:
         shadow = self.shadows.pop(seq.request_id, None)
@@ -93,18 +100,31 @@ class DraftModelProposer:
         for s in seqs:
             sh = self.shadows.get(s.request_id)
             if sh is None:
-                sh = self.shadows[s.request_id] = Sequence(s.request_id, s.prompt_ids, s.params, s.seed)
+                sh = Sequence(s.request_id, s.prompt_ids, s.params, s.seed)
+                sh.token_ids = list(s.token_ids)
+                if not self.blocks.admit(sh, self.blocks.cached_prefix(sh), 0):
+                    out.append(None)                # not even its cached prefix fits: no draft now
+                    continue
+                self.shadows[s.request_id] = sh
             sh.token_ids = list(s.token_ids)        # the cached prefix always agrees with s
             out.append(sh)
         return out
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], limits: list[int]) -> Proposal:
-        shadows = self._sync(seqs)
-        for sh, k in zip(shadows, limits):
-            if k > 0:                               # it will cache its tokens + drafts 1 .. k-1
+        found = self._sync(seqs)
+        limits = list(limits)
+        for b, (sh, k) in enumerate(zip(found, limits)):
+            # It will cache its tokens + drafts 1 .. k-1; short of blocks: no draft this step.
+            if k > 0 and (sh is None or not self.blocks.can_grow(sh, len(sh) + k - 1)):
+                limits[b] = 0
+                self.skipped += 1
+            elif k > 0:
                 self.blocks.grow(sh, len(sh) + k - 1)
-        kmax = max(limits)
+        shadows = found
+        kmax = max(limits, default=0)
+        if kmax == 0:
+            return Proposal([[] for _ in seqs], None)
         V = self.runner.config.vocab_size
         # Greedy requests draft their argmax: q is one-hot, which verify() assumes when probs is None.
         greedy = all(s.params.greedy for s in seqs)
@@ -132,8 +152,12 @@ class DraftModelProposer:
 
     def accepted(self, seqs: list[Sequence], lengths: list[int], num_accepted: list[int]) -> None:
         for s, L, n in zip(seqs, lengths, num_accepted):
-            sh = self.shadows[s.request_id]         # keep the cached prefix that the target kept
+            sh = self.shadows.get(s.request_id)     # keep the cached prefix that the target kept
+            if sh is None:
+                continue
             self.blocks.truncate(sh, min(sh.num_cached, L + n))
+            del sh.token_ids[L + n:]                # the rejected drafts: not final, never hashed
+            self.blocks.commit(sh)
 
 
 def check_draft(draft: str, target: ModelConfig) -> ModelConfig:

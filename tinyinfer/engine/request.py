@@ -85,12 +85,15 @@ def validate_request(ids: list[int], params: SamplingParams, config: ModelConfig
     if bad is not None:
         raise RequestError(f"SamplingParams.stop_token_ids holds {bad}, outside the vocabulary "
                            f"[0, {vocab}): it could never stop the request", "stop_token_ids")
+    # max_tokens is at fault when even a one-token prompt could not fit with it, else the prompt.
     total = len(ids) + params.max_tokens
     if total > limit:
         raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
                            f"exceeds the model's context of {limit} tokens; shorten the prompt or "
-                           "lower max_tokens")
+                           "lower max_tokens", "max_tokens" if params.max_tokens >= limit else None)
     if blocks.blocks_for(total) > blocks.num_blocks:
+        alone = blocks.blocks_for(1 + params.max_tokens) > blocks.num_blocks
         raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} needs more "
                            f"KV cache than the whole pool holds ({blocks.num_blocks * blocks.block_size} "
-                           "tokens); raise max_kv_tokens or lower max_tokens")
+                           "tokens); raise max_kv_tokens or lower max_tokens",
+                           "max_tokens" if alone else None)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 import time
 import weakref
 from multiprocessing.connection import Connection
@@ -33,7 +32,8 @@ import torch.multiprocessing as mp
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.model_runner import ModelRunner
-from tinyinfer.engine.workers import RankSpec, load_rank, rank_device, worker_main
+from tinyinfer.engine.workers import (GUARD_HINT, RankSpec, load_rank, rank_device,
+                                      refuse_spawn_bootstrap, rendezvous_dir, worker_main)
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import check_files, check_int4_shards, check_shardable
@@ -109,7 +109,8 @@ class TensorParallelRunner:
             check_int4_shards(cfg, size, group_size)
         self.config, self.size, self.broken = cfg, size, None
         self._errors: dict[int, tuple] = {}        # rank -> its error message, once received
-        store_dir = tempfile.mkdtemp(prefix="tinyinfer-tp-")
+        refuse_spawn_bootstrap()
+        store_dir = rendezvous_dir()
         dev = str(device) if device.type == "cuda" else "cpu"
         self.spec = RankSpec(path, size, dev, str(dtype).replace("torch.", ""), quant, group_size,
                              kv_tokens, block_size, cuda_graphs, f"{store_dir}/store",
@@ -160,6 +161,16 @@ class TensorParallelRunner:
     def enable_verify_graphs(self, q_len: int) -> None:
         self._run("enable_verify_graphs", q_len)
 
+    def failure(self) -> Optional[str]:
+        """Why the group cannot step (it failed, or a worker is gone), None while it can."""
+        if self.broken:
+            return self.broken
+        dead = next(((r, p) for r, p in enumerate(self.procs, start=1) if not p.is_alive()), None)
+        if dead is not None:
+            return (f"tensor-parallel worker rank {dead[0]} (pid {dead[1].pid}) "
+                    f"{_how_it_ended(dead[1].exitcode)}")
+        return None
+
     def close(self) -> None:
         """Stop the workers (no process is left) and release rank 0's shard."""
         self._close()
@@ -187,7 +198,11 @@ class TensorParallelRunner:
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
             while not conn.poll(0.05):
                 if not proc.is_alive():
-                    raise self._stop(None)
+                    err = self._stop(None)
+                    if what == "hello" and isinstance(err, TensorParallelError):
+                        self.broken = str(err) + GUARD_HINT
+                        err = TensorParallelError(self.broken, err.rank, err.details)
+                    raise err
                 if time.monotonic() > deadline:
                     self._stop(None)
                     self.broken = (f"tensor-parallel rank {rank} (pid {proc.pid}) sent no '{what}' "

@@ -14,8 +14,11 @@ inside it is sent to rank 0 (which reports the rank) before the process exits.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -57,6 +60,44 @@ class RankSpec:
         return "nccl" if self.device.startswith("cuda") else "gloo"
 
 
+GUARD_HINT = ("; a worker that exits before it starts is most often a script that builds the engine "
+              "at its top level: spawned workers re-run the script, so put that code under "
+              "`if __name__ == \"__main__\":` (docs/tensor-parallel.md)")
+
+
+def refuse_spawn_bootstrap() -> None:
+    """In a spawned child still re-running the parent's main script (multiprocessing marks it
+    `_inheriting`), building an engine means the script lacks the __main__ guard: say so."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError("a tensor-parallel engine is being built while a worker process re-runs "
+                           "the script that started it: the script builds the engine at its top "
+                           "level. Put that code under `if __name__ == \"__main__\":` (spawned "
+                           "workers import the main script; docs/tensor-parallel.md)")
+
+
+def rendezvous_dir() -> str:
+    """A fresh directory for the group's FileStore, named after this process; directories of
+    engines whose process is gone (SIGKILL: no clean-up ran) are removed first. Workers also remove
+    it when they see their parent die (engine/workers.py)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if name.startswith("tinyinfer-tp-") and len(parts) >= 4 and parts[2].isdigit() \
+                and not _alive(int(parts[2])):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"tinyinfer-tp-{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                         # someone else's process: alive
+        return True
+    return True
+
+
 def rank_device(device: str, rank: int) -> torch.device:
     """Rank r's device: the CPU, or the r-th GPU counted from the one `device` names."""
     dev = torch.device(device)
@@ -76,11 +117,13 @@ def load_rank(spec: RankSpec, rank: int, group: ParallelGroup,
                             group_size=spec.group_size, shard=shard)
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Exit this process as soon as its parent is gone (reparented: the parent id changes)."""
+def _exit_with_parent(parent_pid: int, store: str) -> None:
+    """Exit this process as soon as its parent is gone (reparented: the parent id changes), removing
+    the rendezvous directory the parent could not (killed: no clean-up ran there)."""
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(PARENT_POLL_S)
+        shutil.rmtree(os.path.dirname(store), ignore_errors=True)
         os._exit(3)
     threading.Thread(target=watch, name="tinyinfer-parent-watch", daemon=True).start()
 
@@ -95,7 +138,7 @@ def _send_error(conn: Connection, err: BaseException) -> None:
 def worker_main(spec: RankSpec, rank: int, conn: Connection, parent_pid: int) -> None:
     """A worker process: join the group, load rank `rank`'s shard, then run rank 0's steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C reaches the engine, which stops us
-    _exit_with_parent(parent_pid)
+    _exit_with_parent(parent_pid, spec.store)
     torch.set_num_threads(spec.threads)
     try:
         device = rank_device(spec.device, rank)
@@ -106,7 +149,8 @@ def worker_main(spec: RankSpec, rank: int, conn: Connection, parent_pid: int) ->
         while True:
             try:
                 op, *args = conn.recv()
-            except EOFError:                              # the engine is gone
+            except EOFError:                              # the engine is gone: it could not
+                shutil.rmtree(os.path.dirname(spec.store), ignore_errors=True)   # clean up
                 break
             if op == "close":
                 break

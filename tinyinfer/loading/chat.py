@@ -99,9 +99,13 @@ def _normalize(messages: Any) -> list[dict]:
 
 def render(template: str, messages: list[dict], add_generation_prompt: bool = True,
            tools: Optional[list[dict]] = None, documents: Optional[list[dict]] = None,
-           special_tokens: Optional[dict[str, str]] = None, **template_kwargs: Any) -> str:
+           special_tokens: Optional[dict[str, str]] = None, max_chars: Optional[int] = None,
+           **template_kwargs: Any) -> str:
     """The prompt text of `messages` under `template` (add_generation_prompt: end with the header of
-    the assistant's turn). Extra keywords become template variables."""
+    the assistant's turn). Extra keywords become template variables. The output is built through
+    Jinja's generator, so a template that writes more than `max_chars` characters is stopped there;
+    any error a template can raise (ZeroDivisionError, RecursionError, MemoryError, ...) is a
+    ChatTemplateError."""
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ChatTemplateError("tools must be a list of JSON-schema dicts ({'type': 'function', "
                                 f"'function': {{...}}}}), got {tools!r:.80}")
@@ -110,18 +114,26 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Tr
         raise ChatTemplateError(f"documents must be a list of dicts (e.g. 'title', 'text'), got "
                                 f"{documents!r:.80}")
     variables = {**(special_tokens or {}), **template_kwargs}
+    compiled = compile_template(template)
+    parts, size = [], 0
     try:
-        return compile_template(template).render(messages=_normalize(messages), tools=tools,
-                                                 documents=documents,
-                                                 add_generation_prompt=add_generation_prompt,
-                                                 **variables)
+        for part in compiled.generate(messages=_normalize(messages), tools=tools, documents=documents,
+                                      add_generation_prompt=add_generation_prompt, **variables):
+            size += len(part)
+            if max_chars is not None and size > max_chars:
+                raise ChatTemplateError(f"the chat template wrote more than {max_chars} characters "
+                                        "for this conversation; it cannot fit the context")
+            parts.append(part)
+    except ChatTemplateError:
+        raise
     except jinja2.exceptions.SecurityError as err:
         raise ChatTemplateError(f"the chat template tried an unsafe operation: {err}") from err
     except jinja2.TemplateError as err:
         raise ChatTemplateError(f"the chat template refused the conversation: {err}") from err
-    except (TypeError, KeyError, AttributeError, ValueError) as err:
+    except Exception as err:                        # the template's own bug, whatever it raises
         raise ChatTemplateError(f"the chat template failed on this conversation: "
-                                f"{type(err).__name__}: {err}") from err
+                                f"{type(err).__name__}: {str(err):.200}") from err
+    return "".join(parts)
 
 
 def choose_template(tokenizer: Tokenizer, template: Optional[str] = None,

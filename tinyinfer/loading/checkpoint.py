@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from tinyinfer.config.errors import CheckpointError
+from tinyinfer.config.errors import CheckpointError, ConfigError
 from tinyinfer.loading.gguf import GGUFCheckpoint, GGUFError, is_gguf, load_gguf
 
 
@@ -49,6 +49,9 @@ def _read_json(path: str) -> Optional[dict]:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix it") from None
+    except RecursionError:                  # json.load recurses once per nesting level
+        raise ConfigError(f"{path} nests its JSON deeper than Python's reader can follow; no model "
+                          "config nests more than a few levels: fix or re-download it") from None
 
 
 def _metadata(path: str) -> dict:

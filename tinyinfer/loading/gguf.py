@@ -49,7 +49,19 @@ class GGUFCheckpoint:
     metadata: Metadata
 
     def tokenizer(self) -> GGUFTokenizer:
-        return build_tokenizer(self.metadata)
+        """The file's tokenizer; a vocabulary the tokenizers library refuses (a corrupt token or
+        merge) is a GGUFError naming the file and the keys it comes from."""
+        try:
+            return build_tokenizer(self.metadata)
+        except GGUFError:
+            raise
+        except Exception as err:                    # tokenizers' BPE / Unigram builders, on bad input
+            kind = self.metadata.get("tokenizer.ggml.model")
+            keys = ("tokenizer.ggml.tokens and tokenizer.ggml.merges" if kind == "gpt2" else
+                    "tokenizer.ggml.tokens and tokenizer.ggml.scores")
+            raise GGUFError(f"{self.path}: the vocabulary in {keys} does not build a tokenizer "
+                            f"({type(err).__name__}: {str(err)[:200]}); the file is corrupt: "
+                            "re-download it") from None
 
 
 def _vocab_size(meta: Metadata, arch: str, reader) -> int:
@@ -69,8 +81,8 @@ def _vocab_size(meta: Metadata, arch: str, reader) -> int:
 
 def load_gguf(path: str) -> GGUFCheckpoint:
     """Open a .gguf file: config, generation config, chat template and lazy tensors."""
-    reader = open_reader(path)
-    meta = Metadata(reader, path)
+    reader, header = open_reader(path)
+    meta = Metadata(header, path)
     arch = architecture(meta)
     types = check_types(reader, path)
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)

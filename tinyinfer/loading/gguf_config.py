@@ -34,6 +34,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 
+from tinyinfer.config.errors import ConfigError
 from tinyinfer.layers.rotary import default_inv_freq, llama3_inv_freq
 from tinyinfer.loading.gguf_file import GGUFError, Metadata
 
@@ -110,10 +111,16 @@ def _attention(meta: Metadata, arch: str, hidden: int) -> dict[str, Any]:
     if not isinstance(heads, int):
         raise GGUFError(f"{meta.path}: {arch}.attention.head_count is {heads!r}; per-layer head "
                         "counts are not supported")
+    if heads <= 0:
+        raise ConfigError(f"{meta.path}: {arch}.attention.head_count is {heads}; a model needs at "
+                          "least one attention head (corrupt file?)")
     kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
     if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
-        raise GGUFError(f"{meta.path}: {arch}.attention.head_count_kv is {kv_heads!r}; it must be "
-                        f"a positive divisor of head_count ({heads})")
+        raise ConfigError(f"{meta.path}: {arch}.attention.head_count_kv is {kv_heads!r}; it must be "
+                          f"a positive divisor of head_count ({heads})")
+    if f"{arch}.attention.key_length" not in meta and hidden % heads:
+        raise ConfigError(f"{meta.path}: {arch}.embedding_length {hidden} is not a multiple of "
+                          f"{arch}.attention.head_count {heads}, and no key_length gives the head size")
     head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
     value_dim = meta.get(f"{arch}.attention.value_length", head_dim)
     if value_dim != head_dim:

@@ -2,10 +2,10 @@
 GGUF document).
 
 A GGUF file is a header of typed key/value metadata (`general.architecture`, `llama.block_count`,
-`tokenizer.ggml.tokens`, ...), a table of tensor descriptions and the tensor data. The parsing itself is
-done by the `gguf` package (llama.cpp's own Python reader, `gguf.GGUFReader`, memory-mapped); this
-module only wraps it with errors that name the file and the key, and turns field values into Python
-values.
+`tokenizer.ggml.tokens`, ...), a table of tensor descriptions and the tensor data. The key/value section
+is read by a bounded, validating scan (gguf_scan.py) that also checks the tensor table; the tensor
+table is then parsed by the `gguf` package (llama.cpp's own Python reader, `gguf.GGUFReader`,
+memory-mapped), told to skip the key/value section it would otherwise parse without bounds.
 
 Float32 scalars: GGUF stores hyper-parameters such as rms_norm_eps as float32. We return the shortest
 decimal that rounds to the same float32 (1e-05, not 9.999999747378752e-06) -- the value the model's own
@@ -19,20 +19,39 @@ from typing import Any
 import gguf
 import numpy as np
 
+from tinyinfer.loading.gguf_scan import GGUFError, Header, Nested, scan
 
-class GGUFError(ValueError):
-    """A GGUF file cannot be loaded: unreadable, truncated, or asks for something unsupported."""
+__all__ = ["GGUFError", "Metadata", "open_reader"]
 
 
 _MISSING = object()
 
 
-def open_reader(path: str) -> gguf.GGUFReader:
-    """Parse the header of the .gguf file at `path` (tensor data stays memory-mapped, unread)."""
+class _TensorReader(gguf.GGUFReader):
+    """gguf.GGUFReader that takes the key/value section as scanned instead of parsing it."""
+
+    def __init__(self, path: str, header: Header):
+        self._header = header
+        super().__init__(path)
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        if "general.alignment" in self._header.fields:   # the one field the reader itself reads
+            self.fields["general.alignment"] = gguf.ReaderField(
+                offs, "general.alignment", [np.array([self._header.alignment], np.uint32)], [0],
+                [gguf.GGUFValueType.UINT32])
+        return self._header.kv_end
+
+
+def open_reader(path: str) -> tuple[gguf.GGUFReader, Header]:
+    """Scan the header of the .gguf file at `path` and parse its tensor table (tensor data stays
+    memory-mapped, unread)."""
     if not os.path.isfile(path):
         raise GGUFError(f"GGUF file {path!r} does not exist")
+    if is_big_endian(path):
+        raise GGUFError(f"{path} is a big-endian GGUF file; only little-endian files are supported")
+    header = scan(path)
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _TensorReader(path, header)
     except Exception as e:  # the reader raises ValueError/KeyError/IndexError on corrupt headers
         raise GGUFError(f"cannot read {path} as GGUF: {type(e).__name__}: {e} "
                         "(truncated or corrupt file? re-download it)") from None
@@ -42,26 +61,23 @@ def open_reader(path: str) -> gguf.GGUFReader:
         if t.data.nbytes != t.n_bytes:
             raise GGUFError(f"{path}: tensor {t.name} should hold {t.n_bytes} bytes but the file "
                             f"ends after {t.data.nbytes} (truncated file? re-download it)")
-    return reader
+    return reader, header
 
 
-def _scalar(value: Any, vtype: gguf.GGUFValueType) -> Any:
-    if vtype == gguf.GGUFValueType.FLOAT32:
-        return float(str(np.float32(value)))          # shortest decimal of this float32
-    if vtype == gguf.GGUFValueType.BOOL:
-        return bool(value)
-    if vtype == gguf.GGUFValueType.FLOAT64:
-        return float(value)
-    return int(value)
+def is_big_endian(path: str) -> bool:
+    """A version field whose low 16 bits are 0 is a file written for the other byte order."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return len(head) == 8 and head[:4] == b"GGUF" and int.from_bytes(head[4:8], "little") & 0xFFFF == 0
 
 
 class Metadata:
-    """Read-only view of a GGUF file's key/value metadata; values are converted on access."""
+    """Read-only view of a GGUF file's key/value metadata (as gguf_scan.py read it)."""
 
-    def __init__(self, reader: gguf.GGUFReader, path: str):
-        self._fields = reader.fields
+    def __init__(self, header: Header, path: str):
+        self._fields = header.fields
+        self._types = header.types
         self.path = path
-        self._cache: dict[str, Any] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self._fields
@@ -72,9 +88,12 @@ class Metadata:
     def get(self, key: str, default: Any = None) -> Any:
         if key not in self._fields:
             return default
-        if key not in self._cache:
-            self._cache[key] = self._convert(key)
-        return self._cache[key]
+        value = self._fields[key]
+        if isinstance(value, Nested):
+            raise GGUFError(f"{self.path}: metadata key {key!r} is a nested array, not supported")
+        if self._types[key] == gguf.GGUFValueType.FLOAT32:
+            return float(str(np.float32(value)))      # shortest decimal of this float32
+        return value
 
     def require(self, key: str, what: str = "") -> Any:
         value = self.get(key, _MISSING)
@@ -83,22 +102,3 @@ class Metadata:
             raise GGUFError(f"{self.path}: GGUF metadata lacks the required key {key!r}{need}; "
                             "the file is incomplete or was written by an old converter")
         return value
-
-    def _convert(self, key: str) -> Any:
-        field = self._fields[key]
-        types = field.types
-        if not types:
-            raise GGUFError(f"{self.path}: metadata key {key!r} has no type")
-        main = types[0]
-        if main == gguf.GGUFValueType.STRING:
-            return bytes(field.parts[field.data[0]]).decode("utf-8")
-        if main != gguf.GGUFValueType.ARRAY:
-            return _scalar(field.parts[field.data[0]][0], main)
-        sub = types[-1] if len(types) > 1 else None
-        if sub == gguf.GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        if sub == gguf.GGUFValueType.ARRAY:
-            raise GGUFError(f"{self.path}: metadata key {key!r} is a nested array, not supported")
-        if sub == gguf.GGUFValueType.FLOAT32:      # token scores: keep the exact float32 values
-            return [float(field.parts[i][0]) for i in field.data]
-        return [_scalar(field.parts[i][0], sub) for i in field.data] if sub is not None else []

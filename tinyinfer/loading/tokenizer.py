@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from tinyinfer.config.errors import CheckpointError
+
 # The named special tokens a chat template sees as variables (Hugging Face's special_tokens_map).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                        "mask_token")
@@ -137,7 +139,7 @@ class _HFTokenizers:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:    # RecursionError: absurdly deep nesting
         raise ValueError(f"cannot read {path}: {err}; fix or remove the file") from err
 
 
@@ -268,7 +270,11 @@ class Tokenizer:
         """The tokenizer of a located checkpoint (loading/checkpoint.CheckpointFiles): from the GGUF
         file itself, else from the files in its directory."""
         if getattr(files, "gguf", None) is not None:
-            return cls.from_gguf(files.gguf.tokenizer())
+            from tinyinfer.loading.gguf import GGUFError
+            try:
+                return cls.from_gguf(files.gguf.tokenizer())
+            except GGUFError as err:                # names the file and the key
+                raise CheckpointError(str(err)) from None
         return cls.from_dir(files.tokenizer_dir)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from tinyinfer.config.errors import CheckpointError, ConfigError
 from tinyinfer.config.model import ModelConfig, parse_dtype
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading import gguf_weights, validate
@@ -75,8 +76,15 @@ def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype
         check_files(files, shard.size)
     reader = gguf_weights.GGUFReader(files.gguf) if gguf else ckpt.TensorReader(files.weight_files)
     # config.json against the tensors (layers, shapes, dtypes) and memory, before allocating.
-    validate.check_checkpoint(cfg, reader, dtype, device, our_names=is_int4_file(files.metadata),
-                              local=None if shard is None else shard.local)
+    try:
+        validate.check_checkpoint(cfg, reader, dtype, device, our_names=is_int4_file(files.metadata),
+                                  local=None if shard is None else shard.local)
+    except (ConfigError, CheckpointError) as err:   # a GGUF file's config is its metadata: name it
+        path = files.weight_files[0]
+        if not gguf or path in str(err):
+            raise
+        raise type(err)(f"{path}: " + str(err).replace("fix config.json", "the GGUF metadata "
+                                                        "disagrees with its tensors")) from None
     if shard is not None:
         cfg, reader = shard.local, shard.reader(reader)
     model = build_model(cfg, dtype, device, None if shard is None else shard.group)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from tinyinfer.cli import add_engine_arguments, apply_threads, engine_options
@@ -37,6 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave out the chat page at / (by default / serves it: open the printed address)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds running requests get to finish")
+    # Defaults: serve/limits.py Limits (imported once the serve extra is known to be there).
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest request body in bytes (413 past it; default 16 MiB)")
+    p.add_argument("--max-seqs-per-request", type=int, default=None,
+                   help="prompts x n one request may queue (default 256)")
+    p.add_argument("--template-timeout", type=float, default=None,
+                   help="seconds a chat template may take to render (default 5; then a 400)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (info logs every request)")
     add_engine_arguments(p)
@@ -48,19 +56,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
         from tinyinfer.serve.app import build_app
+        from tinyinfer.serve.limits import Limits
     except ImportError as err:
         print(f"error: the server needs its packages ({err}): pip install -e '.[serve]'", file=sys.stderr)
         return 2
     from tinyinfer.engine.llm_engine import LLMEngine
     try:
+        given = dict(max_request_bytes=args.max_request_bytes, template_timeout_s=args.template_timeout,
+                     max_seqs_per_request=args.max_seqs_per_request)
+        limits = Limits(**{k: v for k, v in given.items() if v is not None}).check()
+        sock = bind(args.host, args.port)           # before loading: a port in use fails fast
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         apply_threads(args)
         engine = LLMEngine(args.ckpt, verbose=True, **engine_options(args))
     except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sock.close()
         return 2
     name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
-    app = build_app(engine, name, args.api_key, web=not args.no_web)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    app = build_app(engine, name, args.api_key, limits, web=not args.no_web)
+    config = uvicorn.Config(app, host=args.host, port=sock.getsockname()[1], log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
 
     class Server(uvicorn.Server):
@@ -76,12 +94,29 @@ def main(argv: list[str] | None = None) -> int:
 
     server = Server(config)
     try:
-        server.run()                                # returns after a graceful shutdown; uvicorn then
+        server.run(sockets=[sock])                                # returns after a graceful shutdown; uvicorn then
     except KeyboardInterrupt:                       # re-raises the signal: SIGTERM ends the process
         return 130                                  # as SIGTERM does, SIGINT arrives here
     finally:
         engine.close()                              # tensor parallelism: its workers stop now
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (uvicorn serves on it): a port in use is
+    an `error:` line and exit 2, not uvicorn's log and exit 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} ({err.strerror}): is another server running "
+                      "there? Pick another --port (0: any free port)") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

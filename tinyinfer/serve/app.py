@@ -6,215 +6,232 @@
     GET  /                      the chat page (serve/page.py; web=False leaves it out)
 
 A request's choices run as engine requests (n choices of p prompts: p * n, choice p * n + j).
-Streaming sends one server-sent event per engine step that produced text, as it is produced; a client
-that disconnects -- mid-stream or while waiting for a whole response -- has its requests aborted, which
-frees their KV blocks at once. Errors are {"error": {"message", "type", "param", "code"}}.
+Errors are {"error": {"message", "type", "param", "code"}} (400, 401, 413, 503).
+
+The event loop does no unbounded work (docs/concurrency.md): the body is read against
+--max-request-bytes, its JSON counted (serve/limits.py), then parsing and tokenization run on a small
+thread pool and chat templates in worker processes with a deadline (serve/templates.py). Each handler
+is a plain function that finds the server's state (`Server`) on `request.app.state.server`.
 """
 from __future__ import annotations
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from tinyinfer.config.errors import RequestError
 from tinyinfer.engine.llm_engine import LLMEngine
-from tinyinfer.loading.chat import ChatTemplateError, apply_chat_template
+from tinyinfer.config.errors import RequestError
+from tinyinfer.loading.chat import ChatTemplateError, choose_template
+from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.sampling.params import SamplingParams
-from tinyinfer.serve.async_engine import AsyncEngine, RequestStream
+from tinyinfer.serve.async_engine import AsyncEngine
+from tinyinfer.serve.limits import Limits, PromptBound, check_json_size, read_body
 from tinyinfer.serve.metrics import CONTENT_TYPE
 from tinyinfer.serve.page import add_page
-from tinyinfer.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, _Common,
+from tinyinfer.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, OpenAIRequest,
                                       parse)
-from tinyinfer.serve.responses import ChatFormat, Choice, CompletionFormat, Formatter, TokenTexts, sse
+from tinyinfer.serve.responses import ChatFormat, Choice, CompletionFormat, Formatter, TokenTexts
+from tinyinfer.serve.streaming import stream_events, whole_response
+from tinyinfer.serve.templates import TemplateRenderer
 
-_DISCONNECT_POLL_S = 0.25
+
+@dataclass
+class Server:
+    """What the handlers share: the engine thread, the tokenizer, the bounds, the off-loop workers."""
+    runner: AsyncEngine
+    tokenizer: Tokenizer
+    token_texts: TokenTexts
+    model_name: str
+    api_key: Optional[str]
+    context: int                    # tokens a prompt + its output may take: the model's and the pool's
+    limits: Limits
+    prompt_bound: PromptBound
+    prep: ThreadPoolExecutor        # parsing and tokenization (the tokenizers release the GIL)
+    render: ThreadPoolExecutor      # waits on the template workers, so a slow template blocks no prep
+    templates: TemplateRenderer
+
+    async def off_loop(self, pool: ThreadPoolExecutor, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
 def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None,
-              web: bool = True) -> FastAPI:
-    """The app; its lifespan starts the engine thread and, at shutdown, stops it."""
-    runner = AsyncEngine(engine)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        runner.start()
-        yield
-        runner.stop()
-
-    app = FastAPI(title="tinyinfer", lifespan=lifespan)
-    app.state.engine = runner
-    tok = engine.tokenizer
-    token_texts = TokenTexts(tok)
+              limits: Limits = Limits(), web: bool = True) -> FastAPI:
+    """The app; its lifespan starts the engine thread and, at shutdown, stops it and the workers."""
     context = min(engine.config.max_context, engine.kv_tokens)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(err.status_code, str(err.detail), None, None, kind).body(),
-                            status_code=err.status_code)
-
-    async def check_key(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
-                           "invalid_api_key", "authentication_error")
-
+    templates = 2
+    server = Server(AsyncEngine(engine), engine.tokenizer, TokenTexts(engine.tokenizer), model_name,
+                    api_key, context, limits.check(), PromptBound(engine.tokenizer, context),
+                    ThreadPoolExecutor(2, thread_name_prefix="tinyinfer-prep"),
+                    ThreadPoolExecutor(templates, thread_name_prefix="tinyinfer-render"),
+                    TemplateRenderer(templates, limits.template_timeout_s))
+    app = FastAPI(title="tinyinfer", lifespan=lifespan)
+    app.state.server = server
+    app.state.engine = server.runner
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
-
-    @app.get("/health")
-    async def health() -> Response:
-        return JSONResponse({"status": "ok" if runner.alive else "engine stopped"},
-                            status_code=200 if runner.alive else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(runner.metrics.render(), media_type=CONTENT_TYPE)
-
-    @v1.get("/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "tinyinfer", "max_model_len": context}]}
-
-    def check_model(req: _Common) -> None:
-        if req.model is not None and req.model != model_name:
-            raise APIError(400, f"model {req.model!r} is not served here; this server serves "
-                           f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
-
-    @v1.post("/completions")
-    async def completions(request: Request) -> Response:
-        req = parse(CompletionRequest, await request.body())
-        check_model(req)
-        prompts = []
-        for p in req.prompts():
-            if isinstance(p, str):
-                p = tok.encode(p)
-            prompts.append(p)
-        params = req.sampling_params(16 if req.max_tokens is None else req.max_tokens, req.logprobs)
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", model_name, token_texts,
-                               req.logprobs is not None)
-        return await serve(request, req, prompts, params, fmt, "prompt")
-
-    @v1.post("/chat/completions")
-    async def chat(request: Request) -> Response:
-        req = parse(ChatCompletionRequest, await request.body())
-        check_model(req)
-        messages = [m.for_template(i) for i, m in enumerate(req.messages)]
-        try:
-            ids = apply_chat_template(tok, messages, tools=req.tools, documents=req.documents,
-                                      **(req.chat_template_kwargs or {}))
-        except ChatTemplateError as err:
-            raise APIError(400, str(err), "messages", "chat_template") from err
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:                      # as much as the context and the KV pool leave
-            max_tokens = context - len(ids)
-            if max_tokens < 1:
-                raise APIError(400, f"the conversation is {len(ids)} tokens: it fills the model's "
-                               f"context of {context} tokens; shorten it", "messages", "context_length_exceeded")
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = req.sampling_params(max_tokens, logprobs)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", model_name, token_texts, req.logprobs)
-        return await serve(request, req, [ids], params, fmt, "messages")
-
-    async def serve(request: Request, req: _Common, prompts: list[list[int]],
-                    params: list[SamplingParams], fmt: Formatter, prompt_field: str) -> Response:
-        flat = [(p, sp) for p in prompts for sp in params]
-        try:
-            stream = await runner.add([p for p, _ in flat], [sp for _, sp in flat])
-        except RequestError as err:             # the field at fault, else the prompt
-            raise APIError(400, str(err).replace("SamplingParams.", ""), err.field or prompt_field,
-                           "invalid_request") from err
-        except Exception as err:                    # shutting down, or a bug adding the request
-            raise APIError(503 if not runner.alive else 500, f"{type(err).__name__}: {err}", None,
-                           None, "unavailable" if not runner.alive else "internal_error") from err
-        choices = [Choice(i) for i in range(len(flat))]
-        prompt_tokens = sum(len(p) for p in prompts)
-        if req.stream:
-            include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(stream_events(stream, choices, fmt, prompt_tokens, include_usage),
-                                     media_type="text/event-stream")
-        return await whole_response(request, stream, choices, fmt, prompt_tokens)
-
+    v1.add_api_route("/models", models, methods=["GET"])
+    v1.add_api_route("/completions", completions, methods=["POST"])
+    v1.add_api_route("/chat/completions", chat, methods=["POST"])
     app.include_router(v1)
     if web:
-        add_page(app, chat_template=tok.chat_template is not None, api_key_required=api_key is not None)
+        add_page(app, chat_template=engine.tokenizer.chat_template is not None,
+                 api_key_required=api_key is not None)
     return app
 
 
-def _apply(c: Choice, delta) -> tuple[str, list]:
-    """Fold one delta into its choice; returns its new text and logprobs."""
-    lps = delta.new_logprobs or []
-    c.text += delta.new_text
-    c.num_tokens += len(delta.new_token_ids)
-    c.logprobs += lps
-    if delta.finished:
-        c.finish_reason = delta.finish_reason
-    return delta.new_text, lps
-
-
-def _engine_error(delta) -> APIError:
-    return APIError(500, str(delta.error or "the request failed in the engine"), None, "engine_error",
-                    "internal_error")
-
-
-async def stream_events(stream: RequestStream, choices: list[Choice], fmt: Formatter,
-                        prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    server: Server = app.state.server
+    server.runner.start()
     try:
-        if fmt.chat:
-            yield "".join(sse(fmt.role_chunk(c.index)) for c in choices)
-        failed = False
-        while stream.unfinished and not failed:
-            events = []
-            for index, delta in await stream.next_batch():
-                c = choices[index]
-                offset = len(c.text)
-                text, lps = _apply(c, delta)
-                if delta.finish_reason == "error":
-                    events.append(sse(_engine_error(delta).body()))
-                    failed = True
-                    break
-                if text or lps or delta.finished:
-                    events.append(sse(fmt.chunk(c, text, lps, offset)))
-            if events:
-                yield "".join(events)
-        if include_usage and not failed:
-            yield sse(fmt.usage_chunk(fmt.usage(prompt_tokens, sum(c.num_tokens for c in choices))))
-        yield sse("[DONE]")
-    finally:                                        # disconnect (cancelled) or error: abort the rest
-        stream.close()
-
-
-async def whole_response(request: Request, stream: RequestStream, choices: list[Choice],
-                         fmt: Formatter, prompt_tokens: int) -> Response:
-    async def collect() -> Optional[APIError]:
-        while stream.unfinished:
-            for index, delta in await stream.next_batch():
-                _apply(choices[index], delta)
-                if delta.finish_reason == "error":
-                    return _engine_error(delta)
-        return None
-
-    task = asyncio.ensure_future(collect())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if done:
-                break
-            if await request.is_disconnected():
-                task.cancel()
-                return Response(status_code=499)    # nobody reads it; the requests are aborted below
-        error = task.result()
-        if error is not None:
-            raise error
-        usage = fmt.usage(prompt_tokens, sum(c.num_tokens for c in choices))
-        return JSONResponse(fmt.response(choices, usage))
+        yield
     finally:
-        task.cancel()
-        stream.close()
+        server.runner.stop()
+        server.templates.close()
+        server.prep.shutdown(wait=False, cancel_futures=True)
+        server.render.shutdown(wait=False, cancel_futures=True)
+
+
+def state(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def api_error(request: Request, err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(APIError(err.status_code, str(err.detail), None, None, kind).body(),
+                        status_code=err.status_code)
+
+
+async def check_key(request: Request) -> None:
+    key = state(request).api_key
+    if key is not None and request.headers.get("authorization") != f"Bearer {key}":
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                       "invalid_api_key", "authentication_error")
+
+
+async def health(request: Request) -> Response:
+    """200 while a request can be served; 503 naming why not (shutting down, the engine thread
+    gone, a tensor-parallel worker lost)."""
+    failure = state(request).runner.failure()
+    if failure is None:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unavailable", "reason": failure}, status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(state(request).runner.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def models(request: Request) -> dict:
+    s = state(request)
+    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": 0,
+                                        "owned_by": "tinyinfer", "max_model_len": s.context}]}
+
+
+async def read_request(request: Request, model: type[OpenAIRequest]) -> OpenAIRequest:
+    """The body read against the byte limit, counted, then parsed off the loop; the model checked."""
+    s = state(request)
+    body = await read_body(request, s.limits.max_request_bytes)
+    req = await s.off_loop(s.prep, _parse, model, body, s.limits)
+    if req.model is not None and req.model != s.model_name:
+        raise APIError(400, f"model {req.model!r} is not served here; this server serves "
+                       f"{s.model_name!r} (GET /v1/models)", "model", "model_not_found")
+    return req
+
+
+def _parse(model: type[OpenAIRequest], body: bytes, limits: Limits) -> OpenAIRequest:
+    check_json_size(body, limits.max_json_values, limits.max_json_containers)
+    return parse(model, body)
+
+
+def check_sequences(s: Server, num_prompts: int, n: int) -> None:
+    if num_prompts * n > s.limits.max_seqs_per_request:
+        raise APIError(400, f"{num_prompts} prompt(s) x n={n} is {num_prompts * n} sequences; this "
+                       f"server runs at most {s.limits.max_seqs_per_request} per request "
+                       "(--max-seqs-per-request): split the request", "n" if n > 1 else "prompt",
+                       "too_many_sequences")
+
+
+def tokenize(s: Server, prompts: list[Union[str, list[int]]]) -> list[list[int]]:
+    """Text prompts as token ids (ids pass through); run on the prep pool."""
+    for p in prompts:
+        if isinstance(p, str):
+            s.prompt_bound.check(p, "prompt")
+    return [s.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+
+
+async def completions(request: Request) -> Response:
+    s = state(request)
+    req = await read_request(request, CompletionRequest)
+    prompts = req.prompts()
+    check_sequences(s, len(prompts), req.n)
+    ids = await s.off_loop(s.prep, tokenize, s, prompts)
+    params = req.sampling_params(16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+    fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", s.model_name, s.token_texts,
+                           req.logprobs is not None)
+    return await serve(request, req, ids, params, fmt, "prompt")
+
+
+async def chat(request: Request) -> Response:
+    s = state(request)
+    req = await read_request(request, ChatCompletionRequest)
+    if len(req.messages) > s.limits.max_messages:
+        raise APIError(400, f"{len(req.messages)} messages; this server takes at most "
+                       f"{s.limits.max_messages} per conversation", "messages", "too_many_messages")
+    check_sequences(s, 1, req.n)
+    messages = [m.for_template(i) for i, m in enumerate(req.messages)]
+    try:
+        template = choose_template(s.tokenizer, None, req.tools)
+        max_chars = s.prompt_bound.max_chars or s.limits.max_request_bytes
+        text = await s.off_loop(s.render, lambda: s.templates.render(
+            template, messages, max_chars, tools=req.tools, documents=req.documents,
+            special_tokens=s.tokenizer.special_tokens, template_kwargs=req.chat_template_kwargs))
+    except ChatTemplateError as err:
+        raise APIError(400, str(err), "messages", "chat_template") from err
+    ids = await s.off_loop(s.prep, lambda: s.tokenizer.encode(text, add_bos=False))
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:                      # as much as the context and the KV pool leave
+        max_tokens = s.context - len(ids)
+        if max_tokens < 1:
+            raise APIError(400, f"the conversation is {len(ids)} tokens: it fills the model's context "
+                           f"of {s.context} tokens; shorten it", "messages", "context_length_exceeded")
+    params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", s.model_name, s.token_texts, req.logprobs)
+    return await serve(request, req, [ids], params, fmt, "messages")
+
+
+async def serve(request: Request, req: OpenAIRequest, prompts: list[list[int]],
+                params: list[SamplingParams], fmt: Formatter, prompt_field: str) -> Response:
+    """Add every (prompt, choice) to the engine, then stream or collect their deltas."""
+    runner = state(request).runner
+    flat = [(p, sp) for p in prompts for sp in params]
+    try:
+        stream = await runner.add([p for p, _ in flat], [sp for _, sp in flat])
+    except RequestError as err:                 # the field at fault, else the prompt
+        raise req.invalid(str(err).replace("SamplingParams.", ""), err.field or prompt_field,
+                          "invalid_request") from err
+    except Exception as err:                    # shutting down, a broken engine, or a bug
+        failure = runner.failure()
+        raise APIError(503 if failure else 500, f"{failure or type(err).__name__}: {err}", None,
+                       None, "unavailable" if failure else "internal_error") from err
+    choices = [Choice(i) for i in range(len(flat))]
+    prompt_tokens = sum(len(p) for p in prompts)
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return StreamingResponse(stream_events(stream, choices, fmt, prompt_tokens, include_usage),
+                                 media_type="text/event-stream")
+    return await whole_response(request, stream, choices, fmt, prompt_tokens)

@@ -1,8 +1,8 @@
 """`AsyncEngine`: the online engine behind an asyncio server.
 
 One thread owns the `LLMEngine` (its calls are serialised by a lock, but a step returns the deltas of
-every request, so one loop must hand them out): it takes commands (add, abort) from a
-thread-safe queue between steps, runs `step()` while any request is live, and hands each step's
+every request, so one loop must hand them out): it takes typed commands (`AddRequests`, `Abort`,
+`Stop`) from a thread-safe queue between steps, runs `step()` while any request is live, and hands each step's
 `RequestDelta`s to the asyncio loop that asked for them (`call_soon_threadsafe`). Requests from every
 client therefore join the same running batch between two steps -- continuous batching across clients
 (Yu et al., "Orca", OSDI 2022) -- and a client that goes away aborts its requests at the next step
@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.engine.output import RequestDelta
@@ -44,8 +44,11 @@ class _Live:
     num_tokens: int = 0
 
 
+# The commands the engine thread takes from its queue, between two steps.
 @dataclass
-class _Add:
+class AddRequests:
+    """Add these requests together: all of them run, or (one refused) none; `done` is settled on the
+    client's loop with None or the error."""
     rids: list[str]
     prompts: list[list[int]]
     params: list[SamplingParams]
@@ -53,6 +56,20 @@ class _Add:
     sink: asyncio.Queue
     done: asyncio.Future
     arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Abort:
+    """Abort these requests (a client went away); unknown or finished ids are ignored."""
+    rids: list[str]
+
+
+@dataclass
+class Stop:
+    """Abort everything, deliver the final deltas and end the thread."""
+
+
+Command = Union[AddRequests, Abort, Stop]
 
 
 class RequestStream:
@@ -88,6 +105,7 @@ class AsyncEngine:
         self._live: dict[str, _Live] = {}        # touched by the engine thread only
         self._ids = itertools.count()
         self._stopping = threading.Event()
+        self.crash: Optional[str] = None           # why the engine thread ended, if it crashed
         self._thread = threading.Thread(target=self._run, name="tinyinfer-engine", daemon=True)
         self.metrics.kv_blocks_total.set(engine.blocks.num_blocks)
 
@@ -99,10 +117,19 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
+    def failure(self) -> Optional[str]:
+        """Why no request can be served now (None while one can): stopping, the engine thread gone,
+        or the engine itself broken (a tensor-parallel rank lost)."""
+        if self._stopping.is_set():
+            return "the server is shutting down"
+        if not self._thread.is_alive():
+            return "the engine thread is not running" + (f" ({self.crash})" if self.crash else "")
+        return self.engine.failure()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Abort what is running, deliver the final deltas, and end the engine thread."""
         self._stopping.set()
-        self._commands.put(None)
+        self._commands.put(Stop())
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -115,7 +142,7 @@ class AsyncEngine:
         rids = [f"req-{next(self._ids)}" for _ in prompts]
         sink: asyncio.Queue = asyncio.Queue()
         done = loop.create_future()
-        self._commands.put(_Add(rids, prompts, params, loop, sink, done))
+        self._commands.put(AddRequests(rids, prompts, params, loop, sink, done))
         try:
             await done
         except asyncio.CancelledError:              # the client left before the engine took them
@@ -124,33 +151,40 @@ class AsyncEngine:
         return RequestStream(self, rids, sink)
 
     def abort(self, rids: list[str]) -> None:
-        self._commands.put(list(rids))
+        self._commands.put(Abort(list(rids)))
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
-        while True:
-            busy = self.engine.has_unfinished()
-            try:
-                cmd = self._commands.get_nowait() if busy else self._commands.get(timeout=_IDLE_WAIT_S)
-            except queue.Empty:
-                cmd = False
-            while cmd is not False:
-                if cmd is None or self._stopping.is_set():
-                    return self._shutdown()
-                self._handle(cmd)
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    cmd = False
-            if self.engine.has_unfinished():
-                self._step()
-            self._update_gauges()
+        try:
+            while self._serve_once():
+                pass
+        except BaseException as err:               # a bug in this loop: /health says so (503)
+            self.crash = f"{type(err).__name__}: {err}"
+            traceback.print_exc(file=sys.stderr)
 
-    def _handle(self, cmd) -> None:
-        if isinstance(cmd, list):                   # abort
-            for rid in cmd:
-                self.engine.abort(rid)
-            return
+    def _serve_once(self) -> bool:
+        """Take every queued command, then run one step if anything is live; False once stopped."""
+        wait = not self.engine.has_unfinished()
+        while True:
+            try:
+                cmd = self._commands.get(timeout=_IDLE_WAIT_S) if wait else self._commands.get_nowait()
+            except queue.Empty:
+                break
+            wait = False
+            if isinstance(cmd, Stop) or self._stopping.is_set():
+                self._shutdown()
+                return False
+            if isinstance(cmd, Abort):
+                for rid in cmd.rids:
+                    self.engine.abort(rid)
+            else:
+                self._add(cmd)
+        if self.engine.has_unfinished():
+            self._step()
+        self._update_gauges()
+        return True
+
+    def _add(self, cmd: AddRequests) -> None:
         added = []
         try:
             for rid, prompt, params in zip(cmd.rids, cmd.prompts, cmd.params):

@@ -10,7 +10,6 @@ no-op value (else refused by name): `presence_penalty`, `frequency_penalty`, `lo
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -20,10 +19,12 @@ from tinyinfer.config.errors import InvalidParam
 from tinyinfer.sampling.params import SEED_RANGE, SamplingParams
 
 MAX_N = 64
+MAX_STOP_STRINGS = 16       # OpenAI allows 4; each costs the engine thread a KMP step per new character
+MAX_STOP_CHARS = 1000
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 # Names apply_chat_template takes itself: extra template variables may not override them.
 _TEMPLATE_ARGUMENTS = {"messages", "tools", "documents", "add_generation_prompt", "template",
-                       "special_tokens", "tokenizer"}
+                       "special_tokens", "tokenizer", "max_chars"}
 
 
 class APIError(Exception):
@@ -47,7 +48,8 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Common(_Strict):
+class OpenAIRequest(_Strict):
+    """The fields completions and chat completions share."""
     model: Optional[str] = None
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
@@ -82,6 +84,11 @@ class _Common(_Strict):
             raise unsupported("logit_bias", self.logit_bias, "logit biases are not implemented")
         if not 1 <= self.n <= MAX_N:
             raise APIError(400, f"n={self.n} is invalid: use 1..{MAX_N}", "n", "invalid_value")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise APIError(400, f"stop: {len(stops)} string(s) of up to {max(map(len, stops))} "
+                           f"characters; this server takes at most {MAX_STOP_STRINGS} of at most "
+                           f"{MAX_STOP_CHARS} characters each", "stop", "invalid_value")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", "stream_options",
                            "invalid_value")
@@ -98,11 +105,15 @@ class _Common(_Strict):
             return [SamplingParams(seed=None if self.seed is None else _choice_seed(self.seed, i), **kw)
                     for i in range(self.n)]
         except InvalidParam as err:                 # "SamplingParams.<field>=<value> is invalid: ..."
-            raise APIError(400, str(err).replace("SamplingParams.", ""), err.field,
-                           "invalid_value") from err
+            raise self.invalid(str(err).replace("SamplingParams.", ""), err.field,
+                               "invalid_value") from err
+
+    def invalid(self, message: str, field: Optional[str], code: str) -> APIError:
+        """A 400 about a SamplingParams field, named as this API names it."""
+        return APIError(400, message, field, code)
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(OpenAIRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: Optional[int] = None
     echo: bool = False
@@ -151,7 +162,7 @@ class ChatMessage(BaseModel):
         return msg
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
@@ -162,6 +173,18 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: Optional[bool] = None      # ignored
     tool_choice: Union[str, dict[str, Any], None] = None
     response_format: Optional[dict[str, Any]] = None
+
+    def invalid(self, message: str, field: Optional[str], code: str) -> APIError:
+        # The chat API's names: max_completion_tokens (when sent) and top_logprobs.
+        names = {"logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        if field in names:
+            message = message.replace(f"{field}=", f"{names[field]}=").replace(
+                f"max_tokens {self.max_completion_tokens}", f"max_completion_tokens "
+                f"{self.max_completion_tokens}")
+            field = names[field]
+        return APIError(400, message, field, code)
 
     def check_noops(self) -> None:
         super().check_noops()
@@ -197,20 +220,19 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def parse(model: type[_Common], body: bytes) -> _Common:
+def parse(model: type[OpenAIRequest], body: bytes) -> OpenAIRequest:
     """Validate a request body; any problem is an APIError naming the field."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}", None, "invalid_json") from err
-    if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
-                       None, "invalid_json")
     try:
         req = model.model_validate_json(body)
     except ValidationError as err:
         errors = err.errors()
         e = errors[0]
+        if e["type"] == "json_invalid":             # nesting past depth 200 included: no recursion
+            raise APIError(400, f"the request body is not valid JSON: {e['msg']}", None,
+                           "invalid_json") from err
+        if e["type"] == "model_type":
+            raise APIError(400, f"the request body must be a JSON object, got "
+                           f"{type(e.get('input')).__name__}", None, "invalid_json") from err
         # Union members add their type to the location ("prompt", "str"); the field path is the rest.
         path = [str(p) for p in e["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
         param = ".".join(path)
