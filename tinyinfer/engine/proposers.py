@@ -122,9 +122,7 @@ class DraftModelProposer:
             elif k > 0:
                 self.blocks.grow(sh, len(sh) + k - 1)
         shadows = found
-        kmax = max(limits, default=0)
-        if kmax == 0:
-            return Proposal([[] for _ in seqs], None)
+        kmax = max(limits, default=0)                # 0: nothing drafted, as near max_tokens
         V = self.runner.config.vocab_size
         # Greedy requests draft their argmax: q is one-hot, which verify() assumes when probs is None.
         greedy = all(s.params.greedy for s in seqs)
