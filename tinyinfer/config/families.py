@@ -1,25 +1,8 @@
 """The architecture-specific fields of a Hugging Face config.json, per model family.
 
-config.py reads what every family shares (sizes, heads, RoPE, norms, token ids); this module reads what
-one family adds, as transformers' configuration and modeling classes of that family use it, and refuses
-by name what tinyinfer cannot run. Families and what they add to the Llama decoder:
-
-    LlamaForCausalLM      attention_bias (q/k/v/o), mlp_bias
-    MistralForCausalLM    sliding_window (every layer; 4096 when the field is absent, as transformers)
-    MixtralForCausalLM    sparse MoE in every layer: num_local_experts SwiGLU experts of
-                          intermediate_size, softmax router, top num_experts_per_tok renormalised;
-                          sliding_window (Jiang et al., "Mixtral of Experts", 2024)
-    Qwen2ForCausalLM      bias on q/k/v (not o_proj); sliding window on layers >= max_window_layers
-                          (or as layer_types says) when use_sliding_window
-    Qwen3ForCausalLM      per-head RMSNorm of q and k before RoPE; attention_bias; head_dim default 128
-    Qwen3MoeForCausalLM   Qwen3 attention + sparse MoE on layers with (i + 1) % decoder_sparse_step == 0
-                          not in mlp_only_layers; softmax top-k router, renormalised if norm_topk_prob;
-                          no shared experts
-    DeepseekV2/V3ForCausalLM  MLA and DeepSeek MoE (layers/mla.py, layers/moe.py)
-
-A sliding window W is honoured by limiting the usable context to W tokens (config.py): within W, full
-attention and windowed attention are the same computation. Training-only fields (dropout, auxiliary
-router losses, router jitter) do not change inference and are not read.
+config/model.py reads what every family shares; this module reads what one family adds, as
+transformers' classes of that family use it, and refuses by name what tinyinfer cannot run.
+docs/formats.md has the table of families and the fields each adds.
 """
 from __future__ import annotations
 

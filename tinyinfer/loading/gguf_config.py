@@ -1,30 +1,8 @@
 """A Hugging Face config.json (as a dict) from a GGUF file's metadata.
 
-A GGUF file carries no config.json: its hyper-parameters sit in the metadata under llama.cpp's key
-names, prefixed by the architecture (`llama.block_count`, `qwen2.attention.head_count`, ...; the key
-list is llama.cpp's gguf-py `Keys`). Supported architectures and what they become:
-
-    GGUF `general.architecture`   Hugging Face architecture
-    llama                         LlamaForCausalLM (Llama, Mistral, SmolLM: same math; GGUF
-                                  records no sliding window, so Mistral 7B v0.1 runs without one)
-    llama + expert_count > 0      MixtralForCausalLM (llama.cpp files Mixtral as llama)
-    qwen2                         Qwen2ForCausalLM (q/k/v projections carry a bias)
-    qwen3                         Qwen3ForCausalLM (per-head RMSNorm on q and k)
-    qwen3moe                      Qwen3MoeForCausalLM
-
-Differences from transformers' own GGUF loader (which we otherwise match field for field):
-  * head_dim comes from `attention.key_length` when the file has it (transformers ignores it for
-    qwen3, whose head_dim often differs from hidden_size / heads, and takes its class default 128);
-  * qwen3moe's `moe_intermediate_size` comes from `expert_feed_forward_length` (transformers leaves
-    the class default);
-  * llama files with experts become Mixtral (transformers loads them as a dense Llama);
-  * `architectures` is set (transformers leaves it None); float32 values are given as the shortest
-    decimal of the stored float32 (see gguf_file.py).
-Llama 3.x files carry no rope scaling keys: llama.cpp's converter bakes Hugging Face's "llama3" rope
-scaling into a tensor, rope_freqs.weight, the factor each rotary frequency is divided by. We recover the
-rope_scaling fields from it (`llama3_rope`; transformers ignores the tensor and so runs such files
-without their rope scaling). Anything the model would need and we cannot express -- partial rotary,
-other per-dimension factors, an unknown rope scaling type, shared experts -- is refused by name.
+A GGUF file carries no config.json, only llama.cpp's architecture-prefixed metadata keys; the rest of
+the engine reads config.json, so this module rebuilds it. docs/formats.md has the architecture table,
+where the result departs from transformers' GGUF loader, and how Llama 3 rope scaling is recovered.
 """
 from __future__ import annotations
 
@@ -38,7 +16,8 @@ from tinyinfer.config.errors import ConfigError
 from tinyinfer.layers.rotary import default_inv_freq, llama3_inv_freq
 from tinyinfer.loading.gguf_file import GGUFError, Metadata
 
-# GGUF architecture -> (HF architecture, HF model_type); llama with experts is handled apart.
+# GGUF architecture -> (HF architecture, HF model_type); llama with experts is handled apart (llama.cpp
+# files Mixtral as llama). docs/formats.md: what each becomes, where transformers differs.
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
@@ -121,6 +100,7 @@ def _attention(meta: Metadata, arch: str, hidden: int) -> dict[str, Any]:
     if f"{arch}.attention.key_length" not in meta and hidden % heads:
         raise ConfigError(f"{meta.path}: {arch}.embedding_length {hidden} is not a multiple of "
                           f"{arch}.attention.head_count {heads}, and no key_length gives the head size")
+    # key_length first: qwen3's head size often differs from hidden / heads
     head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
     value_dim = meta.get(f"{arch}.attention.value_length", head_dim)
     if value_dim != head_dim:
@@ -188,6 +168,7 @@ def hf_config(meta: Metadata, tensor_types: dict[str, str], vocab_size: int,
     _check_rope_keys(meta, arch, meta.keys())
     if (rope := _rope_scaling(meta, arch)) is not None:
         config["rope_scaling"] = rope
+    # Llama 3.x files have no rope scaling keys: the converter baked it into rope_freqs.weight
     if rope_freqs is not None:
         if arch != "llama" or rope is not None:
             raise GGUFError(f"{meta.path}: rope_freqs.weight (per-dimension RoPE factors) in a "

@@ -1,33 +1,8 @@
 """A `tokenizers.Tokenizer` rebuilt from a GGUF file's vocabulary (tokenizer.ggml.* metadata).
 
-A GGUF file has no tokenizer.json: llama.cpp's converter stores the vocabulary (`tokens`), the BPE merges
-or per-token `scores`, each token's type (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
-6 byte), the special ids and the name of the pre-tokenizer. Two vocabulary kinds are supported:
-
-  * `tokenizer.ggml.model = "gpt2"`: byte-level BPE (GPT-2's scheme: every byte is spelled as one
-    printable character, Radford et al. 2019) with the file's merges, split first by the regex that
-    `tokenizer.ggml.pre` names -- the same regexes llama.cpp applies (llama-vocab.cpp):
-      gpt2 / gpt-2 / default        GPT-2's regex
-      llama-bpe / llama3 / ...      Llama 3's regex (digits in runs of up to 3)
-      qwen2 / deepseek-r1-qwen      Qwen2's regex (digits one by one)
-      smollm / starcoder / ...      every digit apart, then GPT-2's regex
-  * `tokenizer.ggml.model = "llama"`: SentencePiece BPE with byte fallback (Kudo & Richardson 2018):
-    "▁" for spaces, one added in front of the text unless `add_space_prefix` is false, unknown
-    characters spelled as <0xNN> byte pieces. SentencePiece merges the pair whose merged piece has
-    the highest score; we turn the scores into an ordered merge list that does exactly that.
-Control and unknown tokens (and the bos/eos/unk/pad tokens unless typed normal) become special added
-tokens, user-defined ones plain added tokens, so both are matched whole in the text as llama.cpp does.
-
-The ids are those of the model's own tokenizer as llama.cpp reproduces it, and equal those of the
-tokenizer transformers builds from the same file (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`)
-except where transformers' conversion departs from that tokenizer (tests/test_gguf_tokenizer.py shows
-each case against an independent reference):
-  * "smollm": transformers knows no such regex and falls back to GPT-2's, so where whitespace meets a
-    digit ("x =  42") it gives Ġ Ġ 4 2 where SmolLM2's own tokenizer and llama.cpp give ĠĠ 4 2;
-  * SentencePiece: llama.cpp, like sentencepiece, puts "▁" in front of every stretch of text, also
-    one that starts with a space ("  x" -> ▁▁▁x) and one after a special token ("<s>x" -> <s> ▁x);
-    transformers' Metaspace("first") adds none in either case;
-  * `add_space_prefix = false` (which transformers ignores) is honoured.
+A GGUF file has no tokenizer.json; this module rebuilds its byte-level BPE ("gpt2") or SentencePiece
+BPE ("llama") vocabulary so the ids are those llama.cpp gives. docs/formats.md lists the token types,
+the pre-tokenizer regexes, and where transformers' GGUF conversion gives other ids.
 """
 from __future__ import annotations
 
@@ -40,12 +15,14 @@ from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normaliz
 from tinyinfer.loading.gguf_file import GGUFError, Metadata
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4          # tokenizer.ggml.token_type values
+                                                             # (the others: 5 unused, 6 byte)
 
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> (regex applied before GPT-2's, or None; GPT-2's own regex as the last step?)
+# tokenizer.ggml.pre -> (regex applied before GPT-2's, or None; GPT-2's own regex as the last step?),
+# the same splits llama.cpp applies (its llama-vocab.cpp)
 _PRE = {
     **dict.fromkeys(("gpt2", "gpt-2", "default"), (None, True)),
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx"),

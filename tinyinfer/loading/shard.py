@@ -1,26 +1,9 @@
 """Which slice of a checkpoint each tensor-parallel rank holds, read without loading the rest
-(Megatron-style sharding: Shoeybi et al., "Megatron-LM", 2019; docs/tensor-parallel.md has the shapes).
+(Megatron-style sharding: Shoeybi et al., "Megatron-LM", 2019).
 
-`local_config` is one rank's slice of the model's config: query heads, KV heads, FFN and expert widths
-and the vocabulary divided by N, so the ordinary layer classes, built from it, hold exactly a rank's
-shard. `ShardedReader` presents a checkpoint through checkpoint.py's TensorReader interface (`where`,
-`get`, `shape`) but returns only that rank's slice of each tensor, read lazily from the memory-mapped
-safetensors file, so the usual loaders (checkpoint.load_weights, quant/io.load_int4) fill the shard
-with their usual name and shape checks, and no rank ever materialises the whole model. Per tensor, by
-the name of the module it belongs to (Hugging Face names, or ours in a tinyinfer INT4 file):
-
-    column-parallel  q_proj q_b_proj kv_b_proj gate_proj up_proj (w1 w3) embed_tokens lm_head:
-                     rows [r n/N, (r+1) n/N) of the output dim (weights, biases, INT4 levels/scales/zeros)
-    KV heads         k_proj v_proj: heads [r Hkv/N, ...) -- or, when N > Hkv, the one head
-                     r Hkv // N, replicated on N/Hkv ranks
-    fused (ours)     qkv_proj = those three row ranges concatenated; gate_up_proj = two halves
-    row-parallel     o_proj down_proj (w2): input columns [r k/N, ...); an INT4 layer's scales and
-                     zeros by groups (refused where a rank would split a group); the bias on rank 0
-                     only (zeros elsewhere: the all-reduce adds it once)
-    everything else  replicated: norms, the MoE router, MLA's q_a_proj / kv_a_proj_with_mqa
-
-MoE experts are sliced, not distributed: every rank holds a 1/N slice of every expert (and of the shared
-experts), so all ranks route alike and the load stays even.
+`local_config` is one rank's slice of the config; `ShardedReader` reads only that rank's slice of each
+tensor, so no rank ever materialises the whole model. docs/tensor-parallel.md has the slice of each
+tensor by name and the shapes per rank.
 """
 from __future__ import annotations
 
@@ -39,6 +22,8 @@ from tinyinfer.ops.int4_format import TILE_N
 from tinyinfer.quant.io import is_int4_file
 from tinyinfer.quant.plan import plan_int4
 
+# A tensor's slice follows the module it belongs to (Hugging Face names, or ours in a tinyinfer INT4
+# file); docs/tensor-parallel.md has the table.
 COLUMN = {"q_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj", "w1", "w3", "embed_tokens",
           "lm_head"}
 KV_HEADS = {"k_proj", "v_proj"}
@@ -138,7 +123,7 @@ class Shard:
 
 
 class ShardedReader:
-    """TensorReader's interface over rank `rank`'s slices (module docstring: which slice of what)."""
+    """TensorReader's interface over rank `rank`'s slices (docs/tensor-parallel.md: which slice of what)."""
 
     def __init__(self, reader: TensorReader, cfg: ModelConfig, rank: int, size: int):
         self.inner, self.cfg, self.rank, self.size = reader, cfg, rank, size
