@@ -1,5 +1,5 @@
 """Prefix caching: the block manager finds committed blocks by content (the key chains the whole
-prefix), takes them over with ref count + 1, keeps freed ones findable until evicted (empty blocks
+prefix, so equal blocks at other positions never collide), takes them over with ref count + 1, keeps freed ones findable until evicted (empty blocks
 first, then least recently freed) and never takes the block of a prompt's last token; engines with
 caching on produce exactly the tokens of engines with it off (greedy and seeded; Llama, MLA, INT4),
 hit exactly the blocks a constructed workload shares, lose nothing under eviction and preemption,
@@ -43,6 +43,20 @@ def test_blocks_are_found_by_their_whole_prefix_and_shared():
     # Same tokens in block 1, another block 0: a different prefix, so no hit at all.
     assert bm.cached_prefix(seq_of([1, 2, 3, 4] + list(range(14, 18)) + [0])) == []
     assert (bm.queries, bm.hits) == (10 + 11, 8)
+
+
+def test_equal_blocks_at_different_positions_never_collide():
+    # Block B committed at position 1 (after A): a prompt that starts with B holds the same tokens in
+    # block 0, but its prefix differs, so it must miss -- already at its first block.
+    bm = BlockManager(16, 4, enable_caching=True)
+    A, B = [11, 12, 13, 14], [21, 22, 23, 24]
+    computed(bm, A + B + [5])
+    assert bm.cached_prefix(seq_of(B + [31, 32, 33, 34, 9])) == []
+    assert bm.cached_prefix(seq_of(B + B + [9])) == []
+    # B after itself: the repeated block is another prefix than B after A.
+    bb = computed(bm, B + B + [5], "bb")
+    assert bm.cached_prefix(seq_of(A + B + [7])) != bb.block_table[:2]
+    assert len(set(bm.allocator.cached.values())) == len(bm.allocator.cached) == 4
 
 
 def test_the_block_of_the_last_token_is_never_taken():
@@ -172,6 +186,24 @@ def test_hit_counts_of_a_constructed_workload(llama):
     assert engine.stats["prefix_cache_hits"] == 8 * 3 * 16 + 7 * 3 * 16 + 2 * 16
     assert got == run(engine_for(llama, **PLAIN), [shared],
                       SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert_all_free(engine)
+
+
+def test_a_prompt_starting_with_a_block_cached_at_another_position_gets_its_own_tokens(llama):
+    # Warm the cache with A + B, then run prompts that start with B (and with B twice): equal
+    # blocks at other positions hold other K/V, so the tokens must be those of an engine without
+    # a cache.
+    A, B = random_ids(32, 600), random_ids(32, 601)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    probes = [B + random_ids(5, 602), B + B + random_ids(3, 603), B + A + random_ids(4, 604)]
+    want = run(engine_for(llama, **PLAIN), probes, greedy)
+    cold = engine_for(llama)
+    run(cold, probes, greedy)                                  # the hits the probes share (block B)
+    engine = engine_for(llama)
+    run(engine, [A + B + random_ids(4, 605)], greedy)
+    assert run(engine, probes, greedy) == want
+    # Nothing of A + B is a prefix of these: only the hits they give each other.
+    assert engine.stats["prefix_cache_hits"] == cold.stats["prefix_cache_hits"] == 2 * 32
     assert_all_free(engine)
 
 
