@@ -1,9 +1,10 @@
 """Prefix caching: the block manager finds committed blocks by content (the key chains the whole
-prefix, so equal blocks at other positions never collide), takes them over with ref count + 1, keeps freed ones findable until evicted (empty blocks
-first, then least recently freed) and never takes the block of a prompt's last token; engines with
-caching on produce exactly the tokens of engines with it off (greedy and seeded; Llama, MLA, INT4),
-hit exactly the blocks a constructed workload shares, lose nothing under eviction and preemption,
-never write a shared or committed block, and end with every ref count at 0."""
+prefix, so equal blocks at other positions never collide), takes them over with ref count + 1, keeps
+freed ones findable until evicted (empty blocks first, then least recently freed) and never takes the
+block of a prompt's last token; engines with caching on produce exactly the tokens of engines with it
+off (greedy and seeded; Llama, MLA, INT4), hit exactly the blocks a constructed workload shares, lose
+nothing under eviction and preemption, never write a shared or committed block, and end with every ref
+count at 0."""
 from __future__ import annotations
 
 from dataclasses import replace
