@@ -2,8 +2,8 @@
 fills the usable context (the smaller of the model's context and the KV pool) exactly runs to "length",
 one more token is a 400; a chat request without max_tokens asks for exactly the rest of the context and
 gets it; a conversation that fills the context alone is refused, one token shorter gets one token --
-where the KV pool binds and where the model's context does; n at its cap (MAX_N) is served, one past is
-refused. Limits are read from the code, not restated."""
+where the KV pool binds and where the model's context does; n (MAX_N) and logprobs (MAX_LOGPROBS) at
+their caps are served, one past is refused. Limits are read from the code, not restated."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from chat_util import demo_chat_model
 from serve_util import ServerThread
 from tinyinfer import LLMEngine
 from tinyinfer.loading.chat import apply_chat_template
+from tinyinfer.sampling_params import MAX_LOGPROBS
 from tinyinfer.serve.protocol import MAX_N
 
 import httpx  # noqa: E402
@@ -135,6 +136,16 @@ def test_n_at_its_cap_is_served_and_one_past_is_refused(server):
     assert r.json()["usage"]["completion_tokens"] == MAX_N
     assert_refused(completion(server, 3, 1, n=MAX_N + 1), "n", f"1..{MAX_N}")
     assert_refused(completion(server, 3, 1, n=0), "n", f"1..{MAX_N}")
+
+
+def test_logprobs_at_their_cap_are_served_and_one_past_is_refused(server):
+    r = completion(server, 3, 2, logprobs=MAX_LOGPROBS)
+    assert r.status_code == 200, r.text
+    assert [len(top) for top in r.json()["choices"][0]["logprobs"]["top_logprobs"]] == [MAX_LOGPROBS] * 2
+    assert_refused(completion(server, 3, 2, logprobs=MAX_LOGPROBS + 1), "logprobs", f"0 to {MAX_LOGPROBS}")
+    r = post(server, "/v1/chat/completions", {"messages": conversation(server, 20), "max_tokens": 2,
+                                              "logprobs": True, "top_logprobs": MAX_LOGPROBS + 1})
+    assert_refused(r, "logprobs", f"0 to {MAX_LOGPROBS}")
 
 
 def test_the_server_is_idle_after_the_limits(server):
