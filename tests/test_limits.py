@@ -11,10 +11,10 @@ import pytest
 
 from hf_util import LLAMA
 from tinyinfer import LLM, RequestError, SamplingParams
-from tinyinfer import sampling_params as sp_module
+from tinyinfer.config.errors import InvalidParam
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.request import validate_request
-from tinyinfer.sampling_params import MAX_LOGPROBS, MIN_TEMPERATURE, PENALTY_RANGE, SEED_RANGE
+from tinyinfer.sampling.params import MAX_LOGPROBS, MIN_TEMPERATURE, PENALTY_RANGE, SEED_RANGE
 
 # --------------------------------------------------------------------- validate_request, no model
 
@@ -93,7 +93,7 @@ def test_sampling_params_at_each_limit_and_one_past(field):
     for value in ok:
         SamplingParams(**{field: value})
     for value in bad:
-        with pytest.raises(sp_module.InvalidParam, match=f"{field}=") as err:
+        with pytest.raises(InvalidParam, match=f"{field}=") as err:
             SamplingParams(**{field: value})
         assert err.value.field == field
 
@@ -102,7 +102,7 @@ def test_min_tokens_up_to_max_tokens():
     SamplingParams(max_tokens=7, min_tokens=7)
     SamplingParams(max_tokens=7, min_tokens=0)
     for bad in (8, -1):
-        with pytest.raises(sp_module.InvalidParam, match=f"min_tokens={bad} is invalid"):
+        with pytest.raises(InvalidParam, match=f"min_tokens={bad} is invalid"):
             SamplingParams(max_tokens=7, min_tokens=bad)
 
 

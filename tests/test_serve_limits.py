@@ -14,7 +14,7 @@ from chat_util import demo_chat_model
 from serve_util import ServerThread
 from tinyinfer import LLMEngine
 from tinyinfer.loading.chat import apply_chat_template
-from tinyinfer.sampling_params import MAX_LOGPROBS
+from tinyinfer.sampling.params import MAX_LOGPROBS
 from tinyinfer.serve.protocol import MAX_N
 
 import httpx  # noqa: E402
