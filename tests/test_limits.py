@@ -13,7 +13,7 @@ from hf_util import LLAMA
 from tinyinfer import LLM, RequestError, SamplingParams
 from tinyinfer.config.errors import InvalidParam
 from tinyinfer.engine.block_manager import BlockManager
-from tinyinfer.engine.request import validate_request
+from tinyinfer.engine.request import prompt_ids, validate_request
 from tinyinfer.sampling.params import MAX_LOGPROBS, MIN_TEMPERATURE, PENALTY_RANGE, SEED_RANGE
 
 # --------------------------------------------------------------------- validate_request, no model
@@ -61,6 +61,16 @@ def test_token_ids_at_the_vocabulary_edges():
     assert err.value.field == "stop_token_ids"
     with pytest.raises(RequestError, match="empty prompt"):
         validate_request([], SamplingParams(), CONFIG, bm)
+
+
+@pytest.mark.parametrize("length", [39, 40, 41, 80])
+def test_a_bad_prompt_is_quoted_whole_up_to_40_characters_then_cut(length):
+    bad = b"x" * (length - 3)                                   # repr: b'xx...x', `length` characters
+    with pytest.raises(RequestError) as err:
+        prompt_ids(bad, None)
+    shown = repr(bad) if length <= 40 else repr(bad)[:37] + "..."
+    assert str(err.value) == (f"a prompt must be text (str) or a list of token ids, got {shown} (bytes); "
+                              "decode bytes to str first")
 
 
 def test_params_changed_after_construction_are_checked_again():

@@ -44,8 +44,11 @@ def test_limits_must_be_positive_integers(bad):
 def test_the_budget_must_fit_one_token_of_every_running_sequence_when_chunking():
     check_limits(8, 8, True)
     check_limits(9, 8, False)
+    Scheduler(BlockManager(4, 4), 9, 8, chunked_prefill=False)
     with pytest.raises(ValueError, match="max_num_batched_tokens=8 is smaller than max_num_seqs=9"):
         check_limits(9, 8, True)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=8 is smaller than max_num_seqs=9"):
+        Scheduler(BlockManager(4, 4), 9, 8)
 
 
 def test_decodes_first_then_prefill_chunks_in_the_rest_of_the_budget():
@@ -135,6 +138,12 @@ def test_an_exhausted_pool_preempts_the_newest_to_the_front_of_the_queue():
     assert [s.request_id for s in sched.waiting] == ["c", "d"] and c.block_table == []
     assert c.num_cached == 0 and c.num_outputs == 3             # recomputed later, its tokens kept
     assert plan(step) == (["a"], [])
+    # Preempted again once readmitted: the counts add up, per sequence and in all.
+    sched.finish(a, "length")
+    step = sched.schedule()
+    assert plan(step) == ([], [("c", 7), ("d", 8)])
+    sched.preempt(c)
+    assert c.num_preemptions == 2 and sched.num_preemptions == 2
 
 
 def test_a_prompt_whose_next_block_is_being_computed_waits_and_then_hits_it():
