@@ -68,6 +68,15 @@ def test_the_block_of_the_last_token_is_never_taken():
     assert bm.cached_prefix(again) == a.block_table[:1]          # block 1 holds its last token
     assert bm.admit(again, a.block_table[:1], len(again)) and again.num_cached == 4
     assert again.block_table[1] != a.block_table[1]              # recomputed in a block of its own
+    # Committing the recomputed block leaves the prefix in its first block: one block per key.
+    again.num_cached = len(again)
+    bm.commit(again)
+    alloc = bm.allocator
+    assert alloc.cached == {alloc.hashes[b]: b for b in a.block_table[:2]}
+    assert alloc.hashes[again.block_table[1]] is None
+    bm.free(a)
+    bm.free(again)
+    assert sorted(alloc.allocate(16)) == list(range(16)) and alloc.evictions == 2 and not alloc.cached
 
 
 def test_freed_blocks_stay_cached_count_as_free_and_are_evicted_last_lru():

@@ -36,17 +36,21 @@ def plan(step) -> tuple[list[str], list[tuple[str, int]]]:
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, None])
 def test_limits_must_be_positive_integers(bad):
-    for args in ((bad, 8, True), (4, bad, True)):
-        with pytest.raises(ValueError, match="give a positive integer"):
+    for name, args in (("max_num_seqs", (bad, 8, True)), ("max_num_batched_tokens", (4, bad, True))):
+        with pytest.raises(ValueError) as err:
             check_limits(*args)
+        assert str(err.value) == f"{name}={bad!r} is invalid: give a positive integer"
 
 
 def test_the_budget_must_fit_one_token_of_every_running_sequence_when_chunking():
     check_limits(8, 8, True)
     check_limits(9, 8, False)
     Scheduler(BlockManager(4, 4), 9, 8, chunked_prefill=False)
-    with pytest.raises(ValueError, match="max_num_batched_tokens=8 is smaller than max_num_seqs=9"):
+    with pytest.raises(ValueError) as err:
         check_limits(9, 8, True)
+    assert str(err.value) == ("max_num_batched_tokens=8 is smaller than max_num_seqs=9: a step must fit "
+                              "one token of every running sequence; raise max_num_batched_tokens or "
+                              "lower max_num_seqs")
     with pytest.raises(ValueError, match="max_num_batched_tokens=8 is smaller than max_num_seqs=9"):
         Scheduler(BlockManager(4, 4), 9, 8)
 

@@ -122,6 +122,15 @@ def test_a_stop_is_found_across_tokens_pushed_before_min_tokens():
     assert ts.push(ord("c")) and ts.text == ""
 
 
+def test_a_whole_stop_string_before_min_tokens_is_text_and_not_held():
+    # Completed before min_tokens: it cannot end the request, so it is plain text, released at once.
+    ts = stream(["abc"])
+    for ch in "abc":
+        assert not ts.push(ord(ch), check_stops=False)
+    assert ts.take(final=False) == "abc"
+    assert not ts.push(ord("d")) and ts.take(final=False) == "d"
+
+
 def test_a_deferred_stream_hands_out_all_of_its_text_once_final():
     ts = stream([], deferred=True)
     for ch in "abc":
