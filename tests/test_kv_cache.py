@@ -42,3 +42,12 @@ def test_pool_and_block_sizes_must_be_positive():
         BlockAllocator(0)
     with pytest.raises(ValueError, match="block_size must be positive, got 0"):
         BlockManager(4, 0)
+
+
+def test_allocate_takes_one_block_by_default_and_release_checks_the_range():
+    a = BlockAllocator(4)
+    assert len(a.allocate()) == 1 and a.num_free == 3
+    for bad in (4, -1):
+        with pytest.raises(ValueError) as err:
+            a.release([bad])
+        assert str(err.value) == f"block id {bad} out of range [0, 4)"

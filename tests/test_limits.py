@@ -30,9 +30,12 @@ def check(n_prompt: int, max_tokens: int, num_blocks: int = 64, block_size: int 
 @pytest.mark.parametrize("n_prompt", [1, 60, 99])
 def test_prompt_plus_max_tokens_equal_to_the_context_is_accepted_one_more_refused(n_prompt):
     check(n_prompt, CONFIG.max_context - n_prompt)
-    with pytest.raises(RequestError, match=f"= {CONFIG.max_context + 1} exceeds the model's context "
-                                           f"of {CONFIG.max_context}"):
-        check(n_prompt, CONFIG.max_context - n_prompt + 1)
+    over = CONFIG.max_context - n_prompt + 1
+    with pytest.raises(RequestError) as err:
+        check(n_prompt, over)
+    assert str(err.value) == (f"prompt of {n_prompt} tokens + max_tokens {over} = {CONFIG.max_context + 1} "
+                              f"exceeds the model's context of {CONFIG.max_context} tokens; shorten the "
+                              "prompt or lower max_tokens")
     with pytest.raises(RequestError, match="exceeds the model's context"):
         check(n_prompt + 1, CONFIG.max_context - n_prompt)
 
@@ -59,8 +62,12 @@ def test_token_ids_at_the_vocabulary_edges():
     with pytest.raises(RequestError, match=f"stop_token_ids holds {v}, outside") as err:
         validate_request([1], SamplingParams(stop_token_ids=[v]), CONFIG, bm)
     assert err.value.field == "stop_token_ids"
-    with pytest.raises(RequestError, match="empty prompt"):
+    with pytest.raises(RequestError) as err:
         validate_request([], SamplingParams(), CONFIG, bm)
+    assert str(err.value) == "empty prompt: give at least one token or character"
+    with pytest.raises(RequestError) as err:
+        validate_request([1], {"temperature": 0}, CONFIG, bm)
+    assert str(err.value) == "sampling params must be a SamplingParams, got {'temperature': 0} (dict)"
 
 
 @pytest.mark.parametrize("length", [39, 40, 41, 80])

@@ -109,6 +109,57 @@ def test_admit_counts_the_free_cached_blocks_it_takes_and_changes_nothing_when_s
     assert bm.queries == 5                                       # the failed admission counts nothing
 
 
+def test_an_evicted_block_reused_by_another_prefix_is_cached_under_its_new_key():
+    bm = BlockManager(3, 2, enable_caching=True)
+    a = computed(bm, [5, 6, 7, 8, 9])                            # [5 6] [7 8] cached, [9] not
+    old = list(a.block_table)
+    bm.free(a)
+    other = computed(bm, [8, 9, 1, 2, 3])                        # evicts [7 8], then [5 6]
+    assert other.block_table == [old[2], old[1], old[0]] and bm.allocator.evictions == 2
+    assert bm.cached_prefix(seq_of([5, 6, 7, 8, 0])) == []
+    bm.free(other)
+    assert bm.cached_prefix(seq_of([8, 9, 1, 2, 0])) == [old[2], old[1]]
+    assert list(bm.allocator.empty) == [old[0]]                  # the block of [3] holds no prefix
+
+
+def test_blocks_filled_while_decoding_are_cached_under_their_full_tokens():
+    bm = BlockManager(16, 4, enable_caching=True)
+    s = seq_of(list(range(10, 20)))                              # 2 full blocks + 2 tokens
+    assert bm.admit(s, [], len(s))
+    s.num_cached = len(s)
+    bm.commit(s)
+    s.token_ids += [20, 21, 22]                                  # decoding fills block 2
+    bm.grow(s, len(s))
+    s.num_cached = len(s)
+    bm.commit(s)
+    assert bm.cached_prefix(seq_of(list(range(10, 22)) + [0])) == s.block_table[:3]
+    assert (bm.queries, bm.hits) == (10, 0)
+    hit = seq_of(list(range(10, 22)) + [1])
+    assert bm.admit(hit, bm.cached_prefix(hit), len(hit))
+    again = seq_of(list(range(10, 14)) + [2])
+    assert bm.admit(again, bm.cached_prefix(again), len(again))
+    assert (bm.queries, bm.hits) == (10 + 13 + 5, 12 + 4)       # hits add up over admissions
+
+
+def test_admission_may_take_exactly_every_free_block():
+    bm = BlockManager(4, 2, enable_caching=True)
+    bm.free(computed(bm, [5, 6, 7, 8, 9]))                       # 2 blocks cached, all 4 free
+    s = seq_of([5, 6, 7, 8, 1, 2, 3])                            # 2 hits + 2 new = 4
+    assert bm.admit(s, bm.cached_prefix(s), len(s)) and bm.num_free == 0
+
+
+def test_truncate_gives_back_the_blocks_past_the_kept_tokens():
+    bm = BlockManager(8, 4)
+    s = seq_of(list(range(3, 14)))                               # 11 tokens: 3 blocks
+    assert bm.admit(s, [], len(s))
+    s.num_cached = 11
+    table = list(s.block_table)
+    bm.truncate(s, 6)
+    assert s.block_table == table[:2] and s.num_cached == 6 and bm.num_free == 6
+    bm.truncate(s, 8)                                            # nothing to give back
+    assert s.block_table == table[:2] and s.num_cached == 6
+
+
 def test_speculative_rollback_cannot_cut_committed_blocks():
     bm = BlockManager(8, 4, enable_caching=True)
     s = computed(bm, list(range(3, 12)))                         # 2 committed blocks

@@ -16,10 +16,29 @@ from hf_util import DRAFT, LLAMA
 
 
 class CharTokenizer:
-    """Token id i decodes to chr(i): every token is exactly one character."""
+    """Token id i decodes to chr(i): every token is exactly one character; id 0 is a special token,
+    rendered as "<s>" unless skipped."""
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(i) for i in ids)
+        return "".join(("" if skip_special_tokens else "<s>") if i == 0 else chr(i) for i in ids)
+
+
+class WordTokenizer:
+    """Token ids index a list of pieces of several characters each."""
+    PIECES = ["a", "bXc", "X", "dXeXf"]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(self.PIECES[i] for i in ids)
+
+
+class ByteFallbackTokenizer:
+    """Token id b < 256 is the byte b. Like tokenizers' ByteFallback decoder, a run of bytes that
+    starts inside a character (a continuation byte) decodes to U+FFFD for every byte of the run."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if ids and 0x80 <= ids[0] < 0xC0:
+            return "\ufffd" * len(ids)
+        return bytes(ids).decode("utf-8", errors="replace")
 
 
 def stream(stops: list[str], deferred: bool = False) -> TextStream:
@@ -134,9 +153,45 @@ def test_a_whole_stop_string_before_min_tokens_is_text_and_not_held():
 def test_a_deferred_stream_hands_out_all_of_its_text_once_final():
     ts = stream([], deferred=True)
     for ch in "abc":
-        ts.push(ord(ch))
+        assert ts.push(ord(ch)) is False
         assert ts.take(final=False) == ""
     assert ts.finish() is False and ts.take(final=True) == "abc"
+    aborted = stream([], deferred=True)                          # ends without finish(): abort
+    for ch in "xy":
+        aborted.push(ord(ch))
+    assert aborted.take(final=True) == "xy" and aborted.take(final=True) == ""
+
+
+def test_streams_by_default_and_skips_special_tokens_unless_asked():
+    ts = TextStream(CharTokenizer(), [], [])
+    ts.push(ord("a"))
+    ts.push(0)
+    assert ts.take(final=False) == "a"
+    shown = TextStream(CharTokenizer(), [], [], skip_special_tokens=False)
+    for t in (ord("a"), 0, ord("b")):
+        shown.push(t)
+    shown.finish()
+    assert shown.take(final=True) == "a<s>b"
+
+
+def test_a_token_holding_a_stop_twice_is_cut_at_the_first():
+    ts = TextStream(WordTokenizer(), [], ["X"])
+    assert not ts.push(0) and ts.push(3) and ts.text == "ad"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_multibyte_characters_stream_whole_even_when_the_window_starts_inside_one(seed):
+    rng = random.Random(seed)
+    chars = "aé€😀 z"
+    text = "".join(rng.choice(chars) for _ in range(60))
+    ids = list(text.encode())
+    ts = TextStream(ByteFallbackTokenizer(), [], [])
+    out = ""
+    for t in ids:
+        ts.push(t)
+        out += ts.take(final=False)
+    ts.finish()
+    assert out + ts.take(final=True) == text
 
 
 # --------------------------------------------------------------------------- end to end, demo model
