@@ -45,9 +45,10 @@ test-browser: browser-deps
 fuzz: test-deps
 	$(PYTHON) -m pytest -q -m fuzz tests/test_fuzz.py tests/test_fuzz_hostile.py
 
-# Mutation testing of the engine's bookkeeping (block manager, scheduler, request checks, output text) with
-# mutmut against their fast tests; configuration in setup.cfg, report in docs/mutation-testing.md. Local,
-# not CI: about 40 minutes on a 2-core machine. Runs outside PYTHONPATH so the tests import the mutated copy.
+# Mutation testing of the engine's bookkeeping (block manager, scheduler, request checks, output text)
+# with mutmut against their fast tests; configuration in setup.cfg, report in docs/mutation-testing.md.
+# Local, not CI: about 5 minutes on a busy 2-core machine. Runs without PYTHONPATH, so the tests import
+# the mutated copy in mutants/.
 mutation: test-deps
 	@$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install -e ".[mutation]"
 	rm -rf mutants
