@@ -2,8 +2,9 @@
 fills the usable context (the smaller of the model's context and the KV pool) exactly runs to "length",
 one more token is a 400; a chat request without max_tokens asks for exactly the rest of the context and
 gets it; a conversation that fills the context alone is refused, one token shorter gets one token --
-where the KV pool binds and where the model's context does; n (MAX_N) and logprobs (MAX_LOGPROBS) at
-their caps are served, one past is refused. Limits are read from the code, not restated."""
+where the KV pool binds and where the model's context does; n (MAX_N), logprobs (MAX_LOGPROBS),
+prompts x n, messages and stop strings (count and length) at their caps are served, one past is
+refused. Limits are read from the code, not restated."""
 from __future__ import annotations
 
 import json
@@ -15,11 +16,14 @@ from serve_util import ServerThread
 from tinyinfer import LLMEngine
 from tinyinfer.loading.chat import apply_chat_template
 from tinyinfer.sampling.params import MAX_LOGPROBS
-from tinyinfer.serve.protocol import MAX_N
+from tinyinfer.serve.limits import Limits
+from tinyinfer.serve.protocol import MAX_N, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 import httpx  # noqa: E402
 
 POOL = 128                       # KV tokens: well below the demo model's context, so the pool binds
+# Caps small enough to test at quickly; n at MAX_N still fits (66 = 2 prompts x n 33).
+LIMITS = Limits(max_seqs_per_request=MAX_N + 2, max_messages=4)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def server(model_dir):
     srv = ServerThread(LLMEngine(model_dir, device="cpu", dtype="float32", max_kv_tokens=POOL),
-                       name="demo")
+                       name="demo", limits=LIMITS)
     yield srv
     srv.stop()
 
@@ -145,7 +149,29 @@ def test_logprobs_at_their_cap_are_served_and_one_past_is_refused(server):
     assert_refused(completion(server, 3, 2, logprobs=MAX_LOGPROBS + 1), "logprobs", f"0 to {MAX_LOGPROBS}")
     r = post(server, "/v1/chat/completions", {"messages": conversation(server, 20), "max_tokens": 2,
                                               "logprobs": True, "top_logprobs": MAX_LOGPROBS + 1})
-    assert_refused(r, "logprobs", f"0 to {MAX_LOGPROBS}")
+    assert_refused(r, "top_logprobs", f"0 to {MAX_LOGPROBS}")
+
+
+def test_prompts_times_n_messages_and_stop_strings_at_their_caps_and_one_past(server):
+    cap = LIMITS.max_seqs_per_request
+    r = post(server, "/v1/completions", {"prompt": [[5, 6], [7, 8]], "n": cap // 2, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == cap, r.text
+    assert_refused(post(server, "/v1/completions", {"prompt": [[5, 6]] * (cap + 1), "max_tokens": 1}),
+                   "prompt", f"{cap + 1} sequences")
+    assert_refused(post(server, "/v1/completions", {"prompt": [[5, 6], [7, 8]], "n": cap // 2 + 1,
+                                                    "max_tokens": 1}), "n", f"{cap + 2} sequences")
+    msgs = [{"role": "user", "content": "sir"}] * LIMITS.max_messages
+    r = post(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert_refused(post(server, "/v1/chat/completions", {"messages": msgs + msgs[:1], "max_tokens": 1}),
+                   "messages", f"{LIMITS.max_messages + 1} messages")
+    stops = ["zq" * (MAX_STOP_CHARS // 2)] * MAX_STOP_STRINGS
+    r = post(server, "/v1/completions", {"prompt": [5, 6], "stop": stops, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert_refused(post(server, "/v1/completions", {"prompt": [5, 6], "stop": stops + ["x"]}), "stop",
+                   f"at most {MAX_STOP_STRINGS}")
+    assert_refused(post(server, "/v1/completions", {"prompt": [5, 6], "stop": [stops[0] + "z"]}), "stop",
+                   f"at most {MAX_STOP_CHARS} characters")
 
 
 def test_the_server_is_idle_after_the_limits(server):
