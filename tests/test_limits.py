@@ -52,6 +52,21 @@ def test_prompt_plus_max_tokens_equal_to_the_kv_pool_is_accepted_one_more_refuse
         check(pool, 1, num_blocks, block_size)
 
 
+def test_max_tokens_is_named_at_fault_exactly_when_a_one_token_prompt_could_not_fit_with_it():
+    limit = CONFIG.max_context
+    for n_prompt, max_tokens, field in [(1, limit, "max_tokens"), (2, limit - 1, None),
+                                        (5, limit + 3, "max_tokens")]:
+        with pytest.raises(RequestError) as err:
+            check(n_prompt, max_tokens)
+        assert err.value.field == field, (n_prompt, max_tokens)
+    pool = 5 * 4                                                 # 5 blocks of 4: the pool binds
+    for n_prompt, max_tokens, field in [(1, pool, "max_tokens"), (2, pool - 1, None),
+                                        (9, pool - 4, None), (1, pool + 4, "max_tokens")]:
+        with pytest.raises(RequestError) as err:
+            check(n_prompt, max_tokens, 5, 4)
+        assert err.value.field == field, (n_prompt, max_tokens)
+
+
 def test_token_ids_at_the_vocabulary_edges():
     bm, v = BlockManager(64, 4), CONFIG.vocab_size
     validate_request([0, v - 1], SamplingParams(), CONFIG, bm)

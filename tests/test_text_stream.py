@@ -111,10 +111,10 @@ def test_a_stop_completed_by_the_last_token_is_cut():
     assert hit and out == "zz"
 
 
-def _stop_sets(rng: random.Random, alphabet: str) -> list[str]:
+def _stop_sets(rng: random.Random, alphabet: str, longest: int) -> list[str]:
     """1-3 distinct stops where none is a suffix of another: a completed stop is then unambiguous."""
     while True:
-        stops = list({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+        stops = list({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, longest)))
                       for _ in range(rng.randint(1, 3))})
         if not any(a != b and a.endswith(b) for a in stops for b in stops):
             return stops
@@ -123,9 +123,11 @@ def _stop_sets(rng: random.Random, alphabet: str) -> list[str]:
 @pytest.mark.parametrize("seed", range(4))
 def test_random_streams_match_the_reference_after_every_token(seed):
     rng = random.Random(seed)
-    for _ in range(150):
-        stops = _stop_sets(rng, "abc")
-        text = "".join(rng.choice("abc") for _ in range(rng.randint(1, 24)))
+    for i in range(300):
+        # Half over "abc"; half over "ab" with longer stops (self-overlapping, like "aabaa").
+        alphabet, longest = ("abc", 4) if i % 2 else ("ab", 7)
+        stops = _stop_sets(rng, alphabet, longest)
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
         out, hit, _ = run_stream(text, stops)
         cut = first_stop(text, stops)
         assert hit == (cut >= 0), (text, stops)
@@ -148,6 +150,28 @@ def test_a_whole_stop_string_before_min_tokens_is_text_and_not_held():
         assert not ts.push(ord(ch), check_stops=False)
     assert ts.take(final=False) == "abc"
     assert not ts.push(ord("d")) and ts.take(final=False) == "d"
+
+
+def test_a_stop_overlapping_one_completed_before_min_tokens_is_found():
+    # "aa" completed before min_tokens does not stop; its second "a" may start the next "aa".
+    ts = stream(["aa"])
+    assert not ts.push(ord("a"), check_stops=False) and not ts.push(ord("a"), check_stops=False)
+    assert ts.push(ord("a")) and ts.text == "a"
+
+
+def test_a_stopped_stream_stays_stopped():
+    ts = stream(["b"])
+    assert not ts.push(ord("a")) and ts.push(ord("b")) and ts.text == "a"
+    assert ts.push(ord("c")) and ts.finish() and ts.text == "a"
+    assert ts.take(final=True) == "a"
+
+
+def test_a_stop_completed_by_the_text_flushed_at_the_end_is_found():
+    # The stream ends inside a character: the flush renders it as U+FFFD, here a stop string.
+    ts = TextStream(ByteFallbackTokenizer(), [], ["\ufffd"])
+    for b in "a€".encode()[:-1]:
+        assert not ts.push(b)
+    assert ts.finish() and ts.text == "a" and ts.take(final=True) == "a"
 
 
 def test_a_deferred_stream_hands_out_all_of_its_text_once_final():
