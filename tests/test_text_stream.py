@@ -159,6 +159,15 @@ def test_a_stop_overlapping_one_completed_before_min_tokens_is_found():
     assert ts.push(ord("a")) and ts.text == "a"
 
 
+def test_a_self_overlapping_stop_right_after_one_before_min_tokens_is_found():
+    # "aabaaa" ends at 14 (before min_tokens) and again at 18, overlapping it from 12.
+    text, stop = "bbaaabbbaabaaabaaa", "aabaaa"
+    ts = stream([stop])
+    for i, ch in enumerate(text):
+        hit = ts.push(ord(ch), check_stops=i >= 14)
+    assert hit and ts.text == text[:12]
+
+
 def test_a_stopped_stream_stays_stopped():
     ts = stream(["b"])
     assert not ts.push(ord("a")) and ts.push(ord("b")) and ts.text == "a"
