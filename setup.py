@@ -40,6 +40,8 @@ setup(
         # selenium drives Debian's chromium / chromedriver for the chat page's test (make test-browser).
         "test": ["pytest", "transformers>=5.0", "protobuf", "accelerate", "openai>=1.0", "httpx",
                  "fastapi", "uvicorn", "httptools", "pydantic>=2", "prometheus_client", "selenium>=4.11"],
+        # make mutation: mutation testing of the engine's bookkeeping (docs/mutation-testing.md).
+        "mutation": ["mutmut>=3.8"],
     },
     cmdclass={"build_kernels": BuildKernels},
 )

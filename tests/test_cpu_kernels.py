@@ -3,9 +3,10 @@ portable build without AVX-512 loaded beside it) and the pure-PyTorch paths used
 built, each against the op's reference and float64.
 
 paged_attention: float64 attention over batches built the hard way (shuffled tables, NaN in every slot
-no sequence owns, varlen queries, padding rows), in float32, bfloat16 and float16, and scores that
-span more than e^87 (the exp's flush to zero). rope_store_kv, store_kv and the norms: the reference's
-bits, NaN-poisoned caches and -1 slots included, a float32 weight on a half-precision input too.
+no sequence owns, varlen queries, padding rows), in float32, bfloat16 and float16, scores that span
+more than e^87 (the exp's flush to zero), and lengths at block multiples and one past. rope_store_kv,
+store_kv and the norms: the reference's bits, NaN-poisoned caches and -1 slots included, a float32
+weight on a half-precision input too.
 linear (oneDNN on a reordered weight): within float32 rounding of float64, a row's result independent
 of the batch, a weight written in place used as written.
 """
@@ -53,6 +54,19 @@ def test_paged_attention_matches_float64(path, name, dtype):
     torch.testing.assert_close(got.double(), dense_float64(batch), **TOL[dtype])
     padding = got[int(batch.query_start_loc[-1]):]
     assert len(padding) and torch.equal(padding, torch.zeros_like(padding)), "padding rows stay zero"
+
+
+@pytest.mark.parametrize("bs", [8, 16])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_paged_attention_at_block_multiples_and_one_past_matches_float64(path, bs, q_len):
+    # Lengths that end exactly on a block boundary (the last block full) and one past it (a block of
+    # one key), each beside the other so a block skipped or read from a neighbour changes values.
+    seq_lens = [n for k in (1, 2, 3) for n in (k * bs, k * bs + 1)] + [bs - 1]
+    batch = make_batch(seq_lens, [q_len] * len(seq_lens), 4, 2, 16, 16, bs, torch.float32,
+                       seed=bs + q_len)
+    got = ops.paged_attention(*batch.args())
+    assert not got.isnan().any(), "an unused (NaN) cache slot was read"
+    torch.testing.assert_close(got.double(), dense_float64(batch), atol=2e-5, rtol=1e-5)
 
 
 def test_paged_attention_with_scores_far_apart_matches_float64(path):

@@ -1,9 +1,10 @@
 """Prefix caching: the block manager finds committed blocks by content (the key chains the whole
-prefix), takes them over with ref count + 1, keeps freed ones findable until evicted (empty blocks
-first, then least recently freed) and never takes the block of a prompt's last token; engines with
-caching on produce exactly the tokens of engines with it off (greedy and seeded; Llama, MLA, INT4),
-hit exactly the blocks a constructed workload shares, lose nothing under eviction and preemption,
-never write a shared or committed block, and end with every ref count at 0."""
+prefix, so equal blocks at other positions never collide), takes them over with ref count + 1, keeps
+freed ones findable until evicted (empty blocks first, then least recently freed) and never takes the
+block of a prompt's last token; engines with caching on produce exactly the tokens of engines with it
+off (greedy and seeded; Llama, MLA, INT4), hit exactly the blocks a constructed workload shares, lose
+nothing under eviction and preemption, never write a shared or committed block, and end with every ref
+count at 0."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -45,6 +46,20 @@ def test_blocks_are_found_by_their_whole_prefix_and_shared():
     assert (bm.queries, bm.hits) == (10 + 11, 8)
 
 
+def test_equal_blocks_at_different_positions_never_collide():
+    # Block B committed at position 1 (after A): a prompt that starts with B holds the same tokens in
+    # block 0, but its prefix differs, so it must miss -- already at its first block.
+    bm = BlockManager(16, 4, enable_caching=True)
+    A, B = [11, 12, 13, 14], [21, 22, 23, 24]
+    computed(bm, A + B + [5])
+    assert bm.cached_prefix(seq_of(B + [31, 32, 33, 34, 9])) == []
+    assert bm.cached_prefix(seq_of(B + B + [9])) == []
+    # B after itself: the repeated block is another prefix than B after A.
+    bb = computed(bm, B + B + [5], "bb")
+    assert bm.cached_prefix(seq_of(A + B + [7])) != bb.block_table[:2]
+    assert len(set(bm.allocator.cached.values())) == len(bm.allocator.cached) == 4
+
+
 def test_the_block_of_the_last_token_is_never_taken():
     bm = BlockManager(16, 4, enable_caching=True)
     a = computed(bm, list(range(10, 18)))                        # exactly 2 full blocks, committed
@@ -53,6 +68,15 @@ def test_the_block_of_the_last_token_is_never_taken():
     assert bm.cached_prefix(again) == a.block_table[:1]          # block 1 holds its last token
     assert bm.admit(again, a.block_table[:1], len(again)) and again.num_cached == 4
     assert again.block_table[1] != a.block_table[1]              # recomputed in a block of its own
+    # Committing the recomputed block leaves the prefix in its first block: one block per key.
+    again.num_cached = len(again)
+    bm.commit(again)
+    alloc = bm.allocator
+    assert alloc.cached == {alloc.hashes[b]: b for b in a.block_table[:2]}
+    assert alloc.hashes[again.block_table[1]] is None
+    bm.free(a)
+    bm.free(again)
+    assert sorted(alloc.allocate(16)) == list(range(16)) and alloc.evictions == 2 and not alloc.cached
 
 
 def test_freed_blocks_stay_cached_count_as_free_and_are_evicted_last_lru():
@@ -83,6 +107,57 @@ def test_admit_counts_the_free_cached_blocks_it_takes_and_changes_nothing_when_s
     assert len(hit) == 2 and not bm.admit(big, hit, len(big))
     assert big.block_table == [] and bm.num_free == 4 and not any(bm.allocator.ref_counts)
     assert bm.queries == 5                                       # the failed admission counts nothing
+
+
+def test_an_evicted_block_reused_by_another_prefix_is_cached_under_its_new_key():
+    bm = BlockManager(3, 2, enable_caching=True)
+    a = computed(bm, [5, 6, 7, 8, 9])                            # [5 6] [7 8] cached, [9] not
+    old = list(a.block_table)
+    bm.free(a)
+    other = computed(bm, [8, 9, 1, 2, 3])                        # evicts [7 8], then [5 6]
+    assert other.block_table == [old[2], old[1], old[0]] and bm.allocator.evictions == 2
+    assert bm.cached_prefix(seq_of([5, 6, 7, 8, 0])) == []
+    bm.free(other)
+    assert bm.cached_prefix(seq_of([8, 9, 1, 2, 0])) == [old[2], old[1]]
+    assert list(bm.allocator.empty) == [old[0]]                  # the block of [3] holds no prefix
+
+
+def test_blocks_filled_while_decoding_are_cached_under_their_full_tokens():
+    bm = BlockManager(16, 4, enable_caching=True)
+    s = seq_of(list(range(10, 20)))                              # 2 full blocks + 2 tokens
+    assert bm.admit(s, [], len(s))
+    s.num_cached = len(s)
+    bm.commit(s)
+    s.token_ids += [20, 21, 22]                                  # decoding fills block 2
+    bm.grow(s, len(s))
+    s.num_cached = len(s)
+    bm.commit(s)
+    assert bm.cached_prefix(seq_of(list(range(10, 22)) + [0])) == s.block_table[:3]
+    assert (bm.queries, bm.hits) == (10, 0)
+    hit = seq_of(list(range(10, 22)) + [1])
+    assert bm.admit(hit, bm.cached_prefix(hit), len(hit))
+    again = seq_of(list(range(10, 14)) + [2])
+    assert bm.admit(again, bm.cached_prefix(again), len(again))
+    assert (bm.queries, bm.hits) == (10 + 13 + 5, 12 + 4)       # hits add up over admissions
+
+
+def test_admission_may_take_exactly_every_free_block():
+    bm = BlockManager(4, 2, enable_caching=True)
+    bm.free(computed(bm, [5, 6, 7, 8, 9]))                       # 2 blocks cached, all 4 free
+    s = seq_of([5, 6, 7, 8, 1, 2, 3])                            # 2 hits + 2 new = 4
+    assert bm.admit(s, bm.cached_prefix(s), len(s)) and bm.num_free == 0
+
+
+def test_truncate_gives_back_the_blocks_past_the_kept_tokens():
+    bm = BlockManager(8, 4)
+    s = seq_of(list(range(3, 14)))                               # 11 tokens: 3 blocks
+    assert bm.admit(s, [], len(s))
+    s.num_cached = 11
+    table = list(s.block_table)
+    bm.truncate(s, 6)
+    assert s.block_table == table[:2] and s.num_cached == 6 and bm.num_free == 6
+    bm.truncate(s, 8)                                            # nothing to give back
+    assert s.block_table == table[:2] and s.num_cached == 6
 
 
 def test_speculative_rollback_cannot_cut_committed_blocks():
@@ -172,6 +247,24 @@ def test_hit_counts_of_a_constructed_workload(llama):
     assert engine.stats["prefix_cache_hits"] == 8 * 3 * 16 + 7 * 3 * 16 + 2 * 16
     assert got == run(engine_for(llama, **PLAIN), [shared],
                       SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert_all_free(engine)
+
+
+def test_a_prompt_starting_with_a_block_cached_at_another_position_gets_its_own_tokens(llama):
+    # Warm the cache with A + B, then run prompts that start with B (and with B twice): equal
+    # blocks at other positions hold other K/V, so the tokens must be those of an engine without
+    # a cache.
+    A, B = random_ids(32, 600), random_ids(32, 601)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    probes = [B + random_ids(5, 602), B + B + random_ids(3, 603), B + A + random_ids(4, 604)]
+    want = run(engine_for(llama, **PLAIN), probes, greedy)
+    cold = engine_for(llama)
+    run(cold, probes, greedy)                                  # the hits the probes share (block B)
+    engine = engine_for(llama)
+    run(engine, [A + B + random_ids(4, 605)], greedy)
+    assert run(engine, probes, greedy) == want
+    # Nothing of A + B is a prefix of these: only the hits they give each other.
+    assert engine.stats["prefix_cache_hits"] == cold.stats["prefix_cache_hits"] == 2 * 32
     assert_all_free(engine)
 
 
