@@ -230,3 +230,21 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     print(f"best: {best['proposer']} k={best['k']}: measured {best['measured_S']:.2f}x, predicted "
           f"{best['predicted_S']:.2f}x")
     return {"new_tokens": n, "batch": args.batch, "rows": rows, "summary": summary}
+
+
+def figure(results: dict):
+    """Speed-up against acceptance rate, per proposer: measured (solid) beside predicted (dashed), one
+    point per k (sorted by acceptance)."""
+    from tools.bench.plot import Figure, Panel, Series
+    series = []
+    for name in dict.fromkeys(r["proposer"] for r in results["rows"]):
+        rows = sorted((r for r in results["rows"] if r["proposer"] == name), key=lambda r: r["acceptance"])
+        acc = [r["acceptance"] for r in rows]
+        series += [Series(f"{name}: measured", acc, [r["measured_S"] for r in rows],
+                          point_labels=[f"k={r['k']}" for r in rows]),
+                   Series(f"{name}: predicted", acc, [r["predicted_S"] for r in rows], dashed=True)]
+    ks = sorted({r["k"] for r in results["rows"]})
+    panel = Panel("acceptance rate", "decode speed-up over plain decoding (x)", series, hline=1.0,
+                  hline_label="no speed-up",
+                  title=f"k = {ks[0]}..{ks[-1]}, batch {results['batch']}, {results['new_tokens']} new tokens")
+    return Figure("bench spec: speculative decoding, measured vs predicted", [panel])
