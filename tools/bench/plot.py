@@ -126,7 +126,7 @@ def render(fig: Figure, result: dict, path: str | Path) -> Path:
         ax.set_title(panel.title, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    width = 92 * len(fig.panels)             # characters that fit the figure's width at this font size
+    width = 80 * len(fig.panels)             # characters that fit the figure's width at this font size
     canvas.suptitle("\n".join(textwrap.fill(line, width) for line in (fig.title, subtitle(result))), fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
