@@ -56,6 +56,7 @@ def test_title_names_machine_commit_and_date():
     assert subtitle(result) == "NVIDIA H200 (test fixture), load average 1.0 - commit fixture - 2026-12-07"
     old = {"device": "CPU (x86_64, 2 cores)", "commit": "abc1234", "time": "2026-11-26 10:00:00"}
     assert subtitle(old) == "CPU (x86_64, 2 cores) - commit abc1234 - 2026-11-26"   # JSON from before machine
+    assert "load average 3.10 - " in subtitle({**old, "loadavg": "3.10 2.00 1.50"})   # a bench's own string
 
 
 def test_hf_figure_draws_one_curve_per_engine_column():
@@ -65,6 +66,16 @@ def test_hf_figure_draws_one_curve_per_engine_column():
         row["llamacpp_tok_s"] = row["hf_tok_s"] * 2
     labels = [s.label for s in load_bench("hf").figure(result).panels[0].series]
     assert labels == ["tinyinfer", "HF generate()", "llama.cpp"]
+
+
+def test_engine_series_takes_any_number_of_engines_and_skips_missing_cells():
+    """bench llamacpp's rows: named tests, llama.cpp's cell "n/a" where llama-bench did not run it."""
+    from tools.bench.plot import engine_series
+    rows = [{"figure": "decode b1", "tinyinfer_tok_s": 40.0, "llamacpp_tok_s": 55.0, "ratio": 0.73},
+            {"figure": "prefill 500", "tinyinfer_tok_s": 300.0, "llamacpp_tok_s": "n/a"}]
+    series = engine_series(rows, "figure")
+    assert [(s.label, s.x, s.y) for s in series] == [
+        ("tinyinfer", ["decode b1", "prefill 500"], [40.0, 300.0]), ("llama.cpp", ["decode b1"], [55.0])]
 
 
 def test_plot_flag_runs_the_bench_and_draws_it(tmp_path, capsys):
@@ -95,3 +106,13 @@ def test_no_plotting_code_is_imported_without_plot(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_plot_without_matplotlib_fails_before_the_bench_runs(monkeypatch, tmp_path):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"--plot needs matplotlib: pip install -e '\.\[plot\]'"):
+        main(["copy", "--device", "cpu", "--mib", "1", "--runs", "1", "--json", str(tmp_path / "c.json"),
+              "--plot", str(tmp_path / "c.png")])
+    assert not (tmp_path / "c.json").exists()            # refused up front: nothing measured, nothing lost

@@ -144,13 +144,8 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool,
 def figure(results: dict):
     """Decode tokens/s against batch size, one curve per engine: every rows column "<engine>_tok_s"
     (tinyinfer, hf; a bench that adds another engine's column gets its curve for free)."""
-    from tools.bench.plot import Figure, Panel, Series
-    rows = results["rows"]
-    names = {"tinyinfer": "tinyinfer", "hf": "HF generate()", "llamacpp": "llama.cpp"}
-    engines = [k[:-len("_tok_s")] for k in rows[0] if k.endswith("_tok_s")]
-    batch = [r["batch"] for r in rows]
-    panel = Panel("batch size (sequences)", "decode tokens/s", [
-        Series(names.get(e, e), batch, [r[f"{e}_tok_s"] for r in rows]) for e in engines], xlog=True,
+    from tools.bench.plot import Figure, Panel, engine_series
+    panel = Panel("batch size (sequences)", "decode tokens/s", engine_series(results["rows"], "batch"), xlog=True,
         title=f"{results['ckpt'].rstrip('/').split('/')[-1]}, {results['dtype']}, "
               f"{results['new_tokens']} new tokens, greedy")
     return Figure("bench hf: decode speed against batch size", [panel])

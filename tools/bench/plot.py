@@ -56,12 +56,30 @@ class Figure:
     panels: list[Panel] = field(default_factory=list)
 
 
+ENGINES = {"tinyinfer": "tinyinfer", "hf": "HF generate()", "llamacpp": "llama.cpp", "vllm": "vLLM"}
+
+
+def engine_series(rows: list[dict], x: str) -> list[Series]:
+    """One series per engine from rows holding "<engine>_tok_s" columns (any number of engines: a bench
+    that measures one more adds its column), at x = row[x]; cells that are not numbers ("n/a") are left
+    out."""
+    engines = dict.fromkeys(k[:-len("_tok_s")] for r in rows for k in r if k.endswith("_tok_s"))
+    out = []
+    for e in engines:
+        points = [(r[x], r[f"{e}_tok_s"]) for r in rows if isinstance(r.get(f"{e}_tok_s"), (int, float))]
+        if points:
+            out.append(Series(ENGINES.get(e, e), [p[0] for p in points], [p[1] for p in points]))
+    return out
+
+
 def subtitle(result: dict) -> str:
     """Machine, commit and date of a bench's JSON (tools.bench.common.envelope)."""
     machine = result.get("machine") or result.get("device", "unknown machine")
     load = result.get("loadavg")
-    if load:
-        machine += f", load average {load[0]:.1f}"
+    if isinstance(load, (list, tuple)) and load:
+        machine += f", load average {float(load[0]):.1f}"
+    elif isinstance(load, str) and load:
+        machine += f", load average {load.split()[0]}"
     date = str(result.get("time", "")).split(" ")[0] or "undated"
     return f"{machine} - commit {result.get('commit', 'unknown')} - {date}"
 

@@ -258,7 +258,8 @@ def figure(results: dict):
         Series("prefix cache", x, [r["cached_ms"] for r in sweep])], title="shared system prompt")
     rows = results["admission"]
     names = ["whole prompt" if r["budget"] is None else f"chunks of {r['budget']}" for r in rows]
-    chunked = Panel("prefill", "ms", [Series("longest step (decodes stall)", names, [r["max_step_ms"] for r in rows]),
-                                      Series("long prompt's TTFT", names, [r["long_ttft_ms"] for r in rows])],
-                    bars=True, title="a long prompt admitted while others decode")
+    chunked = Panel("prefill", "time (ms)", [
+        Series("longest step (decodes stall)", names, [r["max_step_ms"] for r in rows]),
+        Series("long prompt's TTFT", names, [r["long_ttft_ms"] for r in rows])],
+        bars=True, title="a long prompt admitted while others decode")
     return Figure("bench prefix: prefix caching and chunked prefill", [cache, chunked])
