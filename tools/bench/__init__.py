@@ -11,7 +11,8 @@ nothing to register. A bench module defines:
 and optionally GPU_CHECK_ARGS: list[list[str]] -- the argument lists `make gpu-check` runs it with
 (default: once, with no extra arguments), and optionally figure(results) -> tools.bench.plot.Figure
 (its results drawn: the bench then takes --plot PATH.png; import plot inside figure(), so a run without
---plot loads no plotting code). `--device` and `--json` are added for every bench; do not add them again. `make gpu-check` runs `copy` first, then the other benches by name, then `e2e` last.
+--plot loads no plotting code). `--device` and `--json` are added for every bench; do not add them
+again. `make gpu-check` runs `copy` first, then the other benches by name, then `e2e` last.
 """
 from __future__ import annotations
 
