@@ -142,10 +142,16 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool,
 
 
 def figure(results: dict):
-    """Decode tokens/s against batch size, one curve per engine: every rows column "<engine>_tok_s"
-    (tinyinfer, hf; a bench that adds another engine's column gets its curve for free)."""
+    """Decode tokens/s against batch size, one curve per engine (every rows column "<engine>_tok_s":
+    tinyinfer, HF; a bench that adds another engine's column gets its curve for free), and each engine's
+    CPU time per decode step, the steadier figure on a busy machine."""
     from tools.bench.plot import Figure, Panel, engine_series
-    panel = Panel("batch size (sequences)", "decode tokens/s", engine_series(results["rows"], "batch"), xlog=True,
-        title=f"{results['ckpt'].rstrip('/').split('/')[-1]}, {results['dtype']}, "
-              f"{results['new_tokens']} new tokens, greedy")
-    return Figure("bench hf: decode speed against batch size", [panel])
+    rows = results["rows"]
+    panels = [Panel("batch size (sequences)", "decode tokens/s (wall clock)", engine_series(rows, "batch"),
+                    xlog=True, title=f"{results['ckpt'].rstrip('/').split('/')[-1]}, {results['dtype']}, "
+                                     f"{results['new_tokens']} new tokens, greedy")]
+    cpu = engine_series(rows, "batch", "_cpu_ms_step")
+    if cpu:
+        panels.append(Panel("batch size (sequences)", "CPU time per decode step (ms)", cpu, xlog=True,
+                            title="the process's CPU time (steadier under load)"))
+    return Figure("bench hf: decode speed against batch size", panels)

@@ -59,14 +59,14 @@ class Figure:
 ENGINES = {"tinyinfer": "tinyinfer", "hf": "HF generate()", "llamacpp": "llama.cpp", "vllm": "vLLM"}
 
 
-def engine_series(rows: list[dict], x: str) -> list[Series]:
-    """One series per engine from rows holding "<engine>_tok_s" columns (any number of engines: a bench
+def engine_series(rows: list[dict], x: str, suffix: str = "_tok_s") -> list[Series]:
+    """One series per engine from rows holding "<engine><suffix>" columns (any number of engines: a bench
     that measures one more adds its column), at x = row[x]; cells that are not numbers ("n/a") are left
     out."""
-    engines = dict.fromkeys(k[:-len("_tok_s")] for r in rows for k in r if k.endswith("_tok_s"))
+    engines = dict.fromkeys(k[:-len(suffix)] for r in rows for k in r if k.endswith(suffix))
     out = []
     for e in engines:
-        points = [(r[x], r[f"{e}_tok_s"]) for r in rows if isinstance(r.get(f"{e}_tok_s"), (int, float))]
+        points = [(r[x], r[e + suffix]) for r in rows if isinstance(r.get(e + suffix), (int, float))]
         if points:
             out.append(Series(ENGINES.get(e, e), [p[0] for p in points], [p[1] for p in points]))
     return out
