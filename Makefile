@@ -58,7 +58,7 @@ bench: install
 	fi
 
 # The README's figures: docs/plots/NAME.png and the JSON each is drawn from, by the CPU benches at small,
-# quick settings on the demo model (4 minutes on a 2-core Xeon VM at load average 11). Never edit them by hand: rerun
+# quick settings on the demo model (3-5 minutes on a 2-core Xeon VM at load average 8-12). Never edit them by hand: rerun
 # this. `python -m tools.bench.plot docs/plots/NAME.json OUT.png` redraws one from its JSON.
 PLOTS ?= docs/plots
 BENCH_OUT = --device cpu --json $(PLOTS)/$(1).json --plot $(PLOTS)/$(1).png
