@@ -57,9 +57,9 @@ bench: install
 		$(PYTHON) -m tools.bench cpu_int4 --ckpt $(CKPT) --device cpu; \
 	fi
 
-# The README's figures: docs/plots/NAME.png and the JSON each is drawn from, by the CPU benches at small,
+# The README's figures: the PNGs in docs/plots/ and the JSON each is drawn from, by the CPU benches at small,
 # quick settings on the demo model (3-5 minutes on a 2-core Xeon VM at load average 8-12). Never edit them by hand: rerun
-# this. `python -m tools.bench.plot docs/plots/NAME.json OUT.png` redraws one from its JSON.
+# this. `python -m tools.bench.plot docs/plots/hf.json OUT.png` redraws one from its JSON.
 PLOTS ?= docs/plots
 BENCH_OUT = --device cpu --json $(PLOTS)/$(1).json --plot $(PLOTS)/$(1).png
 plots: test-deps
