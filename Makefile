@@ -63,7 +63,7 @@ bench: install
 PLOTS ?= docs/plots
 BENCH_OUT = --device cpu --json $(PLOTS)/$(1).json --plot $(PLOTS)/$(1).png
 plots: test-deps
-	PYTHONPATH=. $(PYTHON) -m tools.bench hf $(call BENCH_OUT,hf) --ckpt $(CKPT) --batches 1,2,4,8,16 --new-tokens 16
+	PYTHONPATH=. $(PYTHON) -m tools.bench hf $(call BENCH_OUT,hf) --ckpt $(CKPT) --batches 1,2,4,8,16 --new-tokens 32
 	PYTHONPATH=. $(PYTHON) -m tools.bench serve $(call BENCH_OUT,serve) --ckpt $(CKPT) --num-requests 32 \
 		--rates 2,4,8,16,24 --input-len 64 --output-len 32 --repeats 3
 	PYTHONPATH=. $(PYTHON) -m tools.bench prefix $(call BENCH_OUT,prefix) --ckpt $(CKPT) \
