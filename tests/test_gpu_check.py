@@ -1,12 +1,16 @@
-"""make gpu-check's decisions, checked on the CPU: no GPU -> a clear stop; skips and memory errors fail."""
+"""make gpu-check's decisions, checked on the CPU: no GPU -> a clear stop; skips and memory errors fail;
+each plotting bench's figure drawn beside its JSON."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from tools import gpu_check
+
+FIXTURES = Path(__file__).resolve().parent / "data" / "bench"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without a GPU")
@@ -35,3 +39,14 @@ def test_sanitizer_verdicts():
     status, detail, failing = gpu_check.sanitizer_verdict(1, refused)
     assert status == "unavailable" and not failing and "not supported" in detail
     assert gpu_check.sanitizer_verdict(None, "")[:1] == ("timeout",)
+
+
+def test_a_bench_result_gets_its_figure_beside_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    recorded = json.loads((FIXTURES / "attention.json").read_text())
+    assert gpu_check.Check.plot(recorded, tmp_path / "attention.json") == " (plot attention.png)"
+    assert (tmp_path / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert gpu_check.Check.plot({"bench": "store_kv"}, tmp_path / "store_kv.json") == ""   # draws no figure
+    assert gpu_check.Check.plot({}, tmp_path / "none.json") == ""                          # no JSON written
+    broken = gpu_check.Check.plot({"bench": "attention", "cases": []}, tmp_path / "broken.json")
+    assert broken.startswith(" (no plot: ") and not (tmp_path / "broken.png").exists()

@@ -8,12 +8,15 @@ One command, < 5 minutes (300 s; with `make gpu-tune` < 8 min), nothing installe
   3. compute-sanitizer memcheck over the `sanitizer`-marked tests (one small test per kernel);
      "unavailable" when the machine refuses the sanitizer -- neither a pass nor a kernel failure
   4. the benchmarks: copy bandwidth, each kernel bench, then e2e (tools/bench/)
-  5. JSON + logs under $OUT (else ./gpu-check-out/), and a short table printed last.
+  5. JSON + logs under $OUT (else ./gpu-check-out/), each plotting bench's figure beside its JSON when
+     matplotlib is installed (tools/bench/plot.py; else redraw later with `python -m tools.bench.plot`),
+     and a short table printed last.
 Exit status 0 only when the build, every CUDA test and every benchmark succeeded and the sanitizer
 found no error. On a machine without a GPU it says so and stops with status 2.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -196,9 +199,23 @@ class Check:
                     print(tail(text, 30), flush=True)
                     self.record(f"bench {label}", "TIMEOUT" if code is None else "FAIL", secs, " ".join(extra), True)
                     continue
-                rows = json.loads(result.read_text()).get("summary", []) if result.is_file() else []
-                self.figures += [{"bench": label, **row} for row in rows]
-                self.record(f"bench {label}", "ok", secs, " ".join(extra), False)
+                recorded = json.loads(result.read_text()) if result.is_file() else {}
+                self.figures += [{"bench": label, **row} for row in recorded.get("summary", [])]
+                self.record(f"bench {label}", "ok", secs, " ".join(extra) + self.plot(recorded, result), False)
+
+    @staticmethod
+    def plot(recorded: dict, result: Path) -> str:
+        """The bench's figure beside its JSON, when it draws one and matplotlib is here (never a failure:
+        the figures are in the JSON either way)."""
+        name = str(recorded.get("bench", "")).split("#")[0]
+        if not name or not callable(getattr(load_bench(name), "figure", None)) \
+                or importlib.util.find_spec("matplotlib") is None:
+            return ""
+        try:
+            from tools.bench.plot import plot_result
+            return f" (plot {plot_result(recorded, result.with_suffix('.png')).name})"
+        except Exception as err:                   # a figure that cannot be drawn must not hide the figures
+            return f" (no plot: {type(err).__name__}: {err})"
 
     def finish(self, device: str) -> int:
         failed = [s["step"] for s in self.steps if s["failing"]]

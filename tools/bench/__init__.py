@@ -9,8 +9,10 @@ nothing to register. A bench module defines:
         # results["summary"] as common.summary_row(...) dicts (gpu-check's final table shows them)
 
 and optionally GPU_CHECK_ARGS: list[list[str]] -- the argument lists `make gpu-check` runs it with
-(default: once, with no extra arguments). `--device` and `--json` are added for every bench; do not
-add them again. `make gpu-check` runs `copy` first, then the other benches by name, then `e2e` last.
+(default: once, with no extra arguments), and optionally figure(results) -> tools.bench.plot.Figure
+(its results drawn: the bench then takes --plot PATH.png; import plot inside figure(), so a run without
+--plot loads no plotting code). `--device` and `--json` are added for every bench; do not add them
+again. `make gpu-check` runs `copy` first, then the other benches by name, then `e2e` last.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-NOT_BENCHES = {"common", "__main__"}
+NOT_BENCHES = {"common", "__main__", "plot"}
 
 
 def bench_names() -> list[str]:

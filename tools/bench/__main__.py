@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+        if callable(getattr(module, "figure", None)):
+            p.add_argument("--plot", default=None, metavar="PATH.png",
+                           help="also draw the results into this PNG (needs matplotlib: the plot extra)")
         module.add_arguments(p)
         p.set_defaults(module=module)
     return parser
@@ -33,9 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "module", None) is None:
         load_bench(args.bench)  # raises the import error that made it unavailable
+    if getattr(args, "plot", None):
+        from tools.bench.plot import require_matplotlib
+        require_matplotlib()
     device = resolve_device(args.device)
-    results = args.module.run(args, device)
-    write_json(args.json, envelope(args.bench, device, results))
+    results = envelope(args.bench, device, args.module.run(args, device))
+    write_json(args.json, results)
+    if getattr(args, "plot", None):
+        from tools.bench.plot import plot_result
+        print(f"plot: {plot_result(results, args.plot)}")
     return 0
 
 

@@ -135,3 +135,15 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                            vs_read=r["vs_read"], vs_torch=r["vs_sdpa"]) for r in rows]
     return {"yardsticks": sticks, "copy_gbps": sticks["copy"]["gbps"], "read_gbps": sticks["read"]["gbps"],
             "dtype": dtype_name, "is_cpu_figure": not is_gpu(device), "cases": rows, "summary": summary}
+
+
+def figure(results: dict):
+    """Fraction of the copy and read-only bandwidths per case (batch, context, q_len)."""
+    from tools.bench.plot import Figure, Panel, Series
+    cases = [r["case"] for r in results["cases"]]
+    panel = Panel("case", "achieved / measured bandwidth", [
+        Series("vs copy", cases, [r["vs_copy"] for r in results["cases"]]),
+        Series("vs read-only", cases, [r["vs_read"] for r in results["cases"]])], bars=True, hline=1.0,
+        title=f"paged attention, K/V bytes read, {results['dtype']}")
+    return Figure(f"bench attention: paged attention bandwidth (copy {results['copy_gbps']:.0f} GB/s, "
+                  f"read {results['read_gbps']:.0f} GB/s)", [panel])

@@ -215,9 +215,24 @@ def summary_row(name: str, value: float, unit: str, **extra: Any) -> dict:
     return {"name": name, "value": value, "unit": unit, **extra}
 
 
+def machine_name(device: torch.device) -> str:
+    """The machine a figure came from, for plot titles: the GPU's name, else the CPU's model and cores."""
+    if is_gpu(device):
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    except OSError:
+        pass                                                   # not Linux: platform's name stands
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def envelope(bench: str, device: torch.device, results: dict) -> dict:
-    """The JSON every bench writes: what ran where, and its results."""
-    return {"bench": bench, "device": device_label(device), "is_gpu": is_gpu(device),
+    """The JSON every bench writes: what ran where (and how loaded the machine was at the end), and its
+    results."""
+    return {"bench": bench, "device": device_label(device), "machine": machine_name(device),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "is_gpu": is_gpu(device),
             "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), **results}
 

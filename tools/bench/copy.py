@@ -38,3 +38,13 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     return {"copy": result, "read": read,
             "summary": [summary_row("copy bandwidth", result["gbps"], "GB/s"),
                         summary_row("read-only bandwidth", read["gbps"], "GB/s", vs_copy=read["gbps"] / result["gbps"])]}
+
+
+def figure(results: dict):
+    """The two yardsticks side by side, in GB/s."""
+    from tools.bench.plot import Figure, Panel, Series
+    size = f"{results['copy']['bytes'] / GiB:.2f} GiB"
+    panel = Panel("stream", "GB/s", [Series("measured", ["copy (read + write)", "read-only (sum)"],
+                                              [results["copy"]["gbps"], results["read"]["gbps"]])],
+                  bars=True, title=f"{size} streamed, median of {results['copy']['timing']['runs']} runs")
+    return Figure("bench copy: the bandwidth yardsticks", [panel])

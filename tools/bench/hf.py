@@ -34,12 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode through CUDA graphs (GPU); --no-cuda-graphs launches eagerly")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads for both engines (0 = torch's default)")
+    parser.add_argument("--batches", default="1,16",
+                        help="batch sizes, comma-separated (prompts of mixed length above 1)")
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
     if args.threads > 0 and not is_gpu(device):
         torch.set_num_threads(args.threads)
-    return compare_with_hf(args.ckpt, device, args.new_tokens, args.cuda_graphs)
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--batches {args.batches!r}: give batch sizes as integers, e.g. 1,4,16")
+    if not batches or min(batches) < 1:
+        raise SystemExit(f"--batches {args.batches!r}: give at least one batch size, each >= 1")
+    return compare_with_hf(args.ckpt, device, args.new_tokens, args.cuda_graphs, batches)
 
 
 def _prompts(tokenizer, batch: int) -> list[list[int]]:
@@ -99,7 +107,8 @@ def hf_generate(hf, pad: int, device: torch.device):
     return generate
 
 
-def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) -> dict:
+def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool,
+                    batches: tuple[int, ...] = (1, 16)) -> dict:
     dtype = "float32" if not is_gpu(device) else "bfloat16"
     llm = LLM(path, device=str(device), dtype=dtype, cuda_graphs=cuda_graphs and is_gpu(device),
               max_kv_tokens=16 * 256)
@@ -113,7 +122,7 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) 
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True))
 
     rows = []
-    for batch in (1, 16):
+    for batch in batches:
         prompts = _prompts(llm.tokenizer, batch)
         tps, ms = _decode_rate(ours, prompts, n)
         hf_tps, hf_ms = _decode_rate(theirs, prompts, n)
@@ -130,3 +139,19 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool) 
                            r["tinyinfer_tok_s"], "tok/s", vs_torch=r["ratio"]) for r in rows]
     return {"ckpt": path, "dtype": dtype, "new_tokens": n, "is_cpu_figure": not is_gpu(device),
             "rows": rows, "summary": summary}
+
+
+def figure(results: dict):
+    """Decode tokens/s against batch size, one curve per engine (every rows column "<engine>_tok_s":
+    tinyinfer, HF; a bench that adds another engine's column gets its curve for free), and each engine's
+    CPU time per decode step, the steadier figure on a busy machine."""
+    from tools.bench.plot import Figure, Panel, engine_series
+    rows = results["rows"]
+    panels = [Panel("batch size (sequences)", "decode tokens/s (wall clock)", engine_series(rows, "batch"),
+                    xlog=True, title=f"{results['ckpt'].rstrip('/').split('/')[-1]}, {results['dtype']}, "
+                                     f"{results['new_tokens']} new tokens, greedy")]
+    cpu = engine_series(rows, "batch", "_cpu_ms_step")
+    if cpu:
+        panels.append(Panel("batch size (sequences)", "CPU time per decode step (ms)", cpu, xlog=True,
+                            title="the process's CPU time (steadier under load)"))
+    return Figure("bench hf: decode speed against batch size", panels)

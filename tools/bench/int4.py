@@ -193,3 +193,22 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         print(format_table(quality, ["config", "kl", "top1", "ppl"]))
         results["quality"] = quality
     return results
+
+
+def figure(results: dict):
+    """Fraction of the copy and read-only bandwidths per weight shape at M = 1; with batched rows, the
+    fraction of copy bandwidth against M per shape."""
+    from tools.bench.plot import Figure, Panel, Series
+    shapes = [f"{r['N']}x{r['K']}" for r in results["m1"]]
+    panels = [Panel("weight shape N x K (M = 1)", "achieved / measured bandwidth", [
+        Series("vs copy", shapes, [r["vs_copy"] for r in results["m1"]]),
+        Series("vs read-only", shapes, [r["vs_read"] for r in results["m1"]])], bars=True, hline=1.0,
+        title=f"decode GEMV, g{results['group_size']}, {results['dtype']} activations")]
+    if results.get("batched"):
+        rows = [r for r in results["m1"]] + results["batched"]
+        panels.append(Panel("M (rows of x)", "achieved / copy bandwidth", [
+            Series(f"{n}x{k}", [r["M"] for r in rows if (r["N"], r["K"]) == (n, k)],
+                   [r["vs_copy"] for r in rows if (r["N"], r["K"]) == (n, k)])
+            for n, k in dict.fromkeys((r["N"], r["K"]) for r in rows)], xlog=True, title="GEMV to GEMM"))
+    return Figure(f"bench int4: INT4 linear bandwidth (copy {results['copy_gbps']:.0f} GB/s, "
+                  f"read {results['read_gbps']:.0f} GB/s)", panels)

@@ -1,9 +1,10 @@
 """prefix: prefix caching and chunked prefill -- prefill time saved, decode stall bounded.
 
-1. Shared system prompt: a --system-tokens (768) system prompt + --questions (32) different
-   --question-tokens (~50) questions, sent at once, one output token each: the total prefill time
-   (wall time of the whole batch) with prefix caching vs without, each run on a fresh cache, median of
-   --repeats, and the tokens that went through the model.
+1. Shared system prompt: a --system-tokens (768; several values: one run each, the prefill time
+   against the shared-prefix length) system prompt + --questions (32) different --question-tokens
+   (~50) questions, sent at once, one output token each: the total prefill time (wall time of the
+   whole batch) with prefix caching vs without, each run on a fresh cache, median of --repeats, and
+   the tokens that went through the model.
 2. A long prompt admitted while --decoders (16) sequences decode: once they decode, a --long-tokens
    (900) prompt arrives; the longest engine step from its arrival to its first token is how long the
    decodes stall. With chunked prefill (max_num_batched_tokens = each of --budgets) vs without
@@ -62,7 +63,8 @@ def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=str(ROOT / "models" / "shakespeare-llama"))
-    parser.add_argument("--system-tokens", type=int, default=768)
+    parser.add_argument("--system-tokens", type=int, nargs="+", default=[768],
+                        help="shared system prompt lengths (the longest is the headline)")
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--question-tokens", type=int, default=50)
     parser.add_argument("--decoders", type=int, default=16)
@@ -100,9 +102,9 @@ def prefill_run(llm: LLM, prompts: list[list[int]], caching: bool) -> tuple[floa
     return seconds, sum(map(len, prompts)) - e.stats["prefix_cache_hits"]
 
 
-def shared_system_prompt(llm: LLM, tokens, args) -> dict:
-    system = tokens(args.system_tokens, 0)
-    prompts = [system + tokens(args.question_tokens + i % 7 - 3, args.system_tokens + 64 * i)
+def shared_system_prompt(llm: LLM, tokens, args, system_tokens: int) -> dict:
+    system = tokens(system_tokens, 0)
+    prompts = [system + tokens(args.question_tokens + i % 7 - 3, system_tokens + 64 * i)
                for i in range(args.questions)]
     prefill_run(llm, prompts[:4], True)                 # warm-up
     res = {}
@@ -110,13 +112,13 @@ def shared_system_prompt(llm: LLM, tokens, args) -> dict:
         runs = [prefill_run(llm, prompts, caching) for _ in range(args.repeats)]
         res[caching] = (statistics.median(r[0] for r in runs), runs[0][1])
     ratio = res[True][0] / res[False][0]
-    print(f"shared system prompt: {args.questions} x ({args.system_tokens} + ~{args.question_tokens})"
+    print(f"shared system prompt: {args.questions} x ({system_tokens} + ~{args.question_tokens})"
           f" tokens, median of {args.repeats}")
     for caching in (False, True):
         print(f"  prefix caching {'on ' if caching else 'off'}: {res[caching][0] * 1e3:9.1f} ms, "
               f"{res[caching][1]} tokens computed")
     print(f"  cached / uncached prefill time: {ratio:.3f}  (target <= 0.3)")
-    return {"uncached_ms": res[False][0] * 1e3, "cached_ms": res[True][0] * 1e3,
+    return {"system_tokens": system_tokens, "uncached_ms": res[False][0] * 1e3, "cached_ms": res[True][0] * 1e3,
             "uncached_tokens": res[False][1], "cached_tokens": res[True][1], "ratio": ratio}
 
 
@@ -206,7 +208,7 @@ def op_case(name: str, lens: list[int], q_lens: list[int], hq: int, hkv: int, d:
 def attention_alternatives(llm: LLM, args, device: torch.device) -> list[dict]:
     cfg, dtype = llm.config, llm.dtype
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    ctx = args.system_tokens + args.question_tokens
+    ctx = max(args.system_tokens) + args.question_tokens
     cases = [(f"{args.questions} x {args.question_tokens} q over {ctx}", [ctx] * args.questions,
               [args.question_tokens] * args.questions, hq, hkv, d, dtype),
              (f"chunks 16..{args.headline_budget} q over 64..{args.long_tokens}",
@@ -227,7 +229,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     print(device_label(device))
     llm = LLM(args.ckpt, device=str(device), max_kv_tokens=(args.questions + 2) * 1024 + 8192)
     tokens = token_source(llm)
-    shared = shared_system_prompt(llm, tokens, args)
+    sweep = [shared_system_prompt(llm, tokens, args, n) for n in sorted(set(args.system_tokens))]
+    shared = sweep[-1]
     rows = long_prompt_admission(llm, tokens, args)
     head = next(r for r in rows if r["budget"] == args.headline_budget)
     print(f"longest step while admitting, chunked (budget {args.headline_budget}) / whole: "
@@ -240,5 +243,23 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                            f"({args.headline_budget}) / whole", head["stall/whole"], "x",
                            chunked_ms=round(head["max_step_ms"], 2),
                            whole_ms=round(rows[0]["max_step_ms"], 2))]
-    return {"ckpt": args.ckpt, "shared_system_prompt": shared, "admission": rows,
+    return {"ckpt": args.ckpt, "shared_system_prompt": shared, "shared_prefix_sweep": sweep, "admission": rows,
             "attention": ops_rows, "summary": summary}
+
+
+def figure(results: dict):
+    """Prefill time of the shared-system-prompt batch with and without the prefix cache against the
+    shared prefix's length; the longest step and the long prompt's TTFT against the chunk budget."""
+    from tools.bench.plot import Figure, Panel, Series
+    sweep = results.get("shared_prefix_sweep") or [results["shared_system_prompt"]]
+    x = [r["system_tokens"] for r in sweep]
+    cache = Panel("shared prefix (tokens)", "prefill time of the batch (ms)", [
+        Series("no prefix cache", x, [r["uncached_ms"] for r in sweep]),
+        Series("prefix cache", x, [r["cached_ms"] for r in sweep])], title="shared system prompt")
+    rows = results["admission"]
+    names = ["whole prompt" if r["budget"] is None else f"chunks of {r['budget']}" for r in rows]
+    chunked = Panel("prefill", "time (ms)", [
+        Series("longest step (decodes stall)", names, [r["max_step_ms"] for r in rows]),
+        Series("long prompt's TTFT", names, [r["long_ttft_ms"] for r in rows])],
+        bars=True, title="a long prompt admitted while others decode")
+    return Figure("bench prefix: prefix caching and chunked prefill", [cache, chunked])

@@ -138,3 +138,24 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                                     vs_offline=round(ratio, 3)),
                         *[summary_row(f"serve TTFT p50 at {r['rate']}/s", r["ttft_p50_ms"], "ms",
                                       tpot_p50_ms=r["tpot_p50_ms"]) for r in runs]]}
+
+
+def figure(results: dict):
+    """TTFT and TPOT p50 / p99 against the arrival rate; output tokens/s at each rate, at saturation and
+    offline (LLM.generate on the same requests)."""
+    from tools.bench.plot import Figure, Panel, Series
+    paced = [r for r in results["runs"] if r["rate"] not in ("inf", "offline")]
+    rates = [float(r["rate"]) for r in paced]
+    latency = [Panel("arrival rate (requests/s)", f"{what} (ms)", [
+        Series(f"{what} p50", rates, [r[f"{key}_p50_ms"] for r in paced]),
+        Series(f"{what} p99", rates, [r[f"{key}_p99_ms"] for r in paced], dashed=True)], title=title)
+        for what, key, title in (("TTFT", "ttft", "time to first token"),
+                                 ("TPOT", "tpot", "time per output token"))]
+    runs = results["runs"] + [results["offline"]]
+    names = [f"{float(r['rate']):g}/s" if r["rate"] not in ("inf", "offline") else
+             {"inf": "all at once", "offline": "offline"}[r["rate"]] for r in runs]
+    throughput = Panel("arrival rate", "output tokens/s", [
+        Series("server", names[:-1], [r["output_tokens_per_s"] for r in runs[:-1]]),
+        Series("offline LLM.generate", names[-1:], [runs[-1]["output_tokens_per_s"]])], bars=True,
+        title=f"throughput (saturation / offline {results['saturation_vs_offline']:.2f})")
+    return Figure("bench serve: the OpenAI server under Poisson load", latency + [throughput])

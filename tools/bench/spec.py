@@ -3,8 +3,9 @@
 For k = 1..8 (greedy, batch 1 by default): the acceptance rate, tau = mean tokens emitted per target
 step, the measured times of one plain decode step t_decode, one draft step t_draft and one verify step
 t_verify(k+1) (a forward over k+1 tokens), decode tokens/s with and without speculation in the same
-run, the measured speedup, and the speedup those parts predict (Leviathan et al. 2023, eq. for the
-walltime improvement, with measured costs instead of a cost ratio):
+run (plain decoding timed again right before each k), the measured speedup, and the speedup those
+parts predict (Leviathan et al. 2023, eq. for the walltime improvement, with measured costs instead of
+a cost ratio):
 
     S = tau * t_decode / (k * t_draft + t_verify(k+1))
 
@@ -160,12 +161,16 @@ def step_time(runner: ModelRunner, num_new: int, context: int, device: torch.dev
 
 
 def bench_rows(name: str, llm, proposer_for, prompts, n: int, k_max: int, t_draft: float,
-               device: torch.device, plain_rate: float, speculators: dict) -> list[dict]:
+               device: torch.device, speculators: dict) -> list[dict]:
     engine = llm.engine
     context = len(prompts[0]) + n // 2
     t_decode = step_time(engine.runner, 1, context, device)
     rows = []
     for k in range(1, k_max + 1):
+        # Plain decoding timed right before each speculative run (interleaved): on a busy machine one
+        # plain figure for every k would turn the machine's drift into speed-up.
+        engine.speculator = None
+        plain_rate, _ = decode_rate(llm, prompts, n, device)
         spec = engine.speculator = speculators.setdefault(
             k, Speculator(engine.runner, engine.blocks, NgramProposer(), k))
         spec.proposer = proposer_for(k)
@@ -204,7 +209,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         target = LLM(str(TARGET), device=str(device), dtype="float32", max_kv_tokens=16384)
         draft = LLM(str(DRAFT), device=str(device), dtype="float32", max_kv_tokens=16384)
     prompts = [target.tokenizer.encode(PROMPT)] * args.batch
-    plain_rate, plain_outs = decode_rate(target, prompts, n, device)
+    _, plain_outs = decode_rate(target, prompts, n, device)      # the oracle's reference outputs
     context = len(prompts[0]) + n // 2
     t_draft = step_time(draft.engine.runner, 1, context, device)
     rows, speculators = [], {}         # one Speculator per k: verify graphs are captured once
@@ -213,14 +218,13 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         for alpha in args.alphas:
             rows += bench_rows(f"oracle a={alpha}", target, lambda k: OracleProposer(
                 DraftModelProposer(draft.engine.runner), reference, alpha, cfg_t.vocab_size), prompts, n,
-                args.k_max, t_draft, device, plain_rate, speculators)
+                args.k_max, t_draft, device, speculators)
     else:
         rows += bench_rows("draft model", target, lambda k: DraftModelProposer(draft.engine.runner), prompts, n,
-                           args.k_max, t_draft, device, plain_rate, speculators)
+                           args.k_max, t_draft, device, speculators)
     rep = [target.tokenizer.encode(REPEAT)] * args.batch
-    rep_rate, _ = decode_rate(target, rep, n, device)
     rows += bench_rows("n-gram (repeating prompt)", target, lambda k: NgramProposer(), rep, n,
-                       args.k_max, 0.0, device, rep_rate, speculators)
+                       args.k_max, 0.0, device, speculators)
     print(format_table(rows, COLUMNS))
     best = max(rows, key=lambda r: r["measured_S"])
     summary = [summary_row(f"spec {r['proposer']} k={r['k']} speedup", r["measured_S"], "x",
@@ -230,3 +234,21 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     print(f"best: {best['proposer']} k={best['k']}: measured {best['measured_S']:.2f}x, predicted "
           f"{best['predicted_S']:.2f}x")
     return {"new_tokens": n, "batch": args.batch, "rows": rows, "summary": summary}
+
+
+def figure(results: dict):
+    """Speed-up against acceptance rate, per proposer: measured (solid) beside predicted (dashed), one
+    point per k (sorted by acceptance)."""
+    from tools.bench.plot import Figure, Panel, Series
+    series = []
+    for name in dict.fromkeys(r["proposer"] for r in results["rows"]):
+        rows = sorted((r for r in results["rows"] if r["proposer"] == name), key=lambda r: r["acceptance"])
+        acc = [r["acceptance"] for r in rows]
+        series += [Series(f"{name}: measured", acc, [r["measured_S"] for r in rows],
+                          point_labels=[f"k={r['k']}" for r in rows]),
+                   Series(f"{name}: predicted", acc, [r["predicted_S"] for r in rows], dashed=True)]
+    ks = sorted({r["k"] for r in results["rows"]})
+    panel = Panel("acceptance rate", "decode speed-up over plain decoding (x)", series, hline=1.0,
+                  hline_label="no speed-up",
+                  title=f"k = {ks[0]}..{ks[-1]}, batch {results['batch']}, {results['new_tokens']} new tokens")
+    return Figure("bench spec: speculative decoding, measured vs predicted", [panel])
