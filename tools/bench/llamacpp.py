@@ -112,7 +112,9 @@ class Tinyinfer:
     def __init__(self, gguf: str, max_kv_tokens: int):
         from tinyinfer.engine.llm import LLM
         from tinyinfer.sampling.params import SamplingParams
-        self.llm, self.params = LLM(gguf, device="cpu", max_kv_tokens=max_kv_tokens), SamplingParams
+        # Prefix caching off: each round prefills the whole prompt again, as llama-bench does.
+        self.llm = LLM(gguf, device="cpu", max_kv_tokens=max_kv_tokens, enable_prefix_caching=False)
+        self.params = SamplingParams
         ids = self.llm.tokenizer.encode(TEXT)
         self.ids = (ids * (1 + 600 // len(ids)))[:600]
 
