@@ -1,5 +1,6 @@
 """bench llamacpp (tools/bench/llamacpp.py): it skips with its reason where llama.cpp is absent,
-and reads llama-bench's JSON and the child's own peak RSS (a stand-in llama-bench script here; the
+and reads llama-bench's JSON and its own peak RSS (not the bench process's, which a forked child's
+maxrss starts from) (a stand-in llama-bench script here; the
 real one is built by hand, never in CI: docs/cpu-performance.md)."""
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import stat
 
 import pytest
+import torch
 
 from tools.bench.__main__ import main
 from tools.bench.llamacpp import find_llama_bench, run_llama_bench
@@ -33,8 +35,9 @@ def test_reads_the_rate_and_passes_the_test_and_repack_flags(tmp_path):
     args_file = tmp_path / "args"
     fake = _fake_llama_bench(tmp_path, f'echo "$@" > {args_file}\n'
                              'echo \'[{"avg_ts": 123.5, "n_prompt": 0, "n_gen": 32}]\'\n')
+    held = torch.ones(256 << 20, dtype=torch.uint8)       # this process is large; the child is not
     rate, peak = run_llama_bench(fake, "m.gguf", 2, 0, 32)
-    assert rate == 123.5 and peak > 0
+    assert rate == 123.5 and 0 < peak < 64 << 20 and held[0] == 1
     args = args_file.read_text().split()
     for flag, value in (("-m", "m.gguf"), ("-t", "2"), ("-p", "0"), ("-n", "32"), ("--repack", "0"),
                         ("-fa", "0"), ("-o", "json")):

@@ -62,17 +62,23 @@ def find_llama_bench(path: Optional[str]) -> tuple[Optional[str], str]:
     return found, ""
 
 
+# Runs argv[1:] and prints its peak RSS. A child's ru_maxrss starts from the RSS of the process it was
+# forked from (Linux carries it across exec), so llama-bench is forked from this small launcher, not
+# from the bench process that holds a loaded model.
+_LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); "
+             "_, st, ru = os.wait4(p.pid, 0); sys.stderr.write(f'\\nmaxrss_kib {ru.ru_maxrss}\\n'); "
+             "sys.exit(os.waitstatus_to_exitcode(st))")
+
+
 def run_llama_bench(binary: str, gguf: str, threads: int, prompt: int, gen: int) -> tuple[float, int]:
-    """One llama-bench test (-p prompt -n gen, one repetition) -> (tokens/s, the process's peak RSS B)."""
+    """One llama-bench test (-p prompt -n gen, one repetition) -> (tokens/s, its peak RSS in bytes)."""
     cmd = [binary, "-m", gguf, "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", "1",
            "-fa", "0", "--repack", "0", "-o", "json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)          # the child's own rusage: its peak RSS
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {err.strip()[-500:]}")
-    return float(json.loads(out)[0]["avg_ts"]), usage.ru_maxrss * 1024
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    err = out.stderr.rstrip().rpartition("\n")
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {out.returncode}: {err[0].strip()[-500:]}")
+    return float(json.loads(out.stdout)[0]["avg_ts"]), int(err[2].split()[-1]) * 1024
 
 
 def rss_bytes() -> dict:
