@@ -8,17 +8,22 @@ reading only that rank's slices (dense and tinyinfer INT4 safetensors files).
 """
 from __future__ import annotations
 
+import ctypes
+import sys
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from tinyinfer.config.errors import CheckpointError, ConfigError
 from tinyinfer.config.model import ModelConfig, parse_dtype
+from tinyinfer.layers.linear import Int4Linear, Linear
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading import gguf_weights, validate
 from tinyinfer.loading.gptq_awq import load_gptq_awq
 from tinyinfer.loading.shard import Shard, check_files
 from tinyinfer.models.transformer import Transformer, build_model
+from tinyinfer.ops import cpu_matmul
 from tinyinfer.ops.int4_format import GROUP_SIZES
 from tinyinfer.quant.io import is_int4_file, load_int4
 from tinyinfer.quant.quantizer import quantize_model
@@ -70,6 +75,41 @@ def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype
     `group_size` (quant/plan.py): then every linear still dense is quantized, a GGUF file's
     dequantized ones included). With `shard`: only that rank's shard (its model's cfg is
     shard.local)."""
+    model = _load(files, cfg, dtype, device, quant, group_size, say, shard)
+    if device.type == "cpu":
+        convert_for_cpu(model)
+    release_freed_heap()
+    return model
+
+
+def convert_for_cpu(model: nn.Module) -> None:
+    """Convert each linear's weight into the form its CPU kernel multiplies by (ops/cpu_matmul.py)
+    now rather than at its first call: the conversions' temporaries are then freed with loading's,
+    and the memory after loading is the memory the model runs in."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            cpu_matmul.convert_int4(m.qweight, m.scales, m.zeros, m.in_features, m.dtype)
+        elif isinstance(m, Linear):
+            cpu_matmul.convert_linear(m.weight)
+
+
+def release_freed_heap() -> None:
+    """Hand the memory loading freed (dequantized float32 tensors, repacking temporaries) back to
+    the OS. glibc's malloc keeps freed blocks of up to 32 MiB in its heap for reuse, where they
+    count against the process for its whole life: 100-300 MiB after loading SmolLM2 on a CPU
+    (docs/cpu-performance.md). `malloc_trim(0)` returns them; other C libraries: nothing to do."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):             # not glibc (musl has no malloc_trim)
+        return
+    trim(0)
+
+
+def _load(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+          quant: Optional[str], group_size: int, say: Callable[[str], None],
+          shard: Optional[Shard]) -> Transformer:
     check_quant(quant)
     gguf = files.gguf is not None
     if shard is not None:

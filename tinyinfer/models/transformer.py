@@ -71,7 +71,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, group: Optional[ParallelGroup] = None):
         super().__init__()
         self.cfg, self.group = cfg, group
-        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size) if group is None else
+        # The table is given (empty) rather than drawn: the checkpoint fills it, and drawing it on
+        # the meta device imports torch's compiler stack (~100 MiB of resident memory, seconds).
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+                             if group is None else
                              VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, group) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -103,10 +107,12 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
     (with `group`: this rank's shard, `cfg` being its slice of the model's config)."""
     with torch.device("meta"):
         model = Transformer(cfg, group)
-    model = model.to_empty(device=device).to(dtype)
+    # dtype set on the meta model, so to_empty allocates each tensor once, in its final dtype.
+    model = model.to(dtype)
     for m in model.modules():        # e.g. the MoE router: near-equal scores pick experts, keep fp32
         if getattr(m, "keep_float32", False):
             m.float()
+    model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:                  # to_empty allocates each module's tensors anew
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding.for_model(cfg, dtype, device)

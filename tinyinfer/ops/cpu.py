@@ -11,6 +11,9 @@ the dispatcher (`torch.library.Library.impl`), which calls them with none of the
     bits). Where the library cannot be built: ops/cpu_attention.py for attention, the cache rows
     written by one `index_copy_` per cache, and the references for the rest.
   * linear and int4_linear: ops/cpu_matmul.py.
+  * silu_and_mul: the reference itself, registered here so that a call skips the custom op's own
+    dispatch, which wraps it in a compiler guard whose first use imports torch's compiler stack
+    (~100 MiB resident, docs/cpu-performance.md) and costs ~2 us a call.
 The fused-op tests hold these to the unfused model math bit for bit (tests/test_fused_ops.py).
 """
 from __future__ import annotations
@@ -98,7 +101,8 @@ def fused_add_rmsnorm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: floa
 _LIB = torch.library.Library("tinyinfer", "IMPL")     # kept alive: it owns the registrations
 CPU_KERNELS = {"store_kv": store_kv_cpu, "rope_store_kv": rope_store_kv_cpu, "rms_norm": rms_norm_cpu,
                "fused_add_rmsnorm": fused_add_rmsnorm_cpu, "paged_attention": paged_attention_cpu,
-               "linear": linear_cpu, "int4_linear": int4_linear_cpu}
+               "linear": linear_cpu, "int4_linear": int4_linear_cpu,
+               "silu_and_mul": reference.silu_and_mul}
 
 
 @functools.cache

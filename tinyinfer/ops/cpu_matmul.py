@@ -1,5 +1,7 @@
 """CPU matmuls: the `cpu` kernels of ops.linear and ops.int4_linear (registered by ops/cpu.py). Each
-layer's weight is converted once, on its first call, and cached (again if it is written in place).
+layer's weight is converted once, at load (`convert_linear` / `convert_int4`, called by the loader on
+a CPU, so that loading's temporaries are freed with the rest) or else on its first call, and cached
+(again if it is written in place).
 
 linear: float32 / bfloat16 weights reordered once into oneDNN's blocked layout, the pair of calls
 PyTorch's own compiler uses for CPU linears (MKL's sgemm, torch's default, is 1.5-2x slower on this
@@ -66,6 +68,25 @@ def linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return _ONEDNN_LINEAR(x, _converted(_ONEDNN, weight, _reorder), bias, "none", [], "")
 
 
+def convert_linear(weight: Tensor) -> None:
+    """At load: the oneDNN form of a weight too large for the one-row path (what every call uses)."""
+    if ONEDNN and weight.dtype in ONEDNN_DTYPES and weight.numel() >= SMALL_GEMV:
+        _converted(_ONEDNN, weight, _reorder)
+
+
+def convert_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int, dtype: torch.dtype) -> None:
+    """At load: the form int4_linear_cpu multiplies by for `dtype` activations."""
+    if dtype == torch.bfloat16:
+        tinygemm_weights(qweight, scales, zeros, k)
+    else:
+        _dequantized(qweight, scales, zeros, k)
+
+
+def _dequantized(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int) -> Tensor:
+    return _cached(_DEQUANTIZED, qweight, scales, zeros,
+                   lambda: dequantize_kernel_layout(qweight, scales, zeros, k))      # (N, K) fp32
+
+
 def _cached(cache: WeakIdKeyDictionary, qweight: Tensor, scales: Tensor, zeros: Tensor,
             convert: Callable[[], Any]) -> Any:
     hit = cache.get(qweight)
@@ -101,8 +122,7 @@ def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
     # x (M, K) -> y (M, N) = x @ W.T; bf16: the CPU INT4 kernel, else the cached float32 weight.
     m, k = x.shape
     if x.dtype != torch.bfloat16:
-        w = _cached(_DEQUANTIZED, qweight, scales, zeros,
-                    lambda: dequantize_kernel_layout(qweight, scales, zeros, k))      # (N, K) fp32
+        w = _dequantized(qweight, scales, zeros, k)                                   # (N, K) fp32
         return (x.float() @ w.T).to(x.dtype)
     packed, scale_and_zero = tinygemm_weights(qweight, scales, zeros, k)
     if m == 0:
