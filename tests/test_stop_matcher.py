@@ -11,11 +11,10 @@ from tinyinfer.engine.output import StopMatcher
 
 
 def reference(text: str, stops: list[str], checked_from: int) -> tuple[int | None, int]:
-    """(where the first stop in list order that ends after checked_from starts, the held tail)."""
-    for stop in stops:
-        idx = text.find(stop, max(0, checked_from - len(stop) + 1))
-        if idx >= 0 and idx + len(stop) > checked_from:
-            return idx, 0
+    """(where the earliest-starting stop that ends after checked_from starts, the held tail)."""
+    starts = [text.find(stop, max(0, checked_from - len(stop) + 1)) for stop in stops]
+    if any(i >= 0 for i in starts):
+        return min(i for i in starts if i >= 0), 0
     held = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), 0, -1):
@@ -41,6 +40,13 @@ def test_matcher_agrees_with_a_brute_force_scan(seed):
             return
         assert hit is None and m.held() == want_held, (stops, text, piece)
         text += piece
+
+
+def test_the_cut_is_at_the_earliest_stop_whatever_the_list_order():
+    # Both stops end inside one piece: cutting at "X" (first in the list) would leave "b", a stop.
+    assert StopMatcher(["X", "b"]).feed("bXc") == 0
+    assert StopMatcher(["b", "X"]).feed("bXc") == 0
+    assert StopMatcher(["Xc", "aX"]).feed("aXc") == 0
 
 
 def test_a_stop_ending_after_min_tokens_text_is_still_found():

@@ -99,8 +99,8 @@ class StopMatcher:
         self.state = [0] * len(self.stops)
 
     def feed(self, text: str, report: bool = True) -> Optional[int]:
-        """Advance over `text`; the offset in it where the first stop (in list order) that ends
-        inside it starts, or None. report=False: matches ending inside `text` do not count (the
+        """Advance over `text`; the offset in it where the earliest-starting stop that ends inside it
+        starts (so the text cut there holds no stop string at all), or None. report=False: matches ending inside `text` do not count (the
         automata still advance, so a stop that ends later is found)."""
         hit = None
         for i, (stop, fail) in enumerate(zip(self.stops, self.fail)):
@@ -115,8 +115,8 @@ class StopMatcher:
                         first = pos + 1 - k
                     k = fail[k - 1]
             self.state[i] = k
-            if first is not None and hit is None:
-                hit = first                     # list order decides, as before: the first stop found
+            if first is not None and (hit is None or first < hit):
+                hit = first                     # the earliest start, whatever the list order
         return hit
 
     def held(self) -> int:
