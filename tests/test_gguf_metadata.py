@@ -111,3 +111,55 @@ def test_llama3_rope_from_rope_freqs(tmp_path, factor, high, ctx):
     tensors["rope_freqs.weight"] = (freqs * np.linspace(1, 1.1, 64, dtype=np.float32), "F32")
     with pytest.raises(GGUFError, match="not Llama 3 rope scaling"):
         load_gguf(write_gguf(str(tmp_path / "other.gguf"), "llama", meta, tensors))
+
+
+def _reference_value(field):
+    """A metadata value as gguf.GGUFReader (llama.cpp's reader) parses it, in plain Python."""
+    import gguf
+    main = field.types[0]
+    if main == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    if main != gguf.GGUFValueType.ARRAY:
+        return field.parts[field.data[0]][0].item()
+    if field.types[-1] == gguf.GGUFValueType.STRING:
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    return [field.parts[i][0].item() for i in field.data]
+
+
+def _same_as_gguf_reader(path):
+    import gguf
+    from tinyinfer.loading.gguf_file import open_reader
+    ours, ref = open_reader(path), gguf.GGUFReader(path)
+    keys = [k for k in ref.fields if not k.startswith("GGUF.")]
+    assert list(ours.fields) == keys
+    for k in keys:
+        want = _reference_value(ref.fields[k])
+        got = ours.fields[k]
+        if ref.fields[k].types[0] == gguf.GGUFValueType.FLOAT32:    # ours: the shortest decimal
+            assert np.float32(got) == np.float32(want), k
+        else:
+            assert got == want and type(got) is type(want), k
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert a.tensor_type == b.tensor_type and a.shape == tuple(b.shape.tolist())
+        assert a.n_bytes == b.n_bytes and a.data.dtype == b.data.dtype
+        assert np.array_equal(a.data, b.data)
+
+
+def test_header_parse_equals_gguf_reader(tmp_path):
+    """Our one-pass header parser (gguf_file.py) reads what llama.cpp's gguf.GGUFReader reads: every
+    value type, string / int / float / bool arrays, every tensor's type, shape and bytes."""
+    meta = {"x.flag": True, "x.count": 7, "x.eps": 1e-5, "x.name": "naïve ✓",
+            "x.ints": [1, 2, 3], "x.floats": [0.5, -1.25], "x.strs": ["a", "", "☃"],
+            "x.bools": [True, False]}
+    rng = np.random.default_rng(0)
+    q4 = rng.integers(0, 256, (128, 2 * 20), dtype=np.uint8)
+    path = _llama_file(tmp_path, meta_extra=meta, tensors_extra={
+        "blk.0.ffn_up.weight": (q4, "Q4_1"),
+        "blk.0.ffn_norm.weight": (np.ones(64, np.float16), "F16")})
+    _same_as_gguf_reader(path)
+
+
+def test_header_parse_equals_gguf_reader_smollm2():
+    from gguf_util import smollm2_gguf
+    _same_as_gguf_reader(smollm2_gguf())

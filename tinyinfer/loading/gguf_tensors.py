@@ -39,7 +39,7 @@ import gguf
 import numpy as np
 import torch
 
-from tinyinfer.loading.gguf_file import GGUFError
+from tinyinfer.loading.gguf_file import FileTensor, GGUFError, GGUFFile
 
 INT4_GROUP_SIZE = 32
 INT4_TYPES = ("Q4_0", "Q4_1")
@@ -77,7 +77,7 @@ class GGUFTensor:
     gguf_name: str                  # e.g. blk.0.attn_q.weight
     ggml_type: str                  # storage type, e.g. "Q4_1"
     shape: tuple[int, ...]          # Hugging Face orientation: (N, K) for a linear, (N,) for a norm
-    _source: gguf.ReaderTensor
+    _source: FileTensor
     _expert: Optional[int] = None   # index into a stacked expert tensor
     _rope_heads: Optional[int] = None  # undo llama.cpp's q/k row permutation over this many heads
 
@@ -135,11 +135,11 @@ def _unpermute(t: torch.Tensor, heads: Optional[int]) -> torch.Tensor:
     return t.reshape(heads, d // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def hf_shape(source: gguf.ReaderTensor) -> tuple[int, ...]:
-    return tuple(int(x) for x in reversed(source.shape.tolist()))
+def hf_shape(source: FileTensor) -> tuple[int, ...]:
+    return tuple(int(x) for x in reversed(source.shape))
 
 
-def check_types(reader: gguf.GGUFReader, path: str) -> dict[str, str]:
+def check_types(reader: GGUFFile, path: str) -> dict[str, str]:
     """GGUF tensor name -> type name; an unsupported type is an error naming tensor and type."""
     types = {}
     for t in reader.tensors:
@@ -151,7 +151,7 @@ def check_types(reader: gguf.GGUFReader, path: str) -> dict[str, str]:
     return types
 
 
-def map_tensors(reader: gguf.GGUFReader, path: str, family: str, heads: int, kv_heads: int
+def map_tensors(reader: GGUFFile, path: str, family: str, heads: int, kv_heads: int
                 ) -> dict[str, GGUFTensor]:
     """Every tensor of the file under its Hugging Face name. `family`: llama | mixtral | qwen2 |
     qwen3 | qwen3moe; `heads` / `kv_heads` undo the q/k permutation of llama and mixtral files."""

@@ -89,15 +89,25 @@ def to_kernel_layout(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int
     check_shape(n, k, group_size)
     kp = -(-k // TILE_K) * TILE_K
     pad = kp - k                                       # nonzero only for G = 32; padded weights are 0
-    q = torch.nn.functional.pad(q.to(torch.int64), (0, pad))
+    q = torch.nn.functional.pad(q.to(torch.uint8), (0, pad))
     scales = torch.nn.functional.pad(scales, (0, pad // group_size))
     zeros = torch.nn.functional.pad(zeros, (0, pad // group_size))
     nt, kb = n // TILE_N, kp // TILE_K
-    nib = q.view(nt, 2, 8, kb, 2, 4, 2, 2, 2).permute(_perm(_DENSE_AXES, _PACKED_AXES))
-    nib = nib.reshape(nt, kb, 32, 4, 8)
-    shifts = torch.arange(0, 32, 4, device=q.device)
-    words = (nib << shifts).sum(-1)                                    # (nt, kb, 32, 4) in [0, 2^32)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    if sys.byteorder == "little":
+        # Whole int32 words move, not nibbles: byte b of a word holds nibbles 2b (low) and 2b + 1
+        # (high), i.e. rows g and g + 8 (i0) of one column, and its 4 bytes are 4 adjacent columns
+        # (i1, i2) in the order b = 2*i2 + i1. So pair the rows into bytes, order each run of 4 columns,
+        # view the bytes as words and permute the word axes only.
+        qq = q.view(nt, 2, 8, kp)                                         # row nt*16 + 8*i0 + g
+        by = qq[:, 0] | (qq[:, 1] << 4)                                   # (nt, 8, kp): (g, column)
+        by = by.view(nt, 8, kp // 4, 2, 2).transpose(-1, -2).contiguous()  # (.., i1, i2) -> (i2, i1)
+        words = by.view(nt, 8, kp).view(torch.int32).view(nt, 8, kb, 2, 4, 2)  # (nt, g, kb, jh, t, jl)
+        words = words.permute(0, 2, 1, 4, 3, 5).reshape(nt, kb, 32, 4)   # (nt, kb, 4g + t, 2jh + jl)
+    else:                             # big-endian host: assemble each word's value from its nibbles
+        nib = q.view(nt, 2, 8, kb, 2, 4, 2, 2, 2).permute(_perm(_DENSE_AXES, _PACKED_AXES))
+        nib = nib.reshape(nt, kb, 32, 4, 8).to(torch.int64)
+        words = (nib << torch.arange(0, 32, 4, device=q.device)).sum(-1)  # (nt, kb, 32, 4) < 2^32
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     ng = kp // group_size
 
     def pairs(t: Tensor) -> Tensor:                    # (N, ng) -> (N/16, ng, 16): entry 2*r + h
