@@ -21,7 +21,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: a draft checkpoint path, or 'ngram'")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
     p.add_argument("--max-kv-tokens", type=int, default=None,
-                   help="cap the paged KV cache at this many tokens (default: sized from memory)")
+                   help="the paged KV cache's size in tokens (overrides --kv-cache-memory)")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="the paged KV cache's size in bytes, e.g. 1GiB or 512MiB (default: 4GiB on a "
+                        "CPU, 80%% of the GPU memory free after loading on a GPU; never more than "
+                        "max context x --max-num-seqs tokens)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
                         "--no-cuda-graphs launches every kernel from Python, to compare")
@@ -51,7 +55,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 enable_prefix_caching=args.enable_prefix_caching,
-                tensor_parallel_size=args.tensor_parallel_size)
+                tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory=args.kv_cache_memory)
 
 
 def apply_threads(args: argparse.Namespace) -> None:
