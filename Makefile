@@ -11,7 +11,7 @@ install:
 	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e .
 
 run: install
-	$(PYTHON) -m tinyinfer.generate --ckpt $(CKPT) --prompt "$(PROMPT)" --max-new-tokens 64
+	$(PYTHON) -m tinyinfer.generate --ckpt $(CKPT) --prompt "$(PROMPT)" --max-tokens 64
 
 serve-deps: install
 	@$(PYTHON) -c "import fastapi, uvicorn, pydantic, prometheus_client, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e ".[serve]"

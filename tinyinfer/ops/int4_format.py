@@ -122,14 +122,16 @@ def from_kernel_layout(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int
     """Inverse of `to_kernel_layout`: -> q (N, K) uint8, scales (N, K/G), zeros (N, K/G)."""
     nt, kb = qweight.shape[:2]
     ng = scales.shape[1]
-    if sys.byteorder == "little":     # byte b of a word holds nibbles 2b (low) and 2b + 1 (high)
-        by = qweight.contiguous().view(torch.uint8).view(nt, kb, 32, 4, 4)
-        nib = torch.stack([by & 0xF, by >> 4], dim=-1)                     # (nt, kb, 32, 4, 4, 2)
+    kp = kb * TILE_K
+    if sys.byteorder == "little":     # to_kernel_layout's steps backwards: words move whole
+        w = qweight.contiguous().view(nt, kb, 8, 4, 2, 2).permute(0, 2, 1, 4, 3, 5).contiguous()
+        by = w.view(torch.uint8).view(nt, 8, kp // 4, 2, 2).transpose(-1, -2).reshape(nt, 8, kp)
+        q = torch.stack([by & 0xF, by >> 4], dim=1).reshape(nt * 16, kp)[:, :k]  # rows g, g + 8
     else:
         shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
         nib = (qweight.unsqueeze(-1) >> shifts) & 0xF                      # (nt, kb, 32, 4, 8)
-    nib = nib.reshape(nt, kb, 8, 4, 2, 2, 2, 2, 2).permute(_perm(_PACKED_AXES, _DENSE_AXES))
-    q = nib.reshape(nt * 16, kb * TILE_K)[:, :k].to(torch.uint8)
+        nib = nib.reshape(nt, kb, 8, 4, 2, 2, 2, 2, 2).permute(_perm(_PACKED_AXES, _DENSE_AXES))
+        q = nib.reshape(nt * 16, kp)[:, :k].to(torch.uint8)
     group_size = kb * TILE_K // ng
 
     def unpairs(t: Tensor) -> Tensor:
