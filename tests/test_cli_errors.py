@@ -77,7 +77,7 @@ def test_the_other_command_lines_refuse_an_unknown_device_in_one_line(capsys, tm
     import importlib
     main_of = importlib.import_module(module).main
     args = ["--ckpt", LLAMA, "--device", "tpu"]
-    code = main_of(args + (["--out", str(tmp_path / "q.safetensors")] if "quantize" in module else []))
+    code = main_of(args + (["--out", str(tmp_path / "q")] if "quantize" in module else []))
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("tinyinfer: ")]
     assert code == 2 and len(lines) == 1 and "device 'tpu' is not supported" in lines[0], err
