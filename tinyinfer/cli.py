@@ -6,17 +6,6 @@ from __future__ import annotations
 import argparse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with every default: "(default: X)" after each option's help, unless the help already
-    says its default in words (a default that depends on the device, the model, ...)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is None:
-            return text
-        return super()._get_help_string(action)
-
-
 # One set of sampling defaults for the CLI, the Python API (SamplingParams) and the server: the OpenAI
 # API's -- temperature 1.0; max tokens 16 for a completion, the rest of the context for a chat turn.
 DEFAULT_MAX_TOKENS = 16

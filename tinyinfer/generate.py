@@ -11,9 +11,9 @@ import json
 import sys
 import time
 
-from tinyinfer.cli import (DEFAULT_MAX_TOKENS, HelpFormatter, add_engine_arguments, apply_threads,
-                           engine_options)
+from tinyinfer.cli import DEFAULT_MAX_TOKENS, add_engine_arguments, apply_threads, engine_options
 from tinyinfer.config.errors import CheckpointError, ConfigError
+from tinyinfer.config.help import HelpFormatter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

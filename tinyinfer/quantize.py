@@ -37,7 +37,7 @@ from tinyinfer.quant.io import save_int4
 from tinyinfer.quant.plan import Int4Plan
 from tinyinfer.quant.quantizer import quantize_model
 
-from tinyinfer.cli import HelpFormatter
+from tinyinfer.config.help import HelpFormatter
 
 SIDECARS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "generation_config.json", "chat_template.jinja")
