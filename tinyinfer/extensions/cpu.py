@@ -31,10 +31,10 @@ from typing import Any, Optional
 
 import torch
 
-from tinyinfer.extensions import REPO_ROOT, host_cxx
+from tinyinfer.extensions import BUILD_BASE, SOURCE_ROOT, host_cxx
 
-CPU_DIR = REPO_ROOT / "cpu"
-BUILD_ROOT = REPO_ROOT / "build" / "cpu"
+CPU_DIR = SOURCE_ROOT / "cpu"
+BUILD_ROOT = BUILD_BASE / "cpu"
 LIBRARY_NAME = "tinyinfer_cpu"
 PORTABLE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd"]
 NATIVE_FLAGS = PORTABLE_FLAGS + ["-march=native"]
