@@ -24,6 +24,7 @@ QUICK = {   # bench -> its quick-mode arguments (after --device cpu --quick: too
     "fused": ["--runs", "1"],
     "hf": ["--ckpt", LLAMA, "--new-tokens", "2"],
     "int4": ["--runs", "1"],
+    "load": ["--ckpt", LLAMA, "--repeats", "1"],
     "mla": ["--ckpt", MLA, "--batch", "1"],            # the default context: the model's less one
     "ops": ["--ckpt", LLAMA, "--batch", "1"],
     "prefix": ["--ckpt", LLAMA, "--system-tokens", "32", "--questions", "2", "--question-tokens", "8",
