@@ -37,6 +37,7 @@ from tinyinfer.quant.io import save_int4
 from tinyinfer.quant.plan import Int4Plan
 from tinyinfer.quant.quantizer import quantize_model
 
+from tinyinfer.cli import apply_threads
 from tinyinfer.config.help import HelpFormatter
 
 SIDECARS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-head", action=argparse.BooleanOptionalAction, default=False,
                    help="also quantize lm_head (off: it stays in the model dtype)")
     p.add_argument("--device", default=None, help="where to run the quantizer (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch's CPU threads (0: torch's default), one as generate uses: on a busy machine "
+                        "more threads wait on each other")
     p.add_argument("--dtype", default=None, help="dtype of the unquantized tensors and scales' model "
                    "(default: the checkpoint's own)")
     return p
@@ -150,6 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        apply_threads(args)
         plan = quantize_checkpoint(args.ckpt, args.out, args.group_size, args.clip_search,
                                    args.quantize_head, args.device, args.dtype, force=args.force)
     except (ckpt.CheckpointError, ValueError) as e:
