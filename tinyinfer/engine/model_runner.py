@@ -4,7 +4,7 @@
 process) and returns float32 logits; it never touches a `Sequence` -- the engine advances their cached
 counts after the step. Decode steps (one new token per sequence) replay CUDA graphs on a GPU, and so do
 speculative verify steps once `enable_verify_graphs(k + 1)` is called; every other step runs eagerly.
-The cache is sized once at load: a token budget (given, or from free memory) cut into blocks
+The cache is sized once at load: a token budget (given, or engine/kv_cache.py's byte budget) cut into blocks
 (Kwon et al., "PagedAttention", SOSP 2023). A tensor-parallel rank's runner (`shard`) holds that rank's
 shard and KV heads; its ranks agree on the number of blocks (engine/tensor_parallel.py drives them).
 """
