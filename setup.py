@@ -25,13 +25,12 @@ setup(
     name="tinyinfer",
     version="0.1.0",
     description="A small, from-scratch LLM inference engine: paged KV cache, INT4, MLA, speculative decoding",
-    # The kernel sources travel inside the package (tinyinfer/_csrc/), so that a plain `pip install .`
-    # can still build them; tinyinfer/extensions/ finds them there when cpu/ and cuda/ are not beside it.
-    packages=find_packages(include=["tinyinfer", "tinyinfer.*"]) + ["tinyinfer._csrc.cpu", "tinyinfer._csrc.cuda"],
-    package_dir={"tinyinfer._csrc.cpu": "cpu", "tinyinfer._csrc.cuda": "cuda"},
-    # Not Python, so named here: the kernel sources, and the chat page's files (served at /).
-    package_data={"tinyinfer._csrc.cpu": ["*.cpp", "*.h"],
-                  "tinyinfer._csrc.cuda": ["*.cu", "*.cuh", "*.cpp", "*.h"],
+    packages=find_packages(include=["tinyinfer", "tinyinfer.*"]),
+    # Not Python, so named here: the kernel sources -- tinyinfer/_csrc/cpu and cuda link to the
+    # repository's cpu/ and cuda/, and a wheel holds copies, so a plain `pip install .` can still build
+    # them (tinyinfer/extensions/) -- and the chat page's files (served at /).
+    package_data={"tinyinfer": ["_csrc/cpu/*.cpp", "_csrc/cpu/*.h", "_csrc/cuda/*.cu", "_csrc/cuda/*.cuh",
+                                "_csrc/cuda/*.cpp", "_csrc/cuda/*.h"],
                   "tinyinfer.serve": ["web/*.html", "web/*.js", "web/*.css"]},
     python_requires=">=3.10",
     # jinja2 renders chat templates, which are untrusted code: 3.1.6 closed the known sandbox escapes.

@@ -42,13 +42,7 @@ def test_every_bench_has_a_quick_mode():
     assert set(QUICK) == set(bench_names()), "a bench without a quick mode here, or a stale entry"
 
 
-# `bench fused` still calls ops.rms_norm_reference, which the package reorganisation removed; its
-# fix belongs to that work (issue 23). Not strict: once fixed it passes, and this mark goes.
-FIXED_ELSEWHERE = {"fused": "bench fused calls the removed ops.rms_norm_reference (issue 23's fix)"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=FIXED_ELSEWHERE[n]))
-                                  if n in FIXED_ELSEWHERE else n for n in sorted(QUICK)])
+@pytest.mark.parametrize("name", sorted(QUICK))
 def test_bench_quick_mode(name, tmp_path):
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "-m", "tools.bench", name, "--device", "cpu", "--quick",
