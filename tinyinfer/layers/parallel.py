@@ -101,7 +101,7 @@ class VocabParallelEmbedding(nn.Embedding):
     up zeros; the all-reduce adds the one rank's row that holds it, so the result is exact."""
 
     def __init__(self, num_local: int, dim: int, group: ParallelGroup):
-        super().__init__(num_local, dim)
+        super().__init__(num_local, dim, _weight=torch.empty(num_local, dim))   # filled by the loader
         self.group, self.start = group, group.rank * num_local
 
     def forward(self, ids: Tensor) -> Tensor:

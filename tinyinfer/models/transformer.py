@@ -71,7 +71,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, group: Optional[ParallelGroup] = None):
         super().__init__()
         self.cfg, self.group = cfg, group
-        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size) if group is None else
+        # Built on the meta device and filled from the checkpoint, so no initialiser: an empty
+        # _weight skips Embedding's normal_, whose first call on a meta tensor imports torch._dynamo
+        # (~1.5 s of every load on a 2-core machine).
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+                             if group is None else
                              VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, group) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -103,11 +108,25 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
     (with `group`: this rank's shard, `cfg` being its slice of the model's config)."""
     with torch.device("meta"):
         model = Transformer(cfg, group)
-    model = model.to_empty(device=device).to(dtype)
-    for m in model.modules():        # e.g. the MoE router: near-equal scores pick experts, keep fp32
-        if getattr(m, "keep_float32", False):
-            m.float()
+    _materialize(model, device, dtype)
     if cfg.tie_word_embeddings:                  # to_empty allocates each module's tensors anew
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding.for_model(cfg, dtype, device)
     return model.eval()
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """model.to_empty(device).to(dtype), each tensor allocated once in its final dtype -- and without
+    torch's meta-tensor decompositions, whose first use imports sympy (~1.3 s of a load on a 2-core
+    machine). Floating tensors take `dtype`, except under a module marked keep_float32 (e.g. the MoE
+    router: near-equal scores pick experts)."""
+    fp32 = {id(sub) for m in model.modules() if getattr(m, "keep_float32", False) for sub in m.modules()}
+    for m in model.modules():
+        want = torch.float32 if id(m) in fp32 else dtype
+        for table, wrap in ((m._parameters, True), (m._buffers, False)):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                new = torch.empty(t.shape, dtype=want if t.is_floating_point() else t.dtype,
+                                  device=device)
+                table[name] = nn.Parameter(new, requires_grad=t.requires_grad) if wrap else new
