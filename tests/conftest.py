@@ -4,7 +4,8 @@ Markers: `cuda` (needs a CUDA GPU; skipped with a reason elsewhere; `make gpu-ch
 `pytest -m cuda` and fails if any of them is skipped), `sanitizer` (one small CUDA test per kernel
 that `make gpu-check` also runs under compute-sanitizer memcheck) and `fuzz` (the whole fuzz-style
 suite, one test per mutation: deselected unless asked for, `pytest -m fuzz tests/test_fuzz.py`, or
-TINYINFER_FUZZ=1; the default run samples it, tests/test_fuzz.py).
+TINYINFER_FUZZ=1; the default run samples it, tests/test_fuzz.py), and `fresh_machine` (`make run` in a
+fresh clone with a python3 that refuses system installs: minutes, deselected unless -m names it).
 """
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sanitizer: small CUDA test run under compute-sanitizer by make gpu-check")
     config.addinivalue_line("markers", "fuzz: every mutation of the fuzz-style suite (pytest -m fuzz); "
                                        "deselected unless -m names it or TINYINFER_FUZZ=1")
+    config.addinivalue_line("markers", "fresh_machine: make run in a fresh clone with a python3 that "
+                                       "refuses system installs (minutes); deselected unless -m names it")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if "fuzz" not in (config.getoption("markexpr") or "") and not os.environ.get("TINYINFER_FUZZ"):
-        fuzz = [item for item in items if item.get_closest_marker("fuzz") is not None]
-        if fuzz:
-            config.hook.pytest_deselected(items=fuzz)
-            items[:] = [item for item in items if item.get_closest_marker("fuzz") is None]
+    for marker, env in (("fuzz", "TINYINFER_FUZZ"), ("fresh_machine", None)):     # opt-in markers
+        if marker in (config.getoption("markexpr") or "") or (env and os.environ.get(env)):
+            continue
+        chosen = [item for item in items if item.get_closest_marker(marker) is not None]
+        if chosen:
+            config.hook.pytest_deselected(items=chosen)
+            items[:] = [item for item in items if item.get_closest_marker(marker) is None]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); runs in make gpu-check")

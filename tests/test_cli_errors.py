@@ -15,7 +15,7 @@ from tinyinfer.generate import main
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(["--max-new-tokens", "4", *args])
+    code = main(["--max-tokens", "4", "--prompt", "ROMEO:", *args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -77,7 +77,35 @@ def test_the_other_command_lines_refuse_an_unknown_device_in_one_line(capsys, tm
     import importlib
     main_of = importlib.import_module(module).main
     args = ["--ckpt", LLAMA, "--device", "tpu"]
-    code = main_of(args + (["--out", str(tmp_path / "q.safetensors")] if "quantize" in module else []))
+    code = main_of(args + (["--out", str(tmp_path / "q")] if "quantize" in module else []))
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("tinyinfer: ")]
     assert code == 2 and len(lines) == 1 and "device 'tpu' is not supported" in lines[0], err
+
+
+@pytest.mark.parametrize("args,words", [(["--prompt", ""], "empty prompt"),
+                                        (["--chat"], "this model has no chat template")])
+def test_request_errors_come_before_the_model_loads(capsys, monkeypatch, args, words):
+    import tinyinfer.engine.llm as llm_module
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+    monkeypatch.setattr(llm_module, "LLM", no_loading)
+    assert_one_line(*run(capsys, "--ckpt", LLAMA, "--device", "cpu", *args), words)
+
+
+def test_one_set_of_sampling_defaults_and_both_max_token_flags():
+    from tinyinfer.cli import DEFAULT_MAX_TOKENS
+    from tinyinfer.generate import parse_args
+    from tinyinfer.sampling.params import SamplingParams
+    args = parse_args(["--ckpt", LLAMA])
+    assert args.max_tokens is None and args.temperature == SamplingParams().temperature == 1.0
+    assert DEFAULT_MAX_TOKENS == SamplingParams().max_tokens
+    assert parse_args(["--ckpt", LLAMA, "--max-tokens", "7"]).max_tokens == 7
+    assert parse_args(["--ckpt", LLAMA, "--max-new-tokens", "9"]).max_tokens == 9
+
+
+def test_json_reports_load_and_warm_up_apart_from_ttft(capsys):
+    code = main(["--ckpt", LLAMA, "--device", "cpu", "--prompt", "ROMEO:", "--max-tokens", "3", "--json"])
+    fig = json.loads(capsys.readouterr().out)
+    assert code == 0 and fig["load_s"] > 0 and fig["warmup_s"] > 0 and fig["generated_tokens"] == 3

@@ -197,3 +197,23 @@ def test_slots_and_blocks_outside_the_cache_are_refused(path):
     with pytest.raises((RuntimeError, IndexError)):
         ops.paged_attention(q, k_cache, v_cache, tables, torch.tensor([20], dtype=torch.int32),
                             torch.tensor([0, 1], dtype=torch.int32), 0.25)
+
+
+def test_a_first_build_is_announced_with_its_time(tmp_path, monkeypatch, capsys):
+    """The one-time build is said on stderr (once per machine), not passed off as the model's time;
+    a build found by its stamp is silent. (The compiler is stubbed: the message is what is tested.)"""
+    import torch.utils.cpp_extension as cpp_extension
+
+    def fake_load(name, build_directory, **kw):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / f"{name}.so").write_bytes(b"")
+    monkeypatch.setattr(cpu_kernels, "BUILD_ROOT", tmp_path / "out")
+    monkeypatch.setattr(cpu_kernels, "build_directory", lambda flags=None: tmp_path / "out")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    cpu_kernels.compile_library(name="tinyinfer_cpu_announce")
+    err = capsys.readouterr().err
+    assert "building the C++ CPU kernels for this CPU (once per machine" in err
+    assert "C++ CPU kernels built in" in err
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
+    cpu_kernels.compile_library(name="tinyinfer_cpu_announce")                 # the stamp matches
+    assert capsys.readouterr().err == ""

@@ -112,7 +112,7 @@ def _cli(*args):
 
 
 def test_cli_streams_text_and_prints_a_figures_line():
-    r = _cli("--ckpt", LLAMA, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0",
+    r = _cli("--ckpt", LLAMA, "--prompt", "ROMEO:", "--max-tokens", "12", "--temperature", "0",
              "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO:")
@@ -141,7 +141,7 @@ def test_cli_threads_option_sets_torchs_thread_count():
     (["--ckpt", LLAMA, "--threads", "-2"], "--threads -2"),
 ])
 def test_cli_user_mistakes_give_one_clear_line_and_no_traceback(args, pattern):
-    r = _cli(*args, "--device", "cpu")
+    r = _cli("--prompt", "ROMEO:", *args, "--device", "cpu")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert re.search(pattern, r.stderr), r.stderr

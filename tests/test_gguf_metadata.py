@@ -111,3 +111,61 @@ def test_llama3_rope_from_rope_freqs(tmp_path, factor, high, ctx):
     tensors["rope_freqs.weight"] = (freqs * np.linspace(1, 1.1, 64, dtype=np.float32), "F32")
     with pytest.raises(GGUFError, match="not Llama 3 rope scaling"):
         load_gguf(write_gguf(str(tmp_path / "other.gguf"), "llama", meta, tensors))
+
+
+def _reference_value(field):
+    """A metadata value as gguf.GGUFReader (llama.cpp's reader) parses it, in plain Python."""
+    import gguf
+    main = field.types[0]
+    if main == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    if main != gguf.GGUFValueType.ARRAY:
+        return field.parts[field.data[0]][0].item()
+    if field.types[-1] == gguf.GGUFValueType.STRING:
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    return [field.parts[i][0].item() for i in field.data]
+
+
+def _same_as_gguf_reader(path):
+    """The scan's metadata (gguf_scan.py, read through gguf_file.Metadata) and the tensor table of the
+    reader that skipped the key/value section equal a plain gguf.GGUFReader's parse of the whole file."""
+    import gguf
+    from tinyinfer.loading.gguf_file import Metadata, open_reader
+    reader, header = open_reader(path)
+    ours, ref = Metadata(header, path), gguf.GGUFReader(path)
+    keys = [k for k in ref.fields if not k.startswith("GGUF.")]
+    assert ours.keys() == keys
+    for k in keys:
+        want = _reference_value(ref.fields[k])
+        got = ours.get(k)
+        if ref.fields[k].types == [gguf.GGUFValueType.FLOAT32]:    # ours: the shortest decimal
+            assert np.float32(got) == np.float32(want) and got == float(str(np.float32(want))), k
+        else:
+            assert got == want and type(got) is type(want), k
+    assert [t.name for t in reader.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(reader.tensors, ref.tensors):
+        assert a.tensor_type == b.tensor_type and a.shape.tolist() == b.shape.tolist()
+        assert a.n_bytes == b.n_bytes and a.data.dtype == b.data.dtype
+        assert np.array_equal(a.data, b.data)
+    return ours
+
+
+def test_header_parse_equals_gguf_reader(tmp_path):
+    """The validating scan (gguf_scan.py) plus the tensor-table-only reader (gguf_file.py) read what
+    llama.cpp's gguf.GGUFReader reads: every value type, string / int / float / bool arrays, every
+    tensor's type, shape and bytes; float32 scalars as their shortest decimal."""
+    meta = {"x.flag": True, "x.count": 7, "x.eps": 1e-5, "x.name": "naïve ✓",
+            "x.ints": [1, 2, 3], "x.floats": [0.5, -1.25], "x.strs": ["a", "", "☃"],
+            "x.bools": [True, False]}
+    rng = np.random.default_rng(0)
+    q4 = rng.integers(0, 256, (128, 2 * 20), dtype=np.uint8)
+    path = _llama_file(tmp_path, meta_extra=meta, tensors_extra={
+        "blk.0.ffn_up.weight": (q4, "Q4_1"),
+        "blk.0.ffn_norm.weight": (np.ones(64, np.float16), "F16")})
+    ours = _same_as_gguf_reader(path)
+    assert ours.get("x.eps") == 1e-05 and ours.get("x.floats") == [0.5, -1.25]
+
+
+def test_header_parse_equals_gguf_reader_smollm2():
+    from gguf_util import smollm2_gguf
+    _same_as_gguf_reader(smollm2_gguf())

@@ -91,9 +91,9 @@ def test_gptq_directory_loads_and_matches_our_int4_of_the_same_levels(tmp_path):
 
 def test_quantize_cli_save_load_round_trip_gives_identical_logits(tmp_path):
     from tinyinfer.quantize import main
-    out = tmp_path / "llama-int4.safetensors"
+    out = tmp_path / "llama-int4"
     assert main(["--ckpt", LLAMA, "--out", str(out), "--device", "cpu", "--no-clip-search"]) == 0
-    assert (tmp_path / "tokenizer.model").exists()
+    assert (out / "tokenizer.model").exists()
     meta = ckpt.locate(str(out)).metadata
     assert meta["format"] == "tinyinfer-int4" and meta["group_size"] == "128"
     loaded = LLM(str(out), device="cpu", dtype="float32")    # INT4 models default to bf16 on a CPU
@@ -102,13 +102,13 @@ def test_quantize_cli_save_load_round_trip_gives_identical_logits(tmp_path):
     ids = loaded.tokenizer.encode("JULIET: O Romeo, Romeo")
     assert torch.equal(loaded.logits(ids), converted.logits(ids))
     # 4 bits + fp16 scale + uint8 zero per 128 weights: the file is far smaller than bf16
-    assert os.path.getsize(out) < 0.6 * os.path.getsize(f"{LLAMA}/model.safetensors")
+    assert os.path.getsize(out / "model.safetensors") < 0.6 * os.path.getsize(f"{LLAMA}/model.safetensors")
 
 
 def test_int4_file_with_unknown_version_or_bad_shape_is_refused(tmp_path):
     from tinyinfer.quantize import quantize_checkpoint
-    out = tmp_path / "m.safetensors"
-    quantize_checkpoint(LLAMA, str(out), clip_search=False, device="cpu", progress=False)
+    out = tmp_path / "m" / "model.safetensors"
+    quantize_checkpoint(LLAMA, str(out.parent), clip_search=False, device="cpu", progress=False)
     from safetensors import safe_open
     with safe_open(str(out), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -82,8 +82,8 @@ def test_memory_counts_exactly_what_quantize_writes(tmp_path, case, capsys):
           "tied_no_head": dict(ODD, tie_word_embeddings=True)}[case]
     src = LLAMA if case == "demo_g128" else save_random_llama(tmp_path / "src", **kw)
     head = case == "tied_head"
-    out = tmp_path / "q.safetensors"
-    plan = quantize_checkpoint(src, str(out), 128, clip_search=False, quantize_head=head,
+    out = tmp_path / "q" / "model.safetensors"
+    plan = quantize_checkpoint(src, str(out.parent), 128, clip_search=False, quantize_head=head,
                                device="cpu", progress=False)
     with open(f"{src}/config.json") as f:
         cfg = json.load(f)
@@ -97,8 +97,8 @@ def test_memory_counts_exactly_what_quantize_writes(tmp_path, case, capsys):
 
 def test_quantize_head_with_tied_embeddings_quantizes_a_copy(tmp_path):
     src = save_random_llama(tmp_path / "src", **dict(ODD, tie_word_embeddings=True))
-    out = tmp_path / "q.safetensors"
-    plan = quantize_checkpoint(src, str(out), 32, clip_search=False, quantize_head=True,
+    out = tmp_path / "q" / "model.safetensors"
+    plan = quantize_checkpoint(src, str(out.parent), 32, clip_search=False, quantize_head=True,
                                device="cpu", dtype="float32", progress=False)
     assert plan.head_copy and "lm_head" in plan.groups
     assert "lm_head quantized as a copy of the tied embedding" in plan.summary()
@@ -117,8 +117,8 @@ def test_quantize_head_with_tied_embeddings_quantizes_a_copy(tmp_path):
 
 def test_float_offset_int4_files_are_version_2_and_round_trip(tmp_path):
     gguf_path, _ = build(tmp_path, "qwen2", qtype="Q4_1")
-    out = tmp_path / "q.safetensors"
-    quantize_checkpoint(gguf_path, str(out), 128, clip_search=False, device="cpu", dtype="float32",
+    out = tmp_path / "q" / "model.safetensors"
+    quantize_checkpoint(gguf_path, str(out.parent), 128, clip_search=False, device="cpu", dtype="float32",
                         progress=False)
     _, meta = _file_bytes(out)
     assert meta["format_version"] == "2"
@@ -139,6 +139,6 @@ def test_float_offset_int4_files_are_version_2_and_round_trip(tmp_path):
 
 
 def test_integer_zero_files_stay_version_1(tmp_path):
-    out = tmp_path / "q.safetensors"
-    quantize_checkpoint(LLAMA, str(out), 64, clip_search=False, device="cpu", progress=False)
+    out = tmp_path / "q" / "model.safetensors"
+    quantize_checkpoint(LLAMA, str(out.parent), 64, clip_search=False, device="cpu", progress=False)
     assert _file_bytes(out)[1]["format_version"] == "1"

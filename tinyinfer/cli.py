@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 
 
+# One set of sampling defaults for the CLI, the Python API (SamplingParams) and the server: the OpenAI
+# API's -- temperature 1.0; max tokens 16 for a completion, the rest of the context for a chat turn.
+DEFAULT_MAX_TOKENS = 16
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The options that build an LLM / LLMEngine (shared by generate and serve)."""
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -21,7 +26,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: a draft checkpoint path, or 'ngram'")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
     p.add_argument("--max-kv-tokens", type=int, default=None,
-                   help="cap the paged KV cache at this many tokens (default: sized from memory)")
+                   help="the paged KV cache's size in tokens (overrides --kv-cache-memory)")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="the paged KV cache's size in bytes, e.g. 1GiB or 512MiB (default: 4GiB on a "
+                        "CPU, 80%% of the GPU memory free after loading on a GPU; never more than "
+                        "max context x --max-num-seqs tokens)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
                         "--no-cuda-graphs launches every kernel from Python, to compare")
@@ -51,7 +60,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 enable_prefix_caching=args.enable_prefix_caching,
-                tensor_parallel_size=args.tensor_parallel_size)
+                tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory=args.kv_cache_memory)
 
 
 def apply_threads(args: argparse.Namespace) -> None:

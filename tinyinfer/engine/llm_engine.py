@@ -28,6 +28,7 @@ from tinyinfer.config.errors import RequestError
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
+from tinyinfer.engine.kv_cache import parse_bytes
 from tinyinfer.engine.locking import serialized_calls
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
@@ -60,8 +61,9 @@ class LLMEngine:
                  cuda_graphs: Optional[bool] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True, group_size: Optional[int] = None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, kv_cache_memory: Optional[int | str] = None):
         check_quant(quant, group_size)
+        kv_memory = None if kv_cache_memory is None else parse_bytes(kv_cache_memory)
         check_speculate_k(speculate_k)
         check_limits(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
         self.device = resolve_device(device)           # ValueError: unknown or absent device
@@ -82,7 +84,8 @@ class LLMEngine:
         half = self.dtype in (torch.float16, torch.bfloat16)
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
         runner = load_runner(path, files, self.config, tensor_parallel_size, self.device, self.dtype,
-                             quant, max_kv_tokens, block_size, use_graphs, group_size or 128, self._say)
+                             quant, max_kv_tokens, block_size, use_graphs, group_size or 128, self._say,
+                             kv_memory=kv_memory, max_num_seqs=max_num_seqs)
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:

@@ -4,7 +4,7 @@
 process) and returns float32 logits; it never touches a `Sequence` -- the engine advances their cached
 counts after the step. Decode steps (one new token per sequence) replay CUDA graphs on a GPU, and so do
 speculative verify steps once `enable_verify_graphs(k + 1)` is called; every other step runs eagerly.
-The cache is sized once at load: a token budget (given, or from free memory) cut into blocks
+The cache is sized once at load: a token budget (given, or engine/kv_cache.py's byte budget) cut into blocks
 (Kwon et al., "PagedAttention", SOSP 2023). A tensor-parallel rank's runner (`shard`) holds that rank's
 shard and KV heads; its ranks agree on the number of blocks (engine/tensor_parallel.py drives them).
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.cuda_graphs import GraphRunner
-from tinyinfer.engine.kv_cache import PagedKVCache, default_kv_tokens
+from tinyinfer.engine.kv_cache import PagedKVCache, check_pool_fits, pool_tokens
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import Shard
 from tinyinfer.loading.weights import load_model
@@ -44,20 +44,24 @@ class ModelRunner:
              quant: Optional[str] = None, kv_tokens: Optional[int] = None, block_size: int = 16,
              cuda_graphs: bool = False, graph_pool: Optional[tuple] = None,
              say: Callable[[str], None] = lambda msg: None, group_size: int = 128,
-             shard: Optional[Shard] = None) -> "ModelRunner":
+             shard: Optional[Shard] = None, kv_memory: Optional[int] = None,
+             max_num_seqs: int = 256) -> "ModelRunner":
         """Load the checkpoint's model on `device` (quant="int4": quantized at `group_size`) and
-        allocate its KV cache (kv_tokens tokens, or what fits in memory when None; with `shard`: that
-        rank's shard, and the fewest tokens any rank fits)."""
+        allocate its KV cache: kv_tokens tokens, or when None `kv_memory` bytes (None: the default
+        budget), at most max_context x max_num_seqs tokens (engine/kv_cache.py: the rule); with
+        `shard`: that rank's shard, and the fewest tokens any rank holds."""
         model = load_model(files, cfg, dtype, device, quant, group_size, say=say, shard=shard)
         k_dims, v_dims = Transformer.kv_dims(model.cfg)
         per_token = PagedKVCache.bytes_per_token(cfg.num_layers, k_dims, v_dims, dtype)
         if kv_tokens is None:
-            kv_tokens = max(block_size, default_kv_tokens(device, per_token, cfg.max_context))
+            kv_tokens = max(block_size, pool_tokens(device, per_token, cfg.max_context, max_num_seqs,
+                                                    kv_memory))
             if shard is not None and shard.group is not None:
                 kv_tokens = shard.group.min(kv_tokens, device)
         if kv_tokens < block_size:
             raise ValueError(f"max_kv_tokens={kv_tokens} is smaller than one block ({block_size} tokens)")
         num_blocks = kv_tokens // block_size
+        check_pool_fits(device, num_blocks * block_size * per_token)
         kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, k_dims, v_dims, dtype, device)
         each = "" if shard is None else f" on each of {shard.size} ranks"
         say(f"KV cache: {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens "

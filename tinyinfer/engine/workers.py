@@ -54,6 +54,8 @@ class RankSpec:
     store: str                       # the rendezvous file (torch FileStore)
     threads: int                     # torch CPU threads of each worker
     timeout_s: float                 # every collective fails after this long
+    kv_memory: Optional[int] = None  # KV budget in bytes per rank (engine/kv_cache.py)
+    max_num_seqs: int = 256
 
     @property
     def backend(self) -> str:
@@ -114,7 +116,8 @@ def load_rank(spec: RankSpec, rank: int, group: ParallelGroup,
     shard = Shard(rank, spec.size, cfg, group)
     return ModelRunner.load(files, cfg, rank_device(spec.device, rank), parse_dtype(spec.dtype),
                             spec.quant, spec.kv_tokens, spec.block_size, spec.cuda_graphs, say=say,
-                            group_size=spec.group_size, shard=shard)
+                            group_size=spec.group_size, shard=shard, kv_memory=spec.kv_memory,
+                            max_num_seqs=spec.max_num_seqs)
 
 
 def _exit_with_parent(parent_pid: int, store: str) -> None:

@@ -29,9 +29,17 @@ from typing import Any, Optional
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CUDA_DIR = REPO_ROOT / "cuda"
-BUILD_ROOT = REPO_ROOT / "build" / "ext"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]          # tinyinfer/
+REPO_ROOT = PACKAGE_DIR.parent
+# A source checkout (and an editable install) has cuda/ and cpu/ beside the package and builds into its
+# build/. A plain `pip install .` carries them inside the package, as tinyinfer/_csrc/{cuda,cpu}
+# (setup.py's package_data), and builds into the user's cache, since site-packages may not be writable.
+IN_CHECKOUT = (REPO_ROOT / "cpu" / "ops.cpp").is_file() and (REPO_ROOT / "cuda" / "bindings.cpp").is_file()
+SOURCE_ROOT = REPO_ROOT if IN_CHECKOUT else PACKAGE_DIR / "_csrc"
+BUILD_BASE = (REPO_ROOT / "build" if IN_CHECKOUT else
+              Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinyinfer" / "build")
+CUDA_DIR = SOURCE_ROOT / "cuda"
+BUILD_ROOT = BUILD_BASE / "ext"
 EXTENSION_NAME = "tinyinfer_cuda"
 
 CXX_FLAGS = ["-O3"]

@@ -94,7 +94,7 @@ def build(arch: str) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "build.log"
     print(f"tinyinfer: building CUDA extension for sm_{arch} with MAX_JOBS={os.environ.get('MAX_JOBS', os.cpu_count())}"
-          f" -> {directory.relative_to(extensions.REPO_ROOT)}", flush=True)
+          f" -> {directory}", flush=True)
     start = time.perf_counter()
     if extensions.load_prebuilt(arch) is not None:
         # Also the path of a library brought back from an earlier gpu-check ($OUT/build/ext/...):

@@ -24,16 +24,17 @@ import platform
 import re
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from tinyinfer.extensions import REPO_ROOT, host_cxx
+from tinyinfer.extensions import BUILD_BASE, SOURCE_ROOT, host_cxx
 
-CPU_DIR = REPO_ROOT / "cpu"
-BUILD_ROOT = REPO_ROOT / "build" / "cpu"
+CPU_DIR = SOURCE_ROOT / "cpu"
+BUILD_ROOT = BUILD_BASE / "cpu"
 LIBRARY_NAME = "tinyinfer_cpu"
 PORTABLE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd"]
 NATIVE_FLAGS = PORTABLE_FLAGS + ["-march=native"]
@@ -90,11 +91,17 @@ def compile_library(flags: Optional[list[str]] = None, name: str = LIBRARY_NAME,
         pass
     directory.mkdir(parents=True, exist_ok=True)
     import torch.utils.cpp_extension as cpp_extension
+    # The one slow first start: say so, rather than let it pass as the model's own time.
+    print(f"tinyinfer: building the C++ CPU kernels for this CPU (once per machine and torch version, "
+          f"~20 s) into {directory} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     cpp_extension.load(name=name, sources=[str(s) for s in sources()], extra_cflags=flags,
                        extra_include_paths=[str(CPU_DIR)], build_directory=str(directory),
                        is_python_module=False, verbose=verbose)
     library = max(directory.glob(f"{name}*.so"), key=lambda p: p.stat().st_mtime)
     stamp.write_text(json.dumps({"fingerprint": built_from, "library": str(library)}) + "\n")
+    print(f"tinyinfer: C++ CPU kernels built in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+          flush=True)
 
 
 @functools.cache

@@ -31,6 +31,8 @@ import torch
 from tinyinfer.config.errors import ConfigError
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.kv_cache import PagedKVCache
+from tinyinfer.loading.gguf import GGUFError, is_gguf, load_gguf
+from tinyinfer.loading.gguf_file import open_reader
 from tinyinfer.loading.weights import stored_dtype
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.quant.plan import Int4Plan, plan_int4, planned_bytes
@@ -143,6 +145,9 @@ def checkpoint_params(path: str) -> Optional[tuple[int, int]]:
     """(parameter count, bytes on disk) from the safetensors headers only (no tensor is read);
     None when the path holds no safetensors file, or packed integer (INT4) weights, whose element
     count is not the parameter count."""
+    if is_gguf(path):                 # a GGUF file: its tensor table (quantized blocks' bytes)
+        tensors = open_reader(path)[0].tensors
+        return (sum(int(t.n_elements) for t in tensors), sum(int(t.n_bytes) for t in tensors))
     count = nbytes = 0
     headers = _headers(path)
     for header in headers:
@@ -160,8 +165,14 @@ def checkpoint_params(path: str) -> Optional[tuple[int, int]]:
 
 
 def read_config(path: str) -> dict:
-    """config.json of a checkpoint directory, a config.json itself, or a .safetensors file's config
-    (beside it, or in its metadata as tinyinfer's INT4 files carry it)."""
+    """config.json of a checkpoint directory, a config.json itself, a .safetensors file's config
+    (beside it, or in its metadata as tinyinfer's INT4 files carry it), or a GGUF file's metadata as a
+    config.json (loading/gguf_config.py)."""
+    if is_gguf(path):
+        try:
+            return load_gguf(path).config
+        except GGUFError as e:
+            raise ValueError(str(e)) from None
     if path.endswith(".json"):
         cfg_path = path
     elif path.endswith(".safetensors"):

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Optional
 
+from tinyinfer.config.help import HelpFormatter
+
 from tinyinfer.memory import (GB, Shape, checkpoint_params, count_params, int4_bytes, kv_bytes_per_token,
                               kv_values_per_token_layer, own_kind, parse_count, planned_int4,
                               read_config, shape_from_hf, weight_bytes)
@@ -68,11 +70,12 @@ def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtyp
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tinyinfer.memory", description=(
+    p = argparse.ArgumentParser(prog="python -m tinyinfer.memory", formatter_class=HelpFormatter, description=(
         "Weight and KV-cache memory of a model, from a checkpoint's config.json or a shape given on "
         "the command line (flags override the checkpoint's values)."))
-    p.add_argument("--ckpt", help="checkpoint directory or .safetensors file (its config; the "
-                   "safetensors headers give the exact parameter count), or a config.json")
+    p.add_argument("--ckpt", help="checkpoint: a Hugging Face directory, one .safetensors file or a "
+                   ".gguf file (its config; the file headers give the exact parameter count), or a "
+                   "config.json")
     p.add_argument("--params", type=parse_count, help="parameter count, e.g. 70B (default: from the "
                    "checkpoint's tensors, else from the shape)")
     p.add_argument("--layers", type=int, help="number of layers")
@@ -83,11 +86,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--v-head-dim", type=int, help="value head size (default: = head dim)")
     p.add_argument("--kv-lora-rank", type=int, help="MLA latent size (makes the model MLA)")
     p.add_argument("--rope-dim", type=int, help="MLA rope key size (qk_rope_head_dim)")
-    p.add_argument("--context", type=parse_count, default=4096, help="tokens per sequence (default 4096)")
-    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (default 2)")
+    p.add_argument("--context", type=parse_count, default=4096, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value")
     p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
-                   help="INT4 group size (default 128)")
+                   help="INT4 group size")
     p.add_argument("--quantize-head", action="store_true",
                    help="count lm_head in INT4 too, as `tinyinfer.quantize --quantize-head` does")
     a = p.parse_args(argv)
@@ -98,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             p.error(f"--ckpt {a.ckpt}: no such file or directory")
         try:
             cfg = read_config(a.ckpt)
-        except (FileNotFoundError, json.JSONDecodeError) as e:
+        except (FileNotFoundError, ValueError) as e:          # json.JSONDecodeError is a ValueError
             p.error(str(e))
         if not a.ckpt.endswith(".json"):
             on_disk = checkpoint_params(a.ckpt)

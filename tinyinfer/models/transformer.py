@@ -72,7 +72,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.group = cfg, group
         # The table is given (empty) rather than drawn: the checkpoint fills it, and drawing it on
-        # the meta device imports torch's compiler stack (~100 MiB of resident memory, seconds).
+        # the meta device imports torch's compiler stack (~100 MiB of resident memory, ~1.5 s).
         self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                           _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
                              if group is None else
@@ -107,13 +107,25 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
     (with `group`: this rank's shard, `cfg` being its slice of the model's config)."""
     with torch.device("meta"):
         model = Transformer(cfg, group)
-    # dtype set on the meta model, so to_empty allocates each tensor once, in its final dtype.
-    model = model.to(dtype)
-    for m in model.modules():        # e.g. the MoE router: near-equal scores pick experts, keep fp32
-        if getattr(m, "keep_float32", False):
-            m.float()
-    model = model.to_empty(device=device)
+    _materialize(model, device, dtype)
     if cfg.tie_word_embeddings:                  # to_empty allocates each module's tensors anew
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding.for_model(cfg, dtype, device)
     return model.eval()
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """model.to_empty(device).to(dtype), each tensor allocated once in its final dtype -- and without
+    torch's meta-tensor decompositions, whose first use imports sympy (~1.3 s of a load on a 2-core
+    machine). Floating tensors take `dtype`, except under a module marked keep_float32 (e.g. the MoE
+    router: near-equal scores pick experts)."""
+    fp32 = {id(sub) for m in model.modules() if getattr(m, "keep_float32", False) for sub in m.modules()}
+    for m in model.modules():
+        want = torch.float32 if id(m) in fp32 else dtype
+        for table, wrap in ((m._parameters, True), (m._buffers, False)):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                new = torch.empty(t.shape, dtype=want if t.is_floating_point() else t.dtype,
+                                  device=device)
+                table[name] = nn.Parameter(new, requires_grad=t.requires_grad) if wrap else new

@@ -89,15 +89,25 @@ def to_kernel_layout(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int
     check_shape(n, k, group_size)
     kp = -(-k // TILE_K) * TILE_K
     pad = kp - k                                       # nonzero only for G = 32; padded weights are 0
-    q = torch.nn.functional.pad(q.to(torch.int64), (0, pad))
+    q = torch.nn.functional.pad(q.to(torch.uint8), (0, pad))
     scales = torch.nn.functional.pad(scales, (0, pad // group_size))
     zeros = torch.nn.functional.pad(zeros, (0, pad // group_size))
     nt, kb = n // TILE_N, kp // TILE_K
-    nib = q.view(nt, 2, 8, kb, 2, 4, 2, 2, 2).permute(_perm(_DENSE_AXES, _PACKED_AXES))
-    nib = nib.reshape(nt, kb, 32, 4, 8)
-    shifts = torch.arange(0, 32, 4, device=q.device)
-    words = (nib << shifts).sum(-1)                                    # (nt, kb, 32, 4) in [0, 2^32)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    if sys.byteorder == "little":
+        # Whole int32 words move, not nibbles: byte b of a word holds nibbles 2b (low) and 2b + 1
+        # (high), i.e. rows g and g + 8 (i0) of one column, and its 4 bytes are 4 adjacent columns
+        # (i1, i2) in the order b = 2*i2 + i1. So pair the rows into bytes, order each run of 4 columns,
+        # view the bytes as words and permute the word axes only.
+        qq = q.view(nt, 2, 8, kp)                                         # row nt*16 + 8*i0 + g
+        by = qq[:, 0] | (qq[:, 1] << 4)                                   # (nt, 8, kp): (g, column)
+        by = by.view(nt, 8, kp // 4, 2, 2).transpose(-1, -2).contiguous()  # (.., i1, i2) -> (i2, i1)
+        words = by.view(nt, 8, kp).view(torch.int32).view(nt, 8, kb, 2, 4, 2)  # (nt, g, kb, jh, t, jl)
+        words = words.permute(0, 2, 1, 4, 3, 5).reshape(nt, kb, 32, 4)   # (nt, kb, 4g + t, 2jh + jl)
+    else:                             # big-endian host: assemble each word's value from its nibbles
+        nib = q.view(nt, 2, 8, kb, 2, 4, 2, 2, 2).permute(_perm(_DENSE_AXES, _PACKED_AXES))
+        nib = nib.reshape(nt, kb, 32, 4, 8).to(torch.int64)
+        words = (nib << torch.arange(0, 32, 4, device=q.device)).sum(-1)  # (nt, kb, 32, 4) < 2^32
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     ng = kp // group_size
 
     def pairs(t: Tensor) -> Tensor:                    # (N, ng) -> (N/16, ng, 16): entry 2*r + h
@@ -112,14 +122,16 @@ def from_kernel_layout(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int
     """Inverse of `to_kernel_layout`: -> q (N, K) uint8, scales (N, K/G), zeros (N, K/G)."""
     nt, kb = qweight.shape[:2]
     ng = scales.shape[1]
-    if sys.byteorder == "little":     # byte b of a word holds nibbles 2b (low) and 2b + 1 (high)
-        by = qweight.contiguous().view(torch.uint8).view(nt, kb, 32, 4, 4)
-        nib = torch.stack([by & 0xF, by >> 4], dim=-1)                     # (nt, kb, 32, 4, 4, 2)
+    kp = kb * TILE_K
+    if sys.byteorder == "little":     # to_kernel_layout's steps backwards: words move whole
+        w = qweight.contiguous().view(nt, kb, 8, 4, 2, 2).permute(0, 2, 1, 4, 3, 5).contiguous()
+        by = w.view(torch.uint8).view(nt, 8, kp // 4, 2, 2).transpose(-1, -2).reshape(nt, 8, kp)
+        q = torch.stack([by & 0xF, by >> 4], dim=1).reshape(nt * 16, kp)[:, :k]  # rows g, g + 8
     else:
         shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
         nib = (qweight.unsqueeze(-1) >> shifts) & 0xF                      # (nt, kb, 32, 4, 8)
-    nib = nib.reshape(nt, kb, 8, 4, 2, 2, 2, 2, 2).permute(_perm(_PACKED_AXES, _DENSE_AXES))
-    q = nib.reshape(nt * 16, kb * TILE_K)[:, :k].to(torch.uint8)
+        nib = nib.reshape(nt, kb, 8, 4, 2, 2, 2, 2, 2).permute(_perm(_PACKED_AXES, _DENSE_AXES))
+        q = nib.reshape(nt * 16, kp)[:, :k].to(torch.uint8)
     group_size = kb * TILE_K // ng
 
     def unpairs(t: Tensor) -> Tensor:

@@ -98,7 +98,7 @@ def quantize_model(model: nn.Module, group_size: int = 128, quantize_head: bool 
     embedding stays dense (the plan says so)."""
     plan = plan_int4(model, group_size, quantize_head)
     bar = plan.names
-    if progress:
+    if progress and plan.names:         # a GGUF's Q4 linears are INT4 already: nothing to count
         bar = tqdm(plan.names, desc=f"quantizing to INT4 g{group_size}", unit="linear")
     for name in bar:
         parent_name, _, child = name.rpartition(".")

@@ -18,20 +18,31 @@ import sys
 
 from tinyinfer.cli import add_engine_arguments, apply_threads, engine_options
 from tinyinfer.config.errors import CheckpointError, ConfigError
+from tinyinfer.config.help import HelpFormatter
+
+
+def served_name(ckpt: str) -> str:
+    """The default model name: a directory's name, a file's name without its extension
+    (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct.Q4_1)."""
+    path = os.path.normpath(ckpt)
+    base = os.path.basename(path)
+    return os.path.splitext(base)[0] if os.path.isfile(path) else base
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m tinyinfer.serve",
+        prog="python -m tinyinfer.serve", formatter_class=HelpFormatter,
         description="Serve a checkpoint over the OpenAI API (POST /v1/completions, "
                     "/v1/chat/completions; GET /v1/models, /health, /metrics) and a chat page at /. "
                     "Needs the serve extra: pip install -e '.[serve]'.")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory or .safetensors file")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: a Hugging Face directory, one .safetensors file (config.json "
+                        "beside it or in its metadata; tinyinfer's own INT4 files too), or a .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the checkpoint's "
-                        "directory name)")
+                        "directory name, or its file name without the extension)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ endpoints (401 otherwise)")
     p.add_argument("--no-web", action="store_true",
@@ -76,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         sock.close()
         return 2
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
+    name = args.served_model_name or served_name(args.ckpt)
     app = build_app(engine, name, args.api_key, limits, web=not args.no_web)
     config = uvicorn.Config(app, host=args.host, port=sock.getsockname()[1], log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)

@@ -4,8 +4,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tinyinfer.config.help import HelpFormatter
 from tools.bench import bench_names, load_bench
-from tools.bench.common import envelope, resolve_device, write_json
+from tools.bench.common import envelope, resolve_device, set_quick, write_json
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The bench's docstring as written, and every option's default."""
+
+
+def first_sentence(doc: str) -> str:
+    """The docstring's first sentence, whole (its first line may stop mid-sentence)."""
+    text = " ".join(doc.split())
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,14 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
         except (ImportError, TypeError) as err:  # one broken bench must not hide the others
             sub.add_parser(name, help=f"(unavailable: {err})")
             continue
-        doc = (module.__doc__ or name).strip().splitlines()[0]
-        p = sub.add_parser(name, help=doc, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=first_sentence(module.__doc__ or name), description=module.__doc__,
+                           formatter_class=_Help)
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
         p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
         if callable(getattr(module, "figure", None)):
             p.add_argument("--plot", default=None, metavar="PATH.png",
                            help="also draw the results into this PNG (needs matplotlib: the plot extra)")
+        p.add_argument("--quick", action="store_true",
+                       help="a dry run (the test suite's): smallest sizes, one timed run; figures mean nothing")
         module.add_arguments(p)
         p.set_defaults(module=module)
     return parser
@@ -40,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench.plot import require_matplotlib
         require_matplotlib()
     device = resolve_device(args.device)
+    set_quick(args.quick)
     results = envelope(args.bench, device, args.module.run(args, device))
     write_json(args.json, results)
     if getattr(args, "plot", None):

@@ -41,7 +41,7 @@ SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "M
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                         help="cache dtype (default: bfloat16 on a GPU, float32 on a CPU)")
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=10, help="timed runs; the median is reported")
 
 
 def _input_sets(case, dtype, device, n_sets: int):

@@ -73,8 +73,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --quick (tools/bench/__main__.py): a dry run for the test suite -- smallest sizes, one timed run, two
+# input sets; it proves a bench runs to the end, its figures mean nothing.
+QUICK = False
+
+
+def set_quick(on: bool) -> None:
+    global QUICK
+    QUICK = on
+
+
 def rotation_count(bytes_per_set: int, device: torch.device, factor: int = 4, cap_bytes: int = 4 * GiB) -> int:
     """How many distinct input sets to cycle through so that together they exceed factor x L2."""
+    if QUICK:
+        return 2
     need = math.ceil(factor * l2_bytes(device) / max(bytes_per_set, 1)) + 1
     return max(2, min(need, max(2, cap_bytes // max(bytes_per_set, 1))))
 
@@ -109,6 +121,8 @@ def time_calls(fn: Callable[[int], Any], device: torch.device, n_inputs: int = 1
     at least one full pass over the n_inputs sets (more passes when one pass is shorter than
     target_run_s). graph=True captures a run's calls in a CUDA graph and replays it; an op that cannot
     be captured (e.g. it synchronises) raises RuntimeError -- time it with graph=False instead."""
+    if QUICK:
+        runs, warmup, target_run_s = 1, min(warmup, 1), 0.0
     for i in range(warmup):
         fn(i % n_inputs)
     calls = _choose_calls(lambda i: fn(i % n_inputs), device, target_run_s)
@@ -165,7 +179,7 @@ def gbps(bytes_moved: int, seconds: float) -> float:
 def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, runs: int = 10) -> dict:
     """Measured device-to-device copy bandwidth: one copy of nbytes (1 GiB on a GPU, 256 MiB on a
     CPU) counts nbytes read + nbytes written."""
-    nbytes = nbytes or (GiB if is_gpu(device) else 256 << 20)
+    nbytes = nbytes or (1 << 20 if QUICK else GiB if is_gpu(device) else 256 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
     dst = torch.empty_like(src)
     timing = time_calls(lambda i: dst.copy_(src), device, runs=runs, warmup=2, target_run_s=0.0)
@@ -177,7 +191,7 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, runs: int
 def read_bandwidth(device: torch.device, nbytes: Optional[int] = None, runs: int = 10) -> dict:
     """Measured read-only streaming bandwidth: torch.sum over nbytes of float32 (1 GiB on a GPU, 256 MiB on
     a CPU) reads every byte once and writes one value; the figure is nbytes / median time."""
-    nbytes = nbytes or (GiB if is_gpu(device) else 256 << 20)
+    nbytes = nbytes or (1 << 20 if QUICK else GiB if is_gpu(device) else 256 << 20)
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_(0.5, 1.5)  # never zeros
     out = torch.empty((), dtype=torch.float32, device=device)
     timing = time_calls(lambda i: torch.sum(x, dim=0, out=out), device, runs=runs, warmup=2, target_run_s=0.0)

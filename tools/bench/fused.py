@@ -31,8 +31,9 @@ MAX_POSITIONS = 4096  # rows of the cos/sin table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                        help="activation and cache dtype")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
 
 
 def _norm_case(case, dtype, device, runs) -> dict:

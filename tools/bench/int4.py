@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyinfer import ops
+from tools.bench import common
 from tools.bench.common import (device_label, format_table, gbps, is_gpu, ratios, rotation_count, summary_row,
                                 time_calls, yardstick_label, yardsticks)
 
@@ -40,10 +41,11 @@ FP16_MS = (1, 32)  # the batch sizes compared with fp16 F.linear
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"],
                         help="activation dtype (scales are fp16 either way, as in INT4 checkpoints)")
-    parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
+    parser.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
+                        help="input channels per scale and zero point")
     parser.add_argument("--ms", default=None, help="batch sizes of the second table, e.g. 2,4,8,16,32,64 "
                         "(default: those on a GPU, none on a CPU)")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
     parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=False,
                         help="also print the accuracy table on models/shakespeare-llama")
 
@@ -153,7 +155,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     sticks = yardsticks(device)
     print(f"{device_label(device)}; {yardstick_label(sticks)}; int4_linear g{g}, {args.dtype} activations, "
           "fp16 scales" + ("" if is_gpu(device) else " -- CPU: the reference path"))
-    shapes = sorted({(n, k) for layer in LAYERS.values() for _, n, k, _ in layer})
+    layers_of = {"quick": [("q", 256, 256, 1)]} if common.QUICK else LAYERS
+    shapes = sorted({(n, k) for layer in layers_of.values() for _, n, k, _ in layer})
     ms = [int(v) for v in args.ms.split(",") if v] if args.ms is not None else (
         [2, 4, 8, 16, 32, 64] if is_gpu(device) else [])
     by_m: dict[int, dict] = {}
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                                                 "fp16_us", "vs_fp16", "aten_int4_us"]))
     layers, summary = [], []
     for m in [1] + [m for m in ms if m in FP16_MS]:
-        for name, parts in LAYERS.items():
+        for name, parts in layers_of.items():
             layer = _layer(name, parts, by_m[m], sticks)
             layers.append(layer)
             summary.append(summary_row(f"int4 {name} layer M={m}", layer["gbps"], "GB/s", vs_copy=layer["vs_copy"],

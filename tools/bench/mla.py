@@ -43,11 +43,13 @@ KNOWN_SHAPES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=DEFAULT_CKPT, help="MLA checkpoint for the decode timing "
                         "(default: models/shakespeare-mla)")
-    parser.add_argument("--context", type=int, default=1024, help="cached tokens per sequence (1024)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (1 8)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="cached tokens per sequence (default: the model's context less one, the "
+                             "position of the decoded token)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
     parser.add_argument("--dtype", default=None, help="model dtype (default: float32 on a CPU, bf16 on a GPU)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU: torch threads (0 = torch's default; 1 is steadier on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU: torch threads (0 = torch's default), one as generate uses")
 
 
 def cache_table(ckpt: str) -> list[dict]:
@@ -108,6 +110,11 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     llm = LLM(args.ckpt, device=str(device), dtype=dtype, max_kv_tokens=64)
     if not llm.config.is_mla:
         raise SystemExit(f"--ckpt {args.ckpt} is not an MLA checkpoint (no kv_lora_rank in its config)")
+    context = llm.config.max_context - 1 if args.context is None else args.context
+    if not 0 < context < llm.config.max_context:
+        raise SystemExit(f"--context {context}: give 1 .. {llm.config.max_context - 1} (the decoded token "
+                         f"sits at position --context, inside the model's {llm.config.max_context})")
+    args.context = context
     timing_rows, summary = [], []
     for batch in args.batch:
         step = decode_step_timer(llm, batch, args.context)

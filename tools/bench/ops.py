@@ -41,6 +41,8 @@ class OpCounter(TorchDispatchMode):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default="models/shakespeare-llama", help="checkpoint to count on")
     parser.add_argument("--batch", type=int, default=4, help="sequences in the decode step")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU: torch threads (0 = torch's default), one as generate uses")
 
 
 def count_decode_step(engine: LLMEngine, batch: int) -> Counter:
@@ -58,6 +60,8 @@ def count_decode_step(engine: LLMEngine, batch: int) -> Counter:
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
+    if args.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(args.threads)
     # Eager on a GPU too: a graph replay dispatches nothing, and the count is of the step's kernels.
     engine = LLMEngine(args.ckpt, device=str(device), max_kv_tokens=4096, enable_prefix_caching=False,
                        cuda_graphs=False)

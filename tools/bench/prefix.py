@@ -62,18 +62,21 @@ def paged_attention_batched(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     return out
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", default=str(ROOT / "models" / "shakespeare-llama"))
+    parser.add_argument("--ckpt", default=str(ROOT / "models" / "shakespeare-llama"), help="checkpoint")
     parser.add_argument("--system-tokens", type=int, nargs="+", default=[768],
-                        help="shared system prompt lengths (the longest is the headline)")
-    parser.add_argument("--questions", type=int, default=32)
-    parser.add_argument("--question-tokens", type=int, default=50)
-    parser.add_argument("--decoders", type=int, default=16)
-    parser.add_argument("--long-tokens", type=int, default=900)
+                        help="tokens of the system prompt every question shares (the cached prefix); several "
+                             "values give one run each, the longest is the headline")
+    parser.add_argument("--questions", type=int, default=32, help="requests sharing that prefix")
+    parser.add_argument("--question-tokens", type=int, default=50, help="tokens of each question after it")
+    parser.add_argument("--decoders", type=int, default=16,
+                        help="requests decoding while the long prompt prefills (the stall case)")
+    parser.add_argument("--long-tokens", type=int, default=900,
+                        help="tokens of the long prompt that arrives among the decoders")
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512],
                         help="max_num_batched_tokens values of the chunked runs")
     parser.add_argument("--headline-budget", type=int, default=128,
                         help="the budget of the summary's stall ratio")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case; the median is kept")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads (0 = torch's default; 1 is steadiest on a busy box)")
 

@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=None,
                         help="random-weight target + draft with the oracle proposer (default: on a "
                              "GPU; on a CPU it runs small shapes, to try the path)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU: torch threads (0 = torch's default; 1 helps on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU: torch threads (0 = torch's default), one as generate uses")
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -23,10 +23,11 @@ CASES = [("decode b64, 32x128", 64, 32, 128, 128),
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                        help="cache dtype")
     parser.add_argument("--cache-mib", type=int, default=None,
                         help="size of each cache tensor (default: 512 MiB on a GPU, 64 MiB on a CPU)")
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=10, help="timed runs; the median is reported")
 
 
 def _bench_case(case, dtype, cache_bytes, device, runs) -> dict:

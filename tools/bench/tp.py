@@ -35,7 +35,7 @@ COLUMNS = ["N", "backend", "threads_per_rank", "ms_per_step", "decode_tok_s", "v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", default=str(ROOT / "models" / "shakespeare-llama"))
+    parser.add_argument("--ckpt", default=str(ROOT / "models" / "shakespeare-llama"), help="checkpoint")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="tensor_parallel_size values")
     parser.add_argument("--batch", type=int, default=4, help="sequences decoded together")
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per sequence")
