@@ -16,13 +16,12 @@ from tinyinfer.serve.app import build_app  # noqa: E402
 from tinyinfer.serve.limits import Limits  # noqa: E402
 
 
-class ServerThread:
-    def __init__(self, engine: LLMEngine, name: str = "demo", api_key: str | None = None,
-                 limits: Limits = Limits()):
-        self.engine = engine
-        self.app = build_app(engine, name, api_key, limits)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error",
-                                timeout_graceful_shutdown=5)
+class AppThread:
+    """Any ASGI app under uvicorn on 127.0.0.1:<free port>, in a daemon thread; stop() ends it."""
+
+    def __init__(self, app):
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -30,13 +29,21 @@ class ServerThread:
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
         assert not self.thread.is_alive(), "the server did not stop"
+
+
+class ServerThread(AppThread):
+    """A tinyinfer server (build_app over `engine`) as an AppThread; the engine stays reachable."""
+
+    def __init__(self, engine: LLMEngine, name: str = "demo", api_key: str | None = None,
+                 limits: Limits = Limits()):
+        self.engine = engine
+        super().__init__(build_app(engine, name, api_key, limits))
 
 
 def metric(text: str, name: str) -> float:

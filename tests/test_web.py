@@ -17,8 +17,8 @@ import pytest
 
 from chat_util import demo_chat_model
 from hf_util import LLAMA, REPO
-from serve_util import ServerThread, metric
-from web_util import (AppThread, browser_missing, cli_server, last_reply, open_page, screenshot, send,
+from serve_util import AppThread, ServerThread, metric
+from web_util import (browser_missing, cli_server, last_reply, open_page, screenshot, send,
                       settings, start_chromium, wait)
 from tinyinfer import LLMEngine
 

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -47,27 +46,6 @@ def start_chromium(profile: Path):
     driver.set_page_load_timeout(WAIT_S)
     driver.set_script_timeout(WAIT_S)
     return driver
-
-
-class AppThread:
-    """Any ASGI app under uvicorn on 127.0.0.1:<free port>, in a daemon thread; stop() ends it."""
-
-    def __init__(self, app):
-        import uvicorn
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "the server did not stop"
 
 
 def wait(driver, condition, what: str, timeout: float = WAIT_S):
