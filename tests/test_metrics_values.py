@@ -57,7 +57,7 @@ def test_counters_after_a_known_workload(server):
     def expect(**delta) -> None:
         for k, v in delta.items():
             want[k] += v
-        # The engine thread updates the counters and gauges right after it delivers a step's
+        # The engine thread updates the gauges (blocks, running) right after it delivers a step's
         # results: give it a moment (bounded) before the values must match.
         deadline = time.monotonic() + 10
         while True:

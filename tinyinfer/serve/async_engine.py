@@ -229,9 +229,9 @@ class AsyncEngine:
                 if live.num_tokens > 1:
                     m.tpot.observe((now - live.first_token) / (live.num_tokens - 1))
             by_loop.setdefault(live.loop, []).append((live.sink, live.index, d))
+        m.generation_tokens.inc(new_tokens)         # counted before a client can see the tokens
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_deliver, items)
-        m.generation_tokens.inc(new_tokens)
 
     def _update_gauges(self) -> None:
         stats, m = self.engine.stats, self.metrics
