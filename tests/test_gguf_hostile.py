@@ -34,3 +34,11 @@ def test_a_hostile_gguf_file_is_refused_by_name_in_bounded_time_and_memory(resul
     assert f"{case}.gguf" in got["message"], got            # names the file
     # The refusal's own cost: the peak RSS over the peak once warmed up (torch alone is ~700 MB).
     assert got["seconds"] < 5 and got["peak_mb"] - got["base_mb"] < 256, got
+
+
+def test_a_big_endian_file_is_refused_as_such(tmp_path):
+    from tinyinfer.loading.gguf_file import GGUFError, open_reader
+    path = tmp_path / "be.gguf"
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "big") + bytes(16))   # version 3, written big-endian
+    with pytest.raises(GGUFError, match=r"be\.gguf is a big-endian GGUF file"):
+        open_reader(str(path))

@@ -47,28 +47,17 @@ def open_reader(path: str) -> tuple[gguf.GGUFReader, Header]:
     memory-mapped, unread)."""
     if not os.path.isfile(path):
         raise GGUFError(f"GGUF file {path!r} does not exist")
-    if is_big_endian(path):
-        raise GGUFError(f"{path} is a big-endian GGUF file; only little-endian files are supported")
-    header = scan(path)
+    header = scan(path)                           # refuses big-endian files too
     try:
         reader = _TensorReader(path, header)
     except Exception as e:  # the reader raises ValueError/KeyError/IndexError on corrupt headers
         raise GGUFError(f"cannot read {path} as GGUF: {type(e).__name__}: {e} "
                         "(truncated or corrupt file? re-download it)") from None
-    if reader.byte_order != "I":
-        raise GGUFError(f"{path} is a big-endian GGUF file; only little-endian files are supported")
     for t in reader.tensors:
         if t.data.nbytes != t.n_bytes:
             raise GGUFError(f"{path}: tensor {t.name} should hold {t.n_bytes} bytes but the file "
                             f"ends after {t.data.nbytes} (truncated file? re-download it)")
     return reader, header
-
-
-def is_big_endian(path: str) -> bool:
-    """A version field whose low 16 bits are 0 is a file written for the other byte order."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    return len(head) == 8 and head[:4] == b"GGUF" and int.from_bytes(head[4:8], "little") & 0xFFFF == 0
 
 
 class Metadata:

@@ -133,6 +133,8 @@ def _header(s: _Scan) -> Header:
         raise s.fail("no GGUF magic at the start")
     s.pos = 4
     version = s.unpack("<I", "the version")
+    if version & 0xFFFF == 0 and version:          # the version of a file written big-endian
+        raise GGUFError(f"{s.path} is a big-endian GGUF file; only little-endian files are supported")
     if version not in (2, 3):
         raise s.fail(f"GGUF version {version}; versions 2 and 3 are read")
     n_tensors, n_keys = s.unpack("<Q", "the tensor count"), s.unpack("<Q", "the key count")
