@@ -268,7 +268,14 @@ def load_runner(path: str, files: CheckpointFiles, cfg: ModelConfig, size: int, 
                 cuda_graphs: bool, group_size: int, say: Callable[[str], None],
                 kv_memory: Optional[int] = None, max_num_seqs: int = 256
                 ) -> ModelRunner | TensorParallelRunner:
-    """The engine's model runner: a ModelRunner on one device (size 1), else N ranks."""
+    """The engine's model runner: a ModelRunner on one device (size 1), else N ranks: spawned here,
+    or launched by torchrun (engine/torchrun.py; on ranks other than 0 this call never returns)."""
+    from tinyinfer.engine import torchrun, torchrun_runner
+    launch = torchrun.launched()
+    if launch is not None:
+        return torchrun_runner.load(path, files, cfg, size, launch, device, dtype, quant, kv_tokens,
+                                    block_size, cuda_graphs, group_size, say, kv_memory, max_num_seqs,
+                                    TIMEOUT_S)
     if size == 1:
         return ModelRunner.load(files, cfg, device, dtype, quant, kv_tokens, block_size, cuda_graphs,
                                 say=say, group_size=group_size, kv_memory=kv_memory,

@@ -109,12 +109,15 @@ def rank_device(device: str, rank: int) -> torch.device:
 
 
 def load_rank(spec: RankSpec, rank: int, group: ParallelGroup,
-              say: Callable[[str], None] = lambda msg: None) -> ModelRunner:
-    """Rank `rank`'s model runner: its shard of the checkpoint and its KV cache."""
+              say: Callable[[str], None] = lambda msg: None,
+              device: Optional[torch.device] = None) -> ModelRunner:
+    """Rank `rank`'s model runner: its shard of the checkpoint and its KV cache (on `device`, by
+    default the rank's own: engine/torchrun.py gives the node's local one)."""
     files = ckpt.locate(spec.path)
     cfg = ModelConfig.from_hf(files.config, files.generation_config)
     shard = Shard(rank, spec.size, cfg, group)
-    return ModelRunner.load(files, cfg, rank_device(spec.device, rank), parse_dtype(spec.dtype),
+    device = device or rank_device(spec.device, rank)
+    return ModelRunner.load(files, cfg, device, parse_dtype(spec.dtype),
                             spec.quant, spec.kv_tokens, spec.block_size, spec.cuda_graphs, say=say,
                             group_size=spec.group_size, shard=shard, kv_memory=spec.kv_memory,
                             max_num_seqs=spec.max_num_seqs)
@@ -138,6 +141,29 @@ def _send_error(conn: Connection, err: BaseException) -> None:
         pass
 
 
+def run_steps(runner: ModelRunner, next_command: Callable[[], tuple]) -> None:
+    """The worker loop, spawned or launched by torchrun: rank 0's commands -- from the pipe
+    (spawned) or broadcast over the group (torchrun; engine/step_wire.py) -- run on this rank's
+    shard until rank 0 says "close"."""
+    while True:
+        op, *args = next_command()
+        if op == "close":
+            return
+        if op not in OPS:
+            raise ValueError(f"unknown tensor-parallel command {op!r}")
+        getattr(runner, op)(*args)
+
+
+def _from_pipe(conn: Connection, store: str) -> Callable[[], tuple]:
+    def next_command() -> tuple:
+        try:
+            return conn.recv()
+        except EOFError:                             # the engine is gone: it could not clean up
+            shutil.rmtree(os.path.dirname(store), ignore_errors=True)
+            return ("close",)
+    return next_command
+
+
 def worker_main(spec: RankSpec, rank: int, conn: Connection, parent_pid: int) -> None:
     """A worker process: join the group, load rank `rank`'s shard, then run rank 0's steps."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C reaches the engine, which stops us
@@ -149,17 +175,7 @@ def worker_main(spec: RankSpec, rank: int, conn: Connection, parent_pid: int) ->
         group = ParallelGroup.create(spec.backend, spec.store, rank, spec.size, spec.timeout_s, device)
         runner = load_rank(spec, rank, group)
         conn.send(("ready", runner.num_blocks))
-        while True:
-            try:
-                op, *args = conn.recv()
-            except EOFError:                              # the engine is gone: it could not
-                shutil.rmtree(os.path.dirname(spec.store), ignore_errors=True)   # clean up
-                break
-            if op == "close":
-                break
-            if op not in OPS:
-                raise ValueError(f"unknown tensor-parallel command {op!r}")
-            getattr(runner, op)(*args)
+        run_steps(runner, _from_pipe(conn, spec.store))
     except BaseException as err:                          # noqa: B036 -- reported, then exit
         _send_error(conn, err)
         conn.close()

@@ -34,29 +34,62 @@ class ParallelGroup:
         self.reduced_bytes = 0          # bytes this rank contributed to all-reduces (eager calls)
         self.gathered_bytes = 0         # bytes this rank received from all-gathers (eager calls)
         self.num_all_reduces = 0
+        self.control = backend          # the backend the steps travel on (on_store sets it)
 
     @classmethod
     def create(cls, kind: str, store_path: str, rank: int, size: int, timeout_s: float,
                device: Optional[torch.device] = None) -> "ParallelGroup":
         """Join the group: every rank calls this with the same store file (a torch FileStore, the
-        rendezvous) and returns once all `size` ranks have joined. kind "gloo" (CPU tensors; bound to
-        127.0.0.1: the ranks live on this machine) or "nccl" (CUDA tensors on `device`). Every
-        collective fails after `timeout_s` instead of waiting for a rank that never comes."""
-        timeout = datetime.timedelta(seconds=timeout_s)
+        rendezvous) and returns once all `size` ranks have joined; the ranks live on this machine."""
         store = dist.FileStore(store_path, size)
-        if kind == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = timeout
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-            backend = dist.ProcessGroupGloo(store, rank, size, opts)
-        elif kind == "nccl":
-            torch.cuda.set_device(device)
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            backend = dist.ProcessGroupNCCL(store, rank, size, opts)
-        else:
+        return cls.on_store(kind, store, rank, size, timeout_s, device, "127.0.0.1")
+
+    @classmethod
+    def on_store(cls, kind: str, store: object, rank: int, size: int, timeout_s: float,
+                 device: Optional[torch.device] = None, hostname: Optional[str] = None,
+                 interface: Optional[str] = None) -> "ParallelGroup":
+        """Join the group through `store` (a FileStore on one machine, torchrun's TCPStore across
+        machines). kind "gloo" (CPU tensors) or "nccl" (CUDA tensors on `device`); gloo listens on
+        `interface` (a network interface name), else on `hostname`'s address, else on the address the
+        machine's name resolves to. Every collective fails after `timeout_s` instead of waiting for a
+        rank that never comes. Beside the model's backend the group has a gloo one on CPU tensors,
+        `control`, that carries the steps (engine/step_wire.py): the same backend on CPUs."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if kind not in ("gloo", "nccl"):
             raise ValueError(f"unknown collective backend {kind!r}; use gloo (CPU) or nccl (CUDA)")
-        return cls(backend, rank, size)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        if interface:
+            opts._devices = [dist.ProcessGroupGloo.create_device(interface=interface)]
+        elif hostname:
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
+        else:
+            opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+        if kind == "gloo":
+            backend = control = dist.ProcessGroupGloo(dist.PrefixStore("model", store), rank, size, opts)
+        else:
+            control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, opts)
+            torch.cuda.set_device(device)
+            nccl = dist.ProcessGroupNCCL.Options()
+            nccl._timeout = timeout
+            backend = dist.ProcessGroupNCCL(dist.PrefixStore("model", store), rank, size, nccl)
+        group = cls(backend, rank, size)
+        group.control = control
+        return group
+
+    def broadcast(self, x: Tensor, timeout_s: Optional[float] = None, wait: bool = True):
+        """x (a CPU tensor) from rank 0 to every rank, in place, on the control backend; timeout_s
+        replaces the group's timeout for this call (a worker waiting for the next step may wait long).
+        wait=False returns the pending work (its .wait() ends it) instead of x."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        if timeout_s is not None:
+            opts.timeout = datetime.timedelta(seconds=timeout_s)
+        work = self.control.broadcast([x], opts)
+        if not wait:
+            return work
+        work.wait()
+        return x
 
     def all_reduce(self, x: Tensor) -> Tensor:
         """x summed over the ranks, in place (every rank gets the same bits)."""

@@ -72,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the server needs its packages ({err}): pip install -e '.[serve]'", file=sys.stderr)
         return 2
     from tinyinfer.engine.llm_engine import LLMEngine
+    from tinyinfer.engine.torchrun import launched
     try:
         given = dict(max_request_bytes=args.max_request_bytes, template_timeout_s=args.template_timeout,
                      max_seqs_per_request=args.max_seqs_per_request)
         limits = Limits(**{k: v for k, v in given.items() if v is not None}).check()
-        sock = bind(args.host, args.port)           # before loading: a port in use fails fast
+        launch = launched()                         # under torchrun only rank 0 serves
+        sock = bind(args.host, args.port) if launch is None or launch.rank == 0 else None
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = LLMEngine(args.ckpt, verbose=True, **engine_options(args))
     except (CheckpointError, ConfigError, ValueError, NotImplementedError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sock.close()
+        if sock is not None:
+            sock.close()
         return 2
     name = args.served_model_name or served_name(args.ckpt)
     app = build_app(engine, name, args.api_key, limits, web=not args.no_web)
