@@ -25,6 +25,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sanitizer: small CUDA test run under compute-sanitizer by make gpu-check")
     config.addinivalue_line("markers", "fuzz: every mutation of the fuzz-style suite (pytest -m fuzz); "
                                        "deselected unless -m names it or TINYINFER_FUZZ=1")
+    config.addinivalue_line("markers", "torchrun: launches torchrun (CPU, gloo, loopback; ~1 min in all); "
+                                       "runs by default, `-m 'not torchrun'` leaves it out")
     config.addinivalue_line("markers", "fresh_machine: make run in a fresh clone with a python3 that "
                                        "refuses system installs (minutes); deselected unless -m names it")
 

@@ -25,12 +25,14 @@ from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import check_files, check_int4_shards, check_shardable
 
 
-def _farewell(group, beats: Beats) -> None:
-    """Tell the workers to leave (they exit), once; stop rank 0's heartbeat."""
-    try:
-        step_wire.send(group, "close")()
-    except RuntimeError:                      # a rank is gone: the others leave when the beat stops
-        pass
+def _farewell(group, beats: Beats, state: dict) -> None:
+    """Tell the workers to leave (they exit) unless the group already failed; stop rank 0's
+    heartbeat (a worker that missed the word leaves when it stops)."""
+    if not state["failed"]:
+        try:
+            step_wire.send(group, "close")()
+        except RuntimeError:
+            pass
     beats.stopped.set()
 
 
@@ -40,10 +42,11 @@ class TorchrunRunner:
     def __init__(self, spec: RankSpec, launch: Launch, cfg: ModelConfig,
                  say: Callable[[str], None] = lambda msg: None):
         self.config, self.size, self.broken, self.lost = cfg, launch.world, None, None
+        self._state = {"failed": False}          # shared with the finalizer: no farewell after a failure
         self.group, store, device = join(spec, launch)
         self.beats = Beats(store, 0, launch.world, self._lost)
         self.where = {r: self.beats.get(f"where/{r}", "host ?") for r in range(1, launch.world)}
-        self._farewell = weakref.finalize(self, _farewell, self.group, self.beats)
+        self._farewell = weakref.finalize(self, _farewell, self.group, self.beats, self._state)
         try:
             self.local = load_rank(spec, 0, self.group, say, device)
         except BaseException as err:
@@ -81,6 +84,7 @@ class TorchrunRunner:
         self.local = None
 
     def _lost(self, rank: int, why: str) -> None:
+        self._state["failed"] = True
         self.lost_rank = rank
         self.lost = (f"tensor-parallel rank {rank} ({self.where.get(rank, 'host ?')}) {why}: the "
                      "engine stopped; restart the torchrun job")
@@ -91,6 +95,7 @@ class TorchrunRunner:
         if self.lost:
             self.broken = self.lost
             self.beats.stopped.set()
+            self._state["failed"] = True
             raise TensorParallelError(self.broken, self.lost_rank)
         try:
             done = step_wire.send(self.group, op, *args)
@@ -114,6 +119,7 @@ class TorchrunRunner:
                 break
             time.sleep(BEAT_S / 2)
         self.beats.stopped.set()
+        self._state["failed"] = True
         if raised:
             rank = min(raised)
             self.broken = (f"tensor-parallel rank {rank} ({self.where[rank]}) raised {raised[rank]}; "
