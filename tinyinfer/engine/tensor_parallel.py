@@ -30,10 +30,12 @@ import torch
 import torch.multiprocessing as mp
 
 from tinyinfer.config.model import ModelConfig
+from tinyinfer.engine import torchrun, torchrun_runner
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.model_runner import ModelRunner
-from tinyinfer.engine.workers import (GUARD_HINT, RankSpec, load_rank, rank_device,
-                                      refuse_spawn_bootstrap, rendezvous_dir, worker_main)
+from tinyinfer.engine.workers import (GUARD_HINT, RankSpec, TensorParallelError,  # noqa: F401
+                                      load_rank, rank_device, refuse_spawn_bootstrap, rendezvous_dir,
+                                      worker_main)
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import check_files, check_int4_shards, check_shardable
@@ -41,14 +43,6 @@ from tinyinfer.loading.shard import check_files, check_int4_shards, check_sharda
 TIMEOUT_S = 600.0          # a collective, or a worker's start, that takes longer fails
 REPORT_WAIT_S = 3.0        # how long a failure waits for the workers' own reports
 CLOSE_WAIT_S = 5.0         # how long close() waits for workers to leave before killing them
-
-
-class TensorParallelError(RuntimeError):
-    """A tensor-parallel rank failed (died, raised, or timed out); the engine cannot continue."""
-
-    def __init__(self, message: str, rank: Optional[int] = None, details: str = ""):
-        super().__init__(message)
-        self.rank, self.details = rank, details
 
 
 def check_devices(device: torch.device, size: int) -> None:
@@ -270,7 +264,6 @@ def load_runner(path: str, files: CheckpointFiles, cfg: ModelConfig, size: int, 
                 ) -> ModelRunner | TensorParallelRunner:
     """The engine's model runner: a ModelRunner on one device (size 1), else N ranks: spawned here,
     or launched by torchrun (engine/torchrun.py; on ranks other than 0 this call never returns)."""
-    from tinyinfer.engine import torchrun, torchrun_runner
     launch = torchrun.launched()
     if launch is not None:
         return torchrun_runner.load(path, files, cfg, size, launch, device, dtype, quant, kv_tokens,

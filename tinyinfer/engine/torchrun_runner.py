@@ -18,9 +18,8 @@ import torch
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine import step_wire
 from tinyinfer.engine.batch import StepBatch
-from tinyinfer.engine.tensor_parallel import TensorParallelError
 from tinyinfer.engine.torchrun import BEAT_S, LOST_S, Beats, Launch, check_size, join, worker
-from tinyinfer.engine.workers import RankSpec, load_rank
+from tinyinfer.engine.workers import RankSpec, TensorParallelError, load_rank
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import check_files, check_int4_shards, check_shardable
 

@@ -39,6 +39,14 @@ OPS = ("execute", "execute_sampled", "enable_verify_graphs")
 PARENT_POLL_S = 0.5
 
 
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank failed (died, raised, or timed out); the engine cannot continue."""
+
+    def __init__(self, message: str, rank: Optional[int] = None, details: str = ""):
+        super().__init__(message)
+        self.rank, self.details = rank, details
+
+
 @dataclass(frozen=True)
 class RankSpec:
     """Everything a rank needs to load its shard (picklable: sent to each worker at spawn)."""
