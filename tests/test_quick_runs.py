@@ -37,6 +37,7 @@ QUICK = {   # bench -> its quick-mode arguments (after --device cpu --quick: too
     "spec": ["--k-max", "1", "--new-tokens", "4", "--alphas", "0.8"],
     "store_kv": ["--runs", "1", "--cache-mib", "1"],
     "tp": ["--ckpt", LLAMA, "--sizes", "1", "--batch", "1", "--new-tokens", "2"],
+    "tpwire": [],
 }
 
 

@@ -43,7 +43,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV blocks of prompt prefixes seen before (default on)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the model over this many ranks: GPUs cuda:0..N-1 (NCCL), or N CPU "
-                        "processes (gloo); the engine spawns the workers (docs/tensor-parallel.md)")
+                        "processes (gloo); the engine spawns the workers -- or, under torchrun, the "
+                        "launched processes (WORLD_SIZE of them) are the ranks (docs/tensor-parallel.md)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch's intra-op threads for the CPU work (default 1; 0: torch's default, one "
                         "per core). A decode step is hundreds of small ops: more threads help only "

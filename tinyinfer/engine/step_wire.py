@@ -27,7 +27,7 @@ from tinyinfer.layers.parallel import ParallelGroup
 # The commands rank 0 sends: the ModelRunner methods that run collectives, and "close".
 OPS = ("close", "execute", "execute_sampled", "enable_verify_graphs")
 FIRST = 2048                    # words in the first broadcast (16 KiB)
-IDLE_TIMEOUT_S = 7 * 24 * 3600.0   # a worker waits this long for the next step
+IDLE_TIMEOUT_S = 365 * 24 * 3600.0   # a worker waits this long for the next step (an idle server)
 _PREFILL, _ALL_LOGITS, _SAMPLING = 1, 2, 4
 HEAD = 6
 
