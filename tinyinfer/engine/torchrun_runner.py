@@ -110,6 +110,9 @@ class TorchrunRunner:
     def _stop(self, err: BaseException) -> BaseException:
         """Name the rank at fault -- one that reported an error, else one whose heartbeat stopped --
         waiting up to LOST_S + 2 beats; then stop rank 0's heartbeat (the workers leave)."""
+        # /health says so at once; the rank at fault is named once known
+        self.broken = (f"a tensor-parallel step failed ({type(err).__name__}: {err}); finding the rank "
+                       "at fault")
         deadline = time.monotonic() + (0.0 if isinstance(err, KeyboardInterrupt) else LOST_S + 2 * BEAT_S)
         raised: dict[int, str] = {}
         while not raised and not self.lost:
