@@ -1,7 +1,7 @@
 """tpwire: what carrying a tensor-parallel step to the workers costs -- the StepBatch pickled down a pipe
-(the spawn path before engine/step_wire.py) against one broadcast over the group's gloo backend (what
-both the spawn and the torchrun paths use now) -- on one machine, two processes (rank 0 here, rank 1
-spawned), gloo over loopback.
+(the spawn path, one machine) against one broadcast of its words over the group's gloo backend
+(engine/step_wire.py: the torchrun path, any number of machines) -- on one machine, two processes
+(rank 0 here, rank 1 spawned), gloo over loopback.
 
 Each timed step: rank 0 hands the step's batch over (pipe or broadcast), the worker decodes it, and both
 meet in one all-reduce of a (B, 256) float32 row block (the first collective of a real step, where rank 0
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -111,7 +112,6 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     finally:
         if proc.is_alive():
             proc.kill()
-        import shutil
         shutil.rmtree(store_dir, ignore_errors=True)
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
