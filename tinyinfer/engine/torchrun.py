@@ -87,6 +87,7 @@ def join(spec: RankSpec, launch: Launch) -> tuple[ParallelGroup, object, torch.d
     group = ParallelGroup.on_store(spec.backend, store, launch.rank, launch.world, spec.timeout_s,
                                    device, "127.0.0.1" if launch.loopback else None,
                                    os.environ.get("GLOO_SOCKET_IFNAME"))
+    store.set_timeout(datetime.timedelta(seconds=LOST_S))   # from now on only heartbeats use it
     return group, store, device
 
 
