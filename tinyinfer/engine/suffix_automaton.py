@@ -14,8 +14,10 @@ State v stands for a set of substrings sharing their end positions; `length[v]` 
 (occurrences). A path from the root spells a substring of the text; from the state of a match, the
 transition to the state with the most occurrences is the most frequent continuation.
 
-Memory: at most 2n states and 3n transitions for n tokens (a Python dict per state, ~0.3 KB; so
-about 0.6 KB per indexed token). `SuffixStore` bounds the cross-request index to `capacity` tokens.
+Memory: at most 2n states and 3n transitions for n tokens, a Python dict per state; on English text
+about 1.3 states and 0.4 KB per indexed token (tracemalloc, 5.6k tokens of Shakespeare). A request's
+index lives while the request does; `SuffixStore` bounds the cross-request index to `capacity` tokens
+(the default 32768: about 13 MB).
 """
 from __future__ import annotations
 

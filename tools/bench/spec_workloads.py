@@ -8,7 +8,9 @@ fresh proposer per (workload, temperature, repeat), whose store then fills with 
 earlier answers. Decode tokens/s of a request = (tokens - 1) / (last token's time - first token's):
 the prefill is left out.
 
-Predicted speed-up, from the chapter's formula with the measured acceptance rate alpha and the
+At T = 0 the answers must equal plain decoding's (`same_as_plain`): a verify pass scores k + 1 rows
+where a plain step scores one, and in bfloat16 a near-tie could round either way, so it is counted
+rather than assumed. Predicted speed-up, from the chapter's formula with the measured acceptance rate alpha and the
 measured step costs t(n) (one forward over n tokens per sequence): a step that drafted d tokens emits
 E(d) = (1 - alpha^(d+1)) / (1 - alpha) tokens on average and costs t(d + 1) (t(1): a plain step), so
 
@@ -41,7 +43,7 @@ MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ROOT / "data" / "spec_workloads.json"
 WORKLOADS = ("edit", "multiturn", "open")
 COLUMNS = ["workload", "T", "tokens", "mean_accepted", "acceptance", "tau", "plain_tok_s",
-           "spec_tok_s", "measured_S", "predicted_S", "tau_S", "measured/predicted"]
+           "spec_tok_s", "measured_S", "predicted_S", "tau_S", "measured/predicted", "same_as_plain"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,12 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--workloads: sampling temperatures (0: greedy)")
 
 
-def decode(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[int, float]:
+def decode(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[int], float]:
     """(tokens, decode seconds) of one request alone: from its first token to its last."""
     stamps: list[float] = []
     out = llm.generate([prompt], params, on_token=lambda d: stamps.append(time.perf_counter())
                        if d.new_token_ids else None)[0]
-    return len(out.token_ids), (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return out.token_ids, (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
 
 
 def step_costs(llm: LLM, k: int, context: int, device: torch.device) -> dict[int, float]:
@@ -93,17 +95,21 @@ def run_workloads(args: argparse.Namespace, device: torch.device) -> dict:
             secs = {"plain": 0.0, "spec": 0.0}
             proposed = accepted = emitted = seq_steps = 0
             drafts: dict[int, int] = {}
+            same = runs = 0                 # answers identical to plain decoding's (greedy: all)
             for rep in range(1 if quick else args.repeats):
                 spec = Speculator(engine.runner, engine.blocks, SuffixProposer(
                     per_token=0.15 if device.type == "cpu" else 0.02), k)
                 for i, prompt in enumerate(prompts[w]):
                     params = SamplingParams(temperature=temp, max_tokens=args.max_tokens,
                                             seed=1000 * rep + i)
+                    ids = {}
                     for mode in ("plain", "spec"):
                         engine.speculator = spec if mode == "spec" else None
-                        n, s = decode(llm, prompt, params)
-                        tok[mode] += n - 1
+                        ids[mode], s = decode(llm, prompt, params)
+                        tok[mode] += len(ids[mode]) - 1
                         secs[mode] += s
+                    same += ids["plain"] == ids["spec"]
+                    runs += 1
                 engine.speculator = None
                 proposed, accepted = proposed + spec.proposed, accepted + spec.accepted
                 emitted, seq_steps = emitted + spec.emitted, seq_steps + spec.seq_steps
@@ -121,6 +127,7 @@ def run_workloads(args: argparse.Namespace, device: torch.device) -> dict:
                          "tau": tau, "plain_tok_s": plain_rate, "spec_tok_s": spec_rate,
                          "measured_S": measured, "predicted_S": pred, "tau_S": tau_pred,
                          "measured/predicted": measured / pred,
+                         "same_as_plain": f"{same}/{runs}" if temp == 0 else "",
                          "drafts": {str(d): h for d, h in sorted(drafts.items())}})
             print(format_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
     print(format_table(rows, COLUMNS))
