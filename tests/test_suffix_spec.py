@@ -138,6 +138,22 @@ def test_greedy_output_equals_plain_greedy(case, k, prompts, reference):
     assert not proposer.requests                              # every finished request forgotten
 
 
+def test_a_step_where_nobody_drafts_runs_plainly(prompts, reference):
+    """Acceptance learned as hopeless (alpha 0, no probes): every step is a plain step -- the verify
+    pass (all_logits=True) never runs -- and the output is plain decoding's."""
+    llm = LLM(TARGET, device="cpu", dtype="float32", max_kv_tokens=POOL)
+    proposer = SuffixProposer(probe=10 ** 9)
+    proposer.model.alpha = lambda key: 0.0
+    spec = llm.engine.set_speculator(proposer, 8)
+    runner, verifies = llm.engine.runner, []
+    execute = runner.execute
+    runner.execute = lambda batch, all_logits=False, **kw: (verifies.append(all_logits),
+                                                            execute(batch, all_logits, **kw))[1]
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == reference
+    assert not any(verifies) and spec.proposed == 0 and set(spec.drafts) == {0}
+    assert spec.figures()["tokens_per_target_step"] == 1.0
+
+
 def test_a_request_drafts_from_an_earlier_requests_output(prompts):
     llm = LLM(TARGET, device="cpu", dtype="float32", max_kv_tokens=POOL, draft="suffix", speculate_k=8)
     spec = llm.engine.speculator

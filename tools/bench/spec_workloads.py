@@ -62,9 +62,38 @@ def decode(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[list[in
     return out.token_ids, (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
 
 
-def step_costs(llm: LLM, k: int, context: int, device: torch.device) -> dict[int, float]:
-    from tools.bench.spec import step_time
-    return {n: step_time(llm.engine.runner, n, context, device) for n in range(1, k + 2)}
+def step_costs(llm: LLM, k: int, context: int, rounds: int) -> dict[int, float]:
+    """t(n) for n = 1 .. k+1: one forward of n new tokens after `context` cached ones, as the engine
+    runs it. Each round times every n in turn (the best of 3 calls); per n, the median over rounds of
+    t(n) / t(1) of the same round, times the median t(1): on a busy machine the ratios the prediction
+    needs stay steady while the absolute times drift."""
+    from tinyinfer.engine.batch import build_batch
+    from tinyinfer.engine.sequence import Sequence
+    runner, blocks = llm.engine.runner, llm.engine.blocks
+    seq = Sequence("timed", list(range(3, 3 + context + k + 1)), SamplingParams(), 0)
+    blocks.grow(seq, len(seq))
+    try:
+        runner.execute(build_batch([seq], [context], runner.block_size))     # prefill the context
+        seq.num_cached = context
+        batches = {n: build_batch([seq], [n], runner.block_size) for n in range(1, k + 2)}
+        ratios: dict[int, list[float]] = {n: [] for n in batches}
+        base = []
+        for _ in range(rounds):
+            t = {}
+            for n, batch in batches.items():
+                calls = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    runner.execute(batch, all_logits=n > 1).sum().item()
+                    calls.append(time.perf_counter() - t0)
+                t[n] = min(calls)
+            base.append(t[1])
+            for n in batches:
+                ratios[n].append(t[n] / t[1])
+    finally:
+        blocks.free(seq)
+    t1 = statistics.median(base)
+    return {n: t1 * statistics.median(r) for n, r in ratios.items()}
 
 
 def predicted(drafts: dict[int, int], alpha: float, tau: float, cost: dict[int, float]
@@ -84,7 +113,7 @@ def run_workloads(args: argparse.Namespace, device: torch.device) -> dict:
     prompts = {w: [apply_chat_template(llm.tokenizer, c) for c in convs[w][:1 if quick else None]]
                for w in WORKLOADS}
     context = int(statistics.mean(len(p) for w in WORKLOADS for p in prompts[w])) + args.max_tokens // 2
-    cost = step_costs(llm, k, context, device)
+    cost = step_costs(llm, k, context, 1 if quick else 7)
     print(f"step costs at a {context}-token context (ms): "
           + ", ".join(f"t({n})={t * 1e3:.1f}" for n, t in cost.items()), flush=True)
     print(format_table([], COLUMNS), flush=True)
