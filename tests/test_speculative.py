@@ -1,6 +1,7 @@
 """Speculative decoding: greedy output identical to plain greedy decoding (draft model and n-gram
 proposers, k = 1, 2, 4, 8, batch 1 and 8, under preemption), sampled output distributed exactly as
-the target's own (chi-square against the distribution computed from the target's logits), stop
+the target's own (chi-square against the distribution computed from the target's logits; also for the
+suffix proposer, adaptive and fixed length -- its other tests are test_suffix_spec.py), stop
 conditions inside an accepted run, and clear errors for bad configurations.
 
 The rejection sampler itself is tested in test_sampling.py."""
@@ -16,6 +17,7 @@ import torch
 from tinyinfer import LLM, SamplingParams
 from tinyinfer.config.errors import CheckpointError
 from tinyinfer.engine.proposers import NgramProposer
+from tinyinfer.engine.suffix_proposer import SuffixProposer
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = str(ROOT / "models" / "shakespeare-llama")
@@ -156,14 +158,21 @@ def exact_triples(plain: LLM, prompt: list[int], top_k: int) -> dict[tuple[int, 
 TRIPLE_PROMPTS = {"model": "KING RICHARD III:\nNow is the",
                   "ngram": "First Citizen:\nWe are accounted poor citizens.\n\nSecond Citizen:\nWould you "
                            "proceed?\n\nFirst Citizen:\nWe are accounted poor citizens.\n\nSecond Citizen:\n"}
+TRIPLE_PROMPTS["suffix"] = TRIPLE_PROMPTS["suffix-fixed"] = TRIPLE_PROMPTS["ngram"]
 
 
-@pytest.mark.parametrize("draft", ["model", "ngram"])
+@pytest.mark.parametrize("draft", ["model", "ngram", "suffix", "suffix-fixed"])
 def test_sampled_triples_follow_the_target_distribution(draft, plain):
+    # suffix: the adaptive length (d varies per step and request, down to 0) and drafts from the
+    # store of earlier requests' outputs; suffix-fixed: always up to k.
     prompt = plain.tokenizer.encode(TRIPLE_PROMPTS[draft])
     exact = exact_triples(plain, prompt, top_k=4)
     n = 2000
-    llm = speculative_llm(DRAFT if draft == "model" else "ngram", 4)
+    if draft == "suffix-fixed":
+        llm = LLM(TARGET, device="cpu", dtype="float32", max_kv_tokens=POOL)
+        llm.engine.set_speculator(SuffixProposer(adaptive=False), 4)
+    else:
+        llm = speculative_llm({"model": DRAFT}.get(draft, draft), 4)
     params = [SamplingParams(temperature=1.0, top_k=4, max_tokens=3, seed=1000 + i, ignore_eos=True)
               for i in range(n)]
     spec = llm.engine.speculator

@@ -23,8 +23,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="--quant int4: input channels per scale and zero point (default 128; a layer "
                         "whose width it does not divide takes 64 or 32)")
     p.add_argument("--draft", default=None,
-                   help="speculative decoding: a draft checkpoint path, or 'ngram'")
-    p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15)")
+                   help="speculative decoding: a draft checkpoint path, 'ngram' (prompt lookup) or "
+                        "'suffix' (suffix-automaton drafts over the request and recent outputs, "
+                        "adaptive length up to --speculate-k)")
+    p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15; the upper bound "
+                   "of the adaptive length with --draft suffix)")
     p.add_argument("--max-kv-tokens", type=int, default=None,
                    help="the paged KV cache's size in tokens (overrides --kv-cache-memory)")
     p.add_argument("--kv-cache-memory", default=None,

@@ -39,6 +39,7 @@ from tinyinfer.engine.sampling_step import StepOutput, run_step
 from tinyinfer.engine.scheduler import ScheduledStep, Scheduler, check_limits
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.engine.speculative import Speculator, check_speculate_k
+from tinyinfer.engine.suffix_proposer import SuffixProposer
 from tinyinfer.engine.tensor_parallel import load_runner
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.tokenizer import Tokenizer
@@ -72,7 +73,7 @@ class LLMEngine:
         self.config = ModelConfig.from_hf(files.config, files.generation_config)
         for note in self.config.notes:
             self._say(note)
-        if draft not in (None, "ngram"):
+        if draft not in (None, "ngram", "suffix"):
             check_draft(draft, self.config)         # bad path / vocabulary: before any work
         self.dtype = choose_dtype(self.config, self.device, dtype, has_int4_weights(files, quant))
         self.tokenizer = Tokenizer.for_checkpoint(files)
@@ -122,6 +123,8 @@ class LLMEngine:
     def _proposer(self, draft: str, use_graphs: bool) -> Proposer:
         if draft == "ngram":
             return NgramProposer()
+        if draft == "suffix":           # a verified token costs little beside a step on a GPU
+            return SuffixProposer(per_token=0.15 if self.device.type == "cpu" else 0.02)
         files = ckpt.locate(draft)
         check_same_tokenizer(draft, Tokenizer.for_checkpoint(files), self.tokenizer)
         cfg = ModelConfig.from_hf(files.config, files.generation_config)
@@ -151,7 +154,10 @@ class LLMEngine:
         return {"preemptions": self.scheduler.num_preemptions, "free_blocks": self.blocks.num_free,
                 "num_blocks": self.blocks.num_blocks, "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting), "prefix_cache_queries": self.blocks.queries,
-                "prefix_cache_hits": self.blocks.hits}
+                "prefix_cache_hits": self.blocks.hits,
+                **({"spec_draft_tokens": self.speculator.drafted_total,
+                    "spec_accepted_tokens": self.speculator.accepted_total}
+                   if self.speculator is not None else {})}
 
     def figures(self) -> dict:
         """Figures for the CLI's summary line: the prefix-cache hit rate (of stats' token counts);
@@ -213,7 +219,12 @@ class LLMEngine:
         """One StepOutput per scheduled sequence, in work.seqs' order (decodes first)."""
         if self.speculator is None:                 # one varlen batch: decodes + prefill chunks
             return run_step(self.runner, work.seqs, work.num_new)
-        out = self.speculator.step(work.decodes) if work.decodes else []       # verify pass, then
+        prop = self.speculator.propose(work.decodes) if work.decodes else None
+        if prop is None or not any(prop.tokens):    # nobody drafts: one plain step, no verify pass
+            if work.decodes:
+                self.speculator.plain_step(work.decodes)
+            return run_step(self.runner, work.seqs, work.num_new)
+        out = self.speculator.step(work.decodes, prop)          # one varlen verify pass, then
         return out + (run_step(self.runner, work.prefills, work.chunks) if work.prefills else [])
 
     def _process(self, seqs: list[Sequence], outputs: list[StepOutput]) -> list[RequestDelta]:

@@ -18,6 +18,8 @@ Proposers: engine/proposers.py.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from tinyinfer.engine.batch import build_batch
@@ -46,10 +48,12 @@ class Speculator:
         # On a GPU, verification replays graphs of k + 1 query rows per sequence (shorter drafts
         # leave padding rows), sharing the decode graphs' memory pool.
         runner.enable_verify_graphs(k + 1)
+        self.drafted_total = self.accepted_total = 0    # since creation (reset_stats keeps them)
         self.reset_stats()
 
     def reset_stats(self) -> None:
         self.proposed = self.accepted = self.emitted = self.seq_steps = self.steps = 0
+        self.drafts: dict[int, int] = {}            # draft length d -> sequence-steps that drafted d
 
     def figures(self) -> dict:
         return {"speculate_k": self.k,
@@ -64,11 +68,21 @@ class Speculator:
     def forget(self, seq: Sequence) -> None:
         self.proposer.forget(seq)
 
-    def step(self, seqs: list[Sequence]) -> list[StepOutput]:
-        """One speculative decode step: per sequence, the tokens to emit (the kept drafts, then the
-        corrected or bonus token) with their Logprobs where the request asks, or the error where the
-        target's logits were not finite."""
-        prop = self.proposer.propose(seqs, self.limits(seqs))
+    def propose(self, seqs: list[Sequence]) -> Proposal:
+        """This step's drafts. When nobody drafts (an adaptive proposer chose d = 0 for all) the engine
+        runs a plain step instead of a verify pass, and reports it with `plain_step`."""
+        return self.proposer.propose(seqs, self.limits(seqs))
+
+    def plain_step(self, seqs: list[Sequence]) -> None:
+        self.seq_steps, self.emitted, self.steps = (self.seq_steps + len(seqs),
+                                                    self.emitted + len(seqs), self.steps + 1)
+        self.drafts[0] = self.drafts.get(0, 0) + len(seqs)
+
+    def step(self, seqs: list[Sequence], prop: Optional[Proposal] = None) -> list[StepOutput]:
+        """One speculative decode step (a sequence without drafts is a verify of 0 drafts): per
+        sequence, the tokens to emit (the kept drafts, then the corrected or bonus token) with their
+        Logprobs where the request asks, or the error where the target's logits were not finite."""
+        prop = self.propose(seqs) if prop is None else prop
         d = [len(t) for t in prop.tokens]
         lengths = [len(s) for s in seqs]
         num_new = [n + 1 for n in d]
@@ -96,6 +110,8 @@ class Speculator:
             self.proposed, self.accepted, self.seq_steps = (self.proposed + d[b],
                                                             self.accepted + n, self.seq_steps + 1)
             self.emitted += n + 1
+            self.drafted_total, self.accepted_total = self.drafted_total + d[b], self.accepted_total + n
+            self.drafts[d[b]] = self.drafts.get(d[b], 0) + 1
             out.append(StepOutput(tokens[b][:n + 1]))
         self.steps += 1
         self.proposer.accepted(seqs, lengths, accepted)

@@ -241,6 +241,11 @@ class AsyncEngine:
         if stats["preemptions"] > m.preemptions_seen:
             m.preemptions.inc(stats["preemptions"] - m.preemptions_seen)
             m.preemptions_seen = stats["preemptions"]
+        if "spec_draft_tokens" in stats:
+            seen, now = m.spec_seen, (stats["spec_draft_tokens"], stats["spec_accepted_tokens"])
+            m.spec_draft_tokens.inc(now[0] - seen[0])
+            m.spec_accepted_tokens.inc(now[1] - seen[1])
+            m.spec_seen = now
 
     def _shutdown(self) -> None:
         for rid in list(self._live):

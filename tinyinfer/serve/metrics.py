@@ -1,6 +1,6 @@
 """Server metrics in the Prometheus text exposition format (prometheus_client), names as operators of
 vLLM-style servers expect them: request counts by finish reason, token counters, KV-cache occupancy,
-queue lengths, preemptions, and the two latency histograms of serving benchmarks -- time to first
+queue lengths, preemptions, speculative draft / accepted tokens, and the two latency histograms of serving benchmarks -- time to first
 token (arrival to first generated token) and time per output token ((last - first) / (n - 1)).
 
 Each server owns its registry, so several servers in one process (tests) never share counters.
@@ -42,7 +42,13 @@ class Metrics:
         self.tpot = Histogram("tinyinfer_time_per_output_token_seconds",
                               "Mean time between output tokens of a finished request",
                               buckets=_TPOT_BUCKETS, registry=r)
+        # Speculative decoding (vLLM's spec_decode_num_*_tokens): acceptance = accepted / draft.
+        self.spec_draft_tokens = Counter("tinyinfer_spec_decode_num_draft_tokens",
+                                         "Draft tokens proposed and verified", registry=r)
+        self.spec_accepted_tokens = Counter("tinyinfer_spec_decode_num_accepted_tokens",
+                                            "Draft tokens the target accepted", registry=r)
         self.preemptions_seen = 0                   # the engine's preemption count already counted
+        self.spec_seen = (0, 0)                     # the engine's (draft, accepted) already counted
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -40,6 +40,7 @@ from tinyinfer.engine.speculative import Speculator
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.models.transformer import Transformer, build_model
 from tinyinfer.sampling.params import SamplingParams
+from tools.bench import spec_workloads
 from tools.bench.common import device_label, format_table, is_gpu, summary_row, time_calls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "GPU; on a CPU it runs small shapes, to try the path)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads (0 = torch's default), one as generate uses")
+    parser.add_argument("--workloads", action="store_true",
+                        help="instead: the suffix proposer on a chat model's edit / multi-turn / open "
+                             "workloads (tools/bench/spec_workloads.py)")
+    spec_workloads.add_arguments(parser)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -193,6 +198,8 @@ def bench_rows(name: str, llm, proposer_for, prompts, n: int, k_max: int, t_draf
 def run(args: argparse.Namespace, device: torch.device) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.workloads:
+        return spec_workloads.run_workloads(args, device)
     gpu = is_gpu(device)
     synthetic = gpu if args.synthetic is None else args.synthetic
     n = args.new_tokens or (128 if gpu else 64)
@@ -237,6 +244,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def figure(results: dict):
+    if results.get("mode") == "workloads":
+        raise ValueError("bench spec --workloads draws no plot: its table is the result")
     """Speed-up against acceptance rate, per proposer: measured (solid) beside predicted (dashed), one
     point per k (sorted by acceptance)."""
     from tools.bench.plot import Figure, Panel, Series
