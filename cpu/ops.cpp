@@ -2,9 +2,11 @@
 // registration; built and loaded by tinyinfer/extensions/cpu.py). tinyinfer/ops/cpu.py calls them as the
 // `cpu` kernels of the engine's ops, with the same arguments as the op: paged_attention reads the
 // paged cache in place (cpu/paged_attention.h); rope_store_kv and store_kv repeat their references
-// bit for bit (cpu/rope_store_kv.h), and so do the norms (cpu/norm.h: the reference's ATen calls).
+// bit for bit (cpu/rope_store_kv.h), and so do the norms (cpu/norm.h: the reference's ATen calls);
+// decode_layers runs a whole decode step through them (cpu/decode_step.h).
 #include <torch/library.h>
 
+#include "decode_step.h"
 #include "norm.h"
 #include "paged_attention.h"
 #include "rope_store_kv.h"
@@ -25,6 +27,10 @@ TINYINFER_LIBRARY(TINYINFER_CPU_LIB, m) {
   m.def("store_kv(Tensor k, Tensor? v, Tensor(a!) k_cache, Tensor(b!)? v_cache, Tensor slot_mapping) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("fused_add_rmsnorm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, int[] dims, float eps, "
+        "Tensor cos_sin_cache, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
+        "float scale) -> Tensor");
 }
 
 TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
@@ -33,4 +39,10 @@ TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
   m.impl("store_kv", &tinyinfer_cpu::store_kv);
   m.impl("rms_norm", &tinyinfer_cpu::rms_norm);
   m.impl("fused_add_rmsnorm", &tinyinfer_cpu::fused_add_rmsnorm);
+  m.impl("decode_layers", &tinyinfer_cpu::decode_layers);
+}
+
+// decode_layers takes oneDNN-reordered weights (opaque mkldnn tensors), which dispatch as MkldnnCPU.
+TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, MkldnnCPU, m) {
+  m.impl("decode_layers", &tinyinfer_cpu::decode_layers);
 }
