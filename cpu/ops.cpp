@@ -3,12 +3,14 @@
 // `cpu` kernels of the engine's ops, with the same arguments as the op: paged_attention reads the
 // paged cache in place (cpu/paged_attention.h); rope_store_kv and store_kv repeat their references
 // bit for bit (cpu/rope_store_kv.h), and so do the norms (cpu/norm.h: the reference's ATen calls);
-// decode_layers runs a whole decode step through them (cpu/decode_step.h).
+// decode_layers runs a whole decode step through them (cpu/decode_step.h); q8_linear is the Q8_0
+// lm_head (cpu/q8_linear.h).
 #include <torch/library.h>
 
 #include "decode_step.h"
 #include "norm.h"
 #include "paged_attention.h"
+#include "q8_linear.h"
 #include "rope_store_kv.h"
 
 // The library's name: tinyinfer_cpu, unless the build names it otherwise (the tests load a second,
@@ -31,6 +33,7 @@ TINYINFER_LIBRARY(TINYINFER_CPU_LIB, m) {
         "Tensor cos_sin_cache, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
         "float scale) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
 }
 
 TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
@@ -40,6 +43,7 @@ TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
   m.impl("rms_norm", &tinyinfer_cpu::rms_norm);
   m.impl("fused_add_rmsnorm", &tinyinfer_cpu::fused_add_rmsnorm);
   m.impl("decode_layers", &tinyinfer_cpu::decode_layers);
+  m.impl("q8_linear", &tinyinfer_cpu::q8_linear);
 }
 
 // decode_layers takes oneDNN-reordered weights (opaque mkldnn tensors), which dispatch as MkldnnCPU.

@@ -46,7 +46,7 @@ def fusable(model: nn.Module) -> bool:
     if cached is not None:
         return cached[0]
     layers = list(model.layers)
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.norm.weight.dtype
     eps = {model.norm.eps}
     ok = (len(layers) > 0 and model.group is None and model.rotary is not None
           and dtype in CPU_KERNEL_DTYPES)
@@ -78,7 +78,7 @@ def plan(model: nn.Module, rows: int) -> Plan:
     plans = _MODELS[model][1]
     key = rows == 1
     if key not in plans:
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.norm.weight.dtype
         weights: list[Tensor] = []
         kinds: list[int] = []
         groups: list[int] = []
@@ -104,7 +104,7 @@ def decode_step(model: nn.Module, input_ids: Tensor, positions: Tensor, meta: At
     lib = cpu_kernels.library()
     if lib is None:
         return None
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.norm.weight.dtype
     k_caches, v_caches = [], []
     for k, v in kv_caches:
         # The model-dtype cache only: a cache stored otherwise (FP8 / INT8) keeps its own ops.
