@@ -56,7 +56,7 @@ def _caches(cfg, n_blocks: int, dtype, seed: int) -> PagedKVCache:
     k_dims, v_dims = Transformer.kv_dims(cfg)
     kv = PagedKVCache(cfg.num_layers, n_blocks, BS, k_dims, v_dims, dtype, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
-    for k, v in kv.layers():
+    for k, v, *_ in kv.layers():
         k.copy_(torch.randn(k.shape, generator=gen))
         v.copy_(torch.randn(v.shape, generator=gen))
     return kv
@@ -78,7 +78,7 @@ def _check_bits(model, cfg, dtype, ctx_lens, q_lens, seed):
         ref = _per_op(model, ids, positions, meta, kv_ref)
     assert fused is not None, "the fused path did not run"
     assert torch.equal(fused, ref)
-    for (kf, vf), (kr, vr) in zip(kv_fused.layers(), kv_ref.layers()):
+    for (kf, vf, *_), (kr, vr, *_) in zip(kv_fused.layers(), kv_ref.layers()):
         assert torch.equal(kf, kr) and torch.equal(vf, vr)
     return fused, ids, positions, meta, n_blocks
 
@@ -99,7 +99,7 @@ def test_fused_step_is_the_per_op_step_bit_for_bit_and_near_float64_on_the_demo(
     model64.fused_cpu_decode = False
     kv64 = _caches(cfg, n_blocks, torch.float32, 1)
     with torch.inference_mode():
-        layers64 = [(k.double(), v.double()) for k, v in kv64.layers()]
+        layers64 = [(k.double(), v.double()) for k, v, *_ in kv64.layers()]
         ref64 = model64(ids, positions, meta, layers64)
     err = (fused.double() - ref64).abs().max().item()
     assert err <= 1e-4 * ref64.abs().max().item(), err
@@ -114,7 +114,7 @@ def test_fused_int4_bfloat16_mqa_step_is_the_per_op_step_bit_for_bit(tmp_path):
         _check_bits(model, llm.config, torch.bfloat16, ctx_lens, q_lens, 10 + i)
 
 
-def test_fused_path_steps_aside_for_prefill_and_another_cache_dtype(demo):
+def test_fused_path_steps_aside_for_prefill_another_cache_dtype_and_cache_scales(demo):
     model, cfg = demo.engine.runner.model, demo.config
     ids, positions, meta, n_blocks = _step(cfg, [3], [1], 2)
     other = _caches(cfg, n_blocks, torch.bfloat16, 2)          # e.g. a cache stored in 8 bits
@@ -123,8 +123,10 @@ def test_fused_path_steps_aside_for_prefill_and_another_cache_dtype(demo):
         assert fused_cpu.decode_step(model, ids, positions, meta, other.layers()) is None
         assert fused_cpu.decode_step(model, ids, positions, prefill,
                                      _caches(cfg, n_blocks, torch.float32, 2).layers()) is None
-        assert fused_cpu.decode_step(model, ids, positions, meta,
-                                     _caches(cfg, n_blocks, torch.float32, 2).layers()) is not None
+        plain = _caches(cfg, n_blocks, torch.float32, 2).layers()
+        scaled = [(k, v, torch.ones(1), torch.ones(1)) for k, v, *_ in plain]   # a quantized cache's
+        assert fused_cpu.decode_step(model, ids, positions, meta, scaled) is None
+        assert fused_cpu.decode_step(model, ids, positions, meta, plain) is not None
 
 
 def _greedy(llm, fused: bool) -> list[list[int]]:

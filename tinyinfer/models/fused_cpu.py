@@ -96,9 +96,10 @@ def plan(model: nn.Module, rows: int) -> Plan:
 
 
 def decode_step(model: nn.Module, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[Tensor, Optional[Tensor]]]) -> Optional[Tensor]:
+                kv_caches: list[tuple[Optional[Tensor], ...]]) -> Optional[Tensor]:
     """hidden (T, hidden) of the step through decode_layers, or None where the fused path does not
-    apply (the caller then runs the per-op path)."""
+    apply (the caller then runs the per-op path). kv_caches: per layer (k_cache, v_cache), or with
+    the scales of a quantized cache after them."""
     if meta.prefill or meta.max_q_len > MAX_KERNEL_Q_LEN or not fusable(model):
         return None
     lib = cpu_kernels.library()
@@ -106,9 +107,11 @@ def decode_step(model: nn.Module, input_ids: Tensor, positions: Tensor, meta: At
         return None
     dtype = model.norm.weight.dtype
     k_caches, v_caches = [], []
-    for k, v in kv_caches:
-        # The model-dtype cache only: a cache stored otherwise (FP8 / INT8) keeps its own ops.
-        if v is None or k.dtype != dtype or v.dtype != dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
+    for k, v, *scales in kv_caches:
+        # The model-dtype cache only (kv_cache_dtype "auto"): a cache stored otherwise (FP8 / INT8,
+        # with its scales) keeps its own write and read ops.
+        if (v is None or k.dtype != dtype or v.dtype != dtype or k.stride(-1) != 1 or v.stride(-1) != 1
+                or any(s is not None for s in scales)):
             return None
         k_caches.append(k)
         v_caches.append(v)
