@@ -78,3 +78,15 @@ def test_the_q8_head_gives_the_logits_of_its_dequantized_weight(smollm2):
     got = model.compute_logits(hidden)
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_q8_linear_portable_build_without_avx512_is_the_float64_product_too():
+    # The loop a CPU without AVX-512 runs (as tests/test_cpu_kernels.py builds it, under another name).
+    from tinyinfer.extensions import cpu as cpu_kernels
+    cpu_kernels.compile_library(cpu_kernels.PORTABLE_FLAGS + ["-mno-avx512f"], name="tinyinfer_cpu_portable")
+    qs, d = _table(200, 96, 3)
+    x = torch.randn(11, 96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    y = torch.ops.tinyinfer_cpu_portable.q8_linear(x, qs, d)
+    w = qs.double() * d.double().repeat_interleave(32, dim=1)
+    bound = 4 * 96 * torch.finfo(torch.float32).eps * (x.double().abs() @ w.abs().T)
+    assert ((y.double() - x.double() @ w.T).abs() <= bound + 1e-30).all()
