@@ -2,11 +2,15 @@
 // registration; built and loaded by tinyinfer/extensions/cpu.py). tinyinfer/ops/cpu.py calls them as the
 // `cpu` kernels of the engine's ops, with the same arguments as the op: paged_attention reads the
 // paged cache in place (cpu/paged_attention.h); rope_store_kv and store_kv repeat their references
-// bit for bit (cpu/rope_store_kv.h), and so do the norms (cpu/norm.h: the reference's ATen calls).
+// bit for bit (cpu/rope_store_kv.h), and so do the norms (cpu/norm.h: the reference's ATen calls);
+// decode_layers runs a whole decode step through them (cpu/decode_step.h); q8_linear is the Q8_0
+// lm_head (cpu/q8_linear.h).
 #include <torch/library.h>
 
+#include "decode_step.h"
 #include "norm.h"
 #include "paged_attention.h"
+#include "q8_linear.h"
 #include "rope_store_kv.h"
 
 // The library's name: tinyinfer_cpu, unless the build names it otherwise (the tests load a second,
@@ -25,6 +29,11 @@ TINYINFER_LIBRARY(TINYINFER_CPU_LIB, m) {
   m.def("store_kv(Tensor k, Tensor? v, Tensor(a!) k_cache, Tensor(b!)? v_cache, Tensor slot_mapping) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("fused_add_rmsnorm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, int[] dims, float eps, "
+        "Tensor cos_sin_cache, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
+        "float scale) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
 }
 
 TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
@@ -33,4 +42,11 @@ TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
   m.impl("store_kv", &tinyinfer_cpu::store_kv);
   m.impl("rms_norm", &tinyinfer_cpu::rms_norm);
   m.impl("fused_add_rmsnorm", &tinyinfer_cpu::fused_add_rmsnorm);
+  m.impl("decode_layers", &tinyinfer_cpu::decode_layers);
+  m.impl("q8_linear", &tinyinfer_cpu::q8_linear);
+}
+
+// decode_layers takes oneDNN-reordered weights (opaque mkldnn tensors), which dispatch as MkldnnCPU.
+TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, MkldnnCPU, m) {
+  m.impl("decode_layers", &tinyinfer_cpu::decode_layers);
 }

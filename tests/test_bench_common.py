@@ -61,6 +61,9 @@ def test_ops_bench_counts_each_custom_op_once_and_no_views():
     from tools.bench.ops import count_decode_step
     from tinyinfer.engine.llm_engine import LLMEngine
     engine = LLMEngine(LLAMA, device="cpu", dtype="float32", max_kv_tokens=1024)
+    fused = count_decode_step(engine, batch=3)         # the fused CPU step (models/fused_cpu.py)
+    assert fused["tinyinfer_cpu.decode_layers"] == 1 and "tinyinfer.paged_attention" not in fused
+    engine.runner.model.fused_cpu_decode = False       # the per-op path it replaces
     counts = count_decode_step(engine, batch=3)
     layers = engine.config.num_layers
     for op in ("tinyinfer.paged_attention", "tinyinfer.rope_store_kv", "tinyinfer.silu_and_mul"):

@@ -20,7 +20,9 @@ from gguf_util import int4_to_float, smollm2_gguf
 from hf_util import hf_greedy, hf_logits
 from tinyinfer import LLM, SamplingParams
 from tinyinfer.layers.linear import Int4Linear
+from tinyinfer.layers.q8 import Q8Embedding
 from tinyinfer.loading.gguf import load_gguf
+from tinyinfer.ops import reference
 
 pytest.importorskip("transformers")
 
@@ -112,7 +114,8 @@ def test_every_tensor_equals_transformers(ckpt, hf):
 
 def test_engine_holds_the_files_q4_blocks_as_int4(llm, hf):
     """Every linear of the decoder is INT4 g32 with float offsets (Q4_1), fused q/k/v and gate/up
-    decoding to transformers' weights exactly; the tied head stays the (Q8_0) embedding, dense."""
+    decoding to transformers' weights exactly; the tied head and the embedding share the file's Q8_0
+    bytes (on a CPU: layers/q8.py), which decode to transformers' embedding exactly."""
     int4 = {n: m for n, m in llm.model.named_modules() if isinstance(m, Int4Linear)}
     assert len(int4) == 30 * 4                    # qkv, o, gate_up, down per layer
     assert all(m.group_size == 32 and m.zeros.dtype == torch.float16 for m in int4.values())
@@ -122,8 +125,9 @@ def test_engine_holds_the_files_q4_blocks_as_int4(llm, hf):
     assert torch.equal(int4["layers.7.attn.qkv_proj"].dequantize(), qkv)
     gate_up = torch.cat([state[f"{p}mlp.{x}_proj.weight"] for x in ("gate", "up")])
     assert torch.equal(int4["layers.7.mlp.gate_up_proj"].dequantize(), gate_up)
-    assert llm.model.lm_head.weight is llm.model.embed_tokens.weight
-    assert torch.equal(llm.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+    emb = llm.model.embed_tokens
+    assert isinstance(emb, Q8Embedding) and llm.model.lm_head.embedding[0] is emb
+    assert torch.equal(reference.q8_dequantize(emb.qs, emb.d), state["model.embed_tokens.weight"])
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",

@@ -122,6 +122,16 @@ class GGUFTensor:
         heads = self._rope_heads
         return _unpermute(q, heads), _unpermute(scales, heads), _unpermute(zeros, heads)
 
+    def q8_0(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Q8_0 tensor's own bytes: levels (N, K) int8 and scales (N, K/32) float16 (w = d q)."""
+        if self.ggml_type != "Q8_0" or len(self.shape) != 2 or self._rope_heads is not None:
+            raise GGUFError(f"{self.gguf_name} is {self.ggml_type} {self.shape}; q8_0() reads a 2-D Q8_0 "
+                            "tensor -- use dense() for this one")
+        n, k = self.shape
+        blocks = torch.from_numpy(self._raw()).reshape(n, k // 32, 34)            # d (2 bytes), qs[32]
+        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)         # (N, K/32)
+        return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), d
+
 
 def _unpermute(t: torch.Tensor, heads: Optional[int]) -> torch.Tensor:
     """Rows of a llama.cpp-permuted q/k tensor (rows = heads * d, any trailing dims) in HF order."""

@@ -8,7 +8,9 @@ GGUF sources are all Q4_0 or all Q4_1 (q, k, v of a fused qkv_proj; gate, up of 
 `Int4Linear` at group size 32 holding the file's own levels, scales and zeros (Q4_1: the float-offset
 variant w = q*s + m; ops/int4_format.py), and hides those tensors from the reader. A linear that mixes
 types, or whose shape the INT4 layout does not take, is dequantized to the model dtype, as are Q8_0,
-Q5_x and the K-quants (no exact INT4 form, see gguf_tensors.py); `summary` says how many of each.
+Q5_x and the K-quants (no exact INT4 form, see gguf_tensors.py); `summary` says how many of each. On a
+CPU, `load_q8_embedding` keeps a tied embedding stored Q8_0 as the file's bytes, shared by the
+embedding and the lm_head (layers/q8.py).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from tinyinfer.config.errors import CheckpointError
 from tinyinfer.layers.linear import Int4Linear
+from tinyinfer.layers.q8 import Q8Embedding, Q8Head
 from tinyinfer.loading.checkpoint import hf_sources
 from tinyinfer.loading.gguf import GGUFCheckpoint, GGUFTensor
 from tinyinfer.loading.gguf_tensors import INT4_GROUP_SIZE
@@ -86,6 +89,23 @@ def load_int4_linears(model: nn.Module, reader: GGUFReader, dtype: torch.dtype,
     return done
 
 
+def load_q8_embedding(model: nn.Module, reader: GGUFReader, dtype: torch.dtype,
+                      device: torch.device) -> bool:
+    """On a CPU, a tied embedding the file stores Q8_0 becomes a Q8Embedding and the lm_head a Q8Head
+    over its bytes (one copy, the file's own values; the tensor leaves the reader). -> whether it did."""
+    name = "model.embed_tokens.weight"
+    tensor = reader.tensors.get(name)
+    if (device.type != "cpu" or tensor is None or tensor.ggml_type != "Q8_0" or name not in reader.where
+            or not model.cfg.tie_word_embeddings or getattr(model, "group", None) is not None
+            or tuple(tensor.shape) != tuple(model.embed_tokens.weight.shape)):
+        return False
+    qs, d = tensor.q8_0()
+    model.embed_tokens = Q8Embedding(qs.to(device), d.to(device), dtype)
+    model.lm_head = Q8Head(model.embed_tokens)
+    reader.where.pop(name)
+    return True
+
+
 def summary(reader: GGUFReader, replaced: list[str], dtype: torch.dtype) -> str:
     """One line for the user, after `load_int4_linears`: which tensors went to INT4 exactly and which
     are dequantized to the model dtype (and why, for Q4 tensors)."""
@@ -100,4 +120,6 @@ def summary(reader: GGUFReader, replaced: list[str], dtype: torch.dtype) -> str:
         if any(t in ("Q4_0", "Q4_1") for t, _ in dequantized):
             line += (" (Q4 tensors outside a linear -- the embedding -- or in a linear that mixes "
                      "types or has a shape INT4 does not take)")
+    if "model.embed_tokens.weight" in reader.tensors and "model.embed_tokens.weight" not in reader.where:
+        line += "; the tied embedding and lm_head share the file's Q8_0 bytes"
     return line

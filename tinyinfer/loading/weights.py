@@ -132,6 +132,8 @@ def _load(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype, dev
     progress = sum(p.numel() for p in model.parameters()) * dtype.itemsize > (1 << 30)
     if gguf:
         replaced = gguf_weights.load_int4_linears(model, reader, dtype, device)
+        if quant is None:
+            gguf_weights.load_q8_embedding(model, reader, dtype, device)
         say(gguf_weights.summary(reader, replaced, dtype))
         ckpt.load_weights(model, reader, cfg.num_layers, cfg.tie_word_embeddings, dtype, device,
                           progress=progress)

@@ -32,6 +32,7 @@ from tinyinfer.layers.moe import MoE
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.parallel import ParallelGroup, VocabParallelEmbedding, all_reduce, gather_vocab
 from tinyinfer.layers.rotary import RotaryEmbedding
+from tinyinfer.models import fused_cpu
 
 
 def attention_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -68,6 +69,8 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
+    fused_cpu_decode = True       # decode steps on a CPU in one C++ call where they can (fused_cpu.py)
+
     def __init__(self, cfg: ModelConfig, group: Optional[ParallelGroup] = None):
         super().__init__()
         self.cfg, self.group = cfg, group
@@ -91,6 +94,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[Tensor, Tensor | None]]) -> Tensor:
         # input_ids, positions (T,) -> hidden states (T, hidden)
+        if self.fused_cpu_decode and input_ids.device.type == "cpu":
+            hidden = fused_cpu.decode_step(self, input_ids, positions, meta, kv_caches)
+            if hidden is not None:
+                return hidden
         x = self.embed_tokens(input_ids)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):

@@ -10,11 +10,11 @@ cover. Callers use the names below.
 """
 from tinyinfer.ops import cpu, cuda
 from tinyinfer.ops.library import (fused_add_rmsnorm, int4_linear, linear, paged_attention,
-                                   rms_norm, rope_store_kv, silu_and_mul, store_kv)
+                                   q8_linear, rms_norm, rope_store_kv, silu_and_mul, store_kv)
 from tinyinfer.ops.reference import paged_prefill_attention, prefill_attention
 
 __all__ = ["fused_add_rmsnorm", "int4_linear", "linear", "paged_attention", "paged_prefill_attention",
-           "prefill_attention", "rms_norm", "rope_store_kv", "silu_and_mul", "store_kv"]
+           "prefill_attention", "q8_linear", "rms_norm", "rope_store_kv", "silu_and_mul", "store_kv"]
 
 cpu.register_cpu_kernels()
 cuda.register_cuda_kernels()

@@ -10,6 +10,9 @@ project's AMD machine: docs/cpu-performance.md). Results: within float32 roundin
 int4_linear: bfloat16 activations run PyTorch's CPU INT4 matmul on a repacked weight (its error bound at
 `tinygemm_weights`); float32 / float16 activations multiply by the weight dequantized once to float32,
 the reference's own values, bit for bit. Memory: each converted copy sits beside the weight.
+
+linear_form / int4_form: which of these forms a call with `rows` rows would multiply by, as data, for
+the fused decode step (cpu/decode_step.h), which makes the same ATen call from C++.
 """
 from __future__ import annotations
 
@@ -129,3 +132,28 @@ def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
         return x.new_empty(0, packed.shape[0])
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size,
                                                      scale_and_zero)                  # (M, N) bf16
+
+
+# The forms of cpu/decode_step.h (LinearKind): (kind, a, b, group size).
+INT4_PACK, ONEDNN_FORM, TRANSPOSED, DEQUANTIZED, DENSE = range(5)
+
+
+def linear_form(weight: Tensor, dtype: torch.dtype, rows: int) -> tuple[int, Tensor, Tensor, int]:
+    """What linear_cpu (no bias) multiplies `rows` rows of `dtype` by, made now if not made yet."""
+    if not ONEDNN or dtype not in ONEDNN_DTYPES or weight.dtype != dtype or rows == 0:
+        return DENSE, weight, weight, 0
+    if rows == 1 and weight.numel() < SMALL_GEMV:
+        wt = _converted(_TRANSPOSED, weight, lambda w: w.t().contiguous())
+        return TRANSPOSED, wt, wt, 0
+    w = _converted(_ONEDNN, weight, _reorder)
+    return ONEDNN_FORM, w, w, 0
+
+
+def int4_form(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int, group_size: int,
+              dtype: torch.dtype) -> tuple[int, Tensor, Tensor, int]:
+    """What int4_linear_cpu multiplies `dtype` activations by."""
+    if dtype != torch.bfloat16:
+        w = _dequantized(qweight, scales, zeros, k)
+        return DEQUANTIZED, w, w, 0
+    packed, scale_and_zero = tinygemm_weights(qweight, scales, zeros, k)
+    return INT4_PACK, packed, scale_and_zero, group_size

@@ -59,6 +59,16 @@ def _(x, qweight, scales, zeros, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0] * 16)
 
 
+@torch.library.custom_op("tinyinfer::q8_linear", mutates_args=())
+def q8_linear(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
+    return reference.q8_linear(x, qs, d)
+
+
+@q8_linear.register_fake
+def _(x, qs, d):
+    return x.new_empty(x.shape[0], qs.shape[0], dtype=torch.float32)
+
+
 @torch.library.custom_op("tinyinfer::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return reference.rms_norm(x, weight, eps)

@@ -119,6 +119,18 @@ def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
     return (x.float() @ w.T).to(x.dtype)
 
 
+def q8_dequantize(qs: Tensor, d: Tensor) -> Tensor:
+    # GGUF Q8_0: qs (N, K) int8 levels, d (N, K/32) scales, w = d q per run of 32 -> (N, K) float32,
+    # exact (d q has at most 8 + 11 significant bits).
+    n, k = qs.shape
+    return (qs.float().view(n, k // 32, 32) * d.float()[..., None]).view(n, k)
+
+
+def q8_linear(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
+    # x (M, K) @ W.T with W in Q8_0 -> (M, N) float32 (a head whose logits stay float32).
+    return x.float() @ q8_dequantize(qs, d).T
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # x (..., d); weight (d,). Normalise in float32, round to the model dtype, then scale by the
     # weight in that dtype (Llama's order of operations: it decides the last bit in bf16).

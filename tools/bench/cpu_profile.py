@@ -13,8 +13,10 @@ are costs included above, not extra: "custom-op dispatch" (each op through its c
 same kernel called directly, times the op calls in a step) and "detokenization, streamed" (pushing the
 step's tokens through TextStream: what a streaming request pays per step; a request nobody streams
 decodes once at its end). --compile adds torch.compile of the forward: compile seconds and the
-forward's time compiled. One torch thread; a .gguf runs dense float32, as `bench hf` compares it;
-Llama-family models (MHA / GQA). CPU figures: times within one run.
+forward's time compiled. "forward, per-op" is the forward with the fused decode step off
+(models/fused_cpu.py), and "outside the matmuls" the step minus its linears and lm_head. One torch
+thread; a .gguf runs dense float32, as `bench hf` compares it, or as loaded (INT4 in bfloat16) with
+--as-loaded; Llama-family models (MHA / GQA). CPU figures: times within one run.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from tinyinfer.engine.llm import LLM
 from tinyinfer.engine.output import TextStream
 from tinyinfer.layers.attention import attend
 from tinyinfer.ops import cpu as cpu_kernels
-from tinyinfer.ops.cpu_matmul import linear_cpu
+from tinyinfer.ops.cpu_matmul import int4_linear_cpu, linear_cpu
 from tinyinfer.sampling.params import SamplingParams
 from tinyinfer.sampling.sampler import finite_rows
 from tools.bench.common import cpu_only, device_label, format_table, git_commit
@@ -44,16 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint (repeatable; default models/shakespeare-llama)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the forward")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the parts in process CPU time, not wall time (a loaded machine)")
+    parser.add_argument("--as-loaded", action="store_true",
+                        help="run a .gguf as loaded (INT4 in bfloat16), not dense float32")
+
+
+CLOCK = {"clock": time.perf_counter}     # --cpu-time: the process's CPU time (steadier when loaded)
 
 
 def _best_us(fn, budget_s: float = 0.3) -> float:
     """Minimum time of fn() over repeated runs, in microseconds."""
     fn()
+    clock = CLOCK["clock"]
     start, best = time.perf_counter(), float("inf")
     while time.perf_counter() - start < budget_s:
-        t = time.perf_counter()
+        t = clock()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return best * 1e6
 
 
@@ -68,18 +78,20 @@ def _step_parts(llm: LLM, batch_size: int, compile_forward: bool) -> dict:
     execute_sampled = runner.execute_sampled
     inside = []
 
+    clock = CLOCK["clock"]
+
     def timed(batch):
-        t = time.perf_counter()
+        t = clock()
         out = execute_sampled(batch)
-        inside.append(time.perf_counter() - t)
+        inside.append(clock() - t)
         return out
     runner.execute_sampled = timed            # this instance only, for these steps
     try:
         for _ in range(40):
             inside.clear()
-            t = time.perf_counter()
+            t = clock()
             eng.step()
-            steps.append(time.perf_counter() - t)
+            steps.append(clock() - t)
             outside.append(steps[-1] - sum(inside))
     finally:
         del runner.execute_sampled
@@ -114,13 +126,21 @@ def _step_parts(llm: LLM, batch_size: int, compile_forward: bool) -> dict:
                                                        gu[:, cfg.intermediate_size:] for _ in layers])
         parts["embedding"] = _best_us(lambda: model.embed_tokens(ids))
         parts["forward"] = _best_us(lambda: model.forward(ids, pos, meta, kv))
+        model.fused_cpu_decode = False
+        parts["forward, per-op"] = _best_us(lambda: model.forward(ids, pos, meta, kv))
+        del model.fused_cpu_decode
         logits = model.compute_logits(x[:batch.num_seqs])
         parts["argmax + finite check"] = _best_us(lambda: (logits.argmax(dim=-1), finite_rows(logits)))
         parts["batch building"] = _best_us(lambda: build_batch(work.seqs, work.num_new, runner.block_size)
                                            .to_device(runner.device))
         calls = 4 * len(layers) + 1
-        parts["custom-op dispatch"] = calls * (_best_us(lambda: ops.linear(x, a0.o_proj.weight, None))
-                                               - _best_us(lambda: linear_cpu(x, a0.o_proj.weight, None)))
+        o = a0.o_proj
+        if hasattr(o, "weight"):
+            op_call, direct = (lambda: ops.linear(x, o.weight, None)), (lambda: linear_cpu(x, o.weight, None))
+        else:                                                     # INT4, as loaded
+            args = (x, o.qweight, o.scales, o.zeros, o.group_size)
+            op_call, direct = (lambda: ops.int4_linear(*args)), (lambda: int4_linear_cpu(*args))
+        parts["custom-op dispatch"] = calls * (_best_us(op_call) - _best_us(direct))
         parts["custom-op dispatch"] += 2 * len(layers) * (
             _best_us(lambda: ops.fused_add_rmsnorm(x, x, layers[0].input_layernorm.weight, 1e-5))
             - _best_us(lambda: cpu_kernels.fused_add_rmsnorm_cpu(x, x, layers[0].input_layernorm.weight,
@@ -142,19 +162,23 @@ def _step_parts(llm: LLM, batch_size: int, compile_forward: bool) -> dict:
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
     cpu_only("cpu_profile", device, args.threads)
+    CLOCK["clock"] = time.process_time if args.cpu_time else time.perf_counter
     rows = []
     for path in args.ckpt or ["models/shakespeare-llama"]:
-        llm = LLM(path, device="cpu", dtype="float32", max_kv_tokens=8192)
-        if path.endswith(".gguf"):
+        dtype = None if args.as_loaded else "float32"
+        llm = LLM(path, device="cpu", dtype=dtype, max_kv_tokens=8192)
+        if path.endswith(".gguf") and not args.as_loaded:
             dequantized(llm)
         for batch in (1, 16):
             p = _step_parts(llm, batch, args.compile)
             p["layer glue"] = p["forward"] - sum(p[k] for k in (
                 "linears", "attention", "rope + K/V write", "norms", "SwiGLU activation", "embedding"))
+            p["outside the matmuls"] = p["step"] - p["linears"] - p["lm_head"]
             rows += [{"ckpt": path.rstrip("/").split("/")[-1], "batch": batch, "part": k,
                       "us": round(v, 3 if k == "compile (s)" else 1),
                       "share_of_step": f"{100 * v / p['step']:.0f}%" if k != "compile (s)" else ""}
                      for k, v in p.items()]
-    print(f"{device_label(device)}; float32, decode step at ~20 generated tokens, commit {git_commit()}")
+    what = ("as loaded" if args.as_loaded else "float32") + (", CPU time" if args.cpu_time else "")
+    print(f"{device_label(device)}; {what}, decode step at ~20 generated tokens, commit {git_commit()}")
     print(format_table(rows, ["ckpt", "batch", "part", "us", "share_of_step"]))
     return {"rows": rows, "is_cpu_figure": True}

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: torch threads for both engines (0 = torch's default)")
     parser.add_argument("--batches", default="1,16",
                         help="batch sizes, comma-separated (prompts of mixed length above 1)")
+    parser.add_argument("--equal-lengths", action="store_true",
+                        help="every prompt 16 tokens (HF pads nothing: its best case at batch > 1)")
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
@@ -47,13 +49,14 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         raise SystemExit(f"--batches {args.batches!r}: give batch sizes as integers, e.g. 1,4,16")
     if not batches or min(batches) < 1:
         raise SystemExit(f"--batches {args.batches!r}: give at least one batch size, each >= 1")
-    return compare_with_hf(args.ckpt, device, args.new_tokens, args.cuda_graphs, batches)
+    return compare_with_hf(args.ckpt, device, args.new_tokens, args.cuda_graphs, batches,
+                           args.equal_lengths)
 
 
-def _prompts(tokenizer, batch: int) -> list[list[int]]:
+def _prompts(tokenizer, batch: int, equal: bool = False) -> list[list[int]]:
     ids = tokenizer.encode(TEXT)
-    if batch == 1:
-        return [ids[:16]]
+    if batch == 1 or equal:
+        return [ids[i:i + 16] for i in range(batch)]         # batch 1: ids[:16], as before
     return [ids[:8 + (i * 53) % 64] for i in range(batch)]              # lengths 8..71, mixed
 
 
@@ -108,7 +111,7 @@ def hf_generate(hf, pad: int, device: torch.device):
 
 
 def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool,
-                    batches: tuple[int, ...] = (1, 16)) -> dict:
+                    batches: tuple[int, ...] = (1, 16), equal: bool = False) -> dict:
     dtype = "float32" if not is_gpu(device) else "bfloat16"
     llm = LLM(path, device=str(device), dtype=dtype, cuda_graphs=cuda_graphs and is_gpu(device),
               max_kv_tokens=16 * 256)
@@ -123,7 +126,7 @@ def compare_with_hf(path: str, device: torch.device, n: int, cuda_graphs: bool,
 
     rows = []
     for batch in batches:
-        prompts = _prompts(llm.tokenizer, batch)
+        prompts = _prompts(llm.tokenizer, batch, equal)
         tps, ms = _decode_rate(ours, prompts, n)
         hf_tps, hf_ms = _decode_rate(theirs, prompts, n)
         rows.append({"batch": batch, "prompt_lens": f"{min(map(len, prompts))}-{max(map(len, prompts))}",

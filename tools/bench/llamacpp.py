@@ -13,6 +13,7 @@ tinyinfer first in odd ones, so a change in the machine's load falls on both), a
   * batch 16 (16 sequences decoding together): tinyinfer only; llama-bench has no such test.
   * memory: tinyinfer's RSS after load, after generation and peak, each in a fresh process (torch's
     import included) with a fixed --max-kv-tokens; llama.cpp's peak RSS (its process's maxrss).
+--per-op adds tinyinfer with its fused decode step off (models/fused_cpu.py), in the same rounds.
 llama-bench runs with `--repack 0`: its AMX repacking crashes on some CPUs with AMX (see the doc).
 CPU figures: ratios within one run only; the load average is printed beside them.
 """
@@ -47,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=500, help="prefill test length")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to test")
     parser.add_argument("--max-kv-tokens", type=int, default=2048, help="tinyinfer's KV pool, fixed")
+    parser.add_argument("--per-op", action="store_true",
+                        help="also time tinyinfer with the fused CPU decode step off (same rounds)")
 
 
 def find_llama_bench(path: Optional[str]) -> tuple[Optional[str], str]:
@@ -124,6 +127,10 @@ class Tinyinfer:
         ids = self.llm.tokenizer.encode(TEXT)
         self.ids = (ids * (1 + 600 // len(ids)))[:600]
 
+    def fused(self, on: bool) -> None:
+        """The fused CPU decode step on or off (off: the per-op path it replaced)."""
+        self.llm.engine.runner.model.fused_cpu_decode = on
+
     def _time(self, prompts: list[list[int]], tokens: int) -> float:
         t = time.perf_counter()
         self.llm.generate(prompts, self.params(temperature=0.0, max_tokens=tokens, ignore_eos=True))
@@ -162,14 +169,17 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         raise SystemExit(f"--gguf {args.gguf}: no such file (tests/gguf_util.py fetches SmolLM2's)")
     engine, tests = Tinyinfer(args.gguf, args.max_kv_tokens), _tests(args)
     ours: dict[str, list[float]] = {t[0]: [] for t in tests}
+    per_op: dict[str, list[float]] = {t[0]: [] for t in tests}
     theirs: dict[str, list[float]] = {t[0]: [] for t in tests}
+    sides = ("llama", "ours") + (("per-op",) if args.per_op else ())
     llama_peak = 0
     for r in range(args.rounds):
         for name, threads, batch, prompt, gen in tests:
-            for side in (("llama", "ours") if r % 2 == 0 else ("ours", "llama")):
-                if side == "ours":
-                    ours[name].append(engine.prefill(threads, prompt) if prompt
-                                      else engine.decode(threads, batch, gen))
+            for side in (sides if r % 2 == 0 else sides[::-1]):
+                if side in ("ours", "per-op"):
+                    engine.fused(side == "ours")
+                    (ours if side == "ours" else per_op)[name].append(
+                        engine.prefill(threads, prompt) if prompt else engine.decode(threads, batch, gen))
                 elif batch == 1:
                     rate, peak = run_llama_bench(binary, args.gguf, threads, prompt, gen)
                     theirs[name].append(rate)
@@ -181,6 +191,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         other = statistics.median(theirs[name]) if theirs[name] else None
         rows.append({"figure": name, "tinyinfer_tok_s": mine, "llamacpp_tok_s": other or "n/a",
                      "ratio": mine / other if other else "n/a"})
+        if args.per_op:
+            rows[-1]["per_op_tok_s"] = statistics.median(per_op[name])
     mem = tinyinfer_memory(args.gguf, args.max_kv_tokens, args.new_tokens)
     rows.append({"figure": "RSS after load / after generate / peak (MiB)",
                  "tinyinfer_tok_s": f"{mem['rss_after_load'] / MiB:.0f} / "
@@ -189,7 +201,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                  "ratio": mem["rss_after_load"] / llama_peak})
     print(f"{device_label(device)}; {args.gguf}; {args.rounds} interleaved rounds, medians; commit "
           f"{git_commit()}; loadavg {' '.join(load)}; llama.cpp: {binary}")
-    print(format_table(rows, ["figure", "tinyinfer_tok_s", "llamacpp_tok_s", "ratio"]))
+    print(format_table(rows, ["figure", "tinyinfer_tok_s", "llamacpp_tok_s", "ratio"]
+                       + (["per_op_tok_s"] if args.per_op else [])))
     print("ratio > 1: tinyinfer faster (memory: tinyinfer's RSS over llama.cpp's); batch 16: "
           "llama-bench has no multi-sequence test")
     summary = [summary_row(f"vs llama.cpp {r['figure']}", r["ratio"], "x") for r in rows[:-1]
