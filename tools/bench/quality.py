@@ -38,9 +38,8 @@ PATHS: dict[str, dict] = {
     "bf16": {"llm": {"dtype": "bfloat16"}, "dense": True, "kinds": BOTH},
     **{f"int4 g{g} / {a}": {"llm": {"quant": "int4", "group_size": g, "dtype": d}, "kinds": DENSE}
        for g in (32, 64, 128) for a, d in (("bf16", "bfloat16"), ("float32", "float32"))},
-    "gguf exact / bf16": {"llm": {"dtype": "bfloat16"}, "kinds": GGUF},
+    "gguf exact / bf16": {"llm": {"dtype": "bfloat16"}, "kinds": GGUF},      # a CPU's default
     "gguf exact / float32": {"llm": {"dtype": "float32"}, "kinds": GGUF},
-    "gguf exact / default": {"llm": {}, "kinds": GGUF},          # what a user gets: bf16 on a CPU
     "transformers bf16": {"engine": "hf", "llm": {"dtype": "bfloat16"}, "kinds": BOTH},
     "transformers float32": {"engine": "hf", "llm": {"dtype": "float32"}, "kinds": BOTH},
 }
