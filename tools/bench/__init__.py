@@ -20,7 +20,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-NOT_BENCHES = {"common", "__main__", "plot", "spec_workloads"}   # spec_workloads: bench spec --workloads
+NOT_BENCHES = {"common", "__main__", "plot", "spec_workloads", "divergence"}   # spec_workloads: bench spec --workloads
 
 
 def bench_names() -> list[str]:
