@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
@@ -29,6 +30,11 @@ inline float round_to(float x) { return static_cast<float>(static_cast<T>(x)); }
 
 template <typename T>
 inline void store(T* p, float x) { *p = static_cast<T>(x); }
+
+// A quantized KV cache (fp8 e4m3 or int8 values, float16 scales beside them: tinyinfer/ops/kv_quant.py).
+inline bool is_quantized(const at::Tensor& cache) {
+  return cache.scalar_type() == at::kFloat8_e4m3fn || cache.scalar_type() == at::kChar;
+}
 
 // exp(x) for x <= 0 (softmax after its max is subtracted), written so the compiler can vectorize a loop
 // of it (libm's expf is a call per element): x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6

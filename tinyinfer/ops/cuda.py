@@ -54,6 +54,10 @@ CUDA_IMPLS: dict[str, Callable[..., Any]] = {
 }
 
 
+# The ops that take a quantized KV cache's scales as their last two arguments: name -> arguments before.
+_KV_OPS = {"store_kv": 5, "rope_store_kv": 8, "paged_attention": 7}
+
+
 def _warn_reference_once(what: str) -> None:
     # Python's default warning filter shows each distinct message once per process.
     warnings.warn(f"tinyinfer: {what}; using the (slow) reference path", RuntimeWarning, stacklevel=4)
@@ -62,6 +66,12 @@ def _warn_reference_once(what: str) -> None:
 def _cuda_impl(name: str, impl: Callable[..., Any], ref: Callable[..., Any]) -> Callable[..., Any]:
     def cuda_impl(*args: Any) -> Any:
         ext = extensions.extension()  # compiled (or loaded) at the first call on a CUDA tensor
+        if name in _KV_OPS and len(args) > _KV_OPS[name]:
+            # The KV ops' trailing k_scale / v_scale: None for a model-dtype cache (the kernels'
+            # arguments stop before them); a quantized cache runs the reference.
+            if any(a is not None for a in args[_KV_OPS[name]:]):
+                return ref(*args)
+            args = args[:_KV_OPS[name]]
         return ref(*args) if ext is None else impl(ext, *args)
     cuda_impl.__name__ = f"{name}_cuda"
     return cuda_impl
