@@ -118,7 +118,7 @@ def _unfused_forward(model, input_ids, positions, meta, kv_caches):
     x = model.embed_tokens(input_ids)
     cos, sin = _step_cos_sin(positions, rope_parameters(model.cfg)[1], x.dtype)
     T = x.shape[0]
-    for layer, (k_cache, v_cache, *_) in zip(model.layers, kv_caches):
+    for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
         attn, ln = layer.attn, layer.input_layernorm
         q, k, v = attn.qkv_proj(_unfused_rms_norm(x, ln.weight, ln.eps)).split(attn.splits, dim=-1)
         q = _unfused_rope(q.view(T, attn.num_heads, attn.head_dim), cos, sin)

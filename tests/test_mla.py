@@ -130,7 +130,7 @@ def test_batched_generation_equals_each_prompt_alone_and_returns_all_blocks(shak
 def test_latent_cache_holds_one_row_of_rank_plus_rope_per_token_per_layer(shakespeare):
     llm, _ = shakespeare
     cfg = llm.config
-    for k_cache, v_cache, *_ in llm.engine.runner.kv.layers():
+    for k_cache, v_cache in llm.engine.runner.kv.layers():
         assert k_cache.shape[1:] == (16, 1, 512 + 64) and v_cache is None
     # bytes per token, from the engine's own accounting and from the formula (tinyinfer/memory/)
     k_dims, v_dims = Transformer.kv_dims(cfg)

@@ -101,9 +101,11 @@ class PagedKVCache:
         self.k_scales = [scales(k_dims) for _ in range(num_layers)]
         self.v_scales = [scales(v_dims) if v_dims is not None else k for k in self.k_scales]
 
-    def layers(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
-                                   Optional[torch.Tensor]]]:
-        """Per layer (k_cache, v_cache, k_scale, v_scale): the model's forward unpacks each."""
+    def layers(self) -> list[tuple[Optional[torch.Tensor], ...]]:
+        """Per layer (k_cache, v_cache), and for a quantized cache (k_cache, v_cache, k_scale, v_scale):
+        the model's forward passes each layer's tuple on as it is."""
+        if self.kv_cache_dtype == "auto":
+            return list(zip(self.k_caches, self.v_caches))
         return list(zip(self.k_caches, self.v_caches, self.k_scales, self.v_scales))
 
     @staticmethod

@@ -94,8 +94,8 @@ def _step_parts(llm: LLM, batch_size: int, compile_forward: bool) -> dict:
         a0 = layers[0].attn
         q, k, v = a0.qkv_proj(x).split(a0.splits, dim=-1)
         q, k, v = (t.reshape(T, -1, cfg.head_dim) for t in (q, k, v))
-        rq, rk = ops.rope_store_kv(q, k, v, model.rotary.cos_sin_cache, pos, *kv[0][:2], meta.slot_mapping)
-        o = attend(rq, rk, v, *kv[0][:2], meta, a0.scale).reshape(T, -1)
+        rq, rk = ops.rope_store_kv(q, k, v, model.rotary.cos_sin_cache, pos, *kv[0], meta.slot_mapping)
+        o = attend(rq, rk, v, *kv[0], meta, a0.scale).reshape(T, -1)
         gu = layers[0].mlp.gate_up_proj(x)
         act = F.silu(gu[:, :cfg.intermediate_size]) * gu[:, cfg.intermediate_size:]
 

