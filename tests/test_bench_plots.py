@@ -17,7 +17,7 @@ from tools.bench.__main__ import main
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "data" / "bench"
 # bench -> panels its figure draws from the fixture (each panel PANEL_PX wide)
-PANELS = {"serve": 3, "hf": 2, "prefix": 2, "spec": 1, "int4": 2, "attention": 1, "copy": 1}
+PANELS = {"quality": 1, "serve": 3, "hf": 2, "prefix": 2, "spec": 1, "int4": 2, "attention": 1, "copy": 1}
 
 
 def png_size(path: Path) -> tuple[int, int]:

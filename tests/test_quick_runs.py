@@ -32,6 +32,7 @@ QUICK = {   # bench -> its quick-mode arguments (after --device cpu --quick: too
     "prefix": ["--ckpt", LLAMA, "--system-tokens", "32", "--questions", "2", "--question-tokens", "8",
                "--decoders", "2", "--long-tokens", "64", "--budgets", "32", "--headline-budget", "32",
                "--repeats", "1"],
+    "quality": ["--ckpt", LLAMA],
     "serve": ["--ckpt", LLAMA, "--num-requests", "2", "--rates", "8", "--input-len", "8",
               "--output-len", "4", "--repeats", "1", "--max-kv-tokens", "1024"],
     "spec": ["--k-max", "1", "--new-tokens", "4", "--alphas", "0.8"],

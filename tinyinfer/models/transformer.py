@@ -32,6 +32,9 @@ from tinyinfer.layers.moe import MoE
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.parallel import ParallelGroup, VocabParallelEmbedding, all_reduce, gather_vocab
 from tinyinfer.layers.rotary import RotaryEmbedding
+from tinyinfer.ops import reference
+
+REFINED_TOP = 32          # logits per row recomputed in float32 on a half-precision path
 
 
 def attention_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -100,7 +103,13 @@ class Transformer(nn.Module):
         return self.norm(x) if residual is None else self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        return gather_vocab(self.lm_head(hidden), self.group).float()     # (n, vocab)
+        # hidden (n, hidden) -> (n, vocab) float32. In half precision the REFINED_TOP largest logits of
+        # each row are recomputed in float32 (ops/reference.py refine_top_logits: greedy picks float32's
+        # argmax of the same hidden state; docs/quality.md).
+        logits = self.lm_head(hidden).float()
+        if hidden.dtype in (torch.float16, torch.bfloat16) and isinstance(self.lm_head, Linear):
+            logits = reference.refine_top_logits(hidden, self.lm_head.weight, logits, REFINED_TOP)
+        return gather_vocab(logits, self.group)                         # (n, vocab)
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,

@@ -127,6 +127,22 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def refine_top_logits(hidden: Tensor, weight: Tensor, logits: Tensor, k: int) -> Tensor:
+    # hidden (T, d) half precision; weight (V, d); logits (T, V) float32, the head's matmul in the model
+    # dtype (its output rounded to 8 significant bits in bf16: logits in [16, 32) sit on a grid of
+    # 1/8, coarser than the gaps that decide a greedy token). The k largest of each row are recomputed
+    # from the same inputs with float32 products and sums (rounding is monotonic, so the float32
+    # argmax is among them); the rest keep their rounding, whose probability mass is small.
+    # docs/quality.md measures it: most of the bf16 path's KL vs float32 was this rounding.
+    k = min(k, logits.shape[-1])
+    out = logits.clone()
+    for i in range(0, logits.shape[0], 256):                 # (256, k, d) gathered rows at a time
+        idx = logits[i:i + 256].topk(k, dim=-1).indices                               # (t, k)
+        exact = torch.einsum("td,tkd->tk", hidden[i:i + 256].float(), weight[idx].float())
+        out[i:i + 256].scatter_(-1, idx, exact)
+    return out
+
+
 def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
     # x (M, K); qweight (N/16, Kp/64, 32, 4) int32; scales, zeros (N/16, Kp/G, 16) -> y (M, N).
     # W = (q - z) * s for uint8 zeros, q * s + z for floating zeros (a per-group offset: GGUF Q4_1's

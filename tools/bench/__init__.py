@@ -20,7 +20,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-NOT_BENCHES = {"common", "__main__", "plot"}
+NOT_BENCHES = {"common", "__main__", "plot", "divergence"}
 
 
 def bench_names() -> list[str]:
