@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
@@ -29,6 +30,23 @@ inline float round_to(float x) { return static_cast<float>(static_cast<T>(x)); }
 
 template <typename T>
 inline void store(T* p, float x) { *p = static_cast<T>(x); }
+
+// A quantized KV cache (fp8 e4m3 or int8 values, float16 scales beside them: tinyinfer/ops/kv_quant.py).
+inline bool is_quantized(const at::Tensor& cache) {
+  return cache.scalar_type() == at::kFloat8_e4m3fn || cache.scalar_type() == at::kChar;
+}
+
+// An e4m3 byte times scale, without c10's bit-by-bit decode (3x a bf16 row's cost, measured): a normal
+// value's exponent and mantissa bits move into a float's with the bias raised from 7 to 127, a subnormal
+// one (exponent 0) is m x 2^-9; both computed and one picked by a bit mask, so the loop vectorizes (a
+// branch stops it) and never touches a float denormal. The write never stores 0x7F / 0xFF (it clamps to
+// +-448); here they would read as +-480, not NaN.
+inline float fp8_e4m3_times(uint8_t b, float scale) {
+  const uint32_t x = b, normal = ((x & 0x7f) << 20) + (120u << 23);
+  const uint32_t sub = std::bit_cast<uint32_t>(static_cast<float>(static_cast<int32_t>(x & 7)) * 0x1p-9f);
+  const uint32_t pick = 0u - static_cast<uint32_t>((x & 0x78) != 0);       // all ones: a normal value
+  return std::bit_cast<float>(((x & 0x80) << 24) | (normal & pick) | (sub & ~pick)) * scale;
+}
 
 // exp(x) for x <= 0 (softmax after its max is subtracted), written so the compiler can vectorize a loop
 // of it (libm's expf is a call per element): x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6

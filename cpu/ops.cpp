@@ -23,10 +23,12 @@
 
 TINYINFER_LIBRARY(TINYINFER_CPU_LIB, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "Tensor query_start_loc, float scale) -> Tensor");
+        "Tensor query_start_loc, float scale, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor");
   m.def("rope_store_kv(Tensor q, Tensor k, Tensor v, Tensor cos_sin_cache, Tensor positions, "
-        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> (Tensor, Tensor)");
-  m.def("store_kv(Tensor k, Tensor? v, Tensor(a!) k_cache, Tensor(b!)? v_cache, Tensor slot_mapping) -> ()");
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor(c!)? k_scale=None, "
+        "Tensor(d!)? v_scale=None) -> (Tensor, Tensor)");
+  m.def("store_kv(Tensor k, Tensor? v, Tensor(a!) k_cache, Tensor(b!)? v_cache, Tensor slot_mapping, "
+        "Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("fused_add_rmsnorm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, int[] dims, float eps, "

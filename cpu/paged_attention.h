@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -91,39 +92,69 @@ inline void row_weighted_sum(const float* w, const float* const* values, int64_t
 }
 
 // Pointers to the float32 rows of positions 0..L of one sequence and KV head: the cache rows themselves
-// for a float32 cache, else rows converted once into `buffer`.
-template <typename T>
-void cache_rows(const T* base, const int32_t* table, int64_t L, int64_t BS, int64_t NB, int64_t s0,
-                int64_t s1, int64_t width, std::vector<float>& buffer, std::vector<const float*>& rows) {
+// for a float32 cache, else rows converted once into `buffer` -- times their scale for a quantized
+// cache (`scale`: this head's scale of slot (block, offset) at block * ss0 + offset * ss1; fp8's
+// per-layer scale has ss0 = ss1 = 0).
+template <typename C>
+void cache_rows(const C* base, const int32_t* table, int64_t L, int64_t BS, int64_t NB, int64_t s0,
+                int64_t s1, int64_t width, std::vector<float>& buffer, std::vector<const float*>& rows,
+                const c10::Half* scale = nullptr, int64_t ss0 = 0, int64_t ss1 = 0) {
   rows.resize(L);
-  if constexpr (!std::is_same_v<T, float>) buffer.resize(L * width);
+  if constexpr (!std::is_same_v<C, float>) buffer.resize(L * width);
   for (int64_t p0 = 0; p0 < L; p0 += BS) {           // block by block: no division per position
     const int64_t id = table[p0 / BS];
     TORCH_CHECK(id >= 0 && id < NB, "paged_attention: block table entry ", id, " for position ", p0,
                 " is outside the cache's ", NB, " blocks");
-    const T* block = base + id * s0;
+    const C* block = base + id * s0;
     for (int64_t p = p0; p < std::min(L, p0 + BS); ++p) {
-      const T* src = block + (p - p0) * s1;
-      if constexpr (std::is_same_v<T, float>) {
+      const C* src = block + (p - p0) * s1;
+      if constexpr (std::is_same_v<C, float>) {
         rows[p] = src;
       } else {
         float* dst = &buffer[p * width];
-        for (int64_t d = 0; d < width; ++d) dst[d] = load(src + d);
+        if constexpr (std::is_same_v<C, c10::Float8_e4m3fn>) {
+          const float sf = static_cast<float>(scale[id * ss0 + (p - p0) * ss1]);
+          const uint8_t* bytes = reinterpret_cast<const uint8_t*>(src);
+          for (int64_t d = 0; d < width; ++d) dst[d] = fp8_e4m3_times(bytes[d], sf);
+        } else if (scale != nullptr) {
+          const float sf = static_cast<float>(scale[id * ss0 + (p - p0) * ss1]);
+          for (int64_t d = 0; d < width; ++d) dst[d] = load(src + d) * sf;
+        } else {
+          for (int64_t d = 0; d < width; ++d) dst[d] = load(src + d);
+        }
         rows[p] = dst;
       }
     }
   }
 }
 
-template <typename T>
+// A quantized cache's float16 scales, as paged_attention_impl reads them per KV head (null: none).
+struct HeadScales {
+  const c10::Half* p = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0;
+  explicit HeadScales(const std::optional<at::Tensor>& t) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->scalar_type() == at::kHalf && (t->dim() == 1 || t->dim() == 3),
+                "paged_attention: kv cache scales must be float16, (Hkv,) or (blocks, block_size, Hkv)");
+    p = t->const_data_ptr<c10::Half>();
+    s0 = t->dim() == 3 ? t->stride(0) : 0;
+    s1 = t->dim() == 3 ? t->stride(1) : 0;
+    s2 = t->stride(t->dim() - 1);
+  }
+  const c10::Half* head(int64_t h) const { return p == nullptr ? nullptr : p + h * s2; }
+};
+
+// T: q and output dtype; C: the cache's (T itself, or int8 / fp8 e4m3 with scales).
+template <typename T, typename C>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const int32_t* tables, int64_t table_stride, const int32_t* lens,
-                          const int32_t* qsl, int64_t B, float scale, at::Tensor& out) {
+                          const int32_t* qsl, int64_t B, float scale, at::Tensor& out,
+                          const HeadScales& ks, const HeadScales& vs) {
   const int64_t Hq = q.size(1), D = q.size(2), BS = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t Dv = v_cache.size(3), G = Hq / Hkv;
   const T* qp = q.const_data_ptr<T>();
-  const T* kp = k_cache.const_data_ptr<T>();
-  const T* vp = v_cache.const_data_ptr<T>();
+  const C* kp = reinterpret_cast<const C*>(k_cache.const_data_ptr());
+  const C* vp = reinterpret_cast<const C*>(v_cache.const_data_ptr());
   T* op = out.mutable_data_ptr<T>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
   std::vector<float> qf(D), scores, acc(Dv), kbuf, vbuf;
@@ -137,9 +168,9 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
     scores.resize(L);
     for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
       cache_rows(kp + kvh * k_cache.stride(2), table, L, BS, k_cache.size(0), k_cache.stride(0),
-                 k_cache.stride(1), D, kbuf, krows);
+                 k_cache.stride(1), D, kbuf, krows, ks.head(kvh), ks.s0, ks.s1);
       cache_rows(vp + kvh * v_cache.stride(2), table, L, BS, v_cache.size(0), v_cache.stride(0),
-                 v_cache.stride(1), Dv, vbuf, vrows);
+                 v_cache.stride(1), Dv, vbuf, vrows, vs.head(kvh), vs.s0, vs.s1);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t visible = L - n + i + 1;          // query i sees keys 0 .. L - n + i
         for (int64_t g = 0; g < G; ++g) {
@@ -166,12 +197,18 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
 // block_tables (B, MB) int32; seq_lens (B,) int32; query_start_loc (B + 1,) int32 -> (T, Hq, Dv).
 inline at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                  const at::Tensor& query_start_loc, double scale) {
+                                  const at::Tensor& query_start_loc, double scale,
+                                  const std::optional<at::Tensor>& k_scale,
+                                  const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "paged_attention: q must be (T, Hq, D) and the caches (blocks, block_size, Hkv, D)");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "paged_attention: q and the caches must share a dtype, got ", q.scalar_type(), ", ",
-              k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  const bool quantized = is_quantized(k_cache);
+  TORCH_CHECK((quantized || q.scalar_type() == k_cache.scalar_type()) &&
+                  k_cache.scalar_type() == v_cache.scalar_type(),
+              "paged_attention: q and the caches must share a dtype (or the caches be fp8 / int8), got ",
+              q.scalar_type(), ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  TORCH_CHECK(!quantized || (k_scale.has_value() && v_scale.has_value()),
+              "paged_attention: a ", k_cache.scalar_type(), " cache needs k_scale and v_scale");
   TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "paged_attention: the head dimension of q and of the caches must be contiguous");
   TORCH_CHECK(k_cache.size(3) == q.size(2) && v_cache.size(2) == k_cache.size(2) &&
@@ -187,10 +224,18 @@ inline at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache
   const at::Tensor tables = block_tables.contiguous(), lens = seq_lens.contiguous();
   const at::Tensor starts = query_start_loc.contiguous();
   at::Tensor out = at::zeros({q.size(0), q.size(1), v_cache.size(3)}, q.options());
+  const HeadScales ks(quantized ? k_scale : std::nullopt), vs(quantized ? v_scale : std::nullopt);
   TINYINFER_CPU_DISPATCH(q.scalar_type(), "paged_attention", [&] {
-    paged_attention_impl<scalar_t>(q, k_cache, v_cache, tables.const_data_ptr<int32_t>(),
-                                   tables.size(1), lens.const_data_ptr<int32_t>(),
-                                   starts.const_data_ptr<int32_t>(), B, static_cast<float>(scale), out);
+    auto run = [&](auto cache_type) {
+      using C = decltype(cache_type);
+      paged_attention_impl<scalar_t, C>(q, k_cache, v_cache, tables.const_data_ptr<int32_t>(),
+                                        tables.size(1), lens.const_data_ptr<int32_t>(),
+                                        starts.const_data_ptr<int32_t>(), B, static_cast<float>(scale), out,
+                                        ks, vs);
+    };
+    if (k_cache.scalar_type() == at::kChar) run(int8_t{});
+    else if (k_cache.scalar_type() == at::kFloat8_e4m3fn) run(c10::Float8_e4m3fn{});
+    else run(scalar_t{});
   });
   return out;
 }

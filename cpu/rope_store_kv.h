@@ -8,7 +8,9 @@
 // model to the unfused math bit for bit; tests/test_cpu_kernels.py checks these against the references.
 #pragma once
 
+#include <cmath>
 #include <optional>
+#include <type_traits>
 
 #include "common.h"
 
@@ -53,32 +55,103 @@ void write_slots(const at::Tensor& src, at::Tensor& cache, const int64_t* slots)
   }
 }
 
+// A quantized cache's scales as (NB, BS, H) strides: the int8 per-slot tensor, or fp8's (H,) per layer
+// and head (strides 0, 0, s) -- one indexing for both (tinyinfer/ops/kv_quant.py).
+struct SlotScales {
+  c10::Half* p;
+  int64_t s0, s1, s2;
+  SlotScales(const at::Tensor& t) : p(t.data_ptr<c10::Half>()) {
+    TORCH_CHECK(t.scalar_type() == at::kHalf && (t.dim() == 1 || t.dim() == 3),
+                "kv cache scales must be float16, (H,) or (blocks, block_size, H); got ", t.sizes());
+    s0 = t.dim() == 3 ? t.stride(0) : 0;
+    s1 = t.dim() == 3 ? t.stride(1) : 0;
+    s2 = t.stride(t.dim() - 1);
+  }
+  c10::Half* at(int64_t block, int64_t offset, int64_t h) const { return p + block * s0 + offset * s1 + h * s2; }
+};
+
+// One row x[0..D) quantized into q[0..D): int8 with its own scale (amax / 127 rounded to float16, at
+// least 2^-14, written to *scale), or fp8 e4m3 with the layer's fixed *scale; the reference's float32
+// steps in order (divide by the stored scale, round half to even / clamp, cast).
+template <typename T, typename C>
+inline void quantize_row(const T* x, C* q, int64_t D, c10::Half* scale) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(load(x + d)));
+    const c10::Half s(std::min(std::max(amax / 127.f, 6.103515625e-05f), 65504.f));
+    *scale = s;
+    const float sf = static_cast<float>(s);
+    for (int64_t d = 0; d < D; ++d)
+      q[d] = static_cast<int8_t>(std::min(std::max(std::nearbyint(load(x + d) / sf), -127.f), 127.f));
+  } else {
+    const float sf = static_cast<float>(*scale);
+    for (int64_t d = 0; d < D; ++d)
+      q[d] = C(std::min(std::max(load(x + d) / sf, -448.f), 448.f));
+  }
+}
+
+// Rows of src (T, H, D) quantized into cache (NB, BS, H, D) of type C at slots (T,); -1 skipped.
+template <typename T, typename C>
+void write_slots_quantized(const at::Tensor& src, at::Tensor& cache, const int64_t* slots,
+                           const SlotScales& scales) {
+  const int64_t Tn = src.size(0), H = src.size(1), D = src.size(2), BS = cache.size(1);
+  const T* sp = src.const_data_ptr<T>();
+  C* cp = reinterpret_cast<C*>(cache.data_ptr());
+  for (int64_t t = 0; t < Tn; ++t) {
+    if (slots[t] < 0) continue;
+    TORCH_CHECK(slots[t] < cache.size(0) * BS, "store_kv: slot ", slots[t], " is outside the cache of ",
+                cache.size(0) * BS, " slots");
+    const int64_t block = slots[t] / BS, offset = slots[t] % BS;
+    C* row = cp + block * cache.stride(0) + offset * cache.stride(1);
+    for (int64_t h = 0; h < H; ++h)
+      quantize_row<T, C>(sp + t * src.stride(0) + h * src.stride(1), row + h * cache.stride(2), D,
+                         scales.at(block, offset, h));
+  }
+}
+
 inline void check_cache(const at::Tensor& rows, const at::Tensor& cache, const at::Tensor& slots,
                         const char* what) {
   TORCH_CHECK(rows.dim() == 3 && cache.dim() == 4 && rows.size(0) == slots.size(0) &&
                   rows.size(1) == cache.size(2) && rows.size(2) == cache.size(3),
               "store_kv: ", what, " rows ", rows.sizes(), " do not fit the cache ", cache.sizes(),
               " with ", slots.size(0), " slots");
-  TORCH_CHECK(rows.scalar_type() == cache.scalar_type() && rows.stride(2) == 1 && cache.stride(3) == 1,
-              "store_kv: ", what, " rows and cache must share a dtype and have a contiguous last dim");
+  TORCH_CHECK((rows.scalar_type() == cache.scalar_type() || is_quantized(cache)) && rows.stride(2) == 1 &&
+                  cache.stride(3) == 1,
+              "store_kv: ", what, " rows and cache must share a dtype (or the cache be fp8 / int8) and "
+              "have a contiguous last dim");
+}
+
+// rows into cache at slots: a plain copy, or quantized with `scale` (required for fp8 / int8 caches).
+inline void write_rows(const at::Tensor& rows, at::Tensor& cache, const int64_t* slots,
+                       const std::optional<at::Tensor>& scale) {
+  if (!is_quantized(cache)) {
+    TINYINFER_CPU_DISPATCH(rows.scalar_type(), "store_kv", [&] { write_slots<scalar_t>(rows, cache, slots); });
+    return;
+  }
+  TORCH_CHECK(scale.has_value(), "store_kv: a ", cache.scalar_type(), " cache needs its scales");
+  const SlotScales scales(*scale);
+  TINYINFER_CPU_DISPATCH(rows.scalar_type(), "store_kv", [&] {
+    if (cache.scalar_type() == at::kChar)
+      write_slots_quantized<scalar_t, int8_t>(rows, cache, slots, scales);
+    else
+      write_slots_quantized<scalar_t, c10::Float8_e4m3fn>(rows, cache, slots, scales);
+  });
 }
 
 // k (T, Hkv, D), v (T, Hkv, Dv) | None -> their cache slots (slot_mapping int64, -1 skipped).
+// A quantized cache (fp8 / int8) takes its scales: k_scale / v_scale (tinyinfer/ops/kv_quant.py).
 inline void store_kv(const at::Tensor& k, const std::optional<at::Tensor>& v, at::Tensor k_cache,
-                     std::optional<at::Tensor> v_cache, const at::Tensor& slot_mapping) {
+                     std::optional<at::Tensor> v_cache, const at::Tensor& slot_mapping,
+                     const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1,
               "store_kv: slot_mapping must be a 1-d int64 tensor");
   const at::Tensor slots = slot_mapping.contiguous();
   check_cache(k, k_cache, slots, "k");
-  TINYINFER_CPU_DISPATCH(k.scalar_type(), "store_kv", [&] {
-    write_slots<scalar_t>(k, k_cache, slots.const_data_ptr<int64_t>());
-  });
+  write_rows(k, k_cache, slots.const_data_ptr<int64_t>(), k_scale);
   if (v.has_value()) {
     TORCH_CHECK(v_cache.has_value(), "store_kv: v given without v_cache");
     check_cache(*v, *v_cache, slots, "v");
-    TINYINFER_CPU_DISPATCH(v->scalar_type(), "store_kv", [&] {
-      write_slots<scalar_t>(*v, *v_cache, slots.const_data_ptr<int64_t>());
-    });
+    write_rows(*v, *v_cache, slots.const_data_ptr<int64_t>(), v_scale);
   }
 }
 
@@ -86,7 +159,8 @@ inline void store_kv(const at::Tensor& k, const std::optional<at::Tensor>& v, at
 // (rotated q, rotated k), contiguous; rotated k and v stored at slot_mapping.
 inline std::tuple<at::Tensor, at::Tensor> rope_store_kv(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos_sin_cache,
-    const at::Tensor& positions, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping) {
+    const at::Tensor& positions, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
                   q.size(2) % 2 == 0 && cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == q.size(2),
               "rope_store_kv: q ", q.sizes(), ", k ", k.sizes(), " and the table ", cos_sin_cache.sizes(),
@@ -107,7 +181,7 @@ inline std::tuple<at::Tensor, at::Tensor> rope_store_kv(
     rotate_rows<scalar_t>(q, table, cos_sin_cache.stride(0), pp, q_out);
     rotate_rows<scalar_t>(k, table, cos_sin_cache.stride(0), pp, k_out);
   });
-  store_kv(k_out, v, k_cache, v_cache, slot_mapping);
+  store_kv(k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale);
   return {q_out, k_out};
 }
 

@@ -18,11 +18,12 @@ void check_attention_cache(const Tensor& cache, const Tensor& q, const char* nam
               "head_dim), got shape ", cache.sizes());
   TORCH_CHECK(cache.device() == q.device(), "paged_attention: ", name, " is on ", cache.device(),
               " but q is on ", q.device());
-  TORCH_CHECK(cache.scalar_type() == q.scalar_type(), "paged_attention: ", name, " is ", cache.scalar_type(),
-              " but q is ", q.scalar_type(), "; the kernel reads cache and queries in one dtype");
-  const int64_t elem = cache.element_size();
-  bool aligned = cache.stride(3) == 1 && reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0;
-  for (int d = 0; d < 3; ++d) aligned = aligned && cache.stride(d) >= 0 && cache.stride(d) * elem % 16 == 0;
+  TORCH_CHECK(cache.scalar_type() == q.scalar_type() || kv_quant_kind(cache) != tinyinfer::kKVNone,
+              "paged_attention: ", name, " is ", cache.scalar_type(), " but q is ", q.scalar_type(),
+              "; the kernel reads cache and queries in one dtype, or an int8 / fp8 cache with its scales");
+  const int64_t elem = cache.element_size(), need = kv_quant_kind(cache) != tinyinfer::kKVNone ? 8 : 16;
+  bool aligned = cache.stride(3) == 1 && reinterpret_cast<uintptr_t>(cache.data_ptr()) % need == 0;
+  for (int d = 0; d < 3; ++d) aligned = aligned && cache.stride(d) >= 0 && cache.stride(d) * elem % need == 0;
   TORCH_CHECK(aligned, "paged_attention: ", name, " must have a unit-stride last dimension and 16-byte "
               "aligned rows (strides in bytes multiples of 16), got strides ", cache.strides(),
               " and address ", cache.data_ptr(), "; allocate the cache with torch.empty/zeros");
@@ -30,7 +31,9 @@ void check_attention_cache(const Tensor& cache, const Tensor& q, const char* nam
 
 Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& v_cache,
                        const Tensor& block_tables_in, const Tensor& seq_lens_in,
-                       const Tensor& query_start_loc_in, double scale) {
+                       const Tensor& query_start_loc_in, double scale,
+                       const std::optional<Tensor>& k_scale = std::nullopt,
+                       const std::optional<Tensor>& v_scale = std::nullopt) {
   TORCH_CHECK(q_in.is_cuda(), "paged_attention: q must be a CUDA tensor, got one on ", q_in.device());
   TORCH_CHECK(q_in.dim() == 3, "paged_attention: q must be (T, n_heads, head_dim), got shape ", q_in.sizes());
   TORCH_CHECK(q_in.scalar_type() == torch::kFloat16 || q_in.scalar_type() == torch::kBFloat16,
@@ -110,6 +113,17 @@ Tensor paged_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor& 
   a.scale = static_cast<float>(scale);
   a.dtype = q.scalar_type() == torch::kFloat16 ? tinyinfer::PagedAttentionDtype::kHalf
                                                : tinyinfer::PagedAttentionDtype::kBFloat16;
+  a.kv_quant = kv_quant_kind(k_cache);   // int8 / fp8: rows dequantized as the tiles load (kv_quant.cuh)
+  if (a.kv_quant != tinyinfer::kKVNone) {
+    TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && k_scale && v_scale, "paged_attention: a ",
+                k_cache.scalar_type(), " cache needs a v_cache of its dtype, k_scale and v_scale");
+    const tinyinfer::CacheStrides kss = check_kv_scale(*k_scale, k_cache, "paged_attention", "k_scale");
+    const tinyinfer::CacheStrides vss = check_kv_scale(*v_scale, v_cache, "paged_attention", "v_scale");
+    a.k_scale = k_scale->data_ptr();
+    a.ks0 = kss.block, a.ks1 = kss.offset, a.ks2 = kss.head;
+    a.v_scale = v_scale->data_ptr();
+    a.vs0 = vss.block, a.vs1 = vss.offset, a.vs2 = vss.head;
+  }
   // MLA passes v_cache = k_cache[..., :Dv]: same rows, so the kernel loads each latent row once.
   a.v_aliases_k = v_cache.data_ptr() == k_cache.data_ptr() && v_cache.stride(0) == k_cache.stride(0) &&
                   v_cache.stride(1) == k_cache.stride(1) && v_cache.stride(2) == k_cache.stride(2) && Dv <= D;

@@ -19,6 +19,7 @@
 #include "bind_store_kv.h"
 #include "bind_fused.h"
 #include "bind_int4.h"
+#include "bind_kv_quant.h"
 #include "bind_attention.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -32,7 +33,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Causal attention of 1..16 new queries per sequence over the "
         "paged K/V cache (split-KV + log-sum-exp merge); contract in docs/architecture.md",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
-        pybind11::arg("seq_lens"), pybind11::arg("query_start_loc"), pybind11::arg("scale"));
+        pybind11::arg("seq_lens"), pybind11::arg("query_start_loc"), pybind11::arg("scale"),
+        pybind11::arg("k_scale") = pybind11::none(), pybind11::arg("v_scale") = pybind11::none());
+  m.def("store_kv_quant", &store_kv_quant, "Quantize K/V rows into an int8 / fp8 paged cache and its float16 "
+        "scales (tinyinfer/ops/kv_quant.py)", pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_cache"),
+        pybind11::arg("v_cache"), pybind11::arg("slot_mapping"), pybind11::arg("k_scale"), pybind11::arg("v_scale"));
   m.def("store_kv", &store_kv, "Write K/V rows into their paged-cache slots (slot -1 skipped)",
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::arg("slot_mapping"));

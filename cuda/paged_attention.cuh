@@ -18,12 +18,14 @@
 // Three barriers per tile. With one partition (P = 1, from shapes) the CTA writes O / l straight to the
 // output and an extra grid slice (blockIdx.z = B) zeroes the padding rows; otherwise it writes (O, m, l)
 // to the workspace and paged_attention_merge_kernel combines the live partitions (attention.cuh algebra).
-// Everything about the launch depends on shapes only, so CUDA graphs replay it for any lengths.
+// Everything about the launch depends on shapes only, so CUDA graphs replay it for any lengths. A quantized
+// cache (int8 / fp8, float16 scales) is dequantized to T as its tiles are loaded (plain loads).
 #pragma once
 
 #include <cstdint>
 
 #include "attention.cuh"
+#include "kv_quant.cuh"
 #include "ptx.cuh"
 
 namespace tinyinfer {
@@ -71,6 +73,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) paged_attention_kernel(const P
   const T* vc = static_cast<const T*>(a.v);
   const int32_t* table = a.block_tables + static_cast<int64_t>(b) * a.bt_stride;
   const CacheStrides ks{a.k_s0, a.k_s1, a.k_s2}, vs{a.v_s0, a.v_s1, a.v_s2};
+  const CacheStrides kss{a.ks0, a.ks1, a.ks2}, vss{a.vs0, a.vs1, a.vs2};   // a quantized cache's scales
   const int tiles = (kend - kbeg + TK - 1) / TK, shift = a.block_shift, mask = a.block_size - 1;
   const float scale_log2 = a.scale * kLog2e;
 
@@ -89,7 +92,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) paged_attention_kernel(const P
         const int64_t blk = table[pos >> shift];
         const bool is_k = c < CK, valid = tpos0 + j < kend;
         const int col = (is_k ? c : c - CK) * 8;
-        if (is_k) ptx::cp_async_16(dk + j * KP + col, kc + cache_row_start(ks, blk, pos & mask, kvh) + col, valid);
+        if (a.kv_quant != kKVNone)  // 8 bytes -> 8 values x the slot's scale, stored now (kv_quant.cuh)
+          dequantize_chunk<T>(is_k ? a.k : a.v, is_k ? ks : vs, is_k ? a.k_scale : a.v_scale, is_k ? kss : vss, blk,
+                              pos & mask, kvh, col, a.kv_quant, valid, (is_k ? dk + j * KP : dv + j * VP) + col);
+        else if (is_k) ptx::cp_async_16(dk + j * KP + col, kc + cache_row_start(ks, blk, pos & mask, kvh) + col, valid);
         else ptx::cp_async_16(dv + j * VP + col, vc + cache_row_start(vs, blk, pos & mask, kvh) + col, valid);
       }
     }

@@ -30,6 +30,9 @@ PROGRAMS = {
                                "576/512, one and several partitions) equals float64",
     "emulate_rope": "RoPE from the cos/sin table + K/V write is bit for bit the rotate_half formula",
     "emulate_silu_mul": "SwiGLU's activation silu(gate) * up is bit for bit the two rounded ops",
+    "emulate_kv_quant": "the quantized KV cache: e4m3 codes and nearest-even encoding, the int8 / fp8 K/V "
+                        "write against float64, paged attention over int8 / fp8 caches (GQA, verify, MLA) "
+                        "against float64 attention of the dequantized values",
 }
 
 

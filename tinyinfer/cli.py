@@ -34,6 +34,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="the paged KV cache's size in bytes, e.g. 1GiB or 512MiB (default: 4GiB on a "
                         "CPU, 80%% of the GPU memory free after loading on a GPU; never more than "
                         "max context x --max-num-seqs tokens)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default="auto",
+                   help="the KV cache's values: auto (the model dtype), fp8 (e4m3, a scale per layer and "
+                        "head, calibrated at load) or int8 (a scale per token and head): about twice "
+                        "the tokens in the same memory (docs/kv-cache.md)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
                         "--no-cuda-graphs launches every kernel from Python, to compare")
@@ -64,7 +68,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 enable_prefix_caching=args.enable_prefix_caching,
-                tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory=args.kv_cache_memory)
+                tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory=args.kv_cache_memory,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def apply_threads(args: argparse.Namespace) -> None:

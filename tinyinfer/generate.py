@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                "decode_tokens_per_s": round(decode_tps, 2), "finish_reason": out.finish_reason,
                "load_s": round(t_load, 2), "warmup_s": round(t_warm, 2), "device": str(llm.device), "dtype": str(llm.dtype)}
     figures.update(llm.figures() if hasattr(llm, "figures") else {})
-    figures.update(kv_figures(llm.config, llm.dtype))     # KV bytes/token, and vs MHA's
+    figures.update(kv_figures(llm.config, llm.dtype, llm.engine.kv_cache_dtype))   # KV bytes/token, vs MHA
     if args.json:
         print(json.dumps({"prompt": args.prompt, "text": out.text, "token_ids": out.token_ids,
                           **figures}))

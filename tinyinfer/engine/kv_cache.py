@@ -4,6 +4,11 @@ layout (Kwon et al., "PagedAttention", SOSP 2023), and how many tokens of it the
 k_caches[i]: (num_blocks, block_size, n_kv_heads, head_dim)
 v_caches[i]: (num_blocks, block_size, n_kv_heads, v_head_dim), or None when the attention keeps a single
              latent row per token (MLA), whose V is a view of K.
+A quantized cache (kv_cache_dtype "fp8" / "int8", ops/kv_quant.py, docs/kv-cache.md) holds float8_e4m3fn
+or int8 values and float16 scales beside them:
+k_scales[i], v_scales[i]: fp8 (n_kv_heads,), one per layer and head, set once at load
+             (engine/kv_calibrate.py); int8 (num_blocks, block_size, n_kv_heads), one per token and head,
+             written with the row. None for the model dtype; MLA's V reads K's scales.
 
 Pool size (`pool_tokens`), the same for the same command on every run:
   * on a CPU, a fixed byte budget: DEFAULT_CPU_KV_BYTES = 4 GiB (vLLM's CPU backend default,
@@ -24,6 +29,8 @@ import re
 from typing import Optional, Union
 
 import torch
+
+from tinyinfer.ops.kv_quant import KV_CACHE_DTYPES, SCALE_DTYPE
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
 GPU_FREE_FRACTION = 0.80
@@ -62,26 +69,55 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
+    if kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not a KV cache type: give 'auto' (the "
+                         "model's dtype), 'fp8' (e4m3, a scale per layer and head) or 'int8' (a scale "
+                         "per token and head)")
+
+
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, k_dims: tuple[int, int],
-                 v_dims: Optional[tuple[int, int]], dtype: torch.dtype, device: torch.device):
-        self.block_size, self.num_blocks = block_size, num_blocks
+                 v_dims: Optional[tuple[int, int]], dtype: torch.dtype, device: torch.device,
+                 kv_cache_dtype: str = "auto"):
+        check_kv_cache_dtype(kv_cache_dtype)
+        self.block_size, self.num_blocks, self.kv_cache_dtype = block_size, num_blocks, kv_cache_dtype
+        self.dtype = dtype                   # the model's (the values' own dtype when not quantized)
         # CPU: unwritten pages cost nothing and unwritten slots are never read (module docstring)
         new = torch.empty if torch.device(device).type == "cpu" else torch.zeros
-        self.k_caches = [new(num_blocks, block_size, *k_dims, dtype=dtype, device=device)
+        cache_dtype = KV_CACHE_DTYPES.get(kv_cache_dtype, dtype)
+        self.k_caches = [new(num_blocks, block_size, *k_dims, dtype=cache_dtype, device=device)
                          for _ in range(num_layers)]
         self.v_caches = [None if v_dims is None else
-                         new(num_blocks, block_size, *v_dims, dtype=dtype, device=device)
+                         new(num_blocks, block_size, *v_dims, dtype=cache_dtype, device=device)
                          for _ in range(num_layers)]
 
-    def layers(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        return list(zip(self.k_caches, self.v_caches))
+        def scales(dims: Optional[tuple[int, int]]) -> Optional[torch.Tensor]:
+            if kv_cache_dtype == "auto" or dims is None:
+                return None
+            if kv_cache_dtype == "fp8":          # 1.0 until engine/kv_calibrate.py sets it
+                return torch.ones(dims[0], dtype=SCALE_DTYPE, device=device)
+            return new(num_blocks, block_size, dims[0], dtype=SCALE_DTYPE, device=device)
+        self.k_scales = [scales(k_dims) for _ in range(num_layers)]
+        self.v_scales = [scales(v_dims) if v_dims is not None else k for k in self.k_scales]
+
+    def layers(self) -> list[tuple[Optional[torch.Tensor], ...]]:
+        """Per layer (k_cache, v_cache), and for a quantized cache (k_cache, v_cache, k_scale, v_scale):
+        the model's forward passes each layer's tuple on as it is."""
+        if self.kv_cache_dtype == "auto":
+            return list(zip(self.k_caches, self.v_caches))
+        return list(zip(self.k_caches, self.v_caches, self.k_scales, self.v_scales))
 
     @staticmethod
     def bytes_per_token(num_layers: int, k_dims: tuple[int, int], v_dims: Optional[tuple[int, int]],
-                        dtype: torch.dtype) -> int:
-        per_layer = k_dims[0] * k_dims[1] + (0 if v_dims is None else v_dims[0] * v_dims[1])
-        return num_layers * per_layer * dtype.itemsize
+                        dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        """Bytes one token takes in every layer: its K/V values, and for int8 their float16 scales (one
+        per head). fp8's scales are per layer and head, not per token (a few hundred bytes in all)."""
+        check_kv_cache_dtype(kv_cache_dtype)
+        rows = [k_dims] + ([] if v_dims is None else [v_dims])
+        values = sum(h * d for h, d in rows) * KV_CACHE_DTYPES.get(kv_cache_dtype, dtype).itemsize
+        scales = sum(h for h, _ in rows) * SCALE_DTYPE.itemsize if kv_cache_dtype == "int8" else 0
+        return num_layers * (values + scales)
 
 
 def pool_tokens(device: torch.device, per_token: int, max_context: int, max_num_seqs: int,

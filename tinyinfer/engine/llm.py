@@ -29,7 +29,8 @@ class LLM:
     """Offline generation. Takes the same options as LLMEngine (device, dtype, quant, group_size,
     draft, speculate_k, max_kv_tokens, block_size, verbose, cuda_graphs, max_num_seqs,
     max_num_batched_tokens, enable_chunked_prefill, enable_prefix_caching, tensor_parallel_size,
-    kv_cache_memory: the KV pool's bytes, an int or a size such as "1GiB"; engine/kv_cache.py).
+    kv_cache_memory: the KV pool's bytes, an int or a size such as "1GiB"; engine/kv_cache.py;
+    kv_cache_dtype: "auto" (the model's), "fp8" or "int8", a quantized KV cache, docs/kv-cache.md).
     With tensor_parallel_size > 1, close it (or use `with LLM(...) as llm:`) to stop its workers at
     once; they also stop when it is garbage-collected or the process exits."""
 

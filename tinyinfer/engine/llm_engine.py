@@ -28,7 +28,8 @@ from tinyinfer.config.errors import RequestError
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
-from tinyinfer.engine.kv_cache import parse_bytes
+from tinyinfer.engine.kv_cache import check_kv_cache_dtype, parse_bytes
+from tinyinfer.engine.kv_calibrate import CALIBRATION_TEXT
 from tinyinfer.engine.locking import serialized_calls
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
@@ -62,8 +63,10 @@ class LLMEngine:
                  cuda_graphs: Optional[bool] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True, group_size: Optional[int] = None,
-                 tensor_parallel_size: int = 1, kv_cache_memory: Optional[int | str] = None):
+                 tensor_parallel_size: int = 1, kv_cache_memory: Optional[int | str] = None,
+                 kv_cache_dtype: str = "auto"):
         check_quant(quant, group_size)
+        check_kv_cache_dtype(kv_cache_dtype)
         kv_memory = None if kv_cache_memory is None else parse_bytes(kv_cache_memory)
         check_speculate_k(speculate_k)
         check_limits(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
@@ -84,9 +87,13 @@ class LLMEngine:
                              "leave it unset (or False) on the CPU")
         half = self.dtype in (torch.float16, torch.bfloat16)
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
+        # KV cache type (docs/kv-cache.md); fp8's scales are calibrated at load on a fixed text.
+        fp8 = kv_cache_dtype == "fp8"
+        self._kv_calibration = tuple(self.tokenizer.encode(CALIBRATION_TEXT)) if fp8 else ()
         runner = load_runner(path, files, self.config, tensor_parallel_size, self.device, self.dtype,
                              quant, max_kv_tokens, block_size, use_graphs, group_size or 128, self._say,
-                             kv_memory=kv_memory, max_num_seqs=max_num_seqs)
+                             kv_memory=kv_memory, max_num_seqs=max_num_seqs,
+                             kv_cache_dtype=kv_cache_dtype, kv_calibration=self._kv_calibration)
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:
@@ -98,6 +105,7 @@ class LLMEngine:
         self.runner, self.tokenizer, self.config = runner, tokenizer, runner.config
         self.device, self.dtype, self.block_size = runner.device, runner.dtype, runner.block_size
         self.kv_tokens = runner.num_blocks * runner.block_size
+        self.kv_cache_dtype = runner.kv.kv_cache_dtype
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
                                    enable_chunked_prefill)
@@ -111,7 +119,7 @@ class LLMEngine:
         """An engine around a model runner built elsewhere (benchmarks: random-weight models), with
         the scheduling options of __init__ (max_num_seqs, ..., enable_prefix_caching)."""
         engine = cls.__new__(cls)
-        engine.verbose = False
+        engine.verbose, engine._kv_calibration = False, ()
         engine._setup(runner, tokenizer, **options)
         return engine
 
@@ -131,7 +139,8 @@ class LLMEngine:
         # The draft's pool is as large as the target's and prefix-cached as it is; when it is still
         # short, a sequence is not drafted for that step (engine/proposers.py).
         runner = ModelRunner.load(files, cfg, self.device, self.dtype, None, self.kv_tokens,
-                                  self.block_size, use_graphs, self.runner.graph_pool)
+                                  self.block_size, use_graphs, self.runner.graph_pool,
+                                  kv_cache_dtype=self.kv_cache_dtype, kv_calibration=self._kv_calibration)
         return DraftModelProposer(runner, self.blocks.enable_caching)
 
     def failure(self) -> Optional[str]:

@@ -10,7 +10,7 @@ shard and KV heads; its ranks agree on the number of blocks (engine/tensor_paral
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +18,8 @@ from torch import Tensor
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.cuda_graphs import GraphRunner
-from tinyinfer.engine.kv_cache import PagedKVCache, check_pool_fits, pool_tokens
+from tinyinfer.engine.kv_cache import PagedKVCache, check_kv_cache_dtype, check_pool_fits, pool_tokens
+from tinyinfer.engine.kv_calibrate import calibrate_fp8, fallback_ids
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import Shard
 from tinyinfer.loading.weights import load_model
@@ -32,7 +33,7 @@ class ModelRunner:
         self.model, self.kv = model, kv
         self.config: ModelConfig = model.cfg
         self.device = kv.k_caches[0].device
-        self.dtype = kv.k_caches[0].dtype
+        self.dtype = kv.dtype                # the model's; the cache's own may be fp8 / int8
         self.block_size, self.num_blocks = kv.block_size, kv.num_blocks
         # q_len -> graphs of steps with up to q_len new tokens per sequence (1: decode).
         self.graphs: dict[int, GraphRunner] = {}
@@ -45,14 +46,18 @@ class ModelRunner:
              cuda_graphs: bool = False, graph_pool: Optional[tuple] = None,
              say: Callable[[str], None] = lambda msg: None, group_size: int = 128,
              shard: Optional[Shard] = None, kv_memory: Optional[int] = None,
-             max_num_seqs: int = 256) -> "ModelRunner":
+             max_num_seqs: int = 256, kv_cache_dtype: str = "auto",
+             kv_calibration: Sequence[int] = ()) -> "ModelRunner":
         """Load the checkpoint's model on `device` (quant="int4": quantized at `group_size`) and
         allocate its KV cache: kv_tokens tokens, or when None `kv_memory` bytes (None: the default
         budget), at most max_context x max_num_seqs tokens (engine/kv_cache.py: the rule); with
-        `shard`: that rank's shard, and the fewest tokens any rank holds."""
+        `shard`: that rank's shard, and the fewest tokens any rank holds. kv_cache_dtype "fp8" /
+        "int8" quantizes the cache (docs/kv-cache.md); fp8's scales are calibrated now from one
+        prefill of kv_calibration (token ids; engine/kv_calibrate.py)."""
+        check_kv_cache_dtype(kv_cache_dtype)
         model = load_model(files, cfg, dtype, device, quant, group_size, say=say, shard=shard)
         k_dims, v_dims = Transformer.kv_dims(model.cfg)
-        per_token = PagedKVCache.bytes_per_token(cfg.num_layers, k_dims, v_dims, dtype)
+        per_token = PagedKVCache.bytes_per_token(cfg.num_layers, k_dims, v_dims, dtype, kv_cache_dtype)
         if kv_tokens is None:
             kv_tokens = max(block_size, pool_tokens(device, per_token, cfg.max_context, max_num_seqs,
                                                     kv_memory))
@@ -62,9 +67,13 @@ class ModelRunner:
             raise ValueError(f"max_kv_tokens={kv_tokens} is smaller than one block ({block_size} tokens)")
         num_blocks = kv_tokens // block_size
         check_pool_fits(device, num_blocks * block_size * per_token)
-        kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, k_dims, v_dims, dtype, device)
+        kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, k_dims, v_dims, dtype, device,
+                          kv_cache_dtype)
+        if kv_cache_dtype == "fp8":
+            calibrate_fp8(model, kv, kv_calibration or fallback_ids(cfg.vocab_size))
         each = "" if shard is None else f" on each of {shard.size} ranks"
-        say(f"KV cache: {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens "
+        kind = "" if kv_cache_dtype == "auto" else f" {kv_cache_dtype}"
+        say(f"KV cache{kind}: {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens "
             f"({num_blocks * block_size * per_token / 2**20:.1f} MiB, {per_token} bytes/token{each})")
         return cls(model, kv, cuda_graphs, graph_pool)
 

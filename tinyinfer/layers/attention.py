@@ -13,6 +13,7 @@ runs over a cached prefix, or a mixed step of decodes and prefill chunks (chunke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,7 @@ from tinyinfer.config.model import ModelConfig
 from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.rotary import RotaryEmbedding
+from tinyinfer.ops.kv_quant import roundtrip
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
 
@@ -41,25 +43,31 @@ class AttentionMetadata:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-           meta: AttentionMetadata, scale: float) -> Tensor:
-    """Attention of the step's queries q (T, Hq, D); k, v are the fresh rows (already in the cache)."""
+           meta: AttentionMetadata, scale: float, k_scale: Optional[Tensor] = None,
+           v_scale: Optional[Tensor] = None) -> Tensor:
+    """Attention of the step's queries q (T, Hq, D); k, v are the fresh rows (already in the cache).
+    k_scale / v_scale: a quantized cache's scales (ops/kv_quant.py), read by every path below."""
     if meta.prefill:
-        # Fresh prompts: nothing cached before them, so attend over the new K/V directly (SDPA).
+        # Fresh prompts: nothing cached before them, so attend over the new K/V directly (SDPA) -- as
+        # a quantized cache gives them back, so that a prompt reads the same K/V whether its prefix
+        # is computed now or found in the prefix cache.
+        k, v = roundtrip(k, k_cache, k_scale), roundtrip(v, v_cache, v_scale)
         return ops.prefill_attention(q, k, v, meta.query_start_loc_host, scale)
     if meta.max_q_len <= MAX_KERNEL_Q_LEN:
         # Decode and draft verification: the paged-attention op (CUDA kernel on a GPU).
         return ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                   meta.query_start_loc, scale)
+                                   meta.query_start_loc, scale, k_scale, v_scale)
     # Long query runs over a cached prefix (a prompt after a shared prefix, a prefill chunk): gather +
     # SDPA per sequence. The decodes that lead a mixed step (chunked prefill) keep the paged op.
     d, qsl = meta.num_decodes, meta.query_start_loc_host
     t = qsl[d]
     out = ops.paged_prefill_attention(q[t:], k_cache, v_cache, meta.block_tables[d:],
-                                      meta.seq_lens_host[d:], [x - t for x in qsl[d:]], scale)
+                                      meta.seq_lens_host[d:], [x - t for x in qsl[d:]], scale,
+                                      k_scale, v_scale)
     if d == 0:
         return out
     short = ops.paged_attention(q[:t], k_cache, v_cache, meta.block_tables[:d], meta.seq_lens[:d],
-                                meta.query_start_loc[:d + 1], scale)                  # (t, Hq, Dv)
+                                meta.query_start_loc[:d + 1], scale, k_scale, v_scale)  # (t, Hq, Dv)
     return torch.cat((short, out))
 
 
@@ -82,7 +90,8 @@ class MultiHeadAttention(nn.Module):
         return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
 
     def forward(self, x: Tensor, positions: Tensor, rotary: RotaryEmbedding,
-                meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+                meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor,
+                k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)              # (T, Hq, D)
@@ -94,6 +103,6 @@ class MultiHeadAttention(nn.Module):
         # one op (one kernel on a GPU); the rotated k comes back for fresh prefill, which attends over
         # it directly.
         q, k = ops.rope_store_kv(q, k, v, rotary.cos_sin_cache, positions, k_cache, v_cache,
-                                 meta.slot_mapping)
-        out = attend(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, Hq, D)
+                                 meta.slot_mapping, k_scale, v_scale)
+        out = attend(q, k, v, k_cache, v_cache, meta, self.scale, k_scale, v_scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))

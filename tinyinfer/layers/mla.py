@@ -27,6 +27,7 @@ from tinyinfer.layers.attention import AttentionMetadata, attend
 from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.norm import RMSNorm
 from tinyinfer.layers.rotary import RotaryEmbedding, apply_rope, yarn_mscale
+from tinyinfer.ops.kv_quant import gather_dequantized, is_quantized, roundtrip
 
 MODES = ("auto", "naive", "absorbed")
 LATENT_NORM_EPS = 1e-6      # DeepSeek's q_a_layernorm / kv_a_layernorm use their own eps, not rms_norm_eps
@@ -87,7 +88,10 @@ class MultiHeadLatentAttention(nn.Module):
         return w.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
 
     def forward(self, x: Tensor, positions: Tensor, rotary: RotaryEmbedding,
-                meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor | None = None) -> Tensor:
+                meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor | None = None,
+                k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> Tensor:
+        # A quantized latent cache (ops/kv_quant.py): one scale per token (int8) or per layer (fp8)
+        # covers the whole row, latent and RoPE parts; V, the latent part, reads the same scales.
         T, H, r = x.shape[0], self.num_heads, self.kv_lora_rank
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -100,12 +104,13 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)                       # (T, H, rope)
         k_pe = apply_rope(k_pe[:, None, :], cos, sin, self.interleaved)           # (T, 1, rope)
         row = torch.cat((latent[:, None, :], k_pe), dim=-1)                       # (T, 1, r + rope)
-        ops.store_kv(row, None, k_cache, None, meta.slot_mapping)
+        ops.store_kv(row, None, k_cache, None, meta.slot_mapping, k_scale)
+        row = roundtrip(row, k_cache, k_scale)          # what the cache holds (fresh prefill reads it)
         naive = self.mode == "naive" or (self.mode == "auto" and meta.prefill)
         if naive:
-            out = self._naive(q_nope, q_pe, row, k_cache, meta)
+            out = self._naive(q_nope, q_pe, row, k_cache, meta, k_scale)
         else:
-            out = self._absorbed(q_nope, q_pe, row, k_cache, meta)                # (T, H, v)
+            out = self._absorbed(q_nope, q_pe, row, k_cache, meta, k_scale)       # (T, H, v)
         return self.o_proj(out.reshape(T, H * self.v_dim))
 
     def _decompress(self, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,7 +122,7 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.cat((k_nope, k_pe), dim=-1), v
 
     def _naive(self, q_nope: Tensor, q_pe: Tensor, row: Tensor, k_cache: Tensor,
-               meta: AttentionMetadata) -> Tensor:
+               meta: AttentionMetadata, k_scale: Tensor | None = None) -> Tensor:
         q = torch.cat((q_nope, q_pe), dim=-1)                                     # (T, H, nope + rope)
         if meta.prefill:
             k, v = self._decompress(row[:, 0])                                    # (T, H, .)
@@ -131,12 +136,15 @@ class MultiHeadLatentAttention(nn.Module):
         local = torch.zeros(k_cache.shape[0], dtype=torch.int32, device=q.device)
         local[used] = torch.arange(used.numel(), dtype=torch.int32, device=q.device)
         tables = torch.where(read, local[meta.block_tables.long().clamp(min=0)], -1).int()
-        k_blocks, v_blocks = self._decompress(k_cache[used, :, 0])                # (U, BS, H, .)
+        rows = k_cache[used, :, 0]                                                # (U, BS, r + rope)
+        if is_quantized(k_cache):
+            rows = gather_dequantized(k_cache, k_scale, (used,))[:, :, 0].to(row.dtype)
+        k_blocks, v_blocks = self._decompress(rows)                               # (U, BS, H, .)
         return attend(q, None, None, k_blocks, v_blocks, replace(meta, block_tables=tables),
                       self.scale)
 
     def _absorbed(self, q_nope: Tensor, q_pe: Tensor, row: Tensor, k_cache: Tensor,
-                  meta: AttentionMetadata) -> Tensor:
+                  meta: AttentionMetadata, k_scale: Tensor | None = None) -> Tensor:
         w = self._kv_b_weight()
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]                           # (H, nope|v, r)
         # q_h . (W_UK_h c) = (W_UK_h^T q_h) . c: the query moves into latent space.
@@ -144,7 +152,11 @@ class MultiHeadLatentAttention(nn.Module):
         q_abs = torch.cat((q_latent, q_pe), dim=-1)                               # (T, H, r + rope)
         # One KV head for all H query heads; V is the latent part of the same cached row.
         r = self.kv_lora_rank
-        out = attend(q_abs, row, row[..., :r], k_cache, k_cache[..., :r], meta, self.scale)  # (T, H, r)
+        if meta.prefill:      # row as the cache holds it, V its latent part (not quantized twice)
+            out = ops.prefill_attention(q_abs, row, row[..., :r], meta.query_start_loc_host, self.scale)
+        else:
+            out = attend(q_abs, row, row[..., :r], k_cache, k_cache[..., :r], meta, self.scale,
+                         k_scale, k_scale)                                        # (T, H, r)
         return torch.einsum("thr,hvr->thv", out, w_uv)                            # (T, H, v)
 
 

@@ -211,8 +211,20 @@ def kv_values_per_token_layer(s: Shape, kind: str) -> int:
     raise ValueError(f"unknown attention kind {kind!r}; use mha, gqa, mqa or mla")
 
 
-def kv_bytes_per_token(s: Shape, kind: str, dtype_bytes: int = 2) -> int:
-    return s.num_layers * kv_values_per_token_layer(s, kind) * dtype_bytes
+def kv_rows_per_token_layer(s: Shape, kind: str) -> int:
+    """Cached rows (one head's K or V, or MLA's latent row) per token per layer: an int8 cache stores a
+    float16 scale for each (docs/kv-cache.md)."""
+    heads = {"mha": s.num_heads, "gqa": s.kv_heads, "mqa": 1}
+    return 1 if kind == "mla" else 2 * heads[kind]
+
+
+def kv_bytes_per_token(s: Shape, kind: str, dtype_bytes: int = 2, kv_cache_dtype: str = "auto") -> int:
+    """KV bytes per token: values at dtype_bytes ("auto"), or one byte each (fp8 / int8) plus int8's
+    float16 scale per row; fp8's scales are per layer, not per token."""
+    if kv_cache_dtype == "auto":
+        return s.num_layers * kv_values_per_token_layer(s, kind) * dtype_bytes
+    scales = 2 * kv_rows_per_token_layer(s, kind) if kv_cache_dtype == "int8" else 0
+    return s.num_layers * (kv_values_per_token_layer(s, kind) + scales)
 
 
 def own_kind(s: Shape) -> str:
@@ -229,10 +241,10 @@ def shape_from_config(cfg) -> Shape:
                  qk_rope_head_dim=cfg.qk_rope_head_dim if cfg.is_mla else None)
 
 
-def kv_figures(cfg, dtype) -> dict:
+def kv_figures(cfg, dtype, kv_cache_dtype: str = "auto") -> dict:
     """For generate's figures line: the KV bytes per token the engine's cache really holds, and the
-    ratio to what standard multi-head attention with the same heads would store."""
-    ours = PagedKVCache.bytes_per_token(cfg.num_layers, *Transformer.kv_dims(cfg), dtype)
+    ratio to what standard multi-head attention with the same heads would store in the model dtype."""
+    ours = PagedKVCache.bytes_per_token(cfg.num_layers, *Transformer.kv_dims(cfg), dtype, kv_cache_dtype)
     mha = kv_bytes_per_token(shape_from_config(cfg), "mha", dtype.itemsize)
     return {"kv_bytes_per_token": ours, "kv_vs_mha": round(ours / mha, 4),
             "kv_mha_bytes_per_token": mha}

@@ -31,7 +31,8 @@ def _count(n: float) -> str:
 
 
 def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtype_bytes: int,
-           group_size: int, params_source: str, planned: Optional[tuple] = None) -> str:
+           group_size: int, params_source: str, planned: Optional[tuple] = None,
+           kv_cache_dtype: str = "auto") -> str:
     lines = []
     if num_params:
         packed, extra = int4_bytes(num_params, group_size)
@@ -50,8 +51,11 @@ def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtyp
                   "writes", f"              {plan.summary()}"]
     if s is not None:
         tokens = context * batch
-        mha = kv_bytes_per_token(s, "mha", dtype_bytes)
-        lines.append(f"KV cache, {dtype_bytes}-byte values, {s.num_layers} layers, context "
+        mha = kv_bytes_per_token(s, "mha", dtype_bytes, kv_cache_dtype)
+        scale = " + a 2-byte scale per row" if kv_cache_dtype == "int8" else ""
+        values = (f"{dtype_bytes}-byte values" if kv_cache_dtype == "auto" else
+                  f"{kv_cache_dtype} values (1 byte{scale})")
+        lines.append(f"KV cache, {values}, {s.num_layers} layers, context "
                      f"{context:,} x batch {batch} = {tokens:,} tokens:")
         lines.append(f"  {'attention':<24}{'values/token/layer':>20}{'bytes/token':>14}"
                      f"{'for the context':>18}{'vs MHA':>9}")
@@ -62,7 +66,7 @@ def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtyp
         if s.kv_heads in (1, s.num_heads):
             kinds = [k for k in kinds if k[0] != "gqa"]
         for kind, label in kinds:
-            per_tok = kv_bytes_per_token(s, kind, dtype_bytes)
+            per_tok = kv_bytes_per_token(s, kind, dtype_bytes, kv_cache_dtype)
             mark = "  <- this model" if kind == own_kind(s) else ""
             lines.append(f"  {label:<24}{kv_values_per_token_layer(s, kind):>20,}{per_tok:>14,}"
                          f"{_gb(per_tok * tokens):>18}{mha / per_tok:>8.1f}x{mark}")
@@ -89,6 +93,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--context", type=parse_count, default=4096, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default="auto",
+                   help="the KV cache's values: auto (--dtype-bytes each), fp8 or int8 (1 byte each; "
+                        "int8 adds a 2-byte scale per token and head; docs/kv-cache.md)")
     p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
                    help="INT4 group size")
     p.add_argument("--quantize-head", action="store_true",
@@ -131,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     else:
         n, source = 0, ""
     planned = planned_int4(cfg, a.group_size, a.quantize_head) if cfg else None
-    print(report(shape, n, int(a.context), a.batch, a.dtype_bytes, a.group_size, source, planned))
+    print(report(shape, n, int(a.context), a.batch, a.dtype_bytes, a.group_size, source, planned,
+                 a.kv_cache_dtype))
 
 
 if __name__ == "__main__":

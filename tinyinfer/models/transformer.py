@@ -58,15 +58,16 @@ class DecoderLayer(nn.Module):
         self.mlp = make_mlp(cfg, layer_idx)
 
     def forward(self, x: Tensor, residual: Tensor | None, positions: Tensor, rotary: RotaryEmbedding,
-                meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor | None
-                ) -> tuple[Tensor, Tensor]:
+                meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor | None,
+                k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # x (T, hidden): the previous layer's MLP output (the embeddings for layer 0, residual None);
         # residual (T, hidden): the stream x is still to be added to. Returns this layer's pair.
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
-        h = all_reduce(self.attn(h, positions, rotary, meta, k_cache, v_cache), self.group)
+        h = all_reduce(self.attn(h, positions, rotary, meta, k_cache, v_cache, k_scale, v_scale),
+                       self.group)
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
         return all_reduce(self.mlp(h), self.group), residual
 
@@ -95,16 +96,17 @@ class Transformer(nn.Module):
         return attention_class(cfg).kv_dims(cfg)
 
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[Tensor, Tensor | None]]) -> Tensor:
-        # input_ids, positions (T,) -> hidden states (T, hidden)
+                kv_caches: list[tuple[Tensor | None, ...]]) -> Tensor:
+        # input_ids, positions (T,) -> hidden states (T, hidden); kv_caches: per layer (k_cache,
+        # v_cache) or (k_cache, v_cache, k_scale, v_scale) (a quantized cache, engine/kv_cache.py)
         if self.fused_cpu_decode and input_ids.device.type == "cpu":
             hidden = fused_cpu.decode_step(self, input_ids, positions, meta, kv_caches)
             if hidden is not None:
                 return hidden
         x = self.embed_tokens(input_ids)
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.rotary, meta, k_cache, v_cache)
+        for layer, cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, positions, self.rotary, meta, *cache)
         return self.norm(x) if residual is None else self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

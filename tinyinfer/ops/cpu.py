@@ -29,6 +29,7 @@ from tinyinfer.extensions import cpu as cpu_kernels
 from tinyinfer.ops import library, reference
 from tinyinfer.ops.cpu_attention import paged_attention_grouped
 from tinyinfer.ops.cpu_matmul import int4_linear_cpu, linear_cpu
+from tinyinfer.ops.kv_quant import is_quantized
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what the C++ kernels run
 
@@ -40,6 +41,13 @@ def _kernels_take(*tensors: Optional[Tensor]) -> bool:
                                               for t in tensors)
 
 
+def _cache_takes(rows: Tensor, *caches: Optional[Tensor]) -> bool:
+    """The C++ kernels' terms for a cache: the rows' dtype, or a quantized cache (ops/kv_quant.py,
+    float16 scales); innermost dimension contiguous."""
+    return all(c is None or (c.stride(-1) == 1 and (c.dtype == rows.dtype or is_quantized(c)))
+               for c in caches)
+
+
 def _slot_rows(cache: Optional[Tensor]) -> Optional[Tensor]:
     """cache (NB, BS, ...) as a view (NB * BS, ...) of one row per slot; None if no such view."""
     try:
@@ -49,40 +57,48 @@ def _slot_rows(cache: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def store_kv_cpu(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optional[Tensor],
-                 slot_mapping: Tensor) -> None:
-    # k (T, Hkv, D), v (T, Hkv, Dv) -> cache rows slot_mapping (T,); -1 (padding) rows are skipped.
+                 slot_mapping: Tensor, k_scale: Optional[Tensor] = None,
+                 v_scale: Optional[Tensor] = None) -> None:
+    # k (T, Hkv, D), v (T, Hkv, Dv) -> cache rows slot_mapping (T,); -1 (padding) rows are skipped;
+    # a quantized cache quantizes them (ops/kv_quant.py).
     if slot_mapping.numel() == 0:
         return
     lib = cpu_kernels.library()
-    if lib is not None and _kernels_take(k, v, k_cache, v_cache):
-        return lib.store_kv.default(k, v, k_cache, v_cache, slot_mapping)
+    if lib is not None and _kernels_take(k, v) and _cache_takes(k, k_cache, v_cache):
+        return lib.store_kv.default(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     k_rows, v_rows = _slot_rows(k_cache), _slot_rows(v_cache)
-    if k_rows is None or (v is not None and v_rows is None) or int(slot_mapping.min()) < 0:
-        return reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    if (k_rows is None or (v is not None and v_rows is None) or int(slot_mapping.min()) < 0
+            or is_quantized(k_cache)):
+        return reference.store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     k_rows.index_copy_(0, slot_mapping, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
     if v is not None:
         v_rows.index_copy_(0, slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
 
 def rope_store_kv_cpu(q: Tensor, k: Tensor, v: Tensor, cos_sin_cache: Tensor, positions: Tensor,
-                      k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+                      k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                      k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None
+                      ) -> tuple[Tensor, Tensor]:
     # reference.rope_store_kv in one C++ pass: the same products and sum per element, so the same bits.
     lib = cpu_kernels.library()
-    if lib is not None and _kernels_take(q, k, v, cos_sin_cache, k_cache, v_cache):
+    if lib is not None and _kernels_take(q, k, v, cos_sin_cache) and _cache_takes(k, k_cache, v_cache):
         return lib.rope_store_kv.default(q, k, v, cos_sin_cache, positions, k_cache, v_cache,
-                                         slot_mapping)
-    return reference.rope_store_kv(q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping)
+                                         slot_mapping, k_scale, v_scale)
+    return reference.rope_store_kv(q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
+                                   k_scale, v_scale)
 
 
 def paged_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                        seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
-    # The ops.paged_attention contract (ops/reference.py); the C++ kernel reads the cache in place.
+                        seq_lens: Tensor, query_start_loc: Tensor, scale: float,
+                        k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> Tensor:
+    # The ops.paged_attention contract (ops/reference.py); the C++ kernel reads the cache in place
+    # (and dequantizes a quantized one as it reads it).
     lib = cpu_kernels.library()
-    if lib is not None and _kernels_take(q, k_cache, v_cache):
+    if lib is not None and _kernels_take(q) and _cache_takes(q, k_cache, v_cache):
         return lib.paged_attention.default(q, k_cache, v_cache, block_tables, seq_lens,
-                                           query_start_loc, scale)
+                                           query_start_loc, scale, k_scale, v_scale)
     return paged_attention_grouped(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                   scale)
+                                   scale, k_scale, v_scale)
 
 
 def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from tinyinfer.ops.kv_quant import select_slots
+
 
 def length_groups(lens: list[int], slack: int = 64) -> list[list[int]]:
     """Sequence indices grouped by context length, shortest first: a group's longest context is at
@@ -128,12 +130,14 @@ def step_plan(block_tables: Tensor, seq_lens: Tensor, qsl: Tensor, block_size: i
     return plan
 
 
-def attend_group(g: _Group, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float) -> Tensor:
-    """The group's output rows: decode (B, Hq, Dv), else (T_real, Hq, Dv), float32."""
+def attend_group(g: _Group, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float,
+                 k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> Tensor:
+    """The group's output rows: decode (B, Hq, Dv), else (T_real, Hq, Dv), float32. A quantized
+    cache's rows are dequantized as they are gathered (ops/kv_quant.py)."""
     Hq, D = q.shape[1], q.shape[2]
     Hkv, Dv = k_cache.shape[2], v_cache.shape[-1]
-    k = k_cache.flatten(0, 1).index_select(0, g.slots).view(g.B, g.L, Hkv, D).float()
-    v = v_cache.flatten(0, 1).index_select(0, g.slots).view(g.B, g.L, Hkv, Dv).float()
+    k = select_slots(k_cache, k_scale, g.slots).view(g.B, g.L, Hkv, D)
+    v = select_slots(v_cache, v_scale, g.slots).view(g.B, g.L, Hkv, Dv)
     if g.decode:
         # The query sits at position len - 1 and sees exactly the sequence's keys. The query heads of
         # one KV head then share keys and mask: fold them into the query axis, so K/V are not
@@ -151,18 +155,20 @@ def attend_group(g: _Group, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: 
 
 
 def paged_attention_grouped(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                            seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
+                            seq_lens: Tensor, query_start_loc: Tensor, scale: float,
+                            k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None
+                            ) -> Tensor:
     # The ops.paged_attention contract (ops/reference.py) for a whole batch: per group of similar
     # context lengths, one padded, masked SDPA over the K/V rows gathered through the block tables.
     T, Hq, _ = q.shape
     Dv = v_cache.shape[-1]
     plan = step_plan(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
     if len(plan) == 1 and plan[0].rows is None and plan[0].decode and T == plan[0].B:
-        return attend_group(plan[0], q, k_cache, v_cache, scale).to(q.dtype)   # a plain decode step
+        return attend_group(plan[0], q, k_cache, v_cache, scale, k_scale, v_scale).to(q.dtype)
     out = q.new_zeros(T, Hq, Dv)                                          # padding rows stay zero
     for g in plan:
         qg = q if g.rows is None else q[g.rows]
-        o = attend_group(g, qg, k_cache, v_cache, scale).to(q.dtype)
+        o = attend_group(g, qg, k_cache, v_cache, scale, k_scale, v_scale).to(q.dtype)
         if g.rows is not None:
             out[g.rows] = o
         elif g.decode:

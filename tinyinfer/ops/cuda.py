@@ -18,12 +18,14 @@ import torch
 
 from tinyinfer import extensions
 from tinyinfer.ops import library, limits, reference
+from tinyinfer.ops.kv_quant import is_quantized
 
 
 def _paged_attention(ext: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      *rest: Any) -> torch.Tensor:
     # The kernel for fp16/bf16, its head dims and power-of-two blocks; anything else (an fp32 model
-    # on a GPU, other head sizes) takes the reference. Callers keep query runs <= MAX_KERNEL_Q_LEN
+    # on a GPU, other head sizes) takes the reference. rest ends with a quantized cache's k_scale /
+    # v_scale (None, None for the model dtype): the kernel dequantizes as it loads its tiles. Callers keep query runs <= MAX_KERNEL_Q_LEN
     # (layers/attention.py sends longer ones to ops.paged_prefill_attention).
     dims, block = (k_cache.shape[-1], v_cache.shape[-1]), k_cache.shape[1]
     if limits.paged_attention_kernel_covers(q.dtype, *dims, block):
@@ -31,6 +33,27 @@ def _paged_attention(ext: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     _warn_reference_once(f"paged_attention: no kernel for dtype {q.dtype}, head dims {dims}, "
                          f"block size {block}")
     return reference.paged_attention(q, k_cache, v_cache, *rest)
+
+
+def _store_kv(ext: Any, k: torch.Tensor, v: Any, k_cache: torch.Tensor, v_cache: Any, slots: torch.Tensor,
+              k_scale: Any = None, v_scale: Any = None) -> None:
+    # A quantized cache (int8 / fp8, ops/kv_quant.py) takes the quantizing write (cuda/kv_quant.cu).
+    if is_quantized(k_cache):
+        return ext.store_kv_quant(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    return ext.store_kv(k, v, k_cache, v_cache, slots)
+
+
+def _rope_store_kv(ext: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor,
+                   positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slots: torch.Tensor, k_scale: Any = None, v_scale: Any = None) -> Any:
+    if not is_quantized(k_cache):
+        return ext.rope_store_kv(q, k, v, cos_sin, positions, k_cache, v_cache, slots)
+    # A quantized cache: RoPE alone (given caches of no blocks, the kernel writes no slot), then the
+    # quantizing write of the rotated k and v: two kernels, and two empty tensors (no memory).
+    none_k, none_v = q.new_empty(0, *k_cache.shape[1:]), q.new_empty(0, *v_cache.shape[1:])
+    q_out, k_out = ext.rope_store_kv(q, k, v, cos_sin, positions, none_k, none_v, slots)
+    ext.store_kv_quant(k_out, v, k_cache, v_cache, slots, k_scale, v_scale)
+    return q_out, k_out
 
 
 def _int4_linear(ext: Any, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -44,10 +67,10 @@ def _int4_linear(ext: Any, x: torch.Tensor, qweight: torch.Tensor, scales: torch
 
 # Op name in tinyinfer.ops -> how its CUDA impl calls the extension: (extension module, *op args).
 CUDA_IMPLS: dict[str, Callable[..., Any]] = {
-    "store_kv": lambda ext, *args: ext.store_kv(*args),
+    "store_kv": _store_kv,
     "rms_norm": lambda ext, *args: ext.rms_norm(*args),
     "fused_add_rmsnorm": lambda ext, *args: ext.fused_add_rmsnorm(*args),
-    "rope_store_kv": lambda ext, *args: ext.rope_store_kv(*args),
+    "rope_store_kv": _rope_store_kv,
     "silu_and_mul": lambda ext, *args: ext.silu_and_mul(*args),
     "int4_linear": _int4_linear,
     "paged_attention": _paged_attention,

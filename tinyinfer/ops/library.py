@@ -16,26 +16,30 @@ from torch import Tensor
 from tinyinfer.ops import reference
 
 
-@torch.library.custom_op("tinyinfer::store_kv", mutates_args=("k_cache", "v_cache"))
+# k_scale / v_scale: a quantized cache's scales (ops/kv_quant.py), None for a model-dtype cache; int8
+# caches' scales are written by the K/V write, so they are mutated args.
+@torch.library.custom_op("tinyinfer::store_kv", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def store_kv(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optional[Tensor],
-             slot_mapping: Tensor) -> None:
-    reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
+             slot_mapping: Tensor, k_scale: Optional[Tensor] = None,
+             v_scale: Optional[Tensor] = None) -> None:
+    reference.store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 @store_kv.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping):
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     return None  # mutates the caches in place; nothing to allocate under tracing / graph capture
 
 
 @torch.library.custom_op("tinyinfer::paged_attention", mutates_args=())
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                    seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
+                    seq_lens: Tensor, query_start_loc: Tensor, scale: float,
+                    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> Tensor:
     return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                     scale)
+                                     scale, k_scale, v_scale)
 
 
 @paged_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+def _(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, k_scale=None, v_scale=None):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 
@@ -102,13 +106,17 @@ def _(x):
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
-@torch.library.custom_op("tinyinfer::rope_store_kv", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("tinyinfer::rope_store_kv",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def rope_store_kv(q: Tensor, k: Tensor, v: Tensor, cos_sin_cache: Tensor, positions: Tensor,
-                  k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
-    return reference.rope_store_kv(q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping)
+                  k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                  k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None
+                  ) -> tuple[Tensor, Tensor]:
+    return reference.rope_store_kv(q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
+                                   k_scale, v_scale)
 
 
 @rope_store_kv.register_fake
-def _(q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping):
+def _(q, k, v, cos_sin_cache, positions, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     dtype = torch.promote_types(q.dtype, cos_sin_cache.dtype)
     return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)

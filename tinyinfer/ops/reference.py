@@ -16,28 +16,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinyinfer.ops.int4_format import dequantize_kernel_layout
+from tinyinfer.ops.kv_quant import gather_dequantized, is_quantized, store_quantized
 
 
 def store_kv(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optional[Tensor],
-             slot_mapping: Tensor) -> None:
+             slot_mapping: Tensor, k_scale: Optional[Tensor] = None,
+             v_scale: Optional[Tensor] = None) -> None:
     # k (T, Hkv, D), v (T, Hkv, Dv); caches (NB, BS, Hkv, D|Dv); slot s lives in block s // BS at
-    # offset s % BS; slot -1 = padding, skipped.
+    # offset s % BS; slot -1 = padding, skipped. A quantized cache (fp8 / int8, ops/kv_quant.py)
+    # stores the quantized rows; int8 writes each row's scale into k_scale / v_scale (NB, BS, Hkv).
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-    if v is not None:
-        v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if x is None:
+            continue
+        if is_quantized(cache):
+            store_quantized(x[keep], cache, scale, blocks, offsets)
+        else:
+            cache[blocks, offsets] = x[keep].to(cache.dtype)
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                    seq_lens: Tensor, query_start_loc: Tensor, scale: float) -> Tensor:
+                    seq_lens: Tensor, query_start_loc: Tensor, scale: float,
+                    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> Tensor:
     # q (T, Hq, D); k_cache (NB, BS, Hkv, D); v_cache (NB, BS, Hkv, Dv) -- possibly a strided view of
     # k_cache (MLA). Sequence b owns queries qsl[b]..qsl[b+1]-1 and seq_lens[b] cached tokens
     # including them; query i of b sits at position seq_lens[b] - q_len_b + i and attends causally
     # to keys 0..that. Position p lives in block block_tables[b, p // BS] at offset p % BS. Rows at or
-    # past qsl[B] are padding -> zeros. Entries past a sequence's last block are never read.
+    # past qsl[B] are padding -> zeros. Entries past a sequence's last block are never read. A
+    # quantized cache is read as q * scale (ops/kv_quant.py).
     T, Hq, _ = q.shape
     block_size, Hkv, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     group = Hq // Hkv
@@ -51,8 +60,8 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         pos = torch.arange(seq_len, device=q.device)
         blocks = block_tables[b, :(seq_len + block_size - 1) // block_size].long()
         phys_block, offset = blocks[pos // block_size], pos % block_size
-        k = k_cache[phys_block, offset].float()                       # (L, Hkv, D)
-        v = v_cache[phys_block, offset].float()                       # (L, Hkv, Dv)
+        k = gather_dequantized(k_cache, k_scale, (phys_block, offset))  # (L, Hkv, D)
+        v = gather_dequantized(v_cache, v_scale, (phys_block, offset))  # (L, Hkv, Dv)
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)          # (Hq, L, D)
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)          # (Hq, L, Dv)
         qb = q[q0:q1].float().transpose(0, 1)                         # (Hq, q_len, D)
@@ -82,7 +91,9 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, query_start_loc: list[int
 
 
 def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                            seq_lens: list[int], query_start_loc: list[int], scale: float) -> Tensor:
+                            seq_lens: list[int], query_start_loc: list[int], scale: float,
+                            k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None
+                            ) -> Tensor:
     # Long query runs over a cached prefix (a prompt after a shared prefix, a prefill chunk): the
     # paged_attention contract with host-side lengths. Per sequence, gather its K/V through the block
     # table once (whole blocks, then trim) and run SDPA with a bottom-right-aligned causal mask, which
@@ -95,8 +106,13 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         if q1 == q0:
             continue
         blocks = block_tables[b, :(seq_len + block_size - 1) // block_size].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)       # (Hkv, L, D)
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)       # (Hkv, L, Dv)
+        if is_quantized(k_cache):   # whole blocks dequantized to float32 (ops/kv_quant.py)
+            k = gather_dequantized(k_cache, k_scale, (blocks,))
+            v = gather_dequantized(v_cache, v_scale, (blocks,))
+        else:
+            k, v = k_cache[blocks], v_cache[blocks]
+        k = k.flatten(0, 1)[:seq_len].transpose(0, 1)                     # (Hkv, L, D)
+        v = v.flatten(0, 1)[:seq_len].transpose(0, 1)                     # (Hkv, L, Dv)
         n = q1 - q0
         q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]   # (n, L)
@@ -184,11 +200,13 @@ def rope_rows(cos_sin_cache: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]
 
 
 def rope_store_kv(q: Tensor, k: Tensor, v: Tensor, cos_sin_cache: Tensor, positions: Tensor,
-                  k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+                  k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                  k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None
+                  ) -> tuple[Tensor, Tensor]:
     # q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv); positions (T,) int64 index the rotary table.
     # Rotates q and k, writes rotated k and v into their cache slots (-1 = padding, skipped) and
     # returns (rotated q, rotated k): attention reads q, and fresh prefill attends over k directly.
     cos, sin = rope_rows(cos_sin_cache, positions)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k

@@ -40,6 +40,11 @@ PATHS: dict[str, dict] = {
        for g in (32, 64, 128) for a, d in (("bf16", "bfloat16"), ("float32", "float32"))},
     "gguf exact / bf16": {"llm": {"dtype": "bfloat16"}, "kinds": GGUF},      # a CPU's default
     "gguf exact / float32": {"llm": {"dtype": "float32"}, "kinds": GGUF},
+    # The quantized KV caches (docs/kv-cache.md) on the default path of each kind of checkpoint.
+    **{f"bf16 / kv {kv}": {"llm": {"dtype": "bfloat16", "kv_cache_dtype": kv}, "kinds": DENSE}
+       for kv in ("fp8", "int8")},
+    **{f"gguf exact / bf16 / kv {kv}": {"llm": {"dtype": "bfloat16", "kv_cache_dtype": kv}, "kinds": GGUF}
+       for kv in ("fp8", "int8")},
     "transformers bf16": {"engine": "hf", "llm": {"dtype": "bfloat16"}, "kinds": BOTH},
     "transformers float32": {"engine": "hf", "llm": {"dtype": "float32"}, "kinds": BOTH},
 }
