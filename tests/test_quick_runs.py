@@ -37,6 +37,8 @@ QUICK = {   # bench -> its quick-mode arguments (after --device cpu --quick: too
               "--output-len", "4", "--repeats", "1", "--max-kv-tokens", "1024"],
     "spec": ["--k-max", "1", "--new-tokens", "4", "--alphas", "0.8"],
     "store_kv": ["--runs", "1", "--cache-mib", "1"],
+    "structured": ["--models", LLAMA, "--limit", "2", "--max-tokens", "8", "--overhead-model", LLAMA,
+                   "--batches", "1", "--decode-tokens", "2", "--repeats", "1"],
     "tp": ["--ckpt", LLAMA, "--sizes", "1", "--batch", "1", "--new-tokens", "2"],
     "tpwire": [],
 }

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from tinyinfer.engine.grammar import Grammars
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.config.errors import RequestError
 from tinyinfer.loading.chat import ChatTemplateError, choose_template
@@ -39,6 +40,7 @@ from tinyinfer.serve.protocol import (APIError, ChatCompletionRequest, Completio
                                       parse)
 from tinyinfer.serve.responses import ChatFormat, Choice, CompletionFormat, Formatter, TokenTexts
 from tinyinfer.serve.streaming import stream_events, whole_response
+from tinyinfer.serve.structured import api_field, compile_structured, structured_output
 from tinyinfer.serve.templates import TemplateRenderer
 
 
@@ -56,6 +58,8 @@ class Server:
     prep: ThreadPoolExecutor        # parsing and tokenization (the tokenizers release the GIL)
     render: ThreadPoolExecutor      # waits on the template workers, so a slow template blocks no prep
     templates: TemplateRenderer
+    grammars: Optional[Grammars] = None              # the engine's compiled-grammar cache
+    grammar_pool: Optional[ThreadPoolExecutor] = None  # compiles schemas / grammars off the loop
 
     async def off_loop(self, pool: ThreadPoolExecutor, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -71,6 +75,8 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None,
                     ThreadPoolExecutor(2, thread_name_prefix="tinyinfer-prep"),
                     ThreadPoolExecutor(templates, thread_name_prefix="tinyinfer-render"),
                     TemplateRenderer(templates, limits.template_timeout_s))
+    server.grammars = engine.grammars
+    server.grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="tinyinfer-grammar-compile")
     app = FastAPI(title="tinyinfer", lifespan=lifespan)
     app.state.server = server
     app.state.engine = server.runner
@@ -100,6 +106,7 @@ async def lifespan(app: FastAPI):
         server.templates.close()
         server.prep.shutdown(wait=False, cancel_futures=True)
         server.render.shutdown(wait=False, cancel_futures=True)
+        server.grammar_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def state(request: Request) -> Server:
@@ -218,12 +225,21 @@ async def serve(request: Request, req: OpenAIRequest, prompts: list[list[int]],
                 params: list[SamplingParams], fmt: Formatter, prompt_field: str) -> Response:
     """Add every (prompt, choice) to the engine, then stream or collect their deltas."""
     runner = state(request).runner
+    so = structured_output(req.response_format, req.structured_outputs)
+    if so is not None:                          # compiled off the loop first: a bad one is a 400
+        await compile_structured(state(request), so, "structured_outputs" if req.structured_outputs
+                                 is not None else "response_format")
+        for sp in params:
+            sp.structured = so
     flat = [(p, sp) for p in prompts for sp in params]
     try:
         stream = await runner.add([p for p, _ in flat], [sp for _, sp in flat])
     except RequestError as err:                 # the field at fault, else the prompt
-        raise req.invalid(str(err).replace("SamplingParams.", ""), err.field or prompt_field,
-                          "invalid_request") from err
+        field = err.field or prompt_field
+        if field.startswith("structured"):      # as the request named it
+            field = api_field("structured_outputs" if req.structured_outputs is not None
+                              else "response_format", field)
+        raise req.invalid(str(err).replace("SamplingParams.", ""), field, "invalid_request") from err
     except Exception as err:                    # shutting down, a broken engine, or a bug
         failure = runner.failure()
         raise APIError(503 if failure else 500, f"{failure or type(err).__name__}: {err}", None,
