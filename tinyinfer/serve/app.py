@@ -40,6 +40,8 @@ from tinyinfer.serve.protocol import (APIError, ChatCompletionRequest, Completio
 from tinyinfer.serve.responses import ChatFormat, Choice, CompletionFormat, Formatter, TokenTexts
 from tinyinfer.serve.streaming import stream_events, whole_response
 from tinyinfer.serve.templates import TemplateRenderer
+from tinyinfer.serve.tool_responses import tool_params, ToolChatFormat
+from tinyinfer.toolcalls import ToolCallFormat, detect_format, get_format
 
 
 @dataclass
@@ -56,14 +58,17 @@ class Server:
     prep: ThreadPoolExecutor        # parsing and tokenization (the tokenizers release the GIL)
     render: ThreadPoolExecutor      # waits on the template workers, so a slow template blocks no prep
     templates: TemplateRenderer
+    tool_format: Optional[ToolCallFormat] = None    # how tool calls are parsed (None: not at all)
 
     async def off_loop(self, pool: ThreadPoolExecutor, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
 def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None,
-              limits: Limits = Limits(), web: bool = True) -> FastAPI:
-    """The app; its lifespan starts the engine thread and, at shutdown, stops it and the workers."""
+              limits: Limits = Limits(), web: bool = True, tool_call_parser: Optional[str] = None
+              ) -> FastAPI:
+    """The app; its lifespan starts the engine thread and, at shutdown, stops it and the workers.
+    tool_call_parser: the format of tool calls (toolcalls/formats.py; default: the chat template's)."""
     context = min(engine.config.max_context, engine.kv_tokens)
     templates = 2
     server = Server(AsyncEngine(engine), engine.tokenizer, TokenTexts(engine.tokenizer), model_name,
@@ -71,6 +76,9 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None,
                     ThreadPoolExecutor(2, thread_name_prefix="tinyinfer-prep"),
                     ThreadPoolExecutor(templates, thread_name_prefix="tinyinfer-render"),
                     TemplateRenderer(templates, limits.template_timeout_s))
+    tool_template = engine.tokenizer.chat_templates.get("tool_use", engine.tokenizer.chat_template)
+    name = tool_call_parser or detect_format(tool_template)
+    server.tool_format = None if name is None else get_format(name)
     app = FastAPI(title="tinyinfer", lifespan=lifespan)
     app.state.server = server
     app.state.engine = server.runner
@@ -211,6 +219,9 @@ async def chat(request: Request) -> Response:
                            f"of {s.context} tokens; shorten it", "messages", "context_length_exceeded")
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", s.model_name, s.token_texts, req.logprobs)
+    if req.tool_request.choice != "none":       # tool calls parsed from the reply (serve/tool_responses.py)
+        params = tool_params(req.tool_request, s.tool_format, params)
+        fmt = ToolChatFormat(fmt.id, s.model_name, s.token_texts, req.logprobs, s.tool_format)
     return await serve(request, req, [ids], params, fmt, "messages")
 
 
