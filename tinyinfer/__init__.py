@@ -5,11 +5,13 @@
 `LLM` is the offline API (generate a batch of prompts), `LLMEngine` the online one (add_request / step /
 abort). The layout of the package: docs/architecture.md.
 """
-__all__ = ["LLM", "LLMEngine", "RequestDelta", "RequestError", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "LLMEngine", "RequestDelta", "RequestError", "RequestOutput", "SamplingParams",
+           "StructuredOutput"]
 
 _PUBLIC = {"LLM": "tinyinfer.engine.llm", "LLMEngine": "tinyinfer.engine.llm_engine",
            "RequestDelta": "tinyinfer.engine.output", "RequestOutput": "tinyinfer.engine.output",
-           "RequestError": "tinyinfer.config.errors", "SamplingParams": "tinyinfer.sampling.params"}
+           "RequestError": "tinyinfer.config.errors", "SamplingParams": "tinyinfer.sampling.params",
+           "StructuredOutput": "tinyinfer.sampling.structured"}
 
 
 def __getattr__(name: str):

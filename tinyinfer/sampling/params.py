@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from tinyinfer.config.errors import InvalidParam
+from tinyinfer.sampling.structured import StructuredOutput
 
 MAX_LOGPROBS = 20    # top-N log-probabilities a request may ask for (OpenAI's API allows up to 20)
 SEED_RANGE = (-2**63, 2**63)     # seeds are 64-bit signed integers (the sampler keys on an int64)
@@ -51,6 +52,7 @@ class SamplingParams:
     min_tokens: int = 0                 # stop ids and stop strings are ignored before this many tokens
     logprobs: int | None = None         # per token: its log-probability and the top-N (None: off)
     skip_special_tokens: bool = True     # drop special tokens (BOS, <|im_end|>, ...) from the text
+    structured: StructuredOutput | None = None   # constrain the output to a schema / regex / grammar
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +112,9 @@ class SamplingParams:
                       "(how many most likely tokens to report besides the sampled one)")
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", self.skip_special_tokens, "use True or False")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise bad("structured", self.structured, "use None or a StructuredOutput(json_schema=..., "
+                      "json_object=True, regex=..., choice=[...] or grammar=...)")
 
     @property
     def greedy(self) -> bool:
