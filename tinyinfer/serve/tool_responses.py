@@ -8,6 +8,7 @@ finish_reason "length".
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from tinyinfer.sampling.params import SamplingParams
@@ -16,6 +17,7 @@ from tinyinfer.serve.protocol import APIError
 from tinyinfer.serve.responses import ChatFormat, Choice, TokenTexts, dumps
 from tinyinfer.serve.tool_protocol import ToolRequest
 from tinyinfer.toolcalls import FORMATS, StreamDelta, ToolCallFormat, ToolCallStream
+from tinyinfer.toolcalls.forcing import forced_output
 
 
 def tool_params(req: ToolRequest, fmt: Optional[ToolCallFormat], params: list[SamplingParams]
@@ -28,8 +30,8 @@ def tool_params(req: ToolRequest, fmt: Optional[ToolCallFormat], params: list[Sa
                        f"({' or '.join(FORMATS)}), or send tool_choice 'none' (the tools are shown to "
                        "the model, nothing is parsed)", "tool_choice", "no_tool_parser")
     if req.choice in ("required", "named"):
-        raise APIError(400, f"tool_choice={req.choice!r} needs constrained decoding, which this build "
-                       "lacks; use 'auto'", "tool_choice", "unsupported_parameter")
+        structured = forced_output(fmt, req.tools, req.name)
+        params = [replace(sp, structured=structured) for sp in params]
     return params
 
 

@@ -132,3 +132,26 @@ class JsonValueScanner:
                     self.done = True
                     return i + 1
         return len(text)
+
+
+def arguments_as_objects(messages: list[dict]) -> list[dict]:
+    """Messages for a chat template: an assistant turn's call arguments given as JSON text (OpenAI's
+    layout) become the objects they encode, as transformers' templates expect; others pass as they are."""
+    out = []
+    for msg in messages:
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+        if isinstance(calls, list):
+            msg = {**msg, "tool_calls": [_decoded(c) for c in calls]}
+        out.append(msg)
+    return out
+
+
+def _decoded(call):
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**fn, "arguments": args}} if isinstance(args, dict) else call

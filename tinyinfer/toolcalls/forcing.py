@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from tinyinfer.sampling.structured import StructuredOutput
 from tinyinfer.toolcalls.formats import ToolCallFormat
 
+# The call's JSON laid out as the formats' prompts show it ({"name": "f", "arguments": {...}}): no
+# free whitespace for a small model to wander in (llguidance's JSON options; other validators ignore it).
+_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # A function without `parameters` takes none (OpenAI's rule): its arguments are an empty object.
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -32,7 +36,8 @@ def call_schema(fmt: ToolCallFormat, tools: list[dict], name: Optional[str] = No
             "required": ["name", key], "additionalProperties": False})
     if not options:
         raise ValueError(f"no tool named {name!r}" if name else "no tools to call")
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": _LAYOUT}
 
 
 def call_grammar(fmt: ToolCallFormat, tools: list[dict], name: Optional[str] = None) -> Optional[str]:
@@ -43,3 +48,30 @@ def call_grammar(fmt: ToolCallFormat, tools: list[dict], name: Optional[str] = N
     schema = json.dumps(call_schema(fmt, tools, name))
     return (f"start: {json.dumps(fmt.open_tag + chr(10))} call {json.dumps(chr(10) + fmt.close_tag)}\n"
             f"call: %json {schema}\n")
+
+
+def forced_output(fmt: ToolCallFormat, tools: list[dict], name: Optional[str] = None) -> StructuredOutput:
+    """The constraint that makes the reply one call in `fmt` to `name` (else to any of `tools`)."""
+    grammar = call_grammar(fmt, tools, name)
+    if grammar is None:
+        return StructuredOutput(json_schema=call_schema(fmt, tools, name))
+    return StructuredOutput(grammar=grammar)
+
+
+def choice_of(tool_choice, tools: Optional[list[dict]]) -> tuple[str, Optional[str]]:
+    """(mode, function name) of an OpenAI tool_choice: "none", "auto", "required", or ("named", name)
+    for {"type": "function", "function": {"name": ...}}; ValueError for anything else. The default
+    is "auto" with tools, "none" without (OpenAI's)."""
+    if tool_choice is None:
+        return ("auto" if tools else "none"), None
+    if tool_choice in ("none", "auto", "required"):
+        if tool_choice != "none" and not tools:
+            raise ValueError(f"tool_choice={tool_choice!r} needs tools")
+        return tool_choice, None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) and tool_choice.get("type") == "function" else None
+    known = [t.get("function", {}).get("name") for t in tools or [] if isinstance(t, dict)]
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"tool_choice={tool_choice!r:.100} is invalid: use 'none', 'auto', 'required' "
+                         f"or {{'type': 'function', 'function': {{'name': N}}}} with N one of {known}")
+    return "named", name
