@@ -41,8 +41,10 @@ WEATHER = {"type": "function", "function": {
         "city": {"type": "string", "maxLength": 20},
         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
         "required": ["city", "unit"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now.",
-                                          "parameters": {"type": "object", "properties": {}}}}
+# Closed objects: a schema that allows any extra key lets a sampling model write one without end.
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now.", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+    "additionalProperties": False}}}
 TOOLS = [WEATHER, CLOCK]
 
 
