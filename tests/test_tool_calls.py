@@ -81,6 +81,12 @@ def test_auto_parses_nothing_from_a_reply_without_calls(server, llm):
     choice = r.json()["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": want.content}
     assert choice["finish_reason"] == want.finish_reason
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    chunks = list(client.chat.completions.create(model="demo", messages=ROUND_TRIP[:2], tools=TOOLS,
+                                                 temperature=0, max_tokens=12, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.content
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
 
 
 def bad(messages=ROUND_TRIP[:2], **fields):

@@ -60,7 +60,7 @@ class ToolCallStream:
     def feed(self, text: str) -> StreamDelta:
         self.text += text
         out = StreamDelta()
-        for _ in range(len(self.text) + 2):         # each pass consumes text or changes mode
+        for _ in range(3 * len(self.text) + 4):     # a pass consumes text, or moves to a mode that will
             if not self._step(out):
                 break
         return out
