@@ -36,7 +36,7 @@ serve: serve-deps
 	$(PYTHON) -m tinyinfer.serve --ckpt $(CKPT) --port $(PORT)
 
 test-deps: install
-	@$(PYTHON) -c "import pytest, transformers, accelerate, google.protobuf, openai, httpx, fastapi, uvicorn, prometheus_client, matplotlib" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
+	@$(PYTHON) -c "import pytest, transformers, accelerate, google.protobuf, openai, httpx, fastapi, uvicorn, prometheus_client, matplotlib, llguidance, jsonschema" 2>/dev/null || $(PYTHON) -m pip install -e ".[test]"
 
 test: test-deps
 	$(PYTHON) -m pytest -q tests

@@ -41,14 +41,17 @@ setup(
         # HTTP parser and event loop, which it picks up when installed).
         "serve": ["fastapi", "uvicorn", "httptools", "uvloop; sys_platform != 'win32'", "pydantic>=2",
                   "prometheus_client", "jinja2>=3.1.6",
+                  "llguidance>=1.0",
                   "jsonschema>=4"],     # tools' `parameters` checked against the JSON-schema metaschema
+        # SamplingParams(structured=...): the grammar engine of constrained decoding (docs/structured-output.md).
+        "structured": ["llguidance>=1.0"],
         # python -m tools.bench NAME --plot PATH.png: the bench figures (tools/bench/plot.py, headless Agg).
         "plot": ["matplotlib>=3.7"],
         # selenium drives Debian's chromium / chromedriver for the chat page's test (make test-browser).
         "test": ["pytest", "transformers>=5.0", "protobuf", "accelerate", "openai>=1.0", "httpx",
                  "fastapi", "uvicorn", "httptools", "pydantic>=2", "prometheus_client", "selenium>=4.11",
                  "matplotlib>=3.7",
-                 "jsonschema>=4"],
+                 "llguidance>=1.0", "jsonschema>=4"],
         # make mutation: mutation testing of the engine's bookkeeping (docs/mutation-testing.md).
         "mutation": ["mutmut>=3.8"],
     },

@@ -1,5 +1,5 @@
 """StructuredOutput (sampling/structured.py): exactly one constraint, each validated with an error naming
-the field; equal constraints share one key (the compiled-grammar cache's) whatever their spelling."""
+the field; equal constraints share one key (the compiled-grammar cache's) whatever their spacing."""
 from __future__ import annotations
 
 import pytest
@@ -29,10 +29,13 @@ def test_a_bad_constraint_is_refused_naming_its_field(kwargs, field):
     assert err.value.field == field
 
 
-def test_equal_constraints_share_a_key_whatever_their_spelling():
+def test_equal_constraints_share_a_key_whatever_their_spacing():
     a = StructuredOutput(json_schema={"type": "object", "required": ["a"]})
-    b = StructuredOutput(json_schema='{"required": ["a"],  "type": "object"}')
+    b = StructuredOutput(json_schema='{"type":  "object",\n "required": [ "a"]}')
     assert a == b and hash(a) == hash(b) and a.key == b.key and a.schema == {"type": "object", "required": ["a"]}
+    # key order is kept: properties are generated in the order the schema lists them
+    c = StructuredOutput(json_schema={"required": ["a"], "type": "object"})
+    assert c != a and list(c.schema) == ["required", "type"]
     assert StructuredOutput(choice=["x", "y"]) == StructuredOutput(choice=("x", "y"))
     assert StructuredOutput(choice=["x", "y"]) != StructuredOutput(choice=["y", "x"])
     assert StructuredOutput(regex="a") != StructuredOutput(grammar="a")

@@ -12,7 +12,8 @@ process the outputs into one RequestDelta per request that progressed (docs/arch
 
 Calls from several threads run one at a time (engine/locking.py). A request that fails inside the
 engine (non-finite logits) ends alone with finish_reason "error". tensor_parallel_size=N splits the
-model over N ranks (engine/tensor_parallel.py; `close()` stops them).
+model over N ranks (engine/tensor_parallel.py; `close()` stops them). `SamplingParams(structured=...)`
+constrains a request's output to a JSON schema, regex, choice or grammar (engine/grammar.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 from tinyinfer.config.errors import RequestError
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
+from tinyinfer.engine.grammar import Grammars
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.kv_cache import parse_bytes
 from tinyinfer.engine.locking import serialized_calls
@@ -104,6 +106,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []      # final deltas of aborted requests
         self._ids = itertools.count()
+        eos = list(self.config.eos_token_ids) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        self.grammars = Grammars(tokenizer, self.config.vocab_size, eos)   # llguidance loads on first use
 
     @classmethod
     def from_runner(cls, runner: ModelRunner, tokenizer: Tokenizer, **options) -> "LLMEngine":
@@ -175,6 +179,8 @@ class LLMEngine:
         validate_request(ids, params, self.config, self.blocks)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(rid, ids, params, seed, tuple(self.config.eos_token_ids))
+        if params.structured is not None:     # RequestError: it cannot compile, or a draft is on
+            seq.matcher = self.grammars.matcher(params.structured, self.speculator is not None)
         self.requests[rid] = _Request(seq, TextStream(self.tokenizer, ids, params.stop or [],
                                                       params.skip_special_tokens, stream))
         self.scheduler.add(seq)
@@ -243,10 +249,16 @@ class LLMEngine:
         seq = req.seq
         seq.advance(tokens=[tok])
         can_stop = seq.num_outputs >= seq.params.min_tokens      # min_tokens: stops ignored before
+        refused = seq.matcher.accept(tok) if seq.matcher is not None else None
+        if refused is not None:                     # never under the grammar's mask; ends this request
+            self._finish(req, "error", refused)
+            return True
         if can_stop and tok in seq.stop_ids:        # eos / stop ids end the text, unrendered
             reason = "stop"
         elif req.text.push(tok, check_stops=can_stop):
             reason = "stop"                         # a stop string: the text was cut before it
+        elif seq.matcher is not None and seq.matcher.done:
+            reason = "stop"                         # the grammar is complete: nothing may follow
         else:
             reason = "length" if seq.num_outputs >= seq.params.max_tokens else None
         if reason is None:
@@ -258,6 +270,7 @@ class LLMEngine:
 
     def _finish(self, req: _Request, reason: str, error: Optional[Exception] = None) -> None:
         self.scheduler.finish(req.seq, reason, error)
+        req.seq.matcher = None
         if self.speculator is not None:
             self.speculator.forget(req.seq)
 

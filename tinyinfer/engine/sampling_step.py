@@ -3,7 +3,9 @@ the model runner, then draw one token for every sequence whose step reached the 
 prefill chunk short of the end draws nothing). Temperature-only requests are drawn inside the step (in
 the decode CUDA graph on a GPU, `ModelRunner.execute_sampled`); the others through the full sampler on
 the host, with their logprobs when asked. Both key the noise by (seed, output position), so a request
-gets the same tokens either way (sampling/sampler.py). `StepOutput` is what a step hands the engine per
+gets the same tokens either way (sampling/sampler.py). A structured request (engine/grammar.py) is
+drawn on the host: its grammar's mask, computed while the forward runs, sets the logits of the tokens
+it forbids to -inf before every other sampler step. `StepOutput` is what a step hands the engine per
 sequence, here and in speculative decoding (engine/speculative.py).
 """
 from __future__ import annotations
@@ -38,8 +40,12 @@ def run_step(runner: ModelRunner, seqs: list[Sequence], num_new: list[int]) -> l
     request asks)."""
     batch = build_batch(seqs, num_new, runner.block_size)
     ends = [s.num_cached + n == len(s) for s, n in zip(seqs, num_new)]
-    if any(ends) and all(in_step_sampling(s.params) for s, e in zip(seqs, ends) if e):
+    if any(ends) and all(in_step_sampling(s.params) and s.matcher is None
+                         for s, e in zip(seqs, ends) if e):
         return _sample_in_step(runner, seqs, num_new, ends, batch)
+    constrained = [b for b, (s, e) in enumerate(zip(seqs, ends)) if e and s.matcher is not None]
+    masks = (seqs[constrained[0]].matcher.owner.start_masks([seqs[b].matcher for b in constrained])
+             if constrained else None)                                            # during the forward
     logits = runner.execute(batch)                                                # (B, vocab)
     for s, n in zip(seqs, num_new):
         s.advance(n)
@@ -50,6 +56,9 @@ def run_step(runner: ModelRunner, seqs: list[Sequence], num_new: list[int]) -> l
     done = [seqs[b] for b in rows]
     logits = logits if len(rows) == len(seqs) else logits[rows]                    # (R, vocab)
     finite = finite_rows(logits).tolist()
+    if masks is not None:                       # before every other sampler step (and the logprobs)
+        logits = logits.clone() if len(rows) == len(seqs) else logits   # never a graph's own buffer
+        masks.apply(logits, [rows.index(b) for b in constrained])
     params, hist = [s.params for s in done], [s.token_ids for s in done]
     tokens = sample(logits, params, hist, [s.seed for s in done],
                     [s.num_outputs for s in done]).tolist()

@@ -39,6 +39,9 @@ class Sequence:
         self.finish_reason: Optional[str] = None   # "stop" | "length" | "error" | "abort"
         self.error: Optional[Exception] = None
         self.num_preemptions = 0
+        # Structured output (engine/grammar.py): the grammar matcher over the output tokens so far. It
+        # lives as long as the sequence, so a preempted sequence keeps it across recompute.
+        self.matcher = None
 
     def advance(self, computed: int = 0, tokens: Iterable[int] = ()) -> None:
         """The one way a sequence moves forward: a step computed the K/V of `computed` more of its

@@ -74,7 +74,8 @@ class StructuredOutput:
 
     @property
     def key(self) -> tuple[str, str]:
-        """(kind, canonical text): equal for equal constraints (a schema's key order does not matter)."""
+        """(kind, canonical text): equal for equal constraints (a schema's spacing does not matter; its
+        key order does: properties are generated in the order the schema lists them)."""
         kind = self.kind
         if kind == "json_object":
             return kind, ""
@@ -90,8 +91,9 @@ class StructuredOutput:
 
 
 def _schema_text(schema: Any) -> str:
-    # Kept as canonical JSON text (sorted keys, no spaces): the dataclass stays immutable and hashable,
-    # and two spellings of one schema share a compiled grammar.
+    # Kept as canonical JSON text (no spaces; key order kept, since properties are generated in the
+    # schema's order): the dataclass stays immutable and hashable, and two spacings of one schema
+    # share a compiled grammar.
     if isinstance(schema, str):
         if len(schema) > MAX_SPEC_CHARS:
             raise _bad("json_schema", schema, f"at most {MAX_SPEC_CHARS} characters")
@@ -105,7 +107,7 @@ def _schema_text(schema: Any) -> str:
         raise _bad("json_schema", schema, "use a JSON schema: a dict (or its JSON text) such as "
                    "{'type': 'object', 'properties': {...}}")
     try:
-        text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        text = json.dumps(schema, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise _bad("json_schema", schema, f"not JSON-serialisable ({err})") from None
     if len(text) > MAX_SPEC_CHARS:
