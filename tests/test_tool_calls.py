@@ -109,6 +109,10 @@ def bad(messages=ROUND_TRIP[:2], **fields):
      "tool_choice.function.name", "not in tools"),
     (bad(tools=TOOLS, tool_choice="sometimes"), "tool_choice", "'required'"),
     (bad(tool_choice="required"), "tool_choice", "needs tools"),
+    (bad(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}), "tool_choice",
+     "cannot also follow"),
+    (bad(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "string", "pattern": "(?=x)y"}}}}}], tool_choice="required"), "tools", "does not compile"),
     (bad(tools=TOOLS, tool_choice={"type": "function"}), "tool_choice.function", "required"),
     (bad(ROUND_TRIP[:3] + [{"role": "tool", "content": "x"}], tools=TOOLS), "messages.3.tool_call_id",
      "tool_call_id"),

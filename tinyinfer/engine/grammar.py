@@ -36,8 +36,7 @@ _POOL: Optional[ThreadPoolExecutor] = None       # one thread for the whole proc
 
 def _llguidance():
     try:
-        import llguidance
-        import llguidance.torch  # noqa: F401  (the bitmask helpers)
+        import llguidance      # not llguidance.torch: importing it sets up torch.compile (seconds)
     except ImportError:
         raise RequestError(f"structured output needs the llguidance package, which is not installed: "
                            f"{PIP_HINT}", "structured") from None
@@ -163,8 +162,9 @@ class Grammars:
         bitmask = torch.full((len(matchers), (self.n_vocab + 31) // 32), -1, dtype=torch.int32)
         pairs = [(m.ll, i) for i, m in enumerate(matchers)]
 
-        def fill() -> torch.Tensor:
-            ll.torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
+        def fill() -> torch.Tensor:       # llguidance's threads write the rows, the GIL released
+            self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4,
+                                                   bitmask.shape[0])
             return bitmask
         if self.overlap:
             return MaskJob(_POOL.submit(fill), matchers)

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from tinyinfer.engine.grammar import Grammars
 from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.config.errors import RequestError
 from tinyinfer.loading.chat import ChatTemplateError, choose_template
@@ -39,6 +40,7 @@ from tinyinfer.serve.protocol import (APIError, ChatCompletionRequest, Completio
                                       parse)
 from tinyinfer.serve.responses import ChatFormat, Choice, CompletionFormat, Formatter, TokenTexts
 from tinyinfer.serve.streaming import stream_events, whole_response
+from tinyinfer.serve.structured import api_field, compile_structured, structured_output
 from tinyinfer.serve.templates import TemplateRenderer
 from tinyinfer.serve.tool_responses import tool_params, ToolChatFormat
 from tinyinfer.toolcalls import ToolCallFormat, detect_format, get_format
@@ -59,6 +61,8 @@ class Server:
     render: ThreadPoolExecutor      # waits on the template workers, so a slow template blocks no prep
     templates: TemplateRenderer
     tool_format: Optional[ToolCallFormat] = None    # how tool calls are parsed (None: not at all)
+    grammars: Optional[Grammars] = None              # the engine's compiled-grammar cache
+    grammar_pool: Optional[ThreadPoolExecutor] = None  # compiles schemas / grammars off the loop
 
     async def off_loop(self, pool: ThreadPoolExecutor, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -79,6 +83,8 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None,
     tool_template = engine.tokenizer.chat_templates.get("tool_use", engine.tokenizer.chat_template)
     name = tool_call_parser or detect_format(tool_template)
     server.tool_format = None if name is None else get_format(name)
+    server.grammars = engine.grammars
+    server.grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="tinyinfer-grammar-compile")
     app = FastAPI(title="tinyinfer", lifespan=lifespan)
     app.state.server = server
     app.state.engine = server.runner
@@ -108,6 +114,7 @@ async def lifespan(app: FastAPI):
         server.templates.close()
         server.prep.shutdown(wait=False, cancel_futures=True)
         server.render.shutdown(wait=False, cancel_futures=True)
+        server.grammar_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def state(request: Request) -> Server:
@@ -220,7 +227,7 @@ async def chat(request: Request) -> Response:
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", s.model_name, s.token_texts, req.logprobs)
     if req.tool_request.choice != "none":       # tool calls parsed from the reply (serve/tool_responses.py)
-        params = tool_params(req.tool_request, s.tool_format, params)
+        params = await tool_params(s, req, params)
         fmt = ToolChatFormat(fmt.id, s.model_name, s.token_texts, req.logprobs, s.tool_format)
     return await serve(request, req, [ids], params, fmt, "messages")
 
@@ -229,12 +236,21 @@ async def serve(request: Request, req: OpenAIRequest, prompts: list[list[int]],
                 params: list[SamplingParams], fmt: Formatter, prompt_field: str) -> Response:
     """Add every (prompt, choice) to the engine, then stream or collect their deltas."""
     runner = state(request).runner
+    so = structured_output(req.response_format, req.structured_outputs)
+    if so is not None:                          # compiled off the loop first: a bad one is a 400
+        await compile_structured(state(request), so, "structured_outputs" if req.structured_outputs
+                                 is not None else "response_format")
+        for sp in params:
+            sp.structured = so
     flat = [(p, sp) for p in prompts for sp in params]
     try:
         stream = await runner.add([p for p, _ in flat], [sp for _, sp in flat])
     except RequestError as err:                 # the field at fault, else the prompt
-        raise req.invalid(str(err).replace("SamplingParams.", ""), err.field or prompt_field,
-                          "invalid_request") from err
+        field = err.field or prompt_field
+        if field.startswith("structured"):      # as the request named it
+            field = api_field("structured_outputs" if req.structured_outputs is not None
+                              else "response_format", field)
+        raise req.invalid(str(err).replace("SamplingParams.", ""), field, "invalid_request") from err
     except Exception as err:                    # shutting down, a broken engine, or a bug
         failure = runner.failure()
         raise APIError(503 if failure else 500, f"{failure or type(err).__name__}: {err}", None,

@@ -3,11 +3,12 @@ validated with pydantic in strict mode: a wrong type is refused, never coerced (
 
 Fields are in three groups. Supported: the sampling fields, `n`, `stream` (+ `stream_options`),
 `logprobs`, and vLLM's extras `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
-`stop_token_ids` (benchmarks need fixed output lengths). Accepted and ignored because they cannot change
+`stop_token_ids` (benchmarks need fixed output lengths), and structured output: `response_format` and
+vLLM's `structured_outputs` (serve/structured.py). Accepted and ignored because they cannot change
 the output: `user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`. Accepted only at their
 no-op value (else refused by name): `presence_penalty`, `frequency_penalty`, `logit_bias`, `echo`,
-`suffix`, `best_of`, `response_format`. Anything else is refused by name. Chat's `tools`,
-`tool_choice` and the messages that carry tool calls are checked by serve/tool_protocol.py.
+`suffix`, `best_of`. Anything else is refused by name. Chat's `tools`, `tool_choice` and the messages
+that carry tool calls are checked by serve/tool_protocol.py.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class OpenAIRequest(_Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
+    response_format: Optional[dict[str, Any]] = None        # serve/structured.py
+    structured_outputs: Optional[dict[str, Any]] = None     # vLLM's: json / regex / choice / grammar
     # ignored: no effect on what is generated
     user: Optional[str] = None
     metadata: Optional[dict[str, Any]] = None
@@ -177,7 +180,6 @@ class ChatCompletionRequest(OpenAIRequest):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     parallel_tool_calls: Optional[bool] = None      # ignored
     tool_choice: Union[str, dict[str, Any], None] = None
-    response_format: Optional[dict[str, Any]] = None
     _tools: Optional[ToolRequest] = PrivateAttr(None)
 
     @property
@@ -203,8 +205,6 @@ class ChatCompletionRequest(OpenAIRequest):
             self._tools = check_tools(self.tools, self.tool_choice)
         except ToolFieldError as err:
             raise APIError(400, str(err), err.field, "invalid_value") from err
-        if self.response_format not in (None, {"type": "text"}):
-            raise unsupported("response_format", self.response_format, "only {'type': 'text'}")
         if not self.messages:
             raise APIError(400, "messages is empty: give at least one message", "messages",
                            "invalid_value")

@@ -9,30 +9,41 @@ finish_reason "length".
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 from tinyinfer.sampling.params import SamplingParams
 from tinyinfer.sampling.processors import Logprobs
 from tinyinfer.serve.protocol import APIError
 from tinyinfer.serve.responses import ChatFormat, Choice, TokenTexts, dumps
-from tinyinfer.serve.tool_protocol import ToolRequest
+from tinyinfer.serve.structured import compile_structured, structured_output
 from tinyinfer.toolcalls import FORMATS, StreamDelta, ToolCallFormat, ToolCallStream
 from tinyinfer.toolcalls.forcing import forced_output
 
 
-def tool_params(req: ToolRequest, fmt: Optional[ToolCallFormat], params: list[SamplingParams]
-                ) -> list[SamplingParams]:
-    """The sampling parameters of a request that may call tools: for "required" or a named function,
-    constrained to one valid call (toolcalls/forcing.py). A 400 when calls cannot be parsed."""
+async def tool_params(server, req, params: list[SamplingParams]) -> list[SamplingParams]:
+    """The sampling parameters of a chat request that may call tools (`server`: serve/app.py's Server,
+    `req` its ChatCompletionRequest): for "required" or a named function, constrained to one valid
+    call (toolcalls/forcing.py), compiled off the loop first. A 400 when calls cannot be parsed, when
+    response_format / structured_outputs would constrain the same reply, or when the call's grammar
+    does not compile (a tool's parameters that llguidance cannot take)."""
+    asked, fmt = req.tool_request, server.tool_format
     if fmt is None:
-        raise APIError(400, f"tool_choice={req.choice!r}: this model's chat template names no tool-call "
+        raise APIError(400, f"tool_choice={asked.choice!r}: this model's chat template names no tool-call "
                        f"format, so calls cannot be parsed; start the server with --tool-call-parser "
                        f"({' or '.join(FORMATS)}), or send tool_choice 'none' (the tools are shown to "
                        "the model, nothing is parsed)", "tool_choice", "no_tool_parser")
-    if req.choice in ("required", "named"):
-        structured = forced_output(fmt, req.tools, req.name)
-        params = [replace(sp, structured=structured) for sp in params]
-    return params
+    if asked.choice not in ("required", "named"):
+        return params
+    if structured_output(req.response_format, req.structured_outputs) is not None:
+        raise APIError(400, f"tool_choice={req.tool_choice!r} constrains the reply to a call; it cannot "
+                       "also follow response_format / structured_outputs: send one of them",
+                       "tool_choice", "invalid_value")
+    forced = forced_output(fmt, asked.tools, asked.name)
+    try:
+        await compile_structured(server, forced, "structured_outputs")
+    except APIError as err:
+        raise APIError(400, f"tools: the call's grammar does not compile: {err.message}", "tools",
+                       "invalid_value") from None
+    return [replace(sp, structured=forced) for sp in params]
 
 
 def _finish_reason(reason, called: bool):
