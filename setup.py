@@ -41,7 +41,8 @@ setup(
         # HTTP parser and event loop, which it picks up when installed).
         "serve": ["fastapi", "uvicorn", "httptools", "uvloop; sys_platform != 'win32'", "pydantic>=2",
                   "prometheus_client", "jinja2>=3.1.6",
-                  "llguidance>=1.0"],
+                  "llguidance>=1.0",
+                  "jsonschema>=4"],     # tools' `parameters` checked against the JSON-schema metaschema
         # SamplingParams(structured=...): the grammar engine of constrained decoding (docs/structured-output.md).
         "structured": ["llguidance>=1.0"],
         # python -m tools.bench NAME --plot PATH.png: the bench figures (tools/bench/plot.py, headless Agg).

@@ -12,6 +12,7 @@ hold the engine's lock for the whole call (engine/locking.py), so concurrent cal
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional, Sequence as Seq, Union
 
 import torch
@@ -21,8 +22,11 @@ from tinyinfer.engine.llm_engine import LLMEngine
 from tinyinfer.engine.locking import engine_lock
 from tinyinfer.engine.output import RequestDelta, RequestOutput
 from tinyinfer.engine.request import Prompt, is_single_prompt, prompt_ids
-from tinyinfer.loading.chat import apply_chat_template
+from tinyinfer.loading.chat import apply_chat_template, choose_template
 from tinyinfer.sampling.params import SamplingParams
+from tinyinfer.toolcalls import detect_format, get_format
+from tinyinfer.toolcalls.calls import arguments_as_objects
+from tinyinfer.toolcalls.forcing import choice_of, forced_output
 
 
 class LLM:
@@ -120,16 +124,43 @@ class LLM:
 
     def chat(self, conversations: Union[list[dict], Seq[list[dict]]],
              params: Union[SamplingParams, Seq[SamplingParams], None] = None,
-             on_token: Optional[Callable[[RequestDelta], None]] = None, **template_args
-             ) -> list[RequestOutput]:
+             on_token: Optional[Callable[[RequestDelta], None]] = None, tools: Optional[list[dict]] = None,
+             tool_choice: Union[str, dict, None] = None, tool_call_parser: Optional[str] = None,
+             **template_args) -> list[RequestOutput]:
         """Reply to one conversation (a list of {"role", "content"} messages) or several: each is
-        rendered with the checkpoint's chat template (loading/chat.py; `template_args`: tools,
-        documents, template, extra template variables), then generated like `generate`. Raises
-        ChatTemplateError when the model has no template or the template refuses a conversation."""
+        rendered with the checkpoint's chat template (loading/chat.py; `template_args`: documents,
+        template, extra template variables), then generated like `generate`. Raises
+        ChatTemplateError when the model has no template or the template refuses a conversation.
+
+        Tools (OpenAI tool dicts) are shown to the model through the template; unless tool_choice is
+        "none", each output's `tool_calls` and `content` are parsed from its text in the format the
+        template asks for (or `tool_call_parser`: "hermes", "llama3_json"; toolcalls/). tool_choice
+        "required" or {"type": "function", "function": {"name": N}} constrains each reply to one
+        valid call (toolcalls/forcing.py)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [apply_chat_template(self.tokenizer, c, **template_args) for c in conversations]
-        return self.generate(prompts, params, on_token)
+        mode, name = choice_of(tool_choice, tools)
+        fmt = None
+        if mode != "none":
+            template = choose_template(self.tokenizer, template_args.get("template"), tools)
+            fmt_name = tool_call_parser or detect_format(template)
+            if fmt_name is None:
+                raise ValueError("the chat template names no tool-call format, so calls cannot be "
+                                 "parsed: pass tool_call_parser='hermes' or 'llama3_json' (or "
+                                 "tool_choice='none')")
+            fmt = get_format(fmt_name)
+            if mode != "auto":
+                forced = forced_output(fmt, tools, name)
+                params = SamplingParams() if params is None else params
+                params = ([replace(p, structured=forced) for p in params] if isinstance(params, (list, tuple))
+                          else replace(params, structured=forced))
+        prompts = [apply_chat_template(self.tokenizer, arguments_as_objects(c), tools=tools, **template_args)
+                   for c in conversations]
+        outputs = self.generate(prompts, params, on_token)
+        for out in outputs if fmt is not None else ():
+            parsed = fmt.parse(out.text)
+            out.tool_calls, out.content = parsed.calls, parsed.content
+        return outputs
 
     def close(self) -> None:
         """Release the engine (its KV cache and CUDA graphs go with it, and its tensor-parallel
@@ -153,3 +184,4 @@ def _given_ids(prompt: Prompt) -> list[int]:
         return prompt_ids(prompt, None)
     except RequestError:
         return []
+

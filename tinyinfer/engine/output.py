@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.sampling.processors import Logprobs
+from tinyinfer.toolcalls.calls import ToolCall
 
 # Tokens of context kept before the unread ones: enough that a piece's leading space is decoded as
 # "inside the text" rather than "at its start".
@@ -218,3 +219,6 @@ class RequestOutput:
     finish_reason: Optional[str] = None  # "stop" | "length" | "error" | "abort"
     error: Optional[Exception] = None
     logprobs: Optional[list[Logprobs]] = None      # one per token when params.logprobs is set
+    # LLM.chat with tools: the calls parsed from `text` (toolcalls/), and the text outside them.
+    tool_calls: Optional[list[ToolCall]] = None
+    content: Optional[str] = None

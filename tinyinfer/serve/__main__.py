@@ -19,6 +19,7 @@ import sys
 from tinyinfer.cli import add_engine_arguments, apply_threads, engine_options
 from tinyinfer.config.errors import CheckpointError, ConfigError
 from tinyinfer.config.help import HelpFormatter
+from tinyinfer.toolcalls.formats import FORMATS
 
 
 def served_name(ckpt: str) -> str:
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompts x n one request may queue (default 256)")
     p.add_argument("--template-timeout", type=float, default=None,
                    help="seconds a chat template may take to render (default 5; then a 400)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(FORMATS),
+                   help="how tool calls are read from replies (hermes: <tool_call> tags, Qwen / Hermes; "
+                        "llama3_json: Llama 3.x JSON); default: the format the chat template asks for, "
+                        "if it names one (docs/tool-calls.md)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (info logs every request)")
     add_engine_arguments(p)
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             sock.close()
         return 2
     name = args.served_model_name or served_name(args.ckpt)
-    app = build_app(engine, name, args.api_key, limits, web=not args.no_web)
+    app = build_app(engine, name, args.api_key, limits, web=not args.no_web,
+                    tool_call_parser=args.tool_call_parser)
     config = uvicorn.Config(app, host=args.host, port=sock.getsockname()[1], log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
 

@@ -42,6 +42,8 @@ from tinyinfer.serve.responses import ChatFormat, Choice, CompletionFormat, Form
 from tinyinfer.serve.streaming import stream_events, whole_response
 from tinyinfer.serve.structured import api_field, compile_structured, structured_output
 from tinyinfer.serve.templates import TemplateRenderer
+from tinyinfer.serve.tool_responses import tool_params, ToolChatFormat
+from tinyinfer.toolcalls import ToolCallFormat, detect_format, get_format
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Server:
     prep: ThreadPoolExecutor        # parsing and tokenization (the tokenizers release the GIL)
     render: ThreadPoolExecutor      # waits on the template workers, so a slow template blocks no prep
     templates: TemplateRenderer
+    tool_format: Optional[ToolCallFormat] = None    # how tool calls are parsed (None: not at all)
     grammars: Optional[Grammars] = None              # the engine's compiled-grammar cache
     grammar_pool: Optional[ThreadPoolExecutor] = None  # compiles schemas / grammars off the loop
 
@@ -66,8 +69,10 @@ class Server:
 
 
 def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None,
-              limits: Limits = Limits(), web: bool = True) -> FastAPI:
-    """The app; its lifespan starts the engine thread and, at shutdown, stops it and the workers."""
+              limits: Limits = Limits(), web: bool = True, tool_call_parser: Optional[str] = None
+              ) -> FastAPI:
+    """The app; its lifespan starts the engine thread and, at shutdown, stops it and the workers.
+    tool_call_parser: the format of tool calls (toolcalls/formats.py; default: the chat template's)."""
     context = min(engine.config.max_context, engine.kv_tokens)
     templates = 2
     server = Server(AsyncEngine(engine), engine.tokenizer, TokenTexts(engine.tokenizer), model_name,
@@ -75,6 +80,9 @@ def build_app(engine: LLMEngine, model_name: str, api_key: Optional[str] = None,
                     ThreadPoolExecutor(2, thread_name_prefix="tinyinfer-prep"),
                     ThreadPoolExecutor(templates, thread_name_prefix="tinyinfer-render"),
                     TemplateRenderer(templates, limits.template_timeout_s))
+    tool_template = engine.tokenizer.chat_templates.get("tool_use", engine.tokenizer.chat_template)
+    name = tool_call_parser or detect_format(tool_template)
+    server.tool_format = None if name is None else get_format(name)
     server.grammars = engine.grammars
     server.grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="tinyinfer-grammar-compile")
     app = FastAPI(title="tinyinfer", lifespan=lifespan)
@@ -218,6 +226,9 @@ async def chat(request: Request) -> Response:
                            f"of {s.context} tokens; shorten it", "messages", "context_length_exceeded")
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", s.model_name, s.token_texts, req.logprobs)
+    if req.tool_request.choice != "none":       # tool calls parsed from the reply (serve/tool_responses.py)
+        params = await tool_params(s, req, params)
+        fmt = ToolChatFormat(fmt.id, s.model_name, s.token_texts, req.logprobs, s.tool_format)
     return await serve(request, req, [ids], params, fmt, "messages")
 
 

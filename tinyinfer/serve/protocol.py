@@ -7,17 +7,19 @@ Fields are in three groups. Supported: the sampling fields, `n`, `stream` (+ `st
 vLLM's `structured_outputs` (serve/structured.py). Accepted and ignored because they cannot change
 the output: `user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`. Accepted only at their
 no-op value (else refused by name): `presence_penalty`, `frequency_penalty`, `logit_bias`, `echo`,
-`suffix`, `best_of`, `tool_choice`. Anything else is refused by name.
+`suffix`, `best_of`. Anything else is refused by name. Chat's `tools`, `tool_choice` and the messages
+that carry tool calls are checked by serve/tool_protocol.py.
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from tinyinfer.config.errors import InvalidParam
 
 from tinyinfer.sampling.params import SEED_RANGE, SamplingParams
+from tinyinfer.serve.tool_protocol import ToolFieldError, ToolRequest, check_tools, template_message
 
 MAX_N = 64
 MAX_STOP_STRINGS = 16       # OpenAI allows 4; each costs the engine thread a KMP step per new character
@@ -162,7 +164,10 @@ class ChatMessage(BaseModel):
                 raise APIError(400, f"messages[{i}].content has a part of type {bad!r}; tinyinfer "
                                "takes text parts only", f"messages.{i}.content", "unsupported_content")
             msg["content"] = "\n".join(p.text for p in self.content)
-        return msg
+        try:
+            return template_message(msg, i)
+        except ToolFieldError as err:
+            raise APIError(400, str(err), err.field, "invalid_value") from err
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -175,6 +180,12 @@ class ChatCompletionRequest(OpenAIRequest):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     parallel_tool_calls: Optional[bool] = None      # ignored
     tool_choice: Union[str, dict[str, Any], None] = None
+    _tools: Optional[ToolRequest] = PrivateAttr(None)
+
+    @property
+    def tool_request(self) -> ToolRequest:
+        """tools and tool_choice as check_noops found them."""
+        return self._tools
 
     def invalid(self, message: str, field: Optional[str], code: str) -> APIError:
         # The chat API's names: max_completion_tokens (when sent) and top_logprobs.
@@ -190,9 +201,10 @@ class ChatCompletionRequest(OpenAIRequest):
 
     def check_noops(self) -> None:
         super().check_noops()
-        if self.tool_choice not in (None, "none", "auto"):
-            raise unsupported("tool_choice", self.tool_choice, "tool calls are not parsed from the "
-                              "output; tools are only rendered into the prompt")
+        try:
+            self._tools = check_tools(self.tools, self.tool_choice)
+        except ToolFieldError as err:
+            raise APIError(400, str(err), err.field, "invalid_value") from err
         if not self.messages:
             raise APIError(400, "messages is empty: give at least one message", "messages",
                            "invalid_value")
