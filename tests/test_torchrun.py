@@ -1,6 +1,7 @@
 """Tensor parallelism launched by torchrun (engine/torchrun.py), CPU / gloo on the loopback, against the
 same model in one process: greedy tokens and logits of an `LLM` built in a torchrun script (Llama, MLA,
-INT4), `python -m tinyinfer.generate` under `torchrun --standalone`, and two "nodes" (two torchruns,
+INT4), `python -m tinyinfer.generate` and `serve` (MLA) under `torchrun --standalone` (whose ranks stop when
+torchrun's agent is killed), and two "nodes" (two torchruns,
 --nnodes 2, a rendezvous on 127.0.0.1) serving through the OpenAI API, read with the `openai` client.
 Then kill -9 of rank 1 mid-generation: the stream ends, /health turns 503 naming the rank, its host and
 pid within the documented bound, and no process of either node is left. The step's wire format
@@ -177,3 +178,26 @@ def test_two_nodes_serve_the_openai_api_and_a_killed_rank_stops_them_cleanly(tmp
     finally:
         for node in nodes:
             node.kill()
+
+
+def test_serve_under_torchrun_standalone_and_a_killed_agent_leaves_no_rank(tmp_path):
+    openai = pytest.importorskip("openai")
+    args = ["-m", "tinyinfer.serve", "--ckpt", MLA, "--device", "cpu", "--port", "0",
+            "--tensor-parallel-size", "2", "--max-kv-tokens", "1024"]
+    node = Node(_standalone(args), str(tmp_path / "log"))
+    try:
+        text = wait_for(node, "tinyinfer: serving", LAUNCH_S)
+        url = text.split("tinyinfer: serving", 1)[1].split(" at ", 1)[1].split()[0]
+        client = openai.OpenAI(base_url=url, api_key="none", timeout=60, max_retries=0)
+        got = client.completions.create(model="shakespeare-mla", prompt=PROMPTS[1], max_tokens=16,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        one = LLM(MLA, device="cpu", max_kv_tokens=256)
+        assert got.choices[0].text == one.generate([PROMPTS[1]], GREEDY)[0].text
+        ranks = node.workers()
+        assert len(ranks) >= 2, node.pids
+        client.close()                 # no open connection for the server's graceful shutdown to wait on
+        node.proc.kill()                                   # the agent dies without a word
+        node.proc.wait(10)
+        assert not node.wait_gone(45), f"ranks outlived their agent:\n{node.text()}"
+    finally:
+        node.kill()

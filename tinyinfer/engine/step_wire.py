@@ -8,7 +8,7 @@ Layout (int64 words):
     input_ids (T) positions (T) slot_mapping (T) seq_lens (B) query_start_loc (B + 1)
     table lengths (B) block tables, back to back
     with sampling: temperatures (B, float64 bits) seeds (B) output positions (B)
-The first broadcast is a fixed `FIRST` words (a decode step of a few hundred sequences fits); a
+The first broadcast is a fixed `FIRST` words (a decode step of 100-200 sequences fits); a
 longer command (a prefill chunk) follows in a second broadcast of the rest. So a decode step costs one
 collective. The first broadcast waits `IDLE_TIMEOUT_S` (a worker waits there between requests), the
 second the group's collective timeout.

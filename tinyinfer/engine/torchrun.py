@@ -10,12 +10,13 @@ in the store every `BEAT_S`; rank 0 declares a rank lost, naming its host and pi
 not moved for `LOST_S` (/health turns 503), and a step that fails (gloo reports a closed connection at
 once) waits up to that long to name the rank. A worker leaves when rank 0's counter stops or the store
 is gone, so no worker outlives rank 0; torchrun's agent stops the rest of a node's processes when one
-of them fails.
+of them fails, and a rank whose agent is gone (SIGKILL: no clean-up ran) stops too.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import sys
 import threading
@@ -103,7 +104,15 @@ class Beats:
         threading.Thread(target=self._run, name="tinyinfer-tp-beats", daemon=True).start()
 
     def _run(self) -> None:
+        agent = os.getppid()                   # torchrun's agent: this process must not outlive it
         while not self.stopped.wait(BEAT_S):
+            if os.getppid() != agent:
+                print(f"tinyinfer: tensor-parallel rank {self.rank} stops: torchrun's agent (pid "
+                      f"{agent}) is gone", file=sys.stderr, flush=True)
+                if self.rank != 0:
+                    os._exit(3)
+                os.kill(os.getpid(), signal.SIGTERM)     # rank 0: the server's (or default) shutdown
+                return
             try:
                 with self.lock:
                     self.store.add(f"beat/{self.rank}", 1)
