@@ -134,7 +134,7 @@ class SuffixStore:
         self.sam = SuffixAutomaton()
 
     def add(self, tokens: list[int]) -> None:
-        tokens = list(tokens[-self.capacity // 2:]) if self.capacity > 1 else []
+        tokens = list(tokens[-(self.capacity // 2):]) if self.capacity > 1 else []   # at most half
         if not tokens:
             return
         if self.tokens + len(tokens) > self.capacity:
