@@ -25,6 +25,7 @@ QUICK = {   # bench -> its quick-mode arguments (after --device cpu --quick: too
     "hf": ["--ckpt", LLAMA, "--new-tokens", "2"],
     "hostile": ["--repeats", "1", "--seconds", "1"],
     "int4": ["--runs", "1"],
+    "kvcache": ["--kv-memory", "4MiB"],               # --quick: the demo model, 128 tokens
     "llamacpp": ["--rounds", "1", "--new-tokens", "2", "--prompt-tokens", "8", "--threads", "1"],
     "load": ["--ckpt", LLAMA, "--repeats", "1"],
     "mla": ["--ckpt", MLA, "--batch", "1"],            # the default context: the model's less one
