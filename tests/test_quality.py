@@ -95,3 +95,17 @@ def test_bf16_path_loses_no_more_than_transformers_bf16():
     assert llama["bf16"]["kl"] < llama["transformers bf16"]["kl"]
     mla = {r["path"]: r for r in measure("models/shakespeare-mla", ["bf16"], 64, 64, [])}
     assert mla["bf16"]["kl"] < 3.5e-5
+
+
+def test_default_int4_path_answers_the_france_prompt():
+    """SmolLM2-135M-Instruct Q4_1 on a CPU's default path (INT4, bf16 activations), greedy: float32
+    prefers "The" over "L" by 0.08 logits; on main the bf16 INT4 matmul's rounded scales tipped it to
+    "L'Étoile, la Marseillaise, ..." (docs/quality.md)."""
+    from gguf_util import smollm2_gguf
+    from tinyinfer.engine.llm import LLM
+    from tinyinfer.sampling.params import SamplingParams
+    with LLM(smollm2_gguf(), device="cpu", max_kv_tokens=256) as llm:
+        assert llm.dtype == torch.bfloat16                        # the default for INT4 on a CPU
+        out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(temperature=0.0, max_tokens=12))[0]
+    assert "Paris" in out.text, out.text

@@ -36,8 +36,8 @@ def test_bfloat16_within_the_documented_bound_of_float64(m, n, k, g, float_zeros
     s64 = s.double().repeat_interleave(g, 1)
     zero = ((8 * s.double() + z.double()) if float_zeros
             else (8 - z.double()) * s.double()).repeat_interleave(g, 1)
-    # |y - ref| <= 2^-8 * sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |ref|   (ops/cpu_matmul.py)
-    weight_scale = (q.double() - 8).abs() * s64 + zero.abs()
+    # |y - ref| <= 2^-8 * sum_k |x_k| (3 |(q_k - 8) s| + 25 s + 3 |zero|) + 2^-8 |ref| (ops/cpu_matmul.py)
+    weight_scale = 3 * (q.double() - 8).abs() * s64 + 25 * s64 + 3 * zero.abs()
     bound = 2 ** -8 * (x.double().abs() @ weight_scale.T + ref.abs())
     assert bool(((y.double() - ref).abs() <= bound).all())
     # and not vacuous: a kernel that got the zero's sign wrong would break it
@@ -73,3 +73,26 @@ def test_empty_batch():
     packed = qformat.to_kernel_layout(*_weights(n, k, g, False), g)
     for dtype in (torch.bfloat16, torch.float32):
         assert ops.int4_linear(torch.zeros(0, k, dtype=dtype), *packed, g).shape == (0, n)
+
+
+@pytest.mark.parametrize("float_zeros", [False, True], ids=["zero_point", "float_offset"])
+def test_bf16_scale_and_zero_fit_each_group_no_worse_than_rounding(float_zeros):
+    """bf16_scale_zero's pair: per group, the squared error of the weights (in float64) is at most that
+    of rounding scale and zero to the nearest bf16, and less over the whole matrix; each value within
+    1.5 bf16 steps (2^-7 relative each) of its target."""
+    from tinyinfer.ops.cpu_matmul import bf16_scale_zero
+    n, k, g = 64, 256, 32
+    q, s, z = _weights(n, k, g, float_zeros, seed=3)
+    s32 = s.float()
+    zero = 8 * s32 + z.float() if float_zeros else (8 - z.float()) * s32
+    a, b = bf16_scale_zero(q, s32, zero)
+    assert torch.equal(a, a.bfloat16().float()) and torch.equal(b, b.bfloat16().float())
+
+    def group_sse(scale, offset):
+        w = (q.double() - 8).view(n, -1, g) * scale.double()[..., None] + offset.double()[..., None]
+        exact = (q.double() - 8).view(n, -1, g) * s32.double()[..., None] + zero.double()[..., None]
+        return ((w - exact) ** 2).sum(-1)                                    # (n, k / g)
+    fitted, rounded = group_sse(a, b), group_sse(s32.bfloat16().float(), zero.bfloat16().float())
+    assert bool((fitted <= rounded * (1 + 1e-9)).all())
+    assert fitted.sum() < rounded.sum()
+    assert bool(((a - s32).abs() <= 1.5 * 2 ** -7 * s32.abs()).all())

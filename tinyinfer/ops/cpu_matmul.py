@@ -105,19 +105,54 @@ def tinygemm_weights(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int) -> 
     (the CPU port of "tinygemm"; AVX-512 / AVX2 for bf16, its float32 path is scalar), cached per layer:
     -> (packed uint8 (N, K/2), scale_and_zero bf16 (K/G, N, 2)); the kernel computes w = (q - 8) *
     scale + zero in fp32. An integer zero z maps exactly to zero = (8 - z) s, a float offset m (GGUF
-    Q4_1) to 8 s + m; rounding scale and zero to bfloat16 (8 significant bits; our scales have 11) and y
-    to bf16 bounds each output (tests/test_quant_cpu.py checks it against float64) by
-    |y - y_ref| <= 2^-8 sum_k |x_k| (|(q_k - 8) s| + |zero|) + 2^-8 |y_ref|, far inside INT4's own
-    rounding (s / 2 per weight). (No exact CPU INT4 matmul exists for float32, so loading/weights.py
+    Q4_1) to 8 s + m; scale and zero become the bf16 pair that fits the group's weights best
+    (`bf16_scale_zero`: 8 significant bits; our scales have 11), each within 1.5 bf16 steps of its
+    target, which with y rounded to bf16 bounds each output (tests/test_quant_cpu.py checks it against
+    float64) by |y - y_ref| <= 2^-8 sum_k |x_k| (3 |(q_k - 8) s| + 25 s + 3 |zero|) + 2^-8 |y_ref|
+    (at most ~0.2 s per weight), inside INT4's own rounding (s / 2 per weight). (No exact CPU INT4 matmul exists for float32, so loading/weights.py
     runs INT4 models in bf16 on a CPU unless a dtype is asked for.)"""
     def convert() -> tuple[Tensor, Tensor]:
         q, s, z = from_kernel_layout(qweight, scales, zeros, k)        # (N, K), (N, K/G) x 2
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
         s32 = s.float()
         zero = 8 * s32 + z.float() if z.is_floating_point() else (8 - z.float()) * s32  # (N, K/G)
-        scale_and_zero = torch.stack([s32, zero], dim=-1).transpose(0, 1)             # (K/G, N, 2)
+        scale, zero = bf16_scale_zero(q, s32, zero)
+        scale_and_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1)           # (K/G, N, 2)
         return packed, scale_and_zero.to(torch.bfloat16).contiguous()
     return _cached(_TINYGEMM, qweight, scales, zeros, convert)
+
+
+def _bf16_around(x: Tensor) -> list[Tensor]:
+    # x float32 -> [x rounded to bf16, the bf16 value one step below it, one step above] (float32)
+    b = x.to(torch.bfloat16)
+    bits = b.view(torch.int16)
+    return [b.float(), (bits - 1).view(torch.bfloat16).float(), (bits + 1).view(torch.bfloat16).float()]
+
+
+def bf16_scale_zero(q: Tensor, s: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
+    """q (N, K) levels; s, zero (N, K/G) float32, w = (q - 8) s + zero -> (a, b) (N, K/G), bf16 values
+    (in float32) with the least squared error of the group's weights, sum_k ((q_k - 8)(s - a) + zero -
+    b)^2, among: a = s rounded to bf16 or a bf16 step either side, each with b = zero plus the group's
+    mean of a's error, rounded or a step either side; and both rounded to the nearest (so no group is
+    worse than plain rounding). Rounding the scale alone errs by the same sign for a whole group
+    of 32 weights: an error the zero can take up for free (docs/quality.md: the near-ties it moved)."""
+    n, k = q.shape
+    g = k // s.shape[1]
+    qg = q.reshape(n, -1, g)                                              # (N, K/G, G) uint8
+    sq = qg.sum(-1, dtype=torch.int32).float()                            # sums in integers: exact
+    sq2 = (qg * qg).sum(-1, dtype=torch.int32).float()                    # 15^2 fits a uint8
+    s1, s2 = sq - 8 * g, sq2 - 16 * sq + 64 * g                           # sum (q-8), sum (q-8)^2
+    best = torch.full_like(s, float("inf"))
+    best_a, best_b = s, zero
+    # plain rounding last: on a tie the zero that carries the scale's error is kept
+    candidates = [(a, b) for a in _bf16_around(s) for b in _bf16_around(zero + (s - a) * s1 / g)]
+    for a, b in candidates + [(s.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float())]:
+        ds, dz = s - a, zero - b
+        err = ds * ds * s2 + 2 * ds * dz * s1 + g * dz * dz                       # (N, K/G)
+        keep = err < best                 # False for a NaN (a step below 0's bits): never picked
+        best = torch.where(keep, err, best)
+        best_a, best_b = torch.where(keep, a, best_a), torch.where(keep, b, best_b)
+    return best_a, best_b
 
 
 def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
