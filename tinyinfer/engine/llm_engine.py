@@ -35,14 +35,12 @@ from tinyinfer.engine.kv_calibrate import CALIBRATION_TEXT
 from tinyinfer.engine.locking import serialized_calls
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
-from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposer, check_draft,
-                                        check_same_tokenizer)
+from tinyinfer.engine.proposers import Proposer, check_draft
 from tinyinfer.engine.request import Prompt, prompt_ids, validate_request
 from tinyinfer.engine.sampling_step import StepOutput, run_step
 from tinyinfer.engine.scheduler import ScheduledStep, Scheduler, check_limits
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.engine.speculative import Speculator, check_speculate_k
-from tinyinfer.engine.suffix_proposer import SuffixProposer
+from tinyinfer.engine.speculative import Speculator, check_speculate_k, make_proposer
 from tinyinfer.engine.tensor_parallel import load_runner
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.tokenizer import Tokenizer
@@ -99,7 +97,7 @@ class LLMEngine:
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:
-            self.set_speculator(self._proposer(draft, use_graphs), speculate_k)
+            self.set_speculator(make_proposer(draft, self, use_graphs), speculate_k)
 
     def _setup(self, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int = 256,
                max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,
@@ -132,21 +130,6 @@ class LLMEngine:
         self.speculator = Speculator(self.runner, self.blocks, proposer, k)
         return self.speculator
 
-    def _proposer(self, draft: str, use_graphs: bool) -> Proposer:
-        if draft == "ngram":
-            return NgramProposer()
-        if draft == "suffix":           # a verified token costs little beside a step on a GPU
-            return SuffixProposer(per_token=0.15 if self.device.type == "cpu" else 0.02)
-        files = ckpt.locate(draft)
-        check_same_tokenizer(draft, Tokenizer.for_checkpoint(files), self.tokenizer)
-        cfg = ModelConfig.from_hf(files.config, files.generation_config)
-        # The draft's pool is as large as the target's and prefix-cached as it is; when it is still
-        # short, a sequence is not drafted for that step (engine/proposers.py).
-        runner = ModelRunner.load(files, cfg, self.device, self.dtype, None, self.kv_tokens,
-                                  self.block_size, use_graphs, self.runner.graph_pool,
-                                  kv_cache_dtype=self.kv_cache_dtype, kv_calibration=self._kv_calibration)
-        return DraftModelProposer(runner, self.blocks.enable_caching)
-
     def failure(self) -> Optional[str]:
         """Why this engine can no longer run a step (a tensor-parallel rank lost), None while it can."""
         check = getattr(self.runner, "failure", None)
@@ -168,9 +151,7 @@ class LLMEngine:
                 "num_blocks": self.blocks.num_blocks, "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting), "prefix_cache_queries": self.blocks.queries,
                 "prefix_cache_hits": self.blocks.hits,
-                **({"spec_draft_tokens": self.speculator.drafted_total,
-                    "spec_accepted_tokens": self.speculator.accepted_total}
-                   if self.speculator is not None else {})}
+                **(self.speculator.counts() if self.speculator is not None else {})}
 
     def figures(self) -> dict:
         """Figures for the CLI's summary line: the prefix-cache hit rate (of stats' token counts);

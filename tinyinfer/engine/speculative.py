@@ -22,15 +22,38 @@ from typing import Optional
 
 import torch
 
+from tinyinfer.config.model import ModelConfig
+
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.model_runner import ModelRunner
-from tinyinfer.engine.proposers import Proposal, Proposer
+from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposal, Proposer,
+                                        check_same_tokenizer)
 from tinyinfer.engine.sampling_step import StepOutput, nonfinite
 from tinyinfer.engine.sequence import Sequence
+from tinyinfer.engine.suffix_proposer import SuffixProposer
+from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.ops.limits import MAX_SPECULATE_K
 from tinyinfer.sampling.processors import probabilities, process_logits, token_logprobs
 from tinyinfer.sampling.sampler import STREAM_SAMPLE, finite_rows, gumbel_argmax, rejection_sample
+
+
+def make_proposer(draft: str, engine, use_graphs: bool) -> Proposer:
+    """The proposer `draft` names for `engine` (an LLMEngine, set up): "ngram", "suffix", or a draft checkpoint's path."""
+    if draft == "ngram":
+        return NgramProposer()
+    if draft == "suffix":           # a verified token costs little beside a step on a GPU
+        return SuffixProposer(per_token=0.15 if engine.device.type == "cpu" else 0.02)
+    files = ckpt.locate(draft)
+    check_same_tokenizer(draft, Tokenizer.for_checkpoint(files), engine.tokenizer)
+    cfg = ModelConfig.from_hf(files.config, files.generation_config)
+    # The draft's pool is as large as the target's and prefix-cached as it is; when it is still
+    # short, a sequence is not drafted for that step (engine/proposers.py).
+    runner = ModelRunner.load(files, cfg, engine.device, engine.dtype, None, engine.kv_tokens,
+                              engine.block_size, use_graphs, engine.runner.graph_pool,
+                              kv_cache_dtype=engine.kv_cache_dtype, kv_calibration=engine._kv_calibration)
+    return DraftModelProposer(runner, engine.blocks.enable_caching)
 
 
 def check_speculate_k(k: object) -> int:
@@ -64,6 +87,10 @@ class Speculator:
         # Never draft past max_tokens: a step emits at most d + 1 tokens (this also keeps every
         # verified position inside the model's context, which add_request checked).
         return [max(0, min(self.k, s.params.max_tokens - s.num_outputs - 1)) for s in seqs]
+
+    def counts(self) -> dict:
+        """Draft tokens proposed and accepted since creation (the engine's stats, /metrics)."""
+        return {"spec_draft_tokens": self.drafted_total, "spec_accepted_tokens": self.accepted_total}
 
     def forget(self, seq: Sequence) -> None:
         self.proposer.forget(seq)
