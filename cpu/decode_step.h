@@ -95,9 +95,10 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
     const std::vector<at::Tensor> parts = qkv.split_with_sizes(splits, -1);
     auto [q, k] = rope_store_kv(parts[0].view({T, Hq, D}), parts[1].view({T, Hkv, D}),
                                 parts[2].view({T, Hkv, D}), cos_sin_cache, positions, k_caches[l],
-                                v_caches[l], slot_mapping);
+                                v_caches[l], slot_mapping, std::nullopt, std::nullopt);
     const at::Tensor att = paged_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens,
-                                           query_start_loc, scale);                // (T, Hq, D)
+                                           query_start_loc, scale, std::nullopt,
+                                           std::nullopt);                          // (T, Hq, D)
     h = linear_by(att.reshape({T, Hq * D}), kind[1], w[4], w[5], group[1]);
     std::tie(h, stream) = fused_add_rmsnorm(h, stream, w[1], eps);
     // SwiGLU (layers/mlp.py; ops/reference.py: silu_and_mul).
