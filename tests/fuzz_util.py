@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_util import LLAMA
-from tinyinfer import SamplingParams
+from tinyinfer import SamplingParams, StructuredOutput
 
 REMOVE = object()
 CONFIG_VALUES = {"removed": REMOVE, "zero": 0, "negative": -1, "string": "x", "huge": 2**62,
@@ -171,6 +171,8 @@ LIMITS: dict[str, tuple[list[Any], list[Any]]] = {
     "min_tokens": ([0, 4], [-1, 5, 1.5, None]),
     "logprobs": ([None, 0, 20], [-1, 21, 1.5, True]),
     "skip_special_tokens": ([True, False], [1, None]),
+    "structured": ([None, StructuredOutput(choice=["ROMEO", "JULIET"])],
+                   ["json", {"type": "json_object"}, 5, True]),
 }
 
 

@@ -112,7 +112,7 @@ def quantize_checkpoint(path: str, out: str, group_size: int = 128, clip_search:
     dev = resolve_device(device)                  # ValueError: unknown or absent device
     dt = parse_dtype(dtype) if dtype else stored_dtype(cfg)
     prepare_out(out, force)                       # before the minutes of work, not after
-    model = load_model(files, cfg, dt, dev)
+    model = load_model(files, cfg, dt, dev, q8_head=False)
     plan = quantize_model(model, group_size, quantize_head, clip_search, progress=progress)
     save_int4(model, os.path.join(out, WEIGHTS), files.config, group_size)
     with open(os.path.join(out, "config.json"), "w") as f:

@@ -68,14 +68,15 @@ def choose_dtype(cfg: ModelConfig, device: torch.device, requested: Optional[str
 
 def load_model(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
                device: torch.device, quant: Optional[str] = None, group_size: int = 128,
-               say: Callable[[str], None] = lambda msg: None, shard: Optional[Shard] = None
-               ) -> Transformer:
+               say: Callable[[str], None] = lambda msg: None, shard: Optional[Shard] = None,
+               q8_head: bool = True) -> Transformer:
     """Build the model for `cfg` on `device` and fill it from `files` (INT4 files, GPTQ/AWQ
     directories, GGUF files, or dense weights quantized after loading when quant="int4", at
     `group_size` (quant/plan.py): then every linear still dense is quantized, a GGUF file's
     dequantized ones included). With `shard`: only that rank's shard (its model's cfg is
-    shard.local)."""
-    model = _load(files, cfg, dtype, device, quant, group_size, say, shard)
+    shard.local). q8_head=False: a GGUF's Q8_0 tied embedding is dequantized like any other tensor
+    (tinyinfer.quantize writes it as a dense weight)."""
+    model = _load(files, cfg, dtype, device, quant, group_size, say, shard, q8_head)
     if device.type == "cpu":
         convert_for_cpu(model)
     release_freed_heap()
@@ -109,7 +110,7 @@ def release_freed_heap() -> None:
 
 def _load(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
           quant: Optional[str], group_size: int, say: Callable[[str], None],
-          shard: Optional[Shard]) -> Transformer:
+          shard: Optional[Shard], q8_head: bool = True) -> Transformer:
     check_quant(quant)
     gguf = files.gguf is not None
     if shard is not None:
@@ -132,7 +133,7 @@ def _load(files: ckpt.CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype, dev
     progress = sum(p.numel() for p in model.parameters()) * dtype.itemsize > (1 << 30)
     if gguf:
         replaced = gguf_weights.load_int4_linears(model, reader, dtype, device)
-        if quant is None:
+        if quant is None and q8_head:
             gguf_weights.load_q8_embedding(model, reader, dtype, device)
         say(gguf_weights.summary(reader, replaced, dtype))
         ckpt.load_weights(model, reader, cfg.num_layers, cfg.tie_word_embeddings, dtype, device,

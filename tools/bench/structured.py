@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes (overhead)")
     p.add_argument("--decode-tokens", type=int, default=48, help="decode tokens per sequence (overhead)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (overhead, latency)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["validity", "overhead", "latency"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["validity", "overhead", "latency"],
+                   help="parts of the bench not to run")
 
 
 def prompt_for(path: str) -> str:
