@@ -31,11 +31,10 @@ import torch.multiprocessing as mp
 
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine import torchrun, torchrun_runner
-from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.model_runner import ModelRunner
-from tinyinfer.engine.workers import (GUARD_HINT, RankSpec, TensorParallelError,  # noqa: F401
-                                      load_rank, rank_device, refuse_spawn_bootstrap, rendezvous_dir,
-                                      worker_main)
+from tinyinfer.engine.workers import (GUARD_HINT, RankSpec, RankZeroFront,  # noqa: F401
+                                      TensorParallelError, load_rank, rank_device,
+                                      refuse_spawn_bootstrap, rendezvous_dir, worker_main)
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import check_files, check_int4_shards, check_shardable
@@ -88,7 +87,7 @@ def _shutdown(procs: list, conns: list[Connection], store_dir: str, wait_s: floa
     shutil.rmtree(store_dir, ignore_errors=True)
 
 
-class TensorParallelRunner:
+class TensorParallelRunner(RankZeroFront):
     """N model-runner ranks behind ModelRunner's interface (execute, execute_sampled, ...)."""
 
     def __init__(self, path: str, files: CheckpointFiles, cfg: ModelConfig, size: int,
@@ -138,25 +137,7 @@ class TensorParallelRunner:
             f"{', '.join(str(p.pid) for p in self.procs)}; the model, its KV heads and vocabulary "
             f"split {size} ways")
 
-    # ModelRunner's interface: rank 0's shard answers for the attributes, every rank runs the steps.
-    model = property(lambda self: self.local.model)
-    kv = property(lambda self: self.local.kv)
-    device = property(lambda self: self.local.device)
-    dtype = property(lambda self: self.local.dtype)
-    block_size = property(lambda self: self.local.block_size)
-    num_blocks = property(lambda self: self.local.num_blocks)
-    graphs = property(lambda self: self.local.graphs)
-    graph_pool = property(lambda self: self.local.graph_pool)
     worker_pids = property(lambda self: [p.pid for p in self.procs])
-
-    def execute(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
-        return self._run("execute", batch, all_logits)
-
-    def execute_sampled(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._run("execute_sampled", batch)
-
-    def enable_verify_graphs(self, q_len: int) -> None:
-        self._run("enable_verify_graphs", q_len)
 
     def failure(self) -> Optional[str]:
         """Why the group cannot step (it failed, or a worker is gone), None while it can."""

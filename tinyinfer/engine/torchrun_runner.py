@@ -17,9 +17,8 @@ import torch
 
 from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine import step_wire
-from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.torchrun import BEAT_S, LOST_S, Beats, Launch, check_size, join, worker
-from tinyinfer.engine.workers import RankSpec, TensorParallelError, load_rank
+from tinyinfer.engine.workers import RankSpec, RankZeroFront, TensorParallelError, load_rank
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import check_files, check_int4_shards, check_shardable
 
@@ -35,7 +34,7 @@ def _farewell(group, beats: Beats, state: dict) -> None:
     beats.stopped.set()
 
 
-class TorchrunRunner:
+class TorchrunRunner(RankZeroFront):
     """Global rank 0 of a torchrun launch, behind ModelRunner's interface."""
 
     def __init__(self, spec: RankSpec, launch: Launch, cfg: ModelConfig,
@@ -54,23 +53,6 @@ class TorchrunRunner:
             f"{launch.master}), rank 0 here; " +
             "; ".join(f"rank {r}: {w}" for r, w in self.where.items()))
 
-    model = property(lambda self: self.local.model)
-    kv = property(lambda self: self.local.kv)
-    device = property(lambda self: self.local.device)
-    dtype = property(lambda self: self.local.dtype)
-    block_size = property(lambda self: self.local.block_size)
-    num_blocks = property(lambda self: self.local.num_blocks)
-    graphs = property(lambda self: self.local.graphs)
-    graph_pool = property(lambda self: self.local.graph_pool)
-
-    def execute(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
-        return self._run("execute", batch, all_logits)
-
-    def execute_sampled(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._run("execute_sampled", batch)
-
-    def enable_verify_graphs(self, q_len: int) -> None:
-        self._run("enable_verify_graphs", q_len)
 
     def failure(self) -> Optional[str]:
         """Why the group cannot step (it failed, or a rank's heartbeat stopped), None while it can."""

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from tinyinfer.config.model import ModelConfig, parse_dtype
+from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.layers.parallel import ParallelGroup
 from tinyinfer.loading import checkpoint as ckpt
@@ -45,6 +46,34 @@ class TensorParallelError(RuntimeError):
     def __init__(self, message: str, rank: Optional[int] = None, details: str = ""):
         super().__init__(message)
         self.rank, self.details = rank, details
+
+
+class RankZeroFront:
+    """ModelRunner's interface on rank 0 of a tensor-parallel group (the spawned workers'
+    TensorParallelRunner, torchrun's TorchrunRunner): rank 0's shard `local` answers for the
+    attributes; every step goes through `_run`, which hands it to the other ranks as well."""
+    local: ModelRunner
+
+    model = property(lambda self: self.local.model)
+    kv = property(lambda self: self.local.kv)
+    device = property(lambda self: self.local.device)
+    dtype = property(lambda self: self.local.dtype)
+    block_size = property(lambda self: self.local.block_size)
+    num_blocks = property(lambda self: self.local.num_blocks)
+    graphs = property(lambda self: self.local.graphs)
+    graph_pool = property(lambda self: self.local.graph_pool)
+
+    def execute(self, batch: StepBatch, all_logits: bool = False) -> torch.Tensor:
+        return self._run("execute", batch, all_logits)
+
+    def execute_sampled(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._run("execute_sampled", batch)
+
+    def enable_verify_graphs(self, q_len: int) -> None:
+        self._run("enable_verify_graphs", q_len)
+
+    def _run(self, op: str, *args):
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
