@@ -12,6 +12,7 @@
 #include "../../cuda/kv_quant.cuh"
 #include "../../cuda/paged_attention.cuh"
 #include "../../cuda/tuned.cuh"
+#include "emulate_attention_launch.h"
 
 #include <random>
 

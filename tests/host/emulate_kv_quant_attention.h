@@ -10,23 +10,6 @@ struct QCase {
   bool mla;
 };
 
-template <typename T, int D, int DV, int MT, class C>
-void launch_q(const PagedAttentionArgs& a, const PagedAttentionPlan& plan) {
-  const int bytes = attn_smem_plan(D, DV, C::TK, C::STAGES, 16 * MT, sizeof(T), a.v_aliases_k).total_bytes;
-  const bool single = plan.num_splits == 1;
-  emu::run_grid(dim3(plan.num_splits, a.num_kv_heads * plan.head_chunks, a.num_seqs + (single ? 1 : 0)),
-                C::kThreads, bytes, [&] { paged_attention_kernel<T, D, DV, MT, C>(a, plan); });
-  if (!single)
-    emu::run_grid(dim3(a.num_tokens, a.num_q_heads), 128, 0, [&] { paged_attention_merge_kernel<T, DV>(a, plan, C::TK); });
-}
-
-template <typename T, int D, int DV, class C>
-void launch_mt(const PagedAttentionArgs& a, const PagedAttentionPlan& plan) {
-  if (plan.m_tiles == 1) launch_q<T, D, DV, 1, C>(a, plan);
-  else if (plan.m_tiles == 2) launch_q<T, D, DV, 2, C>(a, plan);
-  else if constexpr (attn_max_m_tiles(D) >= 4) launch_q<T, D, DV, 4, C>(a, plan);
-}
-
 double dequant(uint8_t c, double s, int kind) { return (kind == kKVInt8 ? double(int8_t(c)) : e4m3_value(c)) * s; }
 
 template <typename T>
@@ -98,9 +81,7 @@ void run_qcase(const QCase& c, std::mt19937& rng, int kind, int splits) {
   std::vector<float> ws(size_t(std::max<int64_t>(plan.workspace_floats, 1)), NAN);
   const int64_t partials = int64_t(Tr) * c.hq * splits;
   a.ws_out = ws.data(); a.ws_max = ws.data() + partials * c.dv; a.ws_sum = a.ws_max + partials;
-  if (c.d == 64) launch_mt<T, 64, 64, tuned::Attn64>(a, plan);
-  else if (c.d == 128) launch_mt<T, 128, 128, tuned::Attn128>(a, plan);
-  else launch_mt<T, 576, 512, tuned::AttnMla>(a, plan);
+  emulate_dispatch<T>(a, plan);
   const double tol = std::is_same<T, __half>::value ? 2e-3 : 2e-2;
   for (int b = 0; b < B; ++b)
     for (int t = qsl[b]; t < qsl[b + 1]; ++t)
