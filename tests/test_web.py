@@ -93,9 +93,13 @@ def test_completion_mode_streams_the_same_text_as_the_api(driver, demo):
     assert len(grew) >= tokens // 2, f"the reply did not show as it streamed: lengths seen {grew}"
 
 
-def test_stop_aborts_the_request_on_the_server(driver, demo):
+def test_stop_aborts_the_request_on_the_server(driver, demo, monkeypatch):
     open_page(driver, demo.url, "shakespeare-llama")
-    # Seed 8 at 1.5 runs all 900 tokens without an end of text: Stop comes long before the end.
+    # Seed 8 at 1.5 runs all 900 tokens without an end of text. The fused CPU step makes 900 demo tokens
+    # ~1 s, which a loaded machine's browser could take to click Stop: each engine step waits 10 ms
+    # here, so the reply needs >= 9 s and Stop comes long before the end.
+    step = demo.engine.step
+    monkeypatch.setattr(demo.engine, "step", lambda: (time.sleep(0.01), step())[1])
     settings(driver, temperature=1.5, max_tokens=900, seed=8)
     before = aborted(demo)
     send(driver, "ROMEO:")
