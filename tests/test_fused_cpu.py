@@ -8,6 +8,7 @@ step aside (the per-op path runs) where it does not apply: prefill, a KV cache i
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -17,11 +18,15 @@ from hf_util import LLAMA, save_random_llama
 from tinyinfer import LLM, SamplingParams
 from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.extensions import cpu as cpu_kernels
+from tinyinfer.extensions import host_cxx
 from tinyinfer.layers.attention import AttentionMetadata
 from tinyinfer.models import fused_cpu
 from tinyinfer.models.transformer import Transformer
 
-pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C++ CPU kernel library")
+# Where a compiler exists the library must build (a broken build would otherwise only skip these tests).
+if cpu_kernels.library() is None and shutil.which(host_cxx()) is not None:
+    pytest.fail(f"the CPU kernels did not build: {cpu_kernels._load()[1]}", pytrace=False)
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C++ compiler: no CPU kernel library")
 BS = 16
 
 
