@@ -63,6 +63,17 @@ def test_cli_chat_keeps_the_history_and_ends_at_eof(chat_dir, llm):
     assert proc.stderr.count("generated") == 2       # one figures line per turn
 
 
+def test_cli_chat_prompt_is_the_first_user_message(chat_dir, llm):
+    proc = run_cli(chat_dir, "", "--prompt", "Who art thou?")
+    assert proc.returncode == 0, proc.stderr
+    first = llm.chat([{"role": "user", "content": "Who art thou?"}], GREEDY)[0].text
+    assert proc.stdout == first + "\n" and proc.stderr.count("generated") == 1
+    proc = run_cli(chat_dir, "Whence comest thou?\n", "--prompt", "Who art thou?")
+    conv = [{"role": "user", "content": "Who art thou?"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "Whence comest thou?"}]
+    assert proc.returncode == 0 and proc.stdout == first + "\n" + llm.chat(conv, GREEDY)[0].text + "\n"
+
+
 def test_cli_chat_without_a_template_says_so():
     proc = run_cli(LLAMA, "hello\n")
     assert proc.returncode == 2 and "no chat template" in proc.stderr

@@ -3,6 +3,7 @@ with --chat, an interactive multi-turn chat through the checkpoint's chat templa
 
     python -m tinyinfer.generate --ckpt models/shakespeare-llama --prompt "ROMEO:" --max-tokens 64
     python -m tinyinfer.generate --ckpt path/to/instruct-model --chat --system "Answer briefly."
+    python -m tinyinfer.generate --ckpt model.gguf --chat --prompt "What is the capital of France?" </dev/null
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True,
                    help="checkpoint: a Hugging Face directory, one .safetensors file (config.json "
                         "beside it or in its metadata; tinyinfer's own INT4 files too), or a .gguf file")
-    p.add_argument("--prompt", default="", help="prompt text (BOS added as the checkpoint says)")
+    p.add_argument("--prompt", default="", help="prompt text (BOS added as the checkpoint says); with --chat, "
+                                                "the first user message (further ones from stdin)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
                    help="chat: read a user message per line from stdin, stream each reply; the whole "
                         "conversation goes through the checkpoint's chat template. EOF (Ctrl-D) ends it")
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.chat:
-        return chat_loop(llm, params, args.system, args.max_tokens)
+        return chat_loop(llm, params, args.system, args.max_tokens, first=args.prompt or None)
     first_token_at = None
 
     def on_token(delta) -> None:
@@ -150,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def chat_loop(llm, params, system: str | None, max_tokens: int | None = None) -> int:
-    """One user message per line of stdin, each reply streamed to stdout; the history grows turn by
-    turn. EOF (Ctrl-D) ends the chat: exit 0; Ctrl-C: exit 130. A turn the model cannot take (the
+def chat_loop(llm, params, system: str | None, max_tokens: int | None = None,
+              first: str | None = None) -> int:
+    """One user message per line of stdin (after `first`, the --prompt, when given), each reply
+    streamed to stdout; the history grows turn by turn. EOF (Ctrl-D) ends the chat: exit 0; Ctrl-C: exit 130. A turn the model cannot take (the
     context is full) is dropped from the history. Each reply: up to `max_tokens` tokens, or when None
     up to the end of the context (as the chat API)."""
     import dataclasses
@@ -161,9 +164,12 @@ def chat_loop(llm, params, system: str | None, max_tokens: int | None = None) ->
     interactive = sys.stdin.isatty()
     try:
         while True:
-            if interactive:
-                print("you> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            if first is not None:
+                line, first = first, None
+            else:
+                if interactive:
+                    print("you> ", end="", file=sys.stderr, flush=True)
+                line = sys.stdin.readline()
             if not line:                              # EOF / Ctrl-D
                 if interactive:
                     print(file=sys.stderr)
