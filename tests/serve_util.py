@@ -9,7 +9,7 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
-pytest.importorskip("openai")
+openai = pytest.importorskip("openai")
 
 from tinyinfer.engine.llm_engine import LLMEngine  # noqa: E402
 from tinyinfer.serve.app import build_app  # noqa: E402
@@ -31,6 +31,10 @@ class AppThread:
             time.sleep(0.02)
         self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
 
+    def client(self, timeout: float = 60, api_key: str = "none", asynchronous: bool = False):
+        """The real openai client (sync, or async) against this server's /v1, without retries."""
+        return openai_client(self.url + "/v1", timeout, api_key, asynchronous)
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
@@ -44,6 +48,12 @@ class ServerThread(AppThread):
                  limits: Limits = Limits()):
         self.engine = engine
         super().__init__(build_app(engine, name, api_key, limits))
+
+
+def openai_client(base_url: str, timeout: float = 60, api_key: str = "none", asynchronous: bool = False):
+    """openai.OpenAI (or AsyncOpenAI) at base_url with max_retries=0: a failure shows at once."""
+    cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+    return cls(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
 
 
 def metric(text: str, name: str) -> float:

@@ -39,7 +39,7 @@ def ref(chat_dir) -> LLM:
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    return server.client()
 
 
 def sp(seed: int, max_tokens: int = 12, **kw) -> SamplingParams:
@@ -112,8 +112,7 @@ def test_chat_equals_llm_chat_streamed_or_not(client, ref):
 
 def test_concurrent_seeded_requests_equal_each_alone(server, ref):
     async def main():
-        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                                     timeout=60)
+        aclient = server.client(asynchronous=True)
         jobs = [aclient.completions.create(model="demo", prompt=PROMPTS[i % 6], max_tokens=10 + i,
                                            seed=100 + i, temperature=0.8, stream=False,
                                            extra_body={"top_k": 40, "ignore_eos": True})

@@ -50,7 +50,7 @@ async def client_run(aclient: openai.AsyncOpenAI, i: int) -> dict:
 
 def test_64_streams_with_16_disconnects(server):
     async def main() -> list[dict]:
-        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        aclient = server.client(asynchronous=True)
         try:
             return await asyncio.wait_for(asyncio.gather(*(client_run(aclient, i) for i in range(N))), 90)
         finally:

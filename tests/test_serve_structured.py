@@ -38,7 +38,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return server.client(timeout=120)
 
 
 def test_the_openai_client_parses_a_pydantic_model(client):

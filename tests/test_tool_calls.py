@@ -13,10 +13,9 @@ from tinyinfer import LLM, LLMEngine, SamplingParams
 from tinyinfer.serve.responses import Choice, TokenTexts
 from tinyinfer.serve.tool_responses import ToolChatFormat
 from tinyinfer.toolcalls import get_format
-from tool_util import CLOCK, TOOLS, WEATHER, demo_tool_model
+from tool_util import TOOLS, WEATHER, demo_tool_model
 
 import httpx  # noqa: E402  (serve_util skips the module when the serve packages are missing)
-import openai  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 OPTS = dict(device="cpu", dtype="float32", max_kv_tokens=4096)
@@ -81,7 +80,7 @@ def test_auto_parses_nothing_from_a_reply_without_calls(server, llm):
     choice = r.json()["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": want.content}
     assert choice["finish_reason"] == want.finish_reason
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    client = server.client()
     chunks = list(client.chat.completions.create(model="demo", messages=ROUND_TRIP[:2], tools=TOOLS,
                                                  temperature=0, max_tokens=12, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.content
