@@ -35,7 +35,7 @@ TINYINFER_LIBRARY(TINYINFER_CPU_LIB, m) {
         "Tensor cos_sin_cache, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
         "float scale) -> Tensor");
-  m.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor packed, Tensor scales, int n) -> Tensor");
 }
 
 TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {

@@ -5,8 +5,8 @@ built, each against the op's reference and float64.
 paged_attention: float64 attention over batches built the hard way (shuffled tables, NaN in every slot
 no sequence owns, varlen queries, padding rows), in float32, bfloat16 and float16, scores that span
 more than e^87 (the exp's flush to zero), and lengths at block multiples and one past. rope_store_kv,
-store_kv and the norms: the reference's bits, NaN-poisoned caches and -1 slots included, a float32
-weight on a half-precision input too.
+store_kv: the reference's bits, NaN-poisoned caches and -1 slots included. The norms: float64 within
+their roundings, and the reference within two ulps, a float32 weight on a half-precision input too.
 linear (oneDNN on a reordered weight): within float32 rounding of float64, a row's result independent
 of the batch, a weight written in place used as written.
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from paged_util import CPU_CASES, dense_float64, make_batch
-from fused_util import bits, rope_inputs
+from fused_util import NORM_TOL, bits, rope_inputs
 from tinyinfer import ops
 from tinyinfer.extensions import cpu as cpu_kernels
 from tinyinfer.extensions import host_cxx
@@ -87,16 +87,34 @@ def test_rope_store_kv_gives_the_reference_bits(path, dtype):
         assert torch.equal(bits(got), bits(want))                    # NaN slots: untouched bits
 
 
+def _norm_float64(stream, weight, eps):
+    s = stream.double()
+    return weight.double() * s / torch.sqrt((s * s).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_norms_give_the_reference_bits(path, dtype):
-    gen = torch.Generator().manual_seed(7)
-    x = (3 * torch.randn(9, 576, generator=gen)).to(dtype)
-    residual = torch.randn(9, 576, generator=gen).to(dtype)
-    for weight in ((1 + 0.1 * torch.randn(576, generator=gen)).to(dtype), torch.randn(576, generator=gen)):
-        assert torch.equal(bits(ops.rms_norm(x, weight, 1e-5)), bits(reference.rms_norm(x, weight, 1e-5)))
-        got = ops.fused_add_rmsnorm(x, residual, weight, 1e-6)
-        want = reference.fused_add_rmsnorm(x, residual, weight, 1e-6)
-        assert all(g.dtype == w.dtype and torch.equal(bits(g), bits(w)) for g, w in zip(got, want))
+def test_norms_match_float64_and_the_reference(path, dtype, rows):
+    # The C++ loop sums the squares in another order than ATen: y within two roundings to the dtype
+    # (the normalised value, then times the weight) plus float32's sum of 576 squares of float64, and
+    # within two ulps of the reference; the stream x + residual is one rounding: the reference's bits.
+    # Widths 576 (SmolLM2) and 37 (no vector multiple); a float32 weight on a half-precision input too.
+    gen = torch.Generator().manual_seed(7 + rows)
+    for d in (576, 37):
+        x = (3 * torch.randn(rows, d, generator=gen)).to(dtype)
+        residual = torch.randn(rows, d, generator=gen).to(dtype)
+        for weight in ((1 + 0.1 * torch.randn(d, generator=gen)).to(dtype), torch.randn(d, generator=gen)):
+            u = torch.finfo(dtype).eps / 2 if weight.dtype == dtype else torch.finfo(dtype).eps / 4
+            for eps, stream, (y, new_stream) in (
+                    (1e-5, x, (ops.rms_norm(x, weight, 1e-5), None)),
+                    (1e-6, (x + residual), ops.fused_add_rmsnorm(x, residual, weight, 1e-6))):
+                want = _norm_float64(stream, weight, eps)
+                assert y.dtype == torch.promote_types(dtype, weight.dtype)
+                assert ((y.double() - want).abs() <= want.abs() * (4 * u + 3e-5) + 1e-30).all()
+                ref = reference.rms_norm(stream, weight, eps)
+                torch.testing.assert_close(y, ref, **NORM_TOL[dtype])
+                if new_stream is not None:
+                    assert torch.equal(bits(new_stream), bits(stream))
 
 
 def test_store_kv_gives_the_reference_bits_with_and_without_v(path):
@@ -126,6 +144,11 @@ def test_portable_build_without_avx512_matches_too():
     want = reference.rope_store_kv(*args[:5], args[5].clone(), args[6].clone(), args[7])
     got = lib.rope_store_kv(*args)
     assert all(torch.equal(bits(g), bits(w)) for g, w in zip(got, want))
+    x, residual, weight = (torch.randn(5, 576, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+                           for i in range(3))
+    y, stream = lib.fused_add_rmsnorm(x, residual, weight[0], 1e-6)
+    assert torch.equal(bits(stream), bits(x + residual))
+    torch.testing.assert_close(y, reference.rms_norm(x + residual, weight[0], 1e-6), **NORM_TOL[torch.bfloat16])
 
 
 def test_the_switch_turns_the_library_off_quietly(monkeypatch):

@@ -127,7 +127,7 @@ def test_engine_holds_the_files_q4_blocks_as_int4(llm, hf):
     assert torch.equal(int4["layers.7.mlp.gate_up_proj"].dequantize(), gate_up)
     emb = llm.model.embed_tokens
     assert isinstance(emb, Q8Embedding) and llm.model.lm_head.embedding[0] is emb
-    assert torch.equal(reference.q8_dequantize(emb.qs, emb.d), state["model.embed_tokens.weight"])
+    assert torch.equal(reference.q8_dequantize(*emb.levels()), state["model.embed_tokens.weight"])
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",

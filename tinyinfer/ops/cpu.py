@@ -10,8 +10,9 @@ the dispatcher (`torch.library.Library.impl`), which calls them with none of the
     place, RoPE + K/V write is one pass, the norms repeat the reference's operations in order (same
     bits). Where the library cannot be built: ops/cpu_attention.py for attention, the cache rows
     written by one `index_copy_` per cache, and the references for the rest.
-  * linear and int4_linear: ops/cpu_matmul.py; q8_linear (the Q8_0 lm_head): cpu/q8_linear.h, which
-    reads the weight once for all rows (the reference dequantizes it whole per call).
+  * linear and int4_linear: ops/cpu_matmul.py; q8_linear (the Q8_0 lm_head): cpu/q8_linear.h, integer
+    dot products with activations quantized per 32 to int8 (the reference: float32 with the weight
+    dequantized whole per call).
   * silu_and_mul: the reference itself, registered here so that a call skips the custom op's own
     dispatch, which wraps it in a compiler guard whose first use imports torch's compiler stack
     (~100 MiB resident, docs/cpu-performance.md) and costs ~2 us a call.
@@ -115,11 +116,11 @@ def fused_add_rmsnorm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: floa
     return reference.fused_add_rmsnorm(x, residual, weight, eps)
 
 
-def q8_linear_cpu(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
+def q8_linear_cpu(x: Tensor, packed: Tensor, scales: Tensor, n: int) -> Tensor:
     lib = cpu_kernels.library()
     if lib is not None and x.dtype in CPU_KERNEL_DTYPES:
-        return lib.q8_linear.default(x, qs, d)
-    return reference.q8_linear(x, qs, d)
+        return lib.q8_linear.default(x, packed, scales, n)
+    return reference.q8_linear(x, packed, scales, n)
 
 
 _LIB = torch.library.Library("tinyinfer", "IMPL")     # kept alive: it owns the registrations

@@ -54,18 +54,26 @@ def _reorder(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, 16)
 
 
+def _takes_transposed(weight: Tensor, rows: int) -> bool:
+    # One row against a small weight (a small model's decode, its weights in cache), or any number of
+    # rows of float32 against one: torch's matmul on a (K, N) row-major copy skips oneDNN's ~10-20 us
+    # fixed cost (MKL reads it ~20% faster than (N, K)). Float32 on this project's Intel CPU, one
+    # thread, (K, N) over oneDNN: 1.2-1.6x at 16 rows on the demo model's and SmolLM2's shapes, 1.0-1.2x
+    # at 64, 0.95-1.0x at 256 (docs/cpu-performance.md): one form for every row count, so the fused
+    # step's plans and the per-op path agree and a small float32 weight has no oneDNN copy.
+    return weight.numel() < SMALL_GEMV and (rows == 1 or weight.dtype == torch.float32)
+
+
 def linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    # x (..., K), weight (N, K), bias (N,) -> (..., N). One row against a small weight (a small model's
-    # decode, its weights in cache) skips oneDNN's ~10 us fixed cost: torch's matmul on a (K, N)
-    # row-major copy, which MKL reads ~20% faster than (N, K). On the oneDNN path a row's result does
-    # not depend on the rows beside it.
+    # x (..., K), weight (N, K), bias (N,) -> (..., N): `_takes_transposed`, else oneDNN, on whose path
+    # a row's result does not depend on the rows beside it.
     rows = x.numel() // max(1, x.shape[-1])
     if (not ONEDNN or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype or rows == 0
             or (bias is not None and bias.dtype != x.dtype)):
         return F.linear(x, weight, bias)
-    if rows == 1 and weight.numel() < SMALL_GEMV:
+    if _takes_transposed(weight, rows):
         wt = _converted(_TRANSPOSED, weight, lambda w: w.t().contiguous())          # (K, N)
-        x2 = x.reshape(1, -1)
+        x2 = x.reshape(rows, -1)
         y = x2 @ wt if bias is None else torch.addmm(bias, x2, wt)
         return y.view(*x.shape[:-1], weight.shape[0])
     return _ONEDNN_LINEAR(x, _converted(_ONEDNN, weight, _reorder), bias, "none", [], "")
@@ -177,7 +185,7 @@ def linear_form(weight: Tensor, dtype: torch.dtype, rows: int) -> tuple[int, Ten
     """What linear_cpu (no bias) multiplies `rows` rows of `dtype` by, made now if not made yet."""
     if not ONEDNN or dtype not in ONEDNN_DTYPES or weight.dtype != dtype or rows == 0:
         return DENSE, weight, weight, 0
-    if rows == 1 and weight.numel() < SMALL_GEMV:
+    if _takes_transposed(weight, rows):
         wt = _converted(_TRANSPOSED, weight, lambda w: w.t().contiguous())
         return TRANSPOSED, wt, wt, 0
     w = _converted(_ONEDNN, weight, _reorder)

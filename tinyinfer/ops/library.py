@@ -64,13 +64,13 @@ def _(x, qweight, scales, zeros, group_size):
 
 
 @torch.library.custom_op("tinyinfer::q8_linear", mutates_args=())
-def q8_linear(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
-    return reference.q8_linear(x, qs, d)
+def q8_linear(x: Tensor, packed: Tensor, scales: Tensor, n: int) -> Tensor:
+    return reference.q8_linear(x, packed, scales, n)
 
 
 @q8_linear.register_fake
-def _(x, qs, d):
-    return x.new_empty(x.shape[0], qs.shape[0], dtype=torch.float32)
+def _(x, packed, scales, n):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
 
 
 @torch.library.custom_op("tinyinfer::rms_norm", mutates_args=())

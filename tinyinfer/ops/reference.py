@@ -158,9 +158,18 @@ def q8_dequantize(qs: Tensor, d: Tensor) -> Tensor:
     return (qs.float().view(n, k // 32, 32) * d.float()[..., None]).view(n, k)
 
 
-def q8_linear(x: Tensor, qs: Tensor, d: Tensor) -> Tensor:
-    # x (M, K) @ W.T with W in Q8_0 -> (M, N) float32 (a head whose logits stay float32).
-    return x.float() @ q8_dequantize(qs, d).T
+def q8_unpack(packed: Tensor, scales: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    # The q8_linear kernel's layout (layers/q8.py: pack_q8) -> GGUF's: packed (N/16, K/4, 16, 4) uint8
+    # q + 128, scales (N/16, K/32, 16) -> qs (n, K) int8, d (n, K/32).
+    g, k4 = packed.shape[:2]
+    qs = (packed.int() - 128).to(torch.int8).permute(0, 2, 1, 3).reshape(g * 16, k4 * 4)
+    return qs[:n], scales.permute(0, 2, 1).reshape(g * 16, -1)[:n]
+
+
+def q8_linear(x: Tensor, packed: Tensor, scales: Tensor, n: int) -> Tensor:
+    # x (M, K) @ W.T with W in Q8_0, packed as the kernel reads it -> (M, n) float32 (a head whose
+    # logits stay float32); the activations unquantized (the kernel rounds them to int8 per 32).
+    return x.float() @ q8_dequantize(*q8_unpack(packed, scales, n)).T
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
