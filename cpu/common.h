@@ -48,6 +48,23 @@ inline float fp8_e4m3_times(uint8_t b, float scale) {
   return std::bit_cast<float>(((x & 0x80) << 24) | (normal & pick) | (sub & ~pick)) * scale;
 }
 
+#if defined(__AVX512F__)
+// fp8_e4m3_times on 16 bytes, the same bit moves on 16 lanes (the compiler leaves the scalar loop
+// scalar). Nothing here is a float denormal: a float16 route (cvtph) would be, for e4m3's subnormals,
+// and costs a microcode assist each (measured: 1% subnormal bytes made attention 1.3x slower).
+inline __m512 fp8_e4m3_times16(const uint8_t* b, float scale) {
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x7f)), 20),
+                                          _mm512_set1_epi32(120 << 23));
+  const __m512i sub = _mm512_castps_si512(
+      _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(7))), _mm512_set1_ps(0x1p-9f)));
+  const __mmask16 is_normal = _mm512_test_epi32_mask(x, _mm512_set1_epi32(0x78));
+  const __m512i mag = _mm512_mask_blend_epi32(is_normal, sub, normal);
+  const __m512i bits = _mm512_or_si512(mag, _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24));
+  return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(scale));
+}
+#endif
+
 // exp(x) for x <= 0 (softmax after its max is subtracted), written so the compiler can vectorize a loop
 // of it (libm's expf is a call per element): x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6
 // Taylor polynomial (relative error < 3e-7, ~2 float ulps), times 2^n built in the exponent bits.

@@ -64,20 +64,26 @@ inline at::Tensor linear_by(const at::Tensor& x, int64_t kind, const at::Tensor&
 // x (T, hidden): the step's embeddings. weights: per layer [input norm (hidden,), post-attention norm
 // (hidden,), then (a, b) for qkv, o, gate_up, down] (10 tensors), then the final norm's weight;
 // kinds / groups: 4 per layer (LinearKind, INT4 group size). dims = [Hq, Hkv, D]. The caches, the
-// block tables and the step's metadata as the per-op path passes them. -> hidden (T, hidden), normed.
+// block tables and the step's metadata as the per-op path passes them; k_scales / v_scales: a quantized
+// cache's scales per layer (empty: a model-dtype cache), as rope_store_kv and paged_attention take them.
+// -> hidden (T, hidden), normed.
 inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::IntArrayRef kinds,
                                 at::IntArrayRef groups, at::IntArrayRef dims, double eps,
                                 const at::Tensor& cos_sin_cache, const at::Tensor& positions,
                                 at::TensorList k_caches, at::TensorList v_caches,
                                 const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                                double scale) {
+                                double scale, at::TensorList k_scales, at::TensorList v_scales) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(x.dim() == 2 && dims.size() == 3 && static_cast<int64_t>(v_caches.size()) == L &&
                   static_cast<int64_t>(weights.size()) == 10 * L + 1 &&
                   static_cast<int64_t>(kinds.size()) == 4 * L && static_cast<int64_t>(groups.size()) == 4 * L,
               "decode_layers: ", L, " layers need 10 per layer + 1 weights and 4 kinds and groups per "
               "layer, got ", weights.size(), ", ", kinds.size(), ", ", groups.size());
+  const bool scaled = !k_scales.empty();
+  TORCH_CHECK(k_scales.size() == v_scales.size() && (!scaled || static_cast<int64_t>(k_scales.size()) == L),
+              "decode_layers: ", L, " layers need no cache scales or one k and one v scale each, got ",
+              k_scales.size(), " and ", v_scales.size());
   const int64_t T = x.size(0), Hq = dims[0], Hkv = dims[1], D = dims[2];
   const std::vector<int64_t> splits = {Hq * D, Hkv * D, Hkv * D};
   at::Tensor h, stream = x, out = x;
@@ -93,12 +99,13 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
     // Attention (layers/attention.py: MultiHeadAttention.forward).
     const at::Tensor qkv = linear_by(h, kind[0], w[2], w[3], group[0]);          // (T, (Hq + 2 Hkv) D)
     const std::vector<at::Tensor> parts = qkv.split_with_sizes(splits, -1);
+    const std::optional<at::Tensor> ks = scaled ? std::optional(k_scales[l]) : std::nullopt;
+    const std::optional<at::Tensor> vs = scaled ? std::optional(v_scales[l]) : std::nullopt;
     auto [q, k] = rope_store_kv(parts[0].view({T, Hq, D}), parts[1].view({T, Hkv, D}),
                                 parts[2].view({T, Hkv, D}), cos_sin_cache, positions, k_caches[l],
-                                v_caches[l], slot_mapping, std::nullopt, std::nullopt);
+                                v_caches[l], slot_mapping, ks, vs);
     const at::Tensor att = paged_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens,
-                                           query_start_loc, scale, std::nullopt,
-                                           std::nullopt);                          // (T, Hq, D)
+                                           query_start_loc, scale, ks, vs);        // (T, Hq, D)
     h = linear_by(att.reshape({T, Hq * D}), kind[1], w[4], w[5], group[1]);
     std::tie(h, stream) = fused_add_rmsnorm(h, stream, w[1], eps);
     // SwiGLU (layers/mlp.py; ops/reference.py: silu_and_mul).

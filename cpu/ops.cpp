@@ -34,7 +34,7 @@ TINYINFER_LIBRARY(TINYINFER_CPU_LIB, m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, int[] dims, float eps, "
         "Tensor cos_sin_cache, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
-        "float scale) -> Tensor");
+        "float scale, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor packed, Tensor scales, int n) -> Tensor");
 }
 

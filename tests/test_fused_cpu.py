@@ -2,8 +2,9 @@
 of every layer in one C++ call. It must compute the per-op path's bits -- hidden states and the K/V it
 writes -- on the demo model (float32, dense, GQA), a random MQA Llama in INT4 / bfloat16 and SmolLM2
 (INT4 from the GGUF, 9 query heads over 3 KV heads), with context lengths on, before and after block
-boundaries; agree with the per-op path run in float64; give the same greedy tokens end to end; and
-step aside (the per-op path runs) where it does not apply: prefill, a KV cache in another dtype.
+boundaries; agree with the per-op path run in float64; give the same greedy tokens end to end, with
+the model-dtype cache and with FP8 / INT8 caches (docs/kv-cache.md); and step aside (the per-op path
+runs) where it does not apply: prefill, a KV cache in another dtype that is not a quantized one.
 """
 from __future__ import annotations
 
@@ -57,13 +58,18 @@ def _step(cfg, ctx_lens: list[int], q_lens: list[int], seed: int):
     return ids, torch.tensor(positions), meta, n_blocks
 
 
-def _caches(cfg, n_blocks: int, dtype, seed: int) -> PagedKVCache:
+def _caches(cfg, n_blocks: int, dtype, seed: int, kv_cache_dtype: str = "auto") -> PagedKVCache:
+    """Random caches; fp8 / int8 ones with random bytes and scales (every slot's, written or not)."""
     k_dims, v_dims = Transformer.kv_dims(cfg)
-    kv = PagedKVCache(cfg.num_layers, n_blocks, BS, k_dims, v_dims, dtype, torch.device("cpu"))
+    kv = PagedKVCache(cfg.num_layers, n_blocks, BS, k_dims, v_dims, dtype, torch.device("cpu"),
+                      kv_cache_dtype)
     gen = torch.Generator().manual_seed(seed)
-    for k, v, *_ in kv.layers():
-        k.copy_(torch.randn(k.shape, generator=gen))
-        v.copy_(torch.randn(v.shape, generator=gen))
+    for k, v, *scales in kv.layers():
+        for c in (k, v):
+            c.copy_(torch.randint(-127, 128, c.shape, generator=gen) if c.dtype == torch.int8
+                    else torch.randn(c.shape, generator=gen) * (16 if c.dtype != dtype else 1))
+        for s in scales:
+            s.copy_(torch.rand(s.shape, generator=gen) * 0.05 + 0.01)
     return kv
 
 
@@ -75,16 +81,19 @@ def _per_op(model, ids, positions, meta, kv):
         del model.fused_cpu_decode
 
 
-def _check_bits(model, cfg, dtype, ctx_lens, q_lens, seed):
+def _check_bits(model, cfg, dtype, ctx_lens, q_lens, seed, kv_cache_dtype="auto"):
     ids, positions, meta, n_blocks = _step(cfg, ctx_lens, q_lens, seed)
-    kv_fused, kv_ref = _caches(cfg, n_blocks, dtype, seed), _caches(cfg, n_blocks, dtype, seed)
+    kv_fused = _caches(cfg, n_blocks, dtype, seed, kv_cache_dtype)
+    kv_ref = _caches(cfg, n_blocks, dtype, seed, kv_cache_dtype)
     with torch.inference_mode():
         fused = fused_cpu.decode_step(model, ids, positions, meta, kv_fused.layers())
         ref = _per_op(model, ids, positions, meta, kv_ref)
     assert fused is not None, "the fused path did not run"
     assert torch.equal(fused, ref)
-    for (kf, vf, *_), (kr, vr, *_) in zip(kv_fused.layers(), kv_ref.layers()):
-        assert torch.equal(kf, kr) and torch.equal(vf, vr)
+    for fused_layer, ref_layer in zip(kv_fused.layers(), kv_ref.layers()):   # caches (and scales)
+        assert all(torch.equal(f.view(torch.uint8) if f.dtype == torch.float8_e4m3fn else f,
+                               r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r)
+                   for f, r in zip(fused_layer, ref_layer))
     return fused, ids, positions, meta, n_blocks
 
 
@@ -117,6 +126,24 @@ def test_fused_int4_bfloat16_mqa_step_is_the_per_op_step_bit_for_bit(tmp_path):
     assert type(model.layers[0].attn.qkv_proj).__name__ == "Int4Linear"
     for i, (ctx_lens, q_lens) in enumerate(STEPS):
         _check_bits(model, llm.config, torch.bfloat16, ctx_lens, q_lens, 10 + i)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_fused_step_over_a_quantized_cache_is_the_per_op_step_bit_for_bit(tmp_path, kind):
+    """The K/V write quantizes and attention dequantizes with the per-op path's kernels: the same
+    hidden states, cache bytes and int8 scales, on a bfloat16 INT4 GQA model and the demo's float32."""
+    path = save_random_llama(tmp_path, num_key_value_heads=2, num_hidden_layers=2)
+    llm = LLM(path, device="cpu", quant="int4", dtype="bfloat16", max_kv_tokens=256)
+    for i, (ctx_lens, q_lens) in enumerate(STEPS):
+        _check_bits(llm.engine.runner.model, llm.config, torch.bfloat16, ctx_lens, q_lens, 20 + i, kind)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_fused_greedy_tokens_over_a_quantized_cache_equal_the_per_op_path(kind):
+    llm = LLM(LLAMA, device="cpu", max_kv_tokens=256, kv_cache_dtype=kind)
+    model, cfg = llm.engine.runner.model, llm.config
+    _check_bits(model, cfg, torch.float32, [31, 2, 47], [2, 1, 4], 30, kind)
+    assert _greedy(llm, True) == _greedy(llm, False)
 
 
 def test_fused_path_steps_aside_for_prefill_another_cache_dtype_and_cache_scales(demo):

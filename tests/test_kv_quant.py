@@ -97,8 +97,10 @@ def quantized_batch(name: str, dtype: torch.dtype, kind: str):
     b = make_batch(seq_lens, q_lens, hq, hkv, d, dv, bs, dtype, mla=mla, seed=len(name))
     cache_dtype = KV_CACHE_DTYPES[kind]
     nb = b.k_cache.shape[0]
-    k_cache = torch.zeros(nb, bs, hkv, d, dtype=cache_dtype)
-    v_cache = k_cache[..., :dv] if mla else torch.zeros(nb, bs, hkv, dv, dtype=cache_dtype)
+    # Unused slots poisoned: fp8 bytes 0x7F (NaN in torch, 480 s in the C++ decode: an outlier either
+    # way), int8 scales NaN.
+    k_cache = torch.full((nb, bs, hkv, d), 0x7F, dtype=torch.uint8).view(cache_dtype)
+    v_cache = k_cache[..., :dv] if mla else k_cache[..., :dv].clone()
     if kind == "int8":
         k_scale = torch.full((nb, bs, hkv), float("nan"), dtype=torch.float16)
         v_scale = k_scale if mla else k_scale.clone()
@@ -155,6 +157,27 @@ def test_paged_attention_over_a_quantized_cache_matches_float64(path, name, kind
                                             k_scale, v_scale)
     t = int(b.query_start_loc[-1])
     torch.testing.assert_close(got[:t].double(), want[:t], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_attention_decodes_every_e4m3_byte_exactly(path, dtype):
+    """One cached key: attention's output is its V row, dequantized. The row holds all 254 finite e4m3
+    bytes (normal and subnormal, both signs; the two NaN bytes as 0): each must come back as torch's
+    own e4m3 value times the scale, in float32 exactly (a float32 q; bfloat16 rounds it once)."""
+    D = 256
+    v = torch.arange(256, dtype=torch.uint8)
+    v[[0x7F, 0xFF]] = 0
+    v_cache = torch.zeros(2, 16, 1, D, dtype=torch.uint8)
+    v_cache[1, 0, 0] = v
+    v_cache = v_cache.view(torch.float8_e4m3fn)
+    k_cache = torch.zeros_like(v_cache)
+    scale = torch.tensor([0.0371], dtype=torch.float16)
+    i32 = dict(dtype=torch.int32)
+    got = ops.paged_attention(torch.zeros(1, 1, D, dtype=dtype), k_cache, v_cache,
+                              torch.tensor([[1]], **i32), torch.tensor([1], **i32),
+                              torch.tensor([0, 1], **i32), 0.125, scale, scale)
+    want = (v.view(torch.float8_e4m3fn).float() * scale.float()).to(dtype)
+    assert torch.equal(got[0, 0], want)
 
 
 def test_quantization_error_is_what_the_format_allows():

@@ -11,7 +11,8 @@ per-op path reaches through the dispatcher, in the same order: the same bits
 
 Everything else keeps the per-op path: prefill, long query runs, tensor parallelism, other families,
 no C++ library (TINYINFER_CPU_KERNELS=0), a KV cache stored in another dtype than the activations
-(an FP8 / INT8 cache: its own write and read paths), or `model.fused_cpu_decode = False`.
+that is not an FP8 / INT8 cache with its scales (those the step writes and reads with the per-op
+path's kernels, docs/kv-cache.md), or `model.fused_cpu_decode = False`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tinyinfer.layers.linear import Int4Linear, Linear
 from tinyinfer.layers.mlp import SwiGLU
 from tinyinfer.ops.cpu import CPU_KERNEL_DTYPES
 from tinyinfer.ops.cpu_matmul import int4_form, linear_form
+from tinyinfer.ops.kv_quant import is_quantized
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
 Plan = tuple[list[Tensor], list[int], list[int]]       # weights, kinds, group sizes (decode_step.h)
@@ -106,19 +108,25 @@ def decode_step(model: nn.Module, input_ids: Tensor, positions: Tensor, meta: At
     if lib is None:
         return None
     dtype = model.norm.weight.dtype
-    k_caches, v_caches = [], []
+    k_caches, v_caches, k_scales, v_scales = [], [], [], []
     for k, v, *scales in kv_caches:
-        # The model-dtype cache only (kv_cache_dtype "auto"): a cache stored otherwise (FP8 / INT8,
-        # with its scales) keeps its own write and read ops.
-        if (v is None or k.dtype != dtype or v.dtype != dtype or k.stride(-1) != 1 or v.stride(-1) != 1
-                or any(s is not None for s in scales)):
+        # The model-dtype cache, or an FP8 / INT8 one with both its scales (ops/kv_quant.py): the
+        # same rope_store_kv and paged_attention calls as the per-op path, with the same arguments.
+        quantized = len(scales) == 2 and all(s is not None for s in scales) and is_quantized(k)
+        if (v is None or k.stride(-1) != 1 or v.stride(-1) != 1 or v.dtype != k.dtype
+                or (not quantized and (k.dtype != dtype or any(s is not None for s in scales)))):
             return None
         k_caches.append(k)
         v_caches.append(v)
+        if quantized:
+            k_scales.append(scales[0])
+            v_scales.append(scales[1])
+    if k_scales and len(k_scales) != len(k_caches):
+        return None                                      # some layers quantized, others not
     weights, kinds, groups = plan(model, input_ids.shape[0])
     attn = model.layers[0].attn
     x = model.embed_tokens(input_ids)                                        # (T, hidden)
     return lib.decode_layers.default(
         x, weights, kinds, groups, [attn.num_heads, attn.num_kv_heads, attn.head_dim], model.norm.eps,
         model.rotary.cos_sin_cache, positions, k_caches, v_caches, meta.slot_mapping,
-        meta.block_tables, meta.seq_lens, meta.query_start_loc, attn.scale)
+        meta.block_tables, meta.seq_lens, meta.query_start_loc, attn.scale, k_scales, v_scales)
