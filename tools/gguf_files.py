@@ -15,7 +15,7 @@ from the file itself, without llama.cpp:
         --export .cache/models/SmolLM2-135M-Instruct-f32 --q4-0 .cache/models/SmolLM2-135M-Instruct.Q4_0.gguf
 
 Files go under .cache/ (git ignores it); `ensure_smollm2_files()` makes SmolLM2's once for tests and
-benches. GGUF format: github.com/ggml-org/ggml docs/gguf.md.
+benches. GGUF format: the GGUF specification in the ggml project (github.com/ggml-org/ggml).
 """
 from __future__ import annotations
 
