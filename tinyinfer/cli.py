@@ -25,7 +25,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None,
                    help="speculative decoding: a draft checkpoint path, 'ngram' (prompt lookup) or "
                         "'suffix' (suffix-automaton drafts over the request and recent outputs, "
-                        "adaptive length up to --speculate-k)")
+                        "adaptive length up to --speculate-k) or 'mtp' (a DeepSeek-V3-style checkpoint's "
+                        "own multi-token-prediction layer)")
     p.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step (1..15; the upper bound "
                    "of the adaptive length with --draft suffix)")
     p.add_argument("--max-kv-tokens", type=int, default=None,

@@ -35,12 +35,13 @@ from tinyinfer.engine.kv_calibrate import CALIBRATION_TEXT
 from tinyinfer.engine.locking import serialized_calls
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
-from tinyinfer.engine.proposers import Proposer, check_draft
+from tinyinfer.engine.proposers import Proposer
 from tinyinfer.engine.request import Prompt, prompt_ids, validate_request
 from tinyinfer.engine.sampling_step import StepOutput, run_step
 from tinyinfer.engine.scheduler import ScheduledStep, Scheduler, check_limits
 from tinyinfer.engine.sequence import Sequence
-from tinyinfer.engine.speculative import Speculator, check_speculate_k, make_proposer
+from tinyinfer.engine.speculative import (Speculator, check_draft_option, check_speculate_k,
+                                          make_proposer)
 from tinyinfer.engine.tensor_parallel import load_runner
 from tinyinfer.loading import checkpoint as ckpt
 from tinyinfer.loading.tokenizer import Tokenizer
@@ -76,8 +77,8 @@ class LLMEngine:
         self.config = ModelConfig.from_hf(files.config, files.generation_config)
         for note in self.config.notes:
             self._say(note)
-        if draft not in (None, "ngram", "suffix"):
-            check_draft(draft, self.config)         # bad path / vocabulary: before any work
+        check_draft_option(draft, files, self.config, tensor_parallel_size)   # before any work
+        self.files = files
         self.dtype = choose_dtype(self.config, self.device, dtype, has_int4_weights(files, quant))
         self.tokenizer = Tokenizer.for_checkpoint(files)
         # Decode steps replay CUDA graphs (default on for half precision on CUDA: fp32 attention runs
@@ -215,13 +216,7 @@ class LLMEngine:
         """One StepOutput per scheduled sequence, in work.seqs' order (decodes first)."""
         if self.speculator is None:                 # one varlen batch: decodes + prefill chunks
             return run_step(self.runner, work.seqs, work.num_new)
-        prop = self.speculator.propose(work.decodes) if work.decodes else None
-        if prop is None or not any(prop.tokens):    # nobody drafts: one plain step, no verify pass
-            if work.decodes:
-                self.speculator.plain_step(work.decodes)
-            return run_step(self.runner, work.seqs, work.num_new)
-        out = self.speculator.step(work.decodes, prop)          # one varlen verify pass, then
-        return out + (run_step(self.runner, work.prefills, work.chunks) if work.prefills else [])
+        return self.speculator.execute(work)        # verify pass (or a plain step) + prefill chunks
 
     def _process(self, seqs: list[Sequence], outputs: list[StepOutput]) -> list[RequestDelta]:
         """Append each sequence's new tokens (stop conditions checked token by token), one delta per

@@ -39,6 +39,9 @@ class ModelRunner:
         self.graphs: dict[int, GraphRunner] = {}
         if cuda_graphs:
             self.graphs[1] = GraphRunner(model, kv, pool=graph_pool)
+        # keep_hidden (an MTP draft, engine/mtp_proposer.py): each eager pass keeps its batch and
+        # the model's hidden states (T, hidden), as last_batch / last_hidden.
+        self.keep_hidden, self.last_batch, self.last_hidden = False, None, None
 
     @classmethod
     def load(cls, files: CheckpointFiles, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -96,6 +99,8 @@ class ModelRunner:
             return graphs.run(batch)           # (T, vocab); a decode step has T == B
         input_ids, positions, meta = batch.to_device(self.device)
         hidden = self.model(input_ids, positions, meta, self.kv.layers())            # (T, hidden)
+        if self.keep_hidden:
+            self.last_batch, self.last_hidden = batch, hidden
         decode = len(batch.input_ids) == batch.num_seqs and batch.max_q_len == 1     # T == B
         if not all_logits and not decode:
             hidden = hidden[meta.query_start_loc[1:].long() - 1]                     # (B, hidden)

@@ -27,12 +27,15 @@ from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.model_runner import ModelRunner
+from tinyinfer.engine.mtp_proposer import MTPProposer
 from tinyinfer.engine.proposers import (DraftModelProposer, NgramProposer, Proposal, Proposer,
-                                        check_same_tokenizer)
-from tinyinfer.engine.sampling_step import StepOutput, nonfinite
+                                        check_draft, check_same_tokenizer)
+from tinyinfer.engine.sampling_step import StepOutput, nonfinite, run_step
+from tinyinfer.engine.scheduler import ScheduledStep
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.engine.suffix_proposer import SuffixProposer
 from tinyinfer.loading import checkpoint as ckpt
+from tinyinfer.loading.mtp import check_mtp, load_mtp
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.ops.limits import MAX_SPECULATE_K
 from tinyinfer.sampling.processors import probabilities, process_logits, token_logprobs
@@ -45,6 +48,10 @@ def make_proposer(draft: str, engine, use_graphs: bool) -> Proposer:
         return NgramProposer()
     if draft == "suffix":           # a verified token costs little beside a step on a GPU
         return SuffixProposer(per_token=0.15 if engine.device.type == "cpu" else 0.02)
+    if draft == "mtp":              # the target's own MTP layer; its passes run eagerly (the CUDA
+        engine.runner.graphs.clear()    # graphs do not hand out the hidden states it reads)
+        return MTPProposer(engine.runner, load_mtp(engine.files, engine.config, engine.runner.model,
+                                                   engine.dtype, engine.device))
     files = ckpt.locate(draft)
     check_same_tokenizer(draft, Tokenizer.for_checkpoint(files), engine.tokenizer)
     cfg = ModelConfig.from_hf(files.config, files.generation_config)
@@ -54,6 +61,18 @@ def make_proposer(draft: str, engine, use_graphs: bool) -> Proposer:
                               engine.block_size, use_graphs, engine.runner.graph_pool,
                               kv_cache_dtype=engine.kv_cache_dtype, kv_calibration=engine._kv_calibration)
     return DraftModelProposer(runner, engine.blocks.enable_caching)
+
+
+def check_draft_option(draft: Optional[str], files: ckpt.CheckpointFiles, cfg: ModelConfig,
+                       tensor_parallel_size: int = 1) -> None:
+    """Refuse a draft that cannot work, before any weights load: a draft checkpoint that is missing or
+    has another vocabulary, or draft="mtp" for a checkpoint without MTP layers or across ranks."""
+    if draft == "mtp":
+        if tensor_parallel_size != 1:
+            raise ValueError("draft='mtp' runs on one device: use tensor_parallel_size=1, or another draft")
+        check_mtp(files, cfg)
+    elif draft not in (None, "ngram", "suffix"):
+        check_draft(draft, cfg)
 
 
 def check_speculate_k(k: object) -> int:
@@ -105,6 +124,27 @@ class Speculator:
                                                     self.emitted + len(seqs), self.steps + 1)
         self.drafts[0] = self.drafts.get(0, 0) + len(seqs)
 
+    def execute(self, work: ScheduledStep) -> list[StepOutput]:
+        """One engine step's execute half, in work.seqs' order: the decodes' drafts verified in one
+        varlen pass, the prefill chunks in another; when nobody drafts (an adaptive proposer chose
+        d = 0 for all), one plain step for all of them, with no verify pass."""
+        prop = self.propose(work.decodes) if work.decodes else None
+        if prop is None or not any(prop.tokens):
+            if work.decodes:
+                self.plain_step(work.decodes)
+            return self._observed(work.seqs, run_step(self.runner, work.seqs, work.num_new))
+        out = self.step(work.decodes, prop)
+        if work.prefills:
+            out += self._observed(work.prefills, run_step(self.runner, work.prefills, work.chunks))
+        return out
+
+    def _observed(self, seqs: list[Sequence], out: list[StepOutput]) -> list[StepOutput]:
+        """Hand a proposer that reads the target's hidden states (MTP) those of the pass just run."""
+        observe = getattr(self.proposer, "observe", None)
+        if observe is not None:
+            observe(seqs, self.runner.last_batch, self.runner.last_hidden)
+        return out
+
     def step(self, seqs: list[Sequence], prop: Optional[Proposal] = None) -> list[StepOutput]:
         """One speculative decode step (a sequence without drafts is a verify of 0 drafts): per
         sequence, the tokens to emit (the kept drafts, then the corrected or bonus token) with their
@@ -121,6 +161,7 @@ class Speculator:
             for s, L in zip(seqs, lengths):
                 del s.token_ids[L:]
         logits = self.runner.execute(batch, all_logits=True)                         # (T, V)
+        self._observed(seqs, [])
         for s, n in zip(seqs, num_new):
             s.advance(n)
         accepted, tokens = self.verify(seqs, prop, logits)

@@ -181,7 +181,8 @@ def hf_sources(name: str, arch: Optional[str] = None) -> list[str]:
 
 def mtp_layers(names: Iterable[str], num_layers: int, num_mtp: int) -> set[int]:
     """DeepSeek-V3's multi-token-prediction layers: the indices num_layers .. num_layers + num_mtp - 1
-    that hold an eh_proj (the MTP block's own projection). The model does not run them."""
+    that hold an eh_proj (the MTP block's own projection). The main model does not run them; draft="mtp"
+    loads the first as a draft (loading/mtp.py)."""
     names = list(names)
     return {i for i in range(num_layers, num_layers + num_mtp)
             if any(f"layers.{i}.eh_proj." in n for n in names)}
@@ -194,10 +195,10 @@ def _benign_extra(name: str, tied: bool, mtp: set[int]) -> bool:
     return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) in mtp
 
 
-def load_weights(model: torch.nn.Module, reader: TensorReader, num_layers: int, tied: bool,
-                 dtype: torch.dtype, device: torch.device, progress: bool = False) -> None:
-    """Fill every parameter of `model` (allocated on `device`) from the checkpoint, checking names
-    and shapes; tensors the model does not use are an error unless known to be harmless."""
+def fill_parameters(model: torch.nn.Module, reader: TensorReader, device: torch.device,
+                    progress: bool = False) -> set[str]:
+    """Fill each parameter of `model` from its Hugging Face tensor(s) (shapes checked); returns the
+    tensor names read. (Our name `layers.N.x` is the checkpoint's `model.layers.N.x`.)"""
     used: set[str] = set()
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=True)]
     arch = getattr(getattr(model, "cfg", None), "architecture", None)
@@ -227,6 +228,14 @@ def load_weights(model: torch.nn.Module, reader: TensorReader, num_layers: int, 
                 param.data[row:row + shape[0]].copy_(t.to(device=device, dtype=param.dtype))
                 row += shape[0]
         used.update(sources)
+    return used
+
+
+def load_weights(model: torch.nn.Module, reader: TensorReader, num_layers: int, tied: bool,
+                 dtype: torch.dtype, device: torch.device, progress: bool = False) -> None:
+    """Fill every parameter of `model` (allocated on `device`) from the checkpoint, checking names
+    and shapes; tensors the model does not use are an error unless known to be harmless."""
+    used = fill_parameters(model, reader, device, progress)
     mtp = mtp_layers(reader.where, num_layers, getattr(getattr(model, "cfg", None), "num_mtp_layers", 0))
     extra = sorted(n for n in reader.where if n not in used and not _benign_extra(n, tied, mtp))
     if extra:
