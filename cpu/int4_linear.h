@@ -2,18 +2,20 @@
 // (tinyinfer/ops/int4_format.py: tiles of 16 output rows x 64 k, 512 bytes each; W = (q - z) s, or
 // q s + m for GGUF Q4_1's float offset). The layout's byte order is matched by permuting x once per
 // call, not the weights, so the layer's tensors are the only INT4 form on the CPU (no repacked copy).
-// Up to kInt4DequantizeRows rows (decode, verify): integer dot products -- x quantized per weight group
-// to int16 (a = max|x_g| / 32767, x ~ a xq) and
+// One row (decode at batch 1, memory-bound): integer dot products -- x quantized per weight group to
+// int16 (a = max|x_g| / 32767, x ~ a xq) and
 //   y[n] = sum_g s[n,g] a[g] sum_{k in g} q[n,k] xq[k]  +  b[n,g] a[g] sum_{k in g} xq[k]   (b = m or -z s),
 // the exact product of the dequantized weights with the quantized activations, its integer part
 // through AVX-512 VNNI (vpdpwssd, int16 pairs into int32; llama.cpp's Q8 dot products use vpdpbusd on
 // int8, ggml-quants.c: int16 keeps 15 bits of each group); error <= sum_k a[g(k)] / 2 |w_k| plus
-// float32 rounding. From there on, bfloat16 x: each tile row's weights dequantized once (float32, the
-// reference's values, rounded to bfloat16: error <= 2^-9 sum_k |x_k w_k|) and multiplied into every
-// row by AVX512-BF16 dot products (cpu/int4_tiles.h). Either way a row's result does not depend on
+// float32 rounding. From kInt4DequantizeRows rows on (verify, batches, prefill): each tile row's
+// weights dequantized once per call into float32 -- the reference's values exactly -- and multiplied
+// into every row by float32 FMAs (cpu/int4_tiles.h; measured faster than int16 dot products from 2
+// rows on, docs/cpu-performance.md), error float32 rounding only. A row's result does not depend on
 // the rows beside it within a path, nor on the thread count: the tiles of 16 outputs are split across
 // threads (at::parallel_for), each tile's weights read from memory once per call. Without AVX-512 BW
-// a scalar loop computes the integer path's sums. tests/test_int4_vnni.py holds both to float64.
+// a scalar loop computes the integer path's sums for every row. tests/test_int4_vnni.py holds both
+// to float64.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -124,15 +126,14 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
   const int64_t N = NT * kInt4TileN, Kp = KB * kInt4TileK;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  // Several rows of bfloat16 x: weights dequantized once per tile row (int4_tile_bf16), else the
-  // activations quantized to int16 (rows then do not share the weights' unpacking).
-#if defined(__AVX512BF16__)
-  const bool dequantize = x.scalar_type() == at::kBFloat16 && M >= kInt4DequantizeRows;
+  // Several rows: weights dequantized once per tile row (int4_tile_float); one: x quantized to int16.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const bool dequantize = M >= kInt4DequantizeRows;
 #else
   const bool dequantize = false;
 #endif
   std::vector<int16_t> xp(dequantize ? 0 : M * Kp);
-  std::vector<uint16_t> xb(dequantize ? M * Kp : 0);
+  std::vector<float> xf(dequantize ? M * Kp : 0);
   std::vector<float> a(M * ng), xs(M * ng);
   TINYINFER_CPU_DISPATCH(x.scalar_type(), "int4_linear", [&] {
     const scalar_t* xd = xc.const_data_ptr<scalar_t>();
@@ -143,10 +144,9 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
                             xs.data() + m * ng);
           continue;
         }
-        const uint16_t* bits = reinterpret_cast<const uint16_t*>(xd + m * K);   // bfloat16
-        for (int64_t k = 0; k < Kp; ++k) {
+        for (int64_t k = 0; k < Kp; ++k) {                  // x in each tile's byte order
           const int64_t src = (k / kInt4TileK) * kInt4TileK + int4_kofs(k % kInt4TileK);
-          xb[m * Kp + k] = src < K ? bits[src] : 0;
+          xf[m * Kp + k] = src < K ? load(xd + m * K + src) : 0.f;
         }
       }
     });
@@ -156,19 +156,19 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
       using S = std::remove_const_t<std::remove_pointer_t<decltype(sc)>>;
       at::parallel_for(0, NT, 1, [&](int64_t t0, int64_t t1) {
         std::vector<float> off(dequantize ? 0 : M * 16);
-#if defined(__AVX512BF16__)
-        std::vector<__m512i> wb(dequantize ? KB * 32 : 0);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        std::vector<__m512> wf(dequantize ? KB * 64 : 0);
 #endif
         float out[16];
         for (int64_t nt = t0; nt < t1; ++nt) {
           const S* st = sc + nt * ng * 16;
           const uint8_t* wt = wd + nt * KB * kInt4TileBytes;
           scalar_t* yt = yd + nt * 16;
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
           if (dequantize) {
-            int4_tile_bf16(wt, st, zp + nt * ng * 16, KB, group_size, wb.data());
+            int4_tile_float(wt, st, zp + nt * ng * 16, KB, group_size, wf.data());
             for (int64_t m = 0; m < M; ++m) {
-              int4_bf16_row(wb.data(), KB, xb.data() + m * Kp, out);
+              int4_float_row(wf.data(), KB, xf.data() + m * Kp, out);
               for (int64_t r = 0; r < 16; ++r) yt[m * N + r] = static_cast<scalar_t>(out[r]);
             }
             continue;
