@@ -16,6 +16,7 @@
 
 #include <vector>
 
+#include "int4_linear.h"
 #include "norm.h"
 #include "paged_attention.h"
 #include "rope_store_kv.h"
@@ -29,6 +30,7 @@ enum LinearKind : int64_t {
   kTransposed = 2,   // a = (K, N) row-major copy, one row: x @ a
   kDequantized = 3,  // a = float32 (N, K): (x.float() @ a.T).to(x.dtype)
   kDense = 4,        // a = (N, K): at::linear
+  kInt4 = 5,         // a = qweight, b = scales of the INT4 kernel layout; the zeros trail the list
 };
 
 // mkldnn::_linear_pointwise(x, w, None, "none", [], ""), as ops/cpu_matmul.py calls it; it is not an
@@ -50,8 +52,9 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
 
 // x (M, K) -> (M, N) through the form `kind` of the weight.
 inline at::Tensor linear_by(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b,
-                            int64_t group) {
+                            int64_t group, const at::Tensor* zeros = nullptr) {
   switch (kind) {
+    case kInt4: return int4_linear(x, a, b, *zeros, group);
     case kInt4Pack: return at::_weight_int4pack_mm_for_cpu(x.contiguous(), a, group, b);
     case kOneDnn: return onednn_linear(x, a);
     case kTransposed: return at::mm(x, a);
@@ -62,7 +65,8 @@ inline at::Tensor linear_by(const at::Tensor& x, int64_t kind, const at::Tensor&
 }
 
 // x (T, hidden): the step's embeddings. weights: per layer [input norm (hidden,), post-attention norm
-// (hidden,), then (a, b) for qkv, o, gate_up, down] (10 tensors), then the final norm's weight;
+// (hidden,), then (a, b) for qkv, o, gate_up, down] (10 tensors), then the final norm's weight, then
+// the zeros of each kInt4 linear in order (its kernel takes three tensors, a pair slot holds two);
 // kinds / groups: 4 per layer (LinearKind, INT4 group size). dims = [Hq, Hkv, D]. The caches, the
 // block tables and the step's metadata as the per-op path passes them; k_scales / v_scales: a quantized
 // cache's scales per layer (empty: a model-dtype cache), as rope_store_kv and paged_attention take them.
@@ -76,7 +80,7 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
                                 double scale, at::TensorList k_scales, at::TensorList v_scales) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(x.dim() == 2 && dims.size() == 3 && static_cast<int64_t>(v_caches.size()) == L &&
-                  static_cast<int64_t>(weights.size()) == 10 * L + 1 &&
+                  static_cast<int64_t>(weights.size()) >= 10 * L + 1 &&
                   static_cast<int64_t>(kinds.size()) == 4 * L && static_cast<int64_t>(groups.size()) == 4 * L,
               "decode_layers: ", L, " layers need 10 per layer + 1 weights and 4 kinds and groups per "
               "layer, got ", weights.size(), ", ", kinds.size(), ", ", groups.size());
@@ -87,6 +91,14 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
   const int64_t T = x.size(0), Hq = dims[0], Hkv = dims[1], D = dims[2];
   const std::vector<int64_t> splits = {Hq * D, Hkv * D, Hkv * D};
   at::Tensor h, stream = x, out = x;
+  int64_t int4_zeros = 10 * L + 1;                       // the next kInt4 linear's zeros
+  auto linear = [&](const at::Tensor& in, int64_t kind, const at::Tensor& a, const at::Tensor& b,
+                    int64_t g) {
+    if (kind != kInt4) return linear_by(in, kind, a, b, g);
+    TORCH_CHECK(int4_zeros < static_cast<int64_t>(weights.size()), "decode_layers: the zeros of INT4 "
+                "linear ", int4_zeros - 10 * L, " are missing from the weight list");
+    return linear_by(in, kind, a, b, g, &weights[int4_zeros++]);
+  };
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + 10 * l;
     const int64_t* kind = kinds.data() + 4 * l;
@@ -97,7 +109,7 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
       std::tie(h, stream) = fused_add_rmsnorm(out, stream, w[0], eps);
     }
     // Attention (layers/attention.py: MultiHeadAttention.forward).
-    const at::Tensor qkv = linear_by(h, kind[0], w[2], w[3], group[0]);          // (T, (Hq + 2 Hkv) D)
+    const at::Tensor qkv = linear(h, kind[0], w[2], w[3], group[0]);             // (T, (Hq + 2 Hkv) D)
     const std::vector<at::Tensor> parts = qkv.split_with_sizes(splits, -1);
     const std::optional<at::Tensor> ks = scaled ? std::optional(k_scales[l]) : std::nullopt;
     const std::optional<at::Tensor> vs = scaled ? std::optional(v_scales[l]) : std::nullopt;
@@ -106,12 +118,12 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
                                 v_caches[l], slot_mapping, ks, vs);
     const at::Tensor att = paged_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens,
                                            query_start_loc, scale, ks, vs);        // (T, Hq, D)
-    h = linear_by(att.reshape({T, Hq * D}), kind[1], w[4], w[5], group[1]);
+    h = linear(att.reshape({T, Hq * D}), kind[1], w[4], w[5], group[1]);
     std::tie(h, stream) = fused_add_rmsnorm(h, stream, w[1], eps);
     // SwiGLU (layers/mlp.py; ops/reference.py: silu_and_mul).
-    const at::Tensor gate_up = linear_by(h, kind[2], w[6], w[7], group[2]);      // (T, 2F)
+    const at::Tensor gate_up = linear(h, kind[2], w[6], w[7], group[2]);      // (T, 2F)
     const std::vector<at::Tensor> gu = gate_up.chunk(2, -1);
-    out = linear_by(at::silu(gu[0]).mul_(gu[1]), kind[3], w[8], w[9], group[3]);
+    out = linear(at::silu(gu[0]).mul_(gu[1]), kind[3], w[8], w[9], group[3]);
   }
   return std::get<0>(fused_add_rmsnorm(out, stream, weights[10 * L], eps));
 }

@@ -4,10 +4,12 @@
 // paged cache in place (cpu/paged_attention.h); rope_store_kv and store_kv repeat their references
 // bit for bit (cpu/rope_store_kv.h), and so do the norms (cpu/norm.h: the reference's ATen calls);
 // decode_layers runs a whole decode step through them (cpu/decode_step.h); q8_linear is the Q8_0
-// lm_head (cpu/q8_linear.h).
+// lm_head (cpu/q8_linear.h); int4_linear multiplies by an INT4 layer's own kernel layout through
+// integer dot products (cpu/int4_linear.h).
 #include <torch/library.h>
 
 #include "decode_step.h"
+#include "int4_linear.h"
 #include "norm.h"
 #include "paged_attention.h"
 #include "q8_linear.h"
@@ -36,6 +38,7 @@ TINYINFER_LIBRARY(TINYINFER_CPU_LIB, m) {
         "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
         "float scale, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor packed, Tensor scales, int n) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
 }
 
 TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
@@ -46,6 +49,7 @@ TINYINFER_LIBRARY_IMPL(TINYINFER_CPU_LIB, CPU, m) {
   m.impl("fused_add_rmsnorm", &tinyinfer_cpu::fused_add_rmsnorm);
   m.impl("decode_layers", &tinyinfer_cpu::decode_layers);
   m.impl("q8_linear", &tinyinfer_cpu::q8_linear);
+  m.impl("int4_linear", &tinyinfer_cpu::int4_linear);
 }
 
 // decode_layers takes oneDNN-reordered weights (opaque mkldnn tensors), which dispatch as MkldnnCPU.

@@ -1,6 +1,7 @@
 """The CPU kernel of ops.int4_linear (ops/cpu_matmul.py) against the op's reference and float64: bfloat16
-activations run PyTorch's CPU INT4 matmul (aten._weight_int4pack_mm_for_cpu) within the documented
-bfloat16 bound, for both zero conventions (integer zero point; GGUF Q4_1's float offset); float32 /
+activations run the C++ INT4 kernel (tests/test_int4_vnni.py holds it to its own, tighter bound) or,
+without the C++ library, PyTorch's CPU INT4 matmul (aten._weight_int4pack_mm_for_cpu), both within the
+documented bfloat16 bound of the latter, for both zero conventions (integer zero point; GGUF Q4_1's float offset); float32 /
 float16 activations give the reference's values bit for bit; a changed weight is never served stale."""
 import pytest
 import torch

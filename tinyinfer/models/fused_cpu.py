@@ -27,7 +27,7 @@ from tinyinfer.layers.attention import AttentionMetadata, MultiHeadAttention
 from tinyinfer.layers.linear import Int4Linear, Linear
 from tinyinfer.layers.mlp import SwiGLU
 from tinyinfer.ops.cpu import CPU_KERNEL_DTYPES
-from tinyinfer.ops.cpu_matmul import int4_form, linear_form
+from tinyinfer.ops.cpu_matmul import INT4, int4_form, linear_form
 from tinyinfer.ops.kv_quant import is_quantized
 from tinyinfer.ops.limits import MAX_KERNEL_Q_LEN
 
@@ -84,6 +84,7 @@ def plan(model: nn.Module, rows: int) -> Plan:
         weights: list[Tensor] = []
         kinds: list[int] = []
         groups: list[int] = []
+        int4_zeros: list[Tensor] = []              # after the final norm, in order (decode_step.h)
         for layer in model.layers:
             weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj,
@@ -92,7 +93,10 @@ def plan(model: nn.Module, rows: int) -> Plan:
                 weights += [a, b]
                 kinds.append(kind)
                 groups.append(group)
+                if kind == INT4:
+                    int4_zeros.append(m.zeros)
         weights.append(model.norm.weight)
+        weights += int4_zeros
         plans[key] = (weights, kinds, groups)
     return plans[key]
 

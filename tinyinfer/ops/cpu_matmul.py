@@ -7,9 +7,11 @@ linear: float32 / bfloat16 weights reordered once into oneDNN's blocked layout, 
 PyTorch's own compiler uses for CPU linears (MKL's sgemm, torch's default, is 1.5-2x slower on this
 project's AMD machine: docs/cpu-performance.md). Results: within float32 rounding of float64.
 
-int4_linear: bfloat16 activations run PyTorch's CPU INT4 matmul on a repacked weight (its error bound at
-`tinygemm_weights`); float32 / float16 activations multiply by the weight dequantized once to float32,
-the reference's own values, bit for bit. Memory: each converted copy sits beside the weight.
+int4_linear: bfloat16 activations run the C++ library's INT4 kernel (cpu/int4_linear.h: integer dot
+products on the layer's own kernel layout, no second copy; its error bound there), or where the library
+cannot be built PyTorch's CPU INT4 matmul on a repacked weight (its bound at `tinygemm_weights`); float32
+/ float16 activations multiply by the weight dequantized once to float32, the reference's own values,
+bit for bit. Memory: each converted copy sits beside the weight.
 
 linear_form / int4_form: which of these forms a call with `rows` rows would multiply by, as data, for
 the fused decode step (cpu/decode_step.h), which makes the same ATen call from C++.
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from tinyinfer.extensions import cpu as cpu_kernels
 from tinyinfer.ops.int4_format import dequantize_kernel_layout, from_kernel_layout
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -88,7 +91,8 @@ def convert_linear(weight: Tensor) -> None:
 def convert_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int, dtype: torch.dtype) -> None:
     """At load: the form int4_linear_cpu multiplies by for `dtype` activations."""
     if dtype == torch.bfloat16:
-        tinygemm_weights(qweight, scales, zeros, k)
+        if cpu_kernels.library() is None:
+            tinygemm_weights(qweight, scales, zeros, k)
     else:
         _dequantized(qweight, scales, zeros, k)
 
@@ -170,6 +174,9 @@ def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
     if x.dtype != torch.bfloat16:
         w = _dequantized(qweight, scales, zeros, k)                                   # (N, K) fp32
         return (x.float() @ w.T).to(x.dtype)
+    lib = cpu_kernels.library()
+    if lib is not None:
+        return lib.int4_linear.default(x, qweight, scales, zeros, group_size)          # (M, N) bf16
     packed, scale_and_zero = tinygemm_weights(qweight, scales, zeros, k)
     if m == 0:
         return x.new_empty(0, packed.shape[0])
@@ -177,8 +184,8 @@ def int4_linear_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor,
                                                      scale_and_zero)                  # (M, N) bf16
 
 
-# The forms of cpu/decode_step.h (LinearKind): (kind, a, b, group size).
-INT4_PACK, ONEDNN_FORM, TRANSPOSED, DEQUANTIZED, DENSE = range(5)
+# The forms of cpu/decode_step.h (LinearKind): (kind, a, b, group size); INT4 takes the zeros too.
+INT4_PACK, ONEDNN_FORM, TRANSPOSED, DEQUANTIZED, DENSE, INT4 = range(6)
 
 
 def linear_form(weight: Tensor, dtype: torch.dtype, rows: int) -> tuple[int, Tensor, Tensor, int]:
@@ -198,5 +205,7 @@ def int4_form(qweight: Tensor, scales: Tensor, zeros: Tensor, k: int, group_size
     if dtype != torch.bfloat16:
         w = _dequantized(qweight, scales, zeros, k)
         return DEQUANTIZED, w, w, 0
+    if cpu_kernels.library() is not None:
+        return INT4, qweight, scales, group_size
     packed, scale_and_zero = tinygemm_weights(qweight, scales, zeros, k)
     return INT4_PACK, packed, scale_and_zero, group_size
