@@ -93,8 +93,7 @@ inline void row_weighted_sum(const float* w, const float* const* values, int64_t
 
 // Pointers to the float32 rows of positions 0..L of one sequence and KV head: the cache rows themselves
 // for a float32 cache, else rows converted once into `buffer` -- times their scale for a quantized
-// cache (`scale`: this head's scale of slot (block, offset) at block * ss0 + offset * ss1; fp8's
-// per-layer scale has ss0 = ss1 = 0).
+// cache (`scale`: this head's scale of slot (block, offset) at block * ss0 + offset * ss1).
 template <typename C>
 void cache_rows(const C* base, const int32_t* table, int64_t L, int64_t BS, int64_t NB, int64_t s0,
                 int64_t s1, int64_t width, std::vector<float>& buffer, std::vector<const float*>& rows,
@@ -138,12 +137,12 @@ struct HeadScales {
   int64_t s0 = 0, s1 = 0, s2 = 0;
   explicit HeadScales(const std::optional<at::Tensor>& t) {
     if (!t.has_value()) return;
-    TORCH_CHECK(t->scalar_type() == at::kHalf && (t->dim() == 1 || t->dim() == 3),
-                "paged_attention: kv cache scales must be float16, (Hkv,) or (blocks, block_size, Hkv)");
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 3,
+                "paged_attention: kv cache scales must be float16 (blocks, block_size, Hkv)");
     p = t->const_data_ptr<c10::Half>();
-    s0 = t->dim() == 3 ? t->stride(0) : 0;
-    s1 = t->dim() == 3 ? t->stride(1) : 0;
-    s2 = t->stride(t->dim() - 1);
+    s0 = t->stride(0);
+    s1 = t->stride(1);
+    s2 = t->stride(2);
   }
   const c10::Half* head(int64_t h) const { return p == nullptr ? nullptr : p + h * s2; }
 };

@@ -55,36 +55,35 @@ void write_slots(const at::Tensor& src, at::Tensor& cache, const int64_t* slots)
   }
 }
 
-// A quantized cache's scales as (NB, BS, H) strides: the int8 per-slot tensor, or fp8's (H,) per layer
-// and head (strides 0, 0, s) -- one indexing for both (tinyinfer/ops/kv_quant.py).
+// A quantized cache's scales, one per slot and head: (NB, BS, H) float16 (tinyinfer/ops/kv_quant.py).
 struct SlotScales {
   c10::Half* p;
   int64_t s0, s1, s2;
   SlotScales(const at::Tensor& t) : p(t.data_ptr<c10::Half>()) {
-    TORCH_CHECK(t.scalar_type() == at::kHalf && (t.dim() == 1 || t.dim() == 3),
-                "kv cache scales must be float16, (H,) or (blocks, block_size, H); got ", t.sizes());
-    s0 = t.dim() == 3 ? t.stride(0) : 0;
-    s1 = t.dim() == 3 ? t.stride(1) : 0;
-    s2 = t.stride(t.dim() - 1);
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.dim() == 3,
+                "kv cache scales must be float16 (blocks, block_size, H); got ", t.scalar_type(), " ", t.sizes());
+    s0 = t.stride(0);
+    s1 = t.stride(1);
+    s2 = t.stride(2);
   }
   c10::Half* at(int64_t block, int64_t offset, int64_t h) const { return p + block * s0 + offset * s1 + h * s2; }
 };
 
-// One row x[0..D) quantized into q[0..D): int8 with its own scale (amax / 127 rounded to float16, at
-// least 2^-14, written to *scale), or fp8 e4m3 with the layer's fixed *scale; the reference's float32
-// steps in order (divide by the stored scale, round half to even / clamp, cast).
+// One row x[0..D) quantized into q[0..D) with its own scale (amax / 127 for int8, / 448 for fp8 e4m3,
+// rounded to float16, at least 2^-14, written to *scale); the reference's float32 steps in order
+// (divide by the stored scale, round half to even / clamp, cast).
 template <typename T, typename C>
 inline void quantize_row(const T* x, C* q, int64_t D, c10::Half* scale) {
+  constexpr float qmax = std::is_same_v<C, int8_t> ? 127.f : 448.f;
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(load(x + d)));
+  const c10::Half s(std::min(std::max(amax / qmax, 6.103515625e-05f), 65504.f));
+  *scale = s;
+  const float sf = static_cast<float>(s);
   if constexpr (std::is_same_v<C, int8_t>) {
-    float amax = 0.f;
-    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(load(x + d)));
-    const c10::Half s(std::min(std::max(amax / 127.f, 6.103515625e-05f), 65504.f));
-    *scale = s;
-    const float sf = static_cast<float>(s);
     for (int64_t d = 0; d < D; ++d)
       q[d] = static_cast<int8_t>(std::min(std::max(std::nearbyint(load(x + d) / sf), -127.f), 127.f));
   } else {
-    const float sf = static_cast<float>(*scale);
     for (int64_t d = 0; d < D; ++d)
       q[d] = C(std::min(std::max(load(x + d) / sf, -448.f), 448.f));
   }

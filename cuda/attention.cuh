@@ -138,7 +138,7 @@ struct PagedAttentionArgs {
   PagedAttentionDtype dtype;
   bool v_aliases_k;                                   // v is k's first Dv columns: load rows once
   // A quantized cache (cuda/kv_quant.cuh): k / v hold int8 or fp8 bytes (strides in bytes), read as
-  // byte x its float16 scale at k_scale[block * ks0 + offset * ks1 + head * ks2] (fp8: ks0 = ks1 = 0).
+  // byte x its float16 scale at k_scale[block * ks0 + offset * ks1 + head * ks2].
   int kv_quant;                                       // kKVNone (0), kKVInt8, kKVFp8
   const void* k_scale; int64_t ks0, ks1, ks2;
   const void* v_scale; int64_t vs0, vs1, vs2;

@@ -18,18 +18,15 @@ int kv_quant_kind(const Tensor& cache) {
   return tinyinfer::kKVNone;
 }
 
-// A quantized cache's scales: float16 on the cache's device, (NB, BS, H) for int8, (H,) for fp8; their
-// strides as (block, offset, head) in elements (fp8: 0, 0, h).
+// A quantized cache's scales: float16 on the cache's device, (NB, BS, H); their strides as (block, offset,
+// head) in elements.
 tinyinfer::CacheStrides check_kv_scale(const Tensor& scale, const Tensor& cache, const char* op, const char* name) {
-  const bool int8 = kv_quant_kind(cache) == tinyinfer::kKVInt8;
   TORCH_CHECK(scale.scalar_type() == torch::kFloat16 && scale.device() == cache.device(), op, ": ", name,
               " must be float16 on ", cache.device(), ", got ", scale.scalar_type(), " on ", scale.device());
-  const bool shape_ok = int8 ? scale.dim() == 3 && scale.size(0) == cache.size(0) && scale.size(1) == cache.size(1) &&
-                                   scale.size(2) == cache.size(2)
-                             : scale.dim() == 1 && scale.size(0) == cache.size(2);
+  const bool shape_ok = scale.dim() == 3 && scale.size(0) == cache.size(0) && scale.size(1) == cache.size(1) &&
+                        scale.size(2) == cache.size(2);
   TORCH_CHECK(shape_ok, op, ": ", name, " has shape ", scale.sizes(), "; a ", cache.scalar_type(), " cache ",
-              cache.sizes(), " takes ", int8 ? "(blocks, block_size, kv heads)" : "(kv heads,)", " scales");
-  if (!int8) return {0, 0, scale.stride(0)};
+              cache.sizes(), " takes (blocks, block_size, kv heads) scales");
   return {scale.stride(0), scale.stride(1), scale.stride(2)};
 }
 

@@ -1,6 +1,5 @@
 // kv_quant.cuh -- the quantized KV cache's element formats on the GPU (tinyinfer/ops/kv_quant.py states the
-// arithmetic; docs/kv-cache.md why): int8 rows with a float16 scale per (token, head), fp8 e4m3 rows with a
-// float16 scale per (layer, head). Free of CUDA runtime calls, so tests/host/emulate_kv_quant.cpp runs this
+// arithmetic; docs/kv-cache.md why): int8 or fp8 e4m3 rows, each with a float16 scale per (token, head). Free of CUDA runtime calls, so tests/host/emulate_kv_quant.cpp runs this
 // very code on the CPU:
 //   * fp8_e4m3_encode / fp8_e4m3_decode: e4m3fn (Micikevicius et al., 2022) from its bit layout, round to
 //     nearest even, subnormals kept -- torch's float8_e4m3fn cast for the clamped values the write makes;
@@ -25,8 +24,8 @@ struct StoreKVQuantParams {
   int64_t src_token_stride[2], src_head_stride[2];
   uint8_t* cache[2];            // (NB, BS, H, D|Dv) int8 / fp8 bytes
   CacheStrides cache_strides[2];
-  void* scale[2];               // float16: int8 (NB, BS, H), fp8 (H,); element strides below
-  int64_t scale_strides[2][3];  // block, offset, head (fp8: 0, 0, h)
+  void* scale[2];               // float16 (NB, BS, H); element strides below
+  int64_t scale_strides[2][3];  // block, offset, head
   int64_t width[2];             // D, Dv
   const int64_t* slot_mapping;  // (T,), -1 = padding
   int64_t num_tokens, num_heads, num_blocks, block_size;
@@ -81,20 +80,20 @@ __device__ inline uint8_t fp8_e4m3_encode(float x) {
   return sign | static_cast<uint8_t>((((ab >> 23) - 120) << 3) | ((ab >> 20) & 7));
 }
 
-// One row x[0..n) (stride 1, type T) into q[0..n): int8 with its scale written to *scale (amax / 127 as
-// float16, at least 2^-14), or fp8 with the layer's *scale read. x / s rounds half to even (rintf).
+// One row x[0..n) (stride 1, type T) into q[0..n), its scale written to *scale (amax / 127 for int8,
+// / 448 for fp8, as float16, at least 2^-14). x / s rounds half to even (rintf).
 template <typename T>
 __device__ inline void quantize_kv_row(const T* x, uint8_t* q, int64_t n, __half* scale, int kind) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(to_float(x[i])));
+  const float qmax = kind == kKVInt8 ? 127.f : 448.f;
+  const __half s = __float2half_rn(fminf(fmaxf(amax / qmax, 6.103515625e-05f), 65504.f));
+  *scale = s;
+  const float sf = __half2float(s);
   if (kind == kKVInt8) {
-    float amax = 0.f;
-    for (int64_t i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(to_float(x[i])));
-    const __half s = __float2half_rn(fminf(fmaxf(amax / 127.f, 6.103515625e-05f), 65504.f));
-    *scale = s;
-    const float sf = __half2float(s);
     for (int64_t i = 0; i < n; ++i)
       q[i] = static_cast<uint8_t>(static_cast<int8_t>(fminf(fmaxf(rintf(to_float(x[i]) / sf), -127.f), 127.f)));
   } else {
-    const float sf = __half2float(*scale);
     for (int64_t i = 0; i < n; ++i) q[i] = fp8_e4m3_encode(fminf(fmaxf(to_float(x[i]) / sf, -448.f), 448.f));
   }
 }

@@ -36,9 +36,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "CPU, 80%% of the GPU memory free after loading on a GPU; never more than "
                         "max context x --max-num-seqs tokens)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default="auto",
-                   help="the KV cache's values: auto (the model dtype), fp8 (e4m3, a scale per layer and "
-                        "head, calibrated at load) or int8 (a scale per token and head): about twice "
-                        "the tokens in the same memory (docs/kv-cache.md)")
+                   help="the KV cache's values: auto (the model dtype), fp8 (e4m3) or int8, each with "
+                        "a scale per token and head: about twice the tokens in the same memory "
+                        "(docs/kv-cache.md)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps as CUDA graphs (default: on with a CUDA device); "
                         "--no-cuda-graphs launches every kernel from Python, to compare")

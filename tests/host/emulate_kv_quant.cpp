@@ -3,8 +3,9 @@
 // run by tests/test_emulated_kernels.py:  g++ -std=c++17 -I cuda -I tests/host emulate_kv_quant.cpp
 //   1. e4m3: every byte decodes to (-1)^s 2^(e-7) (1 + m/8) (e > 0) or m 2^-9 (e = 0), 0x7F / 0xFF NaN;
 //      encode(x) is the nearest finite e4m3 value (ties to an even mantissa) for 100k values in +-448.
-//   2. the K/V write (store_kv_quant_row, every dtype): int8 s = fp16(max(amax / 127, 2^-14)) and
-//      q = round_half_even(x / s) in float64; fp8 = the nearest e4m3 of x / s; -1 slots untouched.
+//   2. the K/V write (store_kv_quant_row, every dtype): s = fp16(max(amax / 127 (int8) or 448 (fp8),
+//      2^-14)); int8 q = round_half_even(x / s) in float64, fp8 = the nearest e4m3 of x / s; -1 slots
+//      untouched.
 //   3. paged attention over int8 / fp8 caches (GQA decode, verify, MLA's aliased latent rows): float64
 //      attention of the dequantized values (byte x scale); NaN in every unowned slot of the caches' scales.
 #define TINYINFER_EMULATE 1
@@ -65,8 +66,7 @@ void test_store(std::mt19937& rng, int kind) {
   std::vector<T> k(Tn * H * D);
   for (size_t i = 0; i < k.size(); ++i) k[i] = to_t<T>(normal(rng) * std::ldexp(1.f, int(i / (H * D)) - 4));
   std::vector<uint8_t> cache(NB * BS * H * D, 0xAB);
-  std::vector<__half> scales(kind == kKVInt8 ? NB * BS * H : H);
-  for (int h = 0; h < H && kind == kKVFp8; ++h) scales[h] = __float2half_rn(0.01f * (h + 1));
+  std::vector<__half> scales(NB * BS * H);
   std::vector<int64_t> slots = {5, 0, -1, 31, 12, 7, 20, 1, 30};
   StoreKVQuantParams p{};
   p.src[0] = k.data();
@@ -75,7 +75,8 @@ void test_store(std::mt19937& rng, int kind) {
   p.cache[0] = cache.data();
   p.cache_strides[0] = {BS * H * D, H * D, D};
   p.scale[0] = scales.data();
-  if (kind == kKVInt8) { p.scale_strides[0][0] = BS * H; p.scale_strides[0][1] = H; }
+  p.scale_strides[0][0] = BS * H;
+  p.scale_strides[0][1] = H;
   p.scale_strides[0][2] = 1;
   p.width[0] = D;
   p.slot_mapping = slots.data();
@@ -89,9 +90,9 @@ void test_store(std::mt19937& rng, int kind) {
       const uint8_t* q = &cache[(slots[t] * H + h) * D];
       double amax = 0;
       for (int d = 0; d < D; ++d) amax = std::max(amax, std::fabs(double(to_float(k[(t * H + h) * D + d]))));
-      const double s = kind == kKVInt8 ? double(__half2float(__float2half_rn(float(std::max(amax / 127, std::ldexp(1.0, -14))))))
-                                       : double(__half2float(scales[h]));
-      if (kind == kKVInt8) check(__half2float(scales[slots[t] * H + h]) == s, "int8 scale", __half2float(scales[slots[t] * H + h]), s);
+      const double qmax = kind == kKVInt8 ? 127 : 448;
+      const double s = double(__half2float(__float2half_rn(float(std::max(amax / qmax, std::ldexp(1.0, -14))))));
+      check(__half2float(scales[slots[t] * H + h]) == s, "scale", __half2float(scales[slots[t] * H + h]), s);
       for (int d = 0; d < D; ++d) {
         const double r = double(to_float(k[(t * H + h) * D + d])) / s;
         if (kind == kKVInt8) {

@@ -22,14 +22,12 @@ void run_qcase(const QCase& c, std::mt19937& rng, int kind, int splits) {
   for (int i = 0; i < nb; ++i) perm[i] = i;
   std::shuffle(perm.begin(), perm.end(), rng);
   std::vector<uint8_t> kc(size_t(nb) * c.bs * c.hkv * c.d, 0x7f), vc(size_t(nb) * c.bs * c.hkv * std::max(vw, 1), 0x7f);
-  // Scales: int8 per slot (NaN where no sequence wrote), fp8 per head.
-  const size_t ns = kind == kKVInt8 ? size_t(nb) * c.bs * c.hkv : c.hkv;
+  // Scales per slot and head (NaN where no sequence wrote).
+  const size_t ns = size_t(nb) * c.bs * c.hkv;
   std::vector<__half> ksc(ns, __float2half_rn(NAN)), vsc(ns, __float2half_rn(NAN));
-  if (kind == kKVFp8)
-    for (int h = 0; h < c.hkv; ++h) { ksc[h] = __float2half_rn(0.011f * (h + 1)); vsc[h] = __float2half_rn(0.007f * (h + 2)); }
   std::vector<int32_t> table(size_t(B) * mb, -1);
   std::vector<std::vector<double>> dk(B), dv(B);
-  const int64_t ss0 = kind == kKVInt8 ? int64_t(c.bs) * c.hkv : 0, ss1 = kind == kKVInt8 ? c.hkv : 0;
+  const int64_t ss0 = int64_t(c.bs) * c.hkv, ss1 = c.hkv;
   int next = 0;
   std::vector<T> row(std::max(c.d, c.dv));
   for (int b = 0; b < B; ++b) {

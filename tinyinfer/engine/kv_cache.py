@@ -6,9 +6,8 @@ v_caches[i]: (num_blocks, block_size, n_kv_heads, v_head_dim), or None when the 
              latent row per token (MLA), whose V is a view of K.
 A quantized cache (kv_cache_dtype "fp8" / "int8", ops/kv_quant.py, docs/kv-cache.md) holds float8_e4m3fn
 or int8 values and float16 scales beside them:
-k_scales[i], v_scales[i]: fp8 (n_kv_heads,), one per layer and head, set once at load
-             (engine/kv_calibrate.py); int8 (num_blocks, block_size, n_kv_heads), one per token and head,
-             written with the row. None for the model dtype; MLA's V reads K's scales.
+k_scales[i], v_scales[i]: (num_blocks, block_size, n_kv_heads), one per token and head, written with
+             the row. None for the model dtype; MLA's V reads K's scales.
 
 Pool size (`pool_tokens`), the same for the same command on every run:
   * on a CPU, a fixed byte budget: DEFAULT_CPU_KV_BYTES = 4 GiB (vLLM's CPU backend default,
@@ -72,8 +71,7 @@ def available_bytes(device: torch.device) -> int:
 def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
     if kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not a KV cache type: give 'auto' (the "
-                         "model's dtype), 'fp8' (e4m3, a scale per layer and head) or 'int8' (a scale "
-                         "per token and head)")
+                         "model's dtype), 'fp8' (e4m3) or 'int8', each with a scale per token and head")
 
 
 class PagedKVCache:
@@ -95,8 +93,6 @@ class PagedKVCache:
         def scales(dims: Optional[tuple[int, int]]) -> Optional[torch.Tensor]:
             if kv_cache_dtype == "auto" or dims is None:
                 return None
-            if kv_cache_dtype == "fp8":          # 1.0 until engine/kv_calibrate.py sets it
-                return torch.ones(dims[0], dtype=SCALE_DTYPE, device=device)
             return new(num_blocks, block_size, dims[0], dtype=SCALE_DTYPE, device=device)
         self.k_scales = [scales(k_dims) for _ in range(num_layers)]
         self.v_scales = [scales(v_dims) if v_dims is not None else k for k in self.k_scales]
@@ -111,12 +107,12 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_token(num_layers: int, k_dims: tuple[int, int], v_dims: Optional[tuple[int, int]],
                         dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-        """Bytes one token takes in every layer: its K/V values, and for int8 their float16 scales (one
-        per head). fp8's scales are per layer and head, not per token (a few hundred bytes in all)."""
+        """Bytes one token takes in every layer: its K/V values, and for fp8 / int8 their float16 scales
+        (one per head)."""
         check_kv_cache_dtype(kv_cache_dtype)
         rows = [k_dims] + ([] if v_dims is None else [v_dims])
         values = sum(h * d for h, d in rows) * KV_CACHE_DTYPES.get(kv_cache_dtype, dtype).itemsize
-        scales = sum(h for h, _ in rows) * SCALE_DTYPE.itemsize if kv_cache_dtype == "int8" else 0
+        scales = sum(h for h, _ in rows) * SCALE_DTYPE.itemsize if kv_cache_dtype != "auto" else 0
         return num_layers * (values + scales)
 
 

@@ -31,7 +31,6 @@ from tinyinfer.engine.batch import build_batch
 from tinyinfer.engine.grammar import Grammars
 from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.kv_cache import check_kv_cache_dtype, parse_bytes
-from tinyinfer.engine.kv_calibrate import CALIBRATION_TEXT
 from tinyinfer.engine.locking import serialized_calls
 from tinyinfer.engine.model_runner import ModelRunner
 from tinyinfer.engine.output import RequestDelta, TextStream
@@ -88,13 +87,10 @@ class LLMEngine:
                              "leave it unset (or False) on the CPU")
         half = self.dtype in (torch.float16, torch.bfloat16)
         use_graphs = (self.device.type == "cuda" and half) if cuda_graphs is None else cuda_graphs
-        # KV cache type (docs/kv-cache.md); fp8's scales are calibrated at load on a fixed text.
-        fp8 = kv_cache_dtype == "fp8"
-        self._kv_calibration = tuple(self.tokenizer.encode(CALIBRATION_TEXT)) if fp8 else ()
         runner = load_runner(path, files, self.config, tensor_parallel_size, self.device, self.dtype,
                              quant, max_kv_tokens, block_size, use_graphs, group_size or 128, self._say,
                              kv_memory=kv_memory, max_num_seqs=max_num_seqs,
-                             kv_cache_dtype=kv_cache_dtype, kv_calibration=self._kv_calibration)
+                             kv_cache_dtype=kv_cache_dtype)
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:
@@ -122,7 +118,7 @@ class LLMEngine:
         """An engine around a model runner built elsewhere (benchmarks: random-weight models), with
         the scheduling options of __init__ (max_num_seqs, ..., enable_prefix_caching)."""
         engine = cls.__new__(cls)
-        engine.verbose, engine._kv_calibration = False, ()
+        engine.verbose = False
         engine._setup(runner, tokenizer, **options)
         return engine
 

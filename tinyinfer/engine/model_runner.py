@@ -10,7 +10,7 @@ shard and KV heads; its ranks agree on the number of blocks (engine/tensor_paral
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -19,7 +19,6 @@ from tinyinfer.config.model import ModelConfig
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.cuda_graphs import GraphRunner
 from tinyinfer.engine.kv_cache import PagedKVCache, check_kv_cache_dtype, check_pool_fits, pool_tokens
-from tinyinfer.engine.kv_calibrate import calibrate_fp8, fallback_ids
 from tinyinfer.loading.checkpoint import CheckpointFiles
 from tinyinfer.loading.shard import Shard
 from tinyinfer.loading.weights import load_model
@@ -49,14 +48,12 @@ class ModelRunner:
              cuda_graphs: bool = False, graph_pool: Optional[tuple] = None,
              say: Callable[[str], None] = lambda msg: None, group_size: int = 128,
              shard: Optional[Shard] = None, kv_memory: Optional[int] = None,
-             max_num_seqs: int = 256, kv_cache_dtype: str = "auto",
-             kv_calibration: Sequence[int] = ()) -> "ModelRunner":
+             max_num_seqs: int = 256, kv_cache_dtype: str = "auto") -> "ModelRunner":
         """Load the checkpoint's model on `device` (quant="int4": quantized at `group_size`) and
         allocate its KV cache: kv_tokens tokens, or when None `kv_memory` bytes (None: the default
         budget), at most max_context x max_num_seqs tokens (engine/kv_cache.py: the rule); with
         `shard`: that rank's shard, and the fewest tokens any rank holds. kv_cache_dtype "fp8" /
-        "int8" quantizes the cache (docs/kv-cache.md); fp8's scales are calibrated now from one
-        prefill of kv_calibration (token ids; engine/kv_calibrate.py)."""
+        "int8" quantizes the cache (docs/kv-cache.md)."""
         check_kv_cache_dtype(kv_cache_dtype)
         model = load_model(files, cfg, dtype, device, quant, group_size, say=say, shard=shard)
         k_dims, v_dims = Transformer.kv_dims(model.cfg)
@@ -72,8 +69,6 @@ class ModelRunner:
         check_pool_fits(device, num_blocks * block_size * per_token)
         kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, k_dims, v_dims, dtype, device,
                           kv_cache_dtype)
-        if kv_cache_dtype == "fp8":
-            calibrate_fp8(model, kv, kv_calibration or fallback_ids(cfg.vocab_size))
         each = "" if shard is None else f" on each of {shard.size} ranks"
         kind = "" if kv_cache_dtype == "auto" else f" {kv_cache_dtype}"
         say(f"KV cache{kind}: {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens "

@@ -59,7 +59,7 @@ def make_proposer(draft: str, engine, use_graphs: bool) -> Proposer:
     # short, a sequence is not drafted for that step (engine/proposers.py).
     runner = ModelRunner.load(files, cfg, engine.device, engine.dtype, None, engine.kv_tokens,
                               engine.block_size, use_graphs, engine.runner.graph_pool,
-                              kv_cache_dtype=engine.kv_cache_dtype, kv_calibration=engine._kv_calibration)
+                              kv_cache_dtype=engine.kv_cache_dtype)
     return DraftModelProposer(runner, engine.blocks.enable_caching)
 
 

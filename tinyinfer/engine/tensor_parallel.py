@@ -95,8 +95,7 @@ class TensorParallelRunner(RankZeroFront):
                  kv_tokens: Optional[int] = None, block_size: int = 16, cuda_graphs: bool = False,
                  group_size: int = 128, say: Callable[[str], None] = lambda msg: None,
                  timeout_s: float = TIMEOUT_S, kv_memory: Optional[int] = None,
-                 max_num_seqs: int = 256, kv_cache_dtype: str = "auto",
-                 kv_calibration: tuple = ()):
+                 max_num_seqs: int = 256, kv_cache_dtype: str = "auto"):
         check_shardable(cfg, size)
         check_files(files, size)
         check_devices(device, size)
@@ -110,7 +109,7 @@ class TensorParallelRunner(RankZeroFront):
         self.spec = RankSpec(path, size, dev, str(dtype).replace("torch.", ""), quant, group_size,
                              kv_tokens, block_size, cuda_graphs, f"{store_dir}/store",
                              torch.get_num_threads(), timeout_s, kv_memory, max_num_seqs,
-                             kv_cache_dtype, tuple(kv_calibration))
+                             kv_cache_dtype)
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
         self._close = weakref.finalize(self, _shutdown, self.procs, self.conns, store_dir, CLOSE_WAIT_S)
@@ -244,8 +243,7 @@ def load_runner(path: str, files: CheckpointFiles, cfg: ModelConfig, size: int, 
                 dtype: torch.dtype, quant: Optional[str], kv_tokens: Optional[int], block_size: int,
                 cuda_graphs: bool, group_size: int, say: Callable[[str], None],
                 kv_memory: Optional[int] = None, max_num_seqs: int = 256,
-                kv_cache_dtype: str = "auto", kv_calibration: tuple = ()
-                ) -> ModelRunner | TensorParallelRunner:
+                kv_cache_dtype: str = "auto") -> ModelRunner | TensorParallelRunner:
     """The engine's model runner: a ModelRunner on one device (size 1), else N ranks: spawned here,
     or launched by torchrun (engine/torchrun.py; on ranks other than 0 this call never returns)."""
     launch = torchrun.launched()
@@ -256,9 +254,7 @@ def load_runner(path: str, files: CheckpointFiles, cfg: ModelConfig, size: int, 
     if size == 1:
         return ModelRunner.load(files, cfg, device, dtype, quant, kv_tokens, block_size, cuda_graphs,
                                 say=say, group_size=group_size, kv_memory=kv_memory,
-                                max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
-                                kv_calibration=kv_calibration)
+                                max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
     return TensorParallelRunner(path, files, cfg, size, device, dtype, quant, kv_tokens, block_size,
                                 cuda_graphs, group_size, say, kv_memory=kv_memory,
-                                max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
-                                kv_calibration=kv_calibration)
+                                max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)

@@ -94,7 +94,6 @@ class RankSpec:
     kv_memory: Optional[int] = None  # KV budget in bytes per rank (engine/kv_cache.py)
     max_num_seqs: int = 256
     kv_cache_dtype: str = "auto"     # "fp8" / "int8": a quantized cache (docs/kv-cache.md)
-    kv_calibration: tuple = ()       # fp8: the token ids every rank calibrates its scales on
 
     @property
     def backend(self) -> str:
@@ -159,8 +158,7 @@ def load_rank(spec: RankSpec, rank: int, group: ParallelGroup,
     return ModelRunner.load(files, cfg, device, parse_dtype(spec.dtype),
                             spec.quant, spec.kv_tokens, spec.block_size, spec.cuda_graphs, say=say,
                             group_size=spec.group_size, shard=shard, kv_memory=spec.kv_memory,
-                            max_num_seqs=spec.max_num_seqs, kv_cache_dtype=spec.kv_cache_dtype,
-                            kv_calibration=spec.kv_calibration)
+                            max_num_seqs=spec.max_num_seqs, kv_cache_dtype=spec.kv_cache_dtype)
 
 
 def _exit_with_parent(parent_pid: int, store: str) -> None:

@@ -219,11 +219,11 @@ def kv_rows_per_token_layer(s: Shape, kind: str) -> int:
 
 
 def kv_bytes_per_token(s: Shape, kind: str, dtype_bytes: int = 2, kv_cache_dtype: str = "auto") -> int:
-    """KV bytes per token: values at dtype_bytes ("auto"), or one byte each (fp8 / int8) plus int8's
-    float16 scale per row; fp8's scales are per layer, not per token."""
+    """KV bytes per token: values at dtype_bytes ("auto"), or one byte each (fp8 / int8) plus a
+    float16 scale per row."""
     if kv_cache_dtype == "auto":
         return s.num_layers * kv_values_per_token_layer(s, kind) * dtype_bytes
-    scales = 2 * kv_rows_per_token_layer(s, kind) if kv_cache_dtype == "int8" else 0
+    scales = 2 * kv_rows_per_token_layer(s, kind)
     return s.num_layers * (kv_values_per_token_layer(s, kind) + scales)
 
 

@@ -52,9 +52,8 @@ def report(s: Optional[Shape], num_params: float, context: int, batch: int, dtyp
     if s is not None:
         tokens = context * batch
         mha = kv_bytes_per_token(s, "mha", dtype_bytes, kv_cache_dtype)
-        scale = " + a 2-byte scale per row" if kv_cache_dtype == "int8" else ""
         values = (f"{dtype_bytes}-byte values" if kv_cache_dtype == "auto" else
-                  f"{kv_cache_dtype} values (1 byte{scale})")
+                  f"{kv_cache_dtype} values (1 byte + a 2-byte scale per row)")
         lines.append(f"KV cache, {values}, {s.num_layers} layers, context "
                      f"{context:,} x batch {batch} = {tokens:,} tokens:")
         lines.append(f"  {'attention':<24}{'values/token/layer':>20}{'bytes/token':>14}"

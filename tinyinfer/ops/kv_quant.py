@@ -1,16 +1,15 @@
 """Quantized KV cache rows: the reference of the quantize (in the K/V write) and the dequantize (in paged
-attention), for the two cache types besides the model dtype (docs/kv-cache.md):
-
-  * fp8  (torch.float8_e4m3fn, Micikevicius et al., "FP8 Formats for Deep Learning", 2022): one scale
-    per (layer, KV head), fixed for the engine's life (calibrated at load, engine/kv_calibrate.py):
-        q = e4m3(clamp(x / s, -448, 448))       x' = q * s
-  * int8: one scale per (token, KV head), written beside the row in the same slot:
+attention), for the two cache types besides the model dtype (docs/kv-cache.md). Both keep one float16
+scale per (token, KV head), written beside the row in the same slot, from the row's own amax:
+  * fp8  (torch.float8_e4m3fn, Micikevicius et al., "FP8 Formats for Deep Learning", 2022):
+        s = fp16(max(amax_d |x| / 448, 2^-14))  q = e4m3(clamp(x / s, -448, 448))   x' = q * s
+  * int8:
         s = fp16(max(amax_d |x| / 127, 2^-14))  q = clamp(round(x / s), -127, 127)   x' = q * s
-    (the scale is rounded to its stored float16 first, and the row is divided by the stored value, so
-    x' uses exactly the scale the rounding used; round = round half to even, torch's).
+(the scale is rounded to its stored float16 first, and the row is divided by the stored value, so x'
+uses exactly the scale the rounding used; round = round half to even, torch's; the clamp keeps a row
+whose float16 scale rounded down from saturating into NaN).
 
-Scales are float16 in both: (Hkv,) for fp8, (NB, BS, Hkv) for int8. A kernel reads either one as
-(NB, BS, Hkv) through `slot_scales` (strides 0, 0, 1 for fp8), so one code path serves both.
+Scales are float16, (NB, BS, Hkv) per layer beside the cache (NB, BS, Hkv, D).
 The arithmetic is float32; tests/test_kv_quant.py checks it against float64 and torch's own e4m3 cast.
 """
 from __future__ import annotations
@@ -31,25 +30,24 @@ def is_quantized(cache: Tensor) -> bool:
     return cache.dtype in (torch.float8_e4m3fn, torch.int8)
 
 
-def int8_row_scales(x: Tensor) -> Tensor:
-    """x (T, H, D) -> the stored float16 scales (T, H): amax over D / 127, at least 2^-14."""
+QMAX = {torch.float8_e4m3fn: FP8_MAX, torch.int8: INT8_MAX}
+
+
+def row_scales(x: Tensor, cache_dtype: torch.dtype) -> Tensor:
+    """x (T, H, D) -> the stored float16 scales (T, H): amax over D / (448 | 127), at least 2^-14."""
     amax = x.float().abs().amax(dim=-1)
-    return (amax / INT8_MAX).clamp(MIN_SCALE, 65504.0).to(SCALE_DTYPE)
+    return (amax / QMAX[cache_dtype]).clamp(MIN_SCALE, 65504.0).to(SCALE_DTYPE)
 
 
-def quantize(x: Tensor, cache_dtype: torch.dtype, scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """x (T, H, D) in the model dtype -> (q (T, H, D) in cache_dtype, scales (T, H) float16).
-    fp8: `scale` is the layer's (H,) float16 scales (returned expanded); int8: computed per row."""
-    xf = x.float()
+def quantize(x: Tensor, cache_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """x (T, H, D) in the model dtype -> (q (T, H, D) in cache_dtype, scales (T, H) float16)."""
+    if cache_dtype not in QMAX:
+        raise ValueError(f"quantize: no quantized KV cache of dtype {cache_dtype}")
+    s = row_scales(x, cache_dtype)                                          # (T, H)
+    ratio = x.float() / s.float()[..., None]
     if cache_dtype == torch.int8:
-        s = int8_row_scales(x)                                              # (T, H)
-        q = (xf / s.float()[..., None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-        return q, s
-    if cache_dtype == torch.float8_e4m3fn:
-        s = scale.to(SCALE_DTYPE).expand(x.shape[0], x.shape[1])           # (T, H)
-        q = (xf / s.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return q, s
-    raise ValueError(f"quantize: no quantized KV cache of dtype {cache_dtype}")
+        return ratio.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s
+    return ratio.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
 
 
 def dequantize(q: Tensor, scales: Tensor) -> Tensor:
@@ -57,21 +55,12 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
     return q.float() * scales.float()[..., None]
 
 
-def slot_scales(scale: Tensor, cache: Tensor) -> Tensor:
-    """A cache's scales as one per slot and head, (NB, BS, Hkv): the int8 scale tensor itself, the
-    fp8 (Hkv,) scales broadcast (strides 0, 0, 1: no copy)."""
-    if scale.dim() == 1:
-        return scale.expand(cache.shape[0], cache.shape[1], scale.shape[0])
-    return scale
-
-
 def store_quantized(x: Tensor, cache: Tensor, scale: Tensor, blocks: Tensor, offsets: Tensor) -> None:
-    """Rows x (n, H, D) quantized into cache (NB, BS, H, D) at (blocks, offsets) (n,) each; int8 rows
-    write their scales into `scale` (NB, BS, H) at the same slots, fp8 rows read the layer's (H,)."""
-    q, s = quantize(x, cache.dtype, scale)
+    """Rows x (n, H, D) quantized into cache (NB, BS, H, D) at (blocks, offsets) (n,) each, their
+    scales into `scale` (NB, BS, H) at the same slots."""
+    q, s = quantize(x, cache.dtype)
     cache[blocks, offsets] = q
-    if cache.dtype == torch.int8:
-        scale[blocks, offsets] = s
+    scale[blocks, offsets] = s
 
 
 def gather_dequantized(cache: Tensor, scale: Optional[Tensor], index: tuple) -> Tensor:
@@ -80,7 +69,7 @@ def gather_dequantized(cache: Tensor, scale: Optional[Tensor], index: tuple) -> 
     rows = cache[index]
     if scale is None or not is_quantized(cache):
         return rows.float()
-    return dequantize(rows, slot_scales(scale, cache)[index])
+    return dequantize(rows, scale[index])
 
 
 def select_slots(cache: Tensor, scale: Optional[Tensor], slots: Tensor) -> Tensor:
@@ -89,8 +78,7 @@ def select_slots(cache: Tensor, scale: Optional[Tensor], slots: Tensor) -> Tenso
     rows = cache.flatten(0, 1).index_select(0, slots)
     if scale is None or not is_quantized(cache):
         return rows.float()
-    s = scale if scale.dim() == 1 else scale.flatten(0, 1).index_select(0, slots)   # (H,) | (n, H)
-    return dequantize(rows, s)
+    return dequantize(rows, scale.flatten(0, 1).index_select(0, slots))        # scales (n, H)
 
 
 def roundtrip(x: Tensor, cache: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
@@ -99,4 +87,4 @@ def roundtrip(x: Tensor, cache: Optional[Tensor], scale: Optional[Tensor]) -> Te
     these, so a prompt sees the same K/V whether its prefix was computed now or found cached."""
     if cache is None or scale is None or not is_quantized(cache):
         return x
-    return dequantize(*quantize(x, cache.dtype, scale)).to(x.dtype)
+    return dequantize(*quantize(x, cache.dtype)).to(x.dtype)

@@ -24,7 +24,7 @@ def store_kv(k: Tensor, v: Optional[Tensor], k_cache: Tensor, v_cache: Optional[
              v_scale: Optional[Tensor] = None) -> None:
     # k (T, Hkv, D), v (T, Hkv, Dv); caches (NB, BS, Hkv, D|Dv); slot s lives in block s // BS at
     # offset s % BS; slot -1 = padding, skipped. A quantized cache (fp8 / int8, ops/kv_quant.py)
-    # stores the quantized rows; int8 writes each row's scale into k_scale / v_scale (NB, BS, Hkv).
+    # stores the quantized rows and writes each row's scale into k_scale / v_scale (NB, BS, Hkv).
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
