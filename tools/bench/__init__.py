@@ -20,7 +20,8 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-NOT_BENCHES = {"common", "__main__", "plot", "spec_workloads", "divergence"}   # spec_workloads: bench spec --workloads
+NOT_BENCHES = {"common", "__main__", "plot", "spec_workloads", "divergence",   # spec_workloads: bench spec --workloads
+               "llamacpp_logits"}                                      # bench quality's llama.cpp row
 
 
 def bench_names() -> list[str]:

@@ -40,7 +40,9 @@ MiB = 1 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gguf", default=DEFAULT_GGUF, help=f"GGUF file (default {DEFAULT_GGUF})")
+    parser.add_argument("--gguf", default=DEFAULT_GGUF,
+                        help=f"GGUF file (default {DEFAULT_GGUF}; its Q4_0 form: python -m tools.gguf_files "
+                             "--q4-0 .cache/models/SmolLM2-135M-Instruct.Q4_0.gguf)")
     parser.add_argument("--llama-bench", default=None, metavar="PATH",
                         help="llama.cpp's llama-bench binary (default: llama-bench on PATH)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
