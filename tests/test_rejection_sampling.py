@@ -133,3 +133,43 @@ def test_rows_with_fewer_drafts_treat_the_rest_as_padding():
             a_ref, t_ref = rejection_sample(p[:, :d + 1], q[:, :d], drafts[:, :d], [seed], [4])
             assert a.tolist() == a_ref.tolist()
             assert t[0, :d + 1].tolist() == t_ref[0].tolist() and (t[0, d + 1:] == -1).all()
+
+
+def test_one_hot_rule_draws_what_rejection_sample_draws_for_one_hot_q():
+    """rejection_sample_one_hot (n-gram / suffix drafts: no p or q tensors) against rejection_sample
+    with q = one_hot(drafts) and p = softmax(x): the same drafts kept and the same tokens, draw for
+    draw, over random logits (some -inf, as after top-k), draft lengths 0..4, greedy and sampled rows."""
+    from tinyinfer.sampling.sampler import rejection_sample_one_hot
+    g = torch.Generator().manual_seed(5)
+    V, B = 40, 300
+    d = torch.randint(0, 5, (B,), generator=g).tolist()
+    greedy = (torch.rand(B, generator=g) < 0.2).tolist()
+    x = torch.randn(sum(d) + B, V, generator=g) * 2
+    x[torch.rand(x.shape, generator=g) < 0.3] = -float("inf")
+    x[:, 0] = 1.0                                          # every row keeps a finite logit
+    starts = [0]
+    for n in d:
+        starts.append(starts[-1] + n + 1)
+    p_flat = torch.softmax(x, dim=1)
+    p_flat[torch.tensor(greedy).repeat_interleave(torch.tensor(d) + 1)] = 0.0
+    for b in range(B):                                     # greedy rows: one-hot at the argmax
+        if greedy[b]:
+            rows = torch.arange(starts[b], starts[b + 1])
+            p_flat[rows, x[rows].argmax(dim=1)] = 1.0
+    drafts = []
+    for b in range(B):                                     # likely tokens, some unlikely
+        rows = p_flat[starts[b]:starts[b] + d[b]]
+        drafts.append([int(torch.multinomial(r, 1, generator=g)) if torch.rand(1, generator=g) < 0.7
+                       else int(torch.randint(0, V, (1,), generator=g)) for r in rows])
+    seeds, steps = list(range(100, 100 + B)), [3 + b % 7 for b in range(B)]
+    got = rejection_sample_one_hot(x, starts[:-1], drafts, greedy, seeds, steps)
+    accepted, tokens = [], []
+    for b in range(B):                                     # one row at a time: its own k = d_b
+        p = p_flat[starts[b]:starts[b + 1]].unsqueeze(0)
+        q = torch.nn.functional.one_hot(torch.tensor(drafts[b], dtype=torch.long), V).float().view(1, d[b], V)
+        a, t = rejection_sample(p, q, torch.tensor([drafts[b]], dtype=torch.long).view(1, d[b]),
+                                [seeds[b]], [steps[b]])
+        accepted.append(int(a))
+        tokens.append(t[0, :int(a) + 1].tolist())
+    assert got == (accepted, tokens)
+    assert 0 < sum(accepted) < sum(d) and any(a < n for a, n in zip(accepted, d))

@@ -39,7 +39,8 @@ from tinyinfer.loading.mtp import check_mtp, load_mtp
 from tinyinfer.loading.tokenizer import Tokenizer
 from tinyinfer.ops.limits import MAX_SPECULATE_K
 from tinyinfer.sampling.processors import probabilities, process_logits, token_logprobs
-from tinyinfer.sampling.sampler import STREAM_SAMPLE, finite_rows, gumbel_argmax, rejection_sample
+from tinyinfer.sampling.sampler import (STREAM_SAMPLE, finite_rows, gumbel_argmax, rejection_sample,
+                                        rejection_sample_one_hot)
 
 
 def make_proposer(draft: str, engine, use_graphs: bool) -> Proposer:
@@ -232,6 +233,10 @@ class Speculator:
                 accepted.append(n)
                 tokens.append(drafts[:n] + [row[n]])
             return accepted, tokens
+        if prop.probs is None:      # deterministic drafts: the one-hot rule, no p or q tensors built
+            return rejection_sample_one_hot(process_logits(logits, params, hist), starts[:-1], prop.tokens,
+                                            [s.params.greedy for s in seqs], [s.seed for s in seqs],
+                                            [s.num_outputs for s in seqs])
         p_flat = probabilities(logits, params, hist)                                  # (T, V)
         idx = [[starts[b] + min(j, d[b]) for j in range(kmax + 1)] for b in range(B)]
         p = p_flat[torch.tensor(idx, device=dev)]                                     # (B, kmax+1, V)

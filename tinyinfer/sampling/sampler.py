@@ -9,6 +9,7 @@ Random123, Salmon et al., SC'11), so a seeded request draws the same tokens alon
 preemption. `rejection_sample` is speculative decoding's acceptance rule (Leviathan et al. 2023, Chen et
 al. 2023): accept draft token x with probability min(1, p(x)/q(x)); at the first rejection draw from
 norm(max(0, p - q)); if all k are accepted draw a bonus token from p. The emitted tokens follow p exactly.
+`rejection_sample_one_hot` is the same rule for deterministic drafts (q one-hot), from the logits alone.
 """
 from __future__ import annotations
 
@@ -197,4 +198,55 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
     tokens = torch.cat([x, torch.zeros(B, 1, dtype=torch.long, device=dev)], dim=1)  # (B, k+1)
     tokens = torch.where(slots == n.unsqueeze(1), last.unsqueeze(1), tokens)
     tokens = tokens.masked_fill(slots > n.unsqueeze(1), -1)
+    return accepted, tokens
+
+
+def rejection_sample_one_hot(x: torch.Tensor, starts: Sequence[int], drafts: Sequence[Sequence[int]],
+                             greedy: Sequence[bool], seeds: Sequence[int], steps: Sequence[int]
+                             ) -> tuple[list[int], list[list[int]]]:
+    """`rejection_sample` for deterministic drafts (q one-hot: n-gram and suffix drafts), on the flat
+    verify layout, without building p or q: x (T, V) processed logits, sequence b owning rows
+    starts[b] .. starts[b] + len(drafts[b]). With q(x) = 1 the rule reads: keep draft x_j when
+    u_j < p_j(x_j) = exp(x_j[x_j] - logsumexp(x_j)) (u_j the same keyed uniform, STREAM_ACCEPT, step
+    steps[b] + j); after a rejection at n draw from norm(max(0, p_n - q_n)) = p_n without x_n (x_n's
+    logit to -inf), else the bonus from p_n -- Gumbel-max over the logits themselves, which softmax
+    does not change. Greedy rows keep the drafts equal to the argmax and end with the argmax. Returns
+    per sequence the drafts kept and the tokens to emit (kept drafts + the corrected / bonus token)."""
+    dev, V = x.device, x.shape[1]
+    rows = [(b, j) for b, d in enumerate(drafts) for j in range(len(d))]
+    best = x.argmax(dim=1).tolist() if any(greedy) else None                       # (T,)
+    kept = [True] * len(rows)
+    sampled = [i for i, (b, _) in enumerate(rows) if not greedy[b]]
+    if sampled:
+        r = torch.tensor([starts[rows[i][0]] + rows[i][1] for i in sampled], device=dev)
+        tok = torch.tensor([drafts[rows[i][0]][rows[i][1]] for i in sampled], device=dev)
+        p_x = (x[r, tok] - torch.logsumexp(x[r], dim=1)).exp()                   # (R,)
+        u = keyed_uniform(_as_int64([seeds[rows[i][0]] for i in sampled], dev),
+                          _as_int64([steps[rows[i][0]] + rows[i][1] for i in sampled], dev),
+                          STREAM_ACCEPT, 1, dev).view(-1)
+        for i, ok in zip(sampled, (u < p_x).tolist()):
+            kept[i] = ok
+    for i, (b, j) in enumerate(rows):
+        if greedy[b]:
+            kept[i] = drafts[b][j] == best[starts[b] + j]
+    accepted = [0] * len(drafts)
+    i = 0
+    for b, d in enumerate(drafts):
+        while accepted[b] < len(d) and kept[i + accepted[b]]:
+            accepted[b] += 1
+        i += len(d)
+    tokens = [list(d[:n]) + [best[starts[b] + n] if greedy[b] else -1]
+              for b, (d, n) in enumerate(zip(drafts, accepted))]
+    draw = [b for b in range(len(drafts)) if not greedy[b]]
+    if draw:
+        last = x[[starts[b] + accepted[b] for b in draw]].float()                # (S, V)
+        for i, b in enumerate(draw):
+            if accepted[b] < len(drafts[b]):
+                last[i, drafts[b][accepted[b]]] = -math.inf
+        stream = _as_int64([STREAM_SAMPLE if accepted[b] == len(drafts[b]) else STREAM_RESIDUAL
+                            for b in draw], dev)
+        noise = _gumbel(_as_int64([seeds[b] for b in draw], dev),
+                        _as_int64([steps[b] + accepted[b] for b in draw], dev), stream, V, dev)
+        for b, t in zip(draw, (last + noise).argmax(dim=1).tolist()):
+            tokens[b][-1] = t
     return accepted, tokens
