@@ -97,7 +97,8 @@ inline void int4_tile_offsets(const S* sc, const Z* zp, int64_t ng, const float*
   for (int64_t g = 0; g < ng; ++g) {
     for (int e = 0; e < 16; ++e) {
       const float s = scale_at(sc + g * 16 + e);
-      const float b = std::is_same_v<Z, uint8_t> ? static_cast<float>(zp[g * 16 + e]) * s : scale_at(zp + g * 16 + e);
+      const float b = std::is_same_v<Z, uint8_t> ? static_cast<float>(zp[g * 16 + e]) * s
+                                                  : scale_at(zp + g * 16 + e);
       off[e] += b * (std::is_same_v<Z, uint8_t> ? -xs[g] : xs[g]);
     }
   }
@@ -167,9 +168,15 @@ inline at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, co
 #if defined(__AVX512F__) && defined(__AVX512BW__)
           if (dequantize) {
             int4_tile_float(wt, st, zp + nt * ng * 16, KB, group_size, wf.data());
-            for (int64_t m = 0; m < M; ++m) {
-              int4_float_row(wf.data(), KB, xf.data() + m * Kp, out);
-              for (int64_t r = 0; r < 16; ++r) yt[m * N + r] = static_cast<scalar_t>(out[r]);
+            float out2[32];
+            for (int64_t m = 0; m < M; m += 2) {
+              const int64_t R = std::min<int64_t>(2, M - m);
+              for (int h = 0; h < 2; ++h) {
+                if (R == 2) int4_float_rows<2>(wf.data(), KB, xf.data() + m * Kp, Kp, h, out2);
+                else int4_float_rows<1>(wf.data(), KB, xf.data() + m * Kp, Kp, h, out2);
+              }
+              for (int64_t r = 0; r < R * 16; ++r)
+                yt[(m + r / 16) * N + r % 16] = static_cast<scalar_t>(out2[r]);
             }
             continue;
           }

@@ -157,31 +157,35 @@ inline void int4_tile_float(const uint8_t* w, const S* sc, const Z* zp, int64_t 
   }
 }
 
-// One row of x (xf: Kp floats in each tile's byte order) against a dequantized tile row -> out16.
-inline void int4_float_row(const __m512* wf, int64_t KB, const float* xf, float* out16) {
+// R (1 or 2) rows of x (xf: Kp floats each, in each tile's byte order) against half h of a dequantized
+// tile row (row pairs g = 4h .. 4h + 3): out[16 r + row]. A weight register feeds both rows of x (half
+// the buffer's reads from cache per row), the 16 accumulators being 8 outputs x 2 rows.
+template <int R>
+inline void int4_float_rows(const __m512* wf, int64_t KB, const float* xf, int64_t Kp, int h, float* out) {
   __m512 f[16];
-  for (int r = 0; r < 16; ++r) f[r] = _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i) f[i] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < KB; ++kb) {
-    const float* x = xf + kb * kInt4TileK;
-    const __m512 X0 = _mm512_loadu_ps(x), X1 = _mm512_loadu_ps(x + 16);
-    const __m512 X2 = _mm512_loadu_ps(x + 32), X3 = _mm512_loadu_ps(x + 48);
-    const __m512* t = wf + kb * 64;
-#pragma GCC unroll 8
-    for (int g = 0; g < 8; ++g) {
-      const __m512* c = t + 8 * g;
-      f[g] = _mm512_fmadd_ps(c[0], X0, f[g]);
-      f[g] = _mm512_fmadd_ps(c[1], X1, f[g]);
-      f[g] = _mm512_fmadd_ps(c[2], X2, f[g]);
-      f[g] = _mm512_fmadd_ps(c[3], X3, f[g]);
-      f[g + 8] = _mm512_fmadd_ps(c[4], X0, f[g + 8]);
-      f[g + 8] = _mm512_fmadd_ps(c[5], X1, f[g + 8]);
-      f[g + 8] = _mm512_fmadd_ps(c[6], X2, f[g + 8]);
-      f[g + 8] = _mm512_fmadd_ps(c[7], X3, f[g + 8]);
+    __m512 X[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) X[r][i] = _mm512_loadu_ps(xf + r * Kp + kb * kInt4TileK + 16 * i);
+    const __m512* t = wf + kb * 64 + h * 32;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      for (int i = 0; i < 4; ++i) {
+        const __m512 lo = t[8 * j + i], hi = t[8 * j + 4 + i];
+        for (int r = 0; r < R; ++r) {
+          f[8 * r + j] = _mm512_fmadd_ps(lo, X[r][i], f[8 * r + j]);
+          f[8 * r + 4 + j] = _mm512_fmadd_ps(hi, X[r][i], f[8 * r + 4 + j]);
+        }
+      }
     }
   }
   alignas(64) float v[16];
   _mm512_store_ps(v, int4_reduce16(f));
-  for (int lane = 0; lane < 16; ++lane) out16[int4_reduce_row(lane)] = v[lane];
+  for (int lane = 0; lane < 16; ++lane) {
+    const int i = int4_reduce_row(lane), r = i >> 3, j = i & 7;
+    if (r < R) out[16 * r + 4 * h + (j & 3) + 8 * (j >> 2)] = v[lane];
+  }
 }
 #endif  // AVX-512 BW
 

@@ -19,6 +19,7 @@ QUICK = {   # bench -> its quick-mode arguments (after --device cpu --quick: too
     "copy": ["--mib", "1", "--runs", "1"],
     "attention": ["--runs", "1"],
     "cpu_int4": ["--ckpt", LLAMA, "--new-tokens", "2", "--no-hf"],
+    "cpu_int4_mm": ["--threads", "1"],
     "cpu_profile": ["--ckpt", LLAMA],
     "e2e": ["--ckpt", LLAMA, "--new-tokens", "2", "--quant", "bf16"],
     "fused": ["--runs", "1"],

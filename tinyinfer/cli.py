@@ -16,7 +16,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="float32, float16 or bfloat16 (default: float32 on CPU -- bfloat16 for a model "
-                        "with INT4 weights, which torch's CPU INT4 matmul takes -- and the "
+                        "with INT4 weights, which the CPU INT4 matmul takes -- and the "
                         "checkpoint's half type on GPU)")
     p.add_argument("--quant", choices=["int4"], default=None, help="quantize weights on the fly")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,

@@ -57,7 +57,7 @@ def has_int4_weights(files: ckpt.CheckpointFiles, quant: Optional[str] = None) -
 def choose_dtype(cfg: ModelConfig, device: torch.device, requested: Optional[str] = None,
                  int4: bool = False) -> torch.dtype:
     """The model dtype: as requested, else on a CPU float32 (fast matmuls, exact parity) -- bfloat16
-    when the model holds INT4 linears (`int4`), the dtype PyTorch's CPU INT4 matmul takes (ops/cpu_matmul.py)
+    when the model holds INT4 linears (`int4`), the dtype the CPU INT4 matmul takes (ops/cpu_matmul.py)
     -- and on a GPU the checkpoint's own half precision (bf16 when the checkpoint is float32)."""
     if requested is not None:
         return parse_dtype(requested)

@@ -2,7 +2,7 @@
 
 For each --ckpt (default: the demo model): "float32" is the dense model in float32 (a .gguf file's
 weights dequantized, its INT4 layers turned back into dense linears); "int4" is what tinyinfer runs by
-default for INT4 on a CPU -- bfloat16 activations through torch's CPU INT4 matmul (ops/cpu_matmul.py) --
+default for INT4 on a CPU -- bfloat16 activations through the CPU INT4 matmul (ops/cpu_matmul.py) --
 with the file's own Q4 blocks for a .gguf, else quantized on the fly at --group-size; "hf" is
 Hugging Face generate() on the float32 model (with transformers installed; --no-hf to skip). Greedy,
 one torch thread, decode time = time(N tokens) - time(1 token), best of three (tools/bench/hf.py); the
