@@ -80,14 +80,13 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
               "layer, got ", weights.size(), ", ", kinds.size(), ", ", groups.size());
   const int64_t T = x.size(0), Hq = dims[0], Hkv = dims[1], D = dims[2];
   const std::vector<int64_t> splits = {Hq * D, Hkv * D, Hkv * D};
-  // The residual stream in float32 where x is half precision (layers/norm.py: residual_stream).
-  at::Tensor h, stream = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat), out = x;
+  at::Tensor h, stream = x, out = x;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + 10 * l;
     const int64_t* kind = kinds.data() + 4 * l;
     const int64_t* group = groups.data() + 4 * l;
     if (l == 0) {
-      h = rms_norm(x, w[0], eps);
+      h = rms_norm(stream, w[0], eps);
     } else {
       std::tie(h, stream) = fused_add_rmsnorm(out, stream, w[0], eps);
     }
