@@ -90,7 +90,8 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
               k_scales.size(), " and ", v_scales.size());
   const int64_t T = x.size(0), Hq = dims[0], Hkv = dims[1], D = dims[2];
   const std::vector<int64_t> splits = {Hq * D, Hkv * D, Hkv * D};
-  at::Tensor h, stream = x, out = x;
+  // The residual stream in float32 where x is half precision (layers/norm.py: residual_stream).
+  at::Tensor h, stream = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat), out = x;
   int64_t int4_zeros = 10 * L + 1;                       // the next kInt4 linear's zeros
   auto linear = [&](const at::Tensor& in, int64_t kind, const at::Tensor& a, const at::Tensor& b,
                     int64_t g) {
@@ -104,7 +105,7 @@ inline at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at:
     const int64_t* kind = kinds.data() + 4 * l;
     const int64_t* group = groups.data() + 4 * l;
     if (l == 0) {
-      h = rms_norm(stream, w[0], eps);
+      h = rms_norm(x, w[0], eps);
     } else {
       std::tie(h, stream) = fused_add_rmsnorm(out, stream, w[0], eps);
     }

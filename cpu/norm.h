@@ -42,6 +42,23 @@ inline void rms_norm_row(const T* x, const T* res, T* stream, const W* w, O* y, 
   for (int64_t i = 0; i < d; ++i) store(y + i, load(w + i) * round_to<T>(tmp[i] * inv));
 }
 
+// One row with a float32 stream (the CPU's residual stream, layers/norm.py): stream = x + res in float32,
+// y = round(w * stream / rms(stream)) -- one rounding to T, the activations' dtype.
+template <typename T, typename W>
+inline void rms_norm_row_f32(const T* x, const float* res, float* stream, const W* w, T* y, int64_t d,
+                             float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < d; ++i) {
+    const float s = load(x + i) + res[i];
+    stream[i] = s;
+    sum += s * s;
+  }
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(d) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) store(y + i, load(w + i) * (stream[i] * inv));
+}
+
 // Rows of x (T, d) (and residual (T, d)) against weight (d,): the loop above for the dtypes the engine
 // runs (x and weight of one dtype, or a float32 weight: float32 out); other pairs keep ATen's ops.
 inline bool norm_loop_takes(const at::Tensor& x, const at::Tensor& weight) {
@@ -84,9 +101,33 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
   return y;
 }
 
-// (rms_norm(x + residual), x + residual).
+// (rms_norm(x + residual), x + residual); with a float32 residual and x in half precision, the stream
+// stays float32 and the norm is rounded once, to x's dtype (ops/reference.py: fused_add_rmsnorm).
 inline std::tuple<at::Tensor, at::Tensor> fused_add_rmsnorm(const at::Tensor& x, const at::Tensor& residual,
                                                             const at::Tensor& weight, double eps) {
+  if (residual.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat && norm_loop_takes(x, weight) &&
+      residual.sizes() == x.sizes()) {
+    const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), w = weight.contiguous();
+    at::Tensor stream = at::empty(x.sizes(), residual.options());
+    at::Tensor y = at::empty(x.sizes(), x.options());
+    const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
+    TINYINFER_CPU_DISPATCH(x.scalar_type(), "fused_add_rmsnorm", [&] {
+      auto run = [&](const auto* wp) {
+        for (int64_t r = 0; r < rows; ++r)
+          rms_norm_row_f32(xc.const_data_ptr<scalar_t>() + r * d, rc.const_data_ptr<float>() + r * d,
+                           stream.mutable_data_ptr<float>() + r * d, wp, y.mutable_data_ptr<scalar_t>() + r * d,
+                           d, static_cast<float>(eps));
+      };
+      if (w.scalar_type() == at::kFloat) run(w.const_data_ptr<float>()); else run(w.const_data_ptr<scalar_t>());
+    });
+    return {y, stream};
+  }
+  if (residual.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat) {
+    // Another shape or dtype pair: the reference's float32-stream arithmetic in ATen calls.
+    at::Tensor stream = at::add(x.to(at::kFloat), residual);
+    at::Tensor y = at::mul(stream, at::rsqrt(stream.pow(2).mean(-1, /*keepdim=*/true).add_(eps)));
+    return {at::mul(weight.to(at::kFloat), y).to(x.scalar_type()), stream};
+  }
   if (!norm_loop_takes(x, weight) || residual.scalar_type() != x.scalar_type() ||
       residual.sizes() != x.sizes()) {
     at::Tensor stream = at::add(x, residual);

@@ -1,6 +1,11 @@
 """RMSNorm (Zhang & Sennrich, "Root Mean Square Layer Normalization", 2019), and the residual add that
 precedes it fused into one op: each "+residual -> RMSNorm" pair of the decoder is `ops.fused_add_rmsnorm`
-(one CUDA kernel on a GPU)."""
+(one CUDA kernel on a GPU).
+
+On a CPU the residual stream is float32 whatever the model dtype (`residual_stream`): each sublayer's
+output is added in float32 and each norm rounds once, to the model dtype. Teacher-forced on SmolLM2 Q4_1 in
+bfloat16 it halves the KL against the float32 model (docs/cpu-performance.md); the float32 stream costs
+nothing measurable there (a 576-wide row). The GPU keeps the model-dtype stream of its fused kernel."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +13,12 @@ import torch.nn as nn
 from torch import Tensor
 
 from tinyinfer import ops
+
+
+def residual_stream(x: Tensor) -> Tensor:
+    """The residual stream that starts at the embeddings x (T, hidden): float32 on a CPU where x is in
+    half precision, else x itself."""
+    return x.float() if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 class RMSNorm(nn.Module):

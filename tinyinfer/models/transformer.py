@@ -29,7 +29,7 @@ from tinyinfer.layers.linear import Linear
 from tinyinfer.layers.mla import MultiHeadLatentAttention
 from tinyinfer.layers.mlp import SwiGLU
 from tinyinfer.layers.moe import MoE
-from tinyinfer.layers.norm import RMSNorm
+from tinyinfer.layers.norm import RMSNorm, residual_stream
 from tinyinfer.layers.parallel import ParallelGroup, VocabParallelEmbedding, all_reduce, gather_vocab
 from tinyinfer.layers.rotary import RotaryEmbedding
 from tinyinfer.models import fused_cpu
@@ -63,7 +63,7 @@ class DecoderLayer(nn.Module):
         # x (T, hidden): the previous layer's MLP output (the embeddings for layer 0, residual None);
         # residual (T, hidden): the stream x is still to be added to. Returns this layer's pair.
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = residual_stream(x), self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
         h = all_reduce(self.attn(h, positions, rotary, meta, k_cache, v_cache, k_scale, v_scale),

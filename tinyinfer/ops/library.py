@@ -92,6 +92,8 @@ def fused_add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float
 @fused_add_rmsnorm.register_fake
 def _(x, residual, weight, eps):
     stream_dtype = torch.promote_types(x.dtype, residual.dtype)
+    if residual.dtype == torch.float32 and x.dtype != torch.float32:      # a float32 stream
+        return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.float32)
     return (x.new_empty(x.shape, dtype=torch.promote_types(stream_dtype, weight.dtype)),
             x.new_empty(x.shape, dtype=stream_dtype))
 

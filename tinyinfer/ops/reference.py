@@ -183,6 +183,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def fused_add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     # x, residual (T, d): a sublayer's output and the residual stream before it. Returns
     # (rms_norm(x + residual), x + residual): the next sublayer's input and the new stream.
+    # A float32 stream under half-precision x (a CPU's, layers/norm.py): x is added in float32 and
+    # the norm rounded once, to x's dtype (weight * x / rms(x) in float32).
+    if residual.dtype == torch.float32 and x.dtype != torch.float32:
+        stream = x.float() + residual                                    # (T, d) float32
+        y = stream * torch.rsqrt(stream.pow(2).mean(-1, keepdim=True) + eps)
+        return (weight.float() * y).to(x.dtype), stream
     new_residual = x + residual                                          # (T, d) model dtype
     return rms_norm(new_residual, weight, eps), new_residual
 
