@@ -33,12 +33,11 @@ from torch import Tensor
 from tinyinfer.engine.batch import StepBatch
 from tinyinfer.engine.kv_cache import PagedKVCache
 from tinyinfer.engine.model_runner import ModelRunner
-from tinyinfer.engine.proposers import Proposal
+from tinyinfer.engine.proposers import Proposal, draw_drafts
 from tinyinfer.engine.sequence import Sequence
 from tinyinfer.models.mtp import MTPLayer
 from tinyinfer.models.transformer import Transformer
-from tinyinfer.sampling.processors import probabilities, process_logits
-from tinyinfer.sampling.sampler import STREAM_DRAFT, finite_rows, gumbel_argmax
+from tinyinfer.sampling.sampler import finite_rows
 
 
 @dataclass
@@ -124,14 +123,8 @@ class MTPProposer:
             p.start, p.hidden = len(seqs[b]) - 1, p.hidden[:0]
         for j in range(kmax):
             logits = self.mtp.compute_logits(g)                                       # (A, V)
-            params = [seqs[b].params for b in act]
             hist = [seqs[b].token_ids + tokens[b] for b in act]
-            if greedy:
-                x = process_logits(logits, params, hist).argmax(dim=1).tolist()
-            else:
-                probs = probabilities(logits, params, hist)                           # (A, V)
-                x = gumbel_argmax(probs, [seqs[b].seed for b in act],
-                                  [seqs[b].num_outputs + j for b in act], STREAM_DRAFT).tolist()
+            x, probs = draw_drafts(logits, [seqs[b] for b in act], hist, j, greedy)  # probs (A, V)
             ok = finite_rows(logits).tolist()
             keep = []
             for i, (b, t) in enumerate(zip(act, x)):

@@ -24,6 +24,19 @@ from tinyinfer.sampling.processors import probabilities, process_logits
 from tinyinfer.sampling.sampler import STREAM_DRAFT, gumbel_argmax
 
 
+
+def draw_drafts(logits: torch.Tensor, seqs: list[Sequence], hist: list[list[int]], j: int,
+                greedy: bool) -> tuple[list[int], Optional[torch.Tensor]]:
+    """Draft position j's tokens from a draft's logits (A, V), one row per sequence of `seqs` (with
+    its history `hist`): the processed argmax when every request is greedy, else a Gumbel-max draw
+    from the draft distribution on the request's draft stream. -> (tokens, probs (A, V) or None)."""
+    params = [s.params for s in seqs]
+    if greedy:
+        return process_logits(logits, params, hist).argmax(dim=1).tolist(), None
+    probs = probabilities(logits, params, hist)                                 # (A, V)
+    return gumbel_argmax(probs, [s.seed for s in seqs], [s.num_outputs + j for s in seqs],
+                         STREAM_DRAFT).tolist(), probs
+
 @dataclass
 class Proposal:
     tokens: list[list[int]]             # per sequence, d_b <= k drafted tokens
@@ -135,13 +148,9 @@ class DraftModelProposer:
             batch_seqs = [shadows[b] for b in act]
             num_new = [len(sh) - sh.num_cached for sh in batch_seqs]
             logits = self.runner.execute(build_batch(batch_seqs, num_new, self.runner.block_size))
-            params, hist = [seqs[b].params for b in act], [shadows[b].token_ids for b in act]
-            if greedy:
-                x = process_logits(logits, params, hist).argmax(dim=1).tolist()
-            else:
-                probs = probabilities(logits, params, hist)                         # (A, V)
-                x = gumbel_argmax(probs, [seqs[b].seed for b in act],
-                                  [seqs[b].num_outputs + j for b in act], STREAM_DRAFT).tolist()
+            hist = [shadows[b].token_ids for b in act]
+            x, probs = draw_drafts(logits, [seqs[b] for b in act], hist, j, greedy)
+            if probs is not None:
                 q[act, j] = probs
             for b, n, t in zip(act, num_new, x):
                 tokens[b].append(t)

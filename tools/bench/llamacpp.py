@@ -54,17 +54,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time tinyinfer with the fused CPU decode step off (same rounds)")
 
 
-def find_llama_bench(path: Optional[str]) -> tuple[Optional[str], str]:
-    """-> (binary, "") or (None, why not)."""
+def find_llama_tool(name: str, path: Optional[str]) -> tuple[Optional[str], str]:
+    """llama.cpp's program `name` (llama-bench, llama-perplexity): the one given by --NAME PATH, else
+    the one on PATH. -> (binary, "") or (None, why not)."""
     if path is not None:
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            return None, f"--llama-bench {path}: no executable file there"
+            return None, f"--{name} {path}: no executable file there"
         return path, ""
-    found = shutil.which("llama-bench")
+    found = shutil.which(name)
     if found is None:
-        return None, ("llama.cpp is not installed: no llama-bench on PATH (build its llama-bench target "
-                      "and pass --llama-bench PATH)")
+        return None, (f"llama.cpp is not installed: no {name} on PATH (build its {name} target and "
+                      f"pass --{name} PATH)")
     return found, ""
+
+
+def find_llama_bench(path: Optional[str]) -> tuple[Optional[str], str]:
+    return find_llama_tool("llama-bench", path)
 
 
 # Runs argv[1:] and prints its peak RSS. A child's ru_maxrss starts from the RSS of the process it was

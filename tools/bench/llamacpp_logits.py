@@ -19,7 +19,6 @@ the row's KL is then what llama.cpp's stored values say, with its tail assumed t
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 from typing import Optional
@@ -28,20 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tools.bench.llamacpp import find_llama_tool
+
 MAGIC = b"_logits_"
 
 
 def find_llama_perplexity(path: Optional[str]) -> tuple[Optional[str], str]:
-    """-> (binary, "") or (None, why not)."""
-    if path is not None:
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            return None, f"--llama-perplexity {path}: no executable file there"
-        return path, ""
-    found = shutil.which("llama-perplexity")
-    if found is None:
-        return None, ("llama.cpp is not installed: no llama-perplexity on PATH (pass --llama-perplexity "
-                      "PATH)")
-    return found, ""
+    return find_llama_tool("llama-perplexity", path)
 
 
 def read_kl_base(path: str) -> tuple[list[int], Tensor, Tensor]:
