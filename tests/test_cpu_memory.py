@@ -1,5 +1,6 @@
 """Memory on a CPU (docs/cpu-performance.md): loading converts each weight for its CPU kernel at load,
-and nothing imports torch's compiler stack into an engine that never compiles."""
+nothing imports torch's compiler stack into an engine that never compiles, and a loaded GGUF file is
+not left mapped (its pages would count in the process's RSS)."""
 from __future__ import annotations
 
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import torch
 
+from gguf_util import build
 from tinyinfer.engine.llm import LLM
 from tinyinfer.extensions import cpu as cpu_kernels
 from tinyinfer.layers.linear import Int4Linear
@@ -23,6 +25,17 @@ def test_loading_and_decoding_on_a_cpu_leave_torch_compiler_unimported():
             "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_loaded_gguf_file_is_not_kept_mapped(tmp_path):
+    path, _ = build(tmp_path, "llama", "Q4_1")
+    llm = LLM(path, device="cpu", max_kv_tokens=64)
+    import gc
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        mapped = [line for line in maps if str(path) in line]
+    assert mapped == [], f"{path} is still mapped after loading: {mapped[:2]}"
+    assert llm.generate([[1, 2]])[0].finish_reason in ("length", "stop")
 
 
 def test_cpu_weights_are_converted_at_load_and_reused_by_the_kernels():

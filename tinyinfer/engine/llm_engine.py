@@ -77,7 +77,6 @@ class LLMEngine:
         for note in self.config.notes:
             self._say(note)
         check_draft_option(draft, files, self.config, tensor_parallel_size)   # before any work
-        self.files = files
         self.dtype = choose_dtype(self.config, self.device, dtype, has_int4_weights(files, quant))
         self.tokenizer = Tokenizer.for_checkpoint(files)
         # Decode steps replay CUDA graphs (default on for half precision on CUDA: fp32 attention runs
@@ -94,7 +93,7 @@ class LLMEngine:
         self._setup(runner, self.tokenizer, max_num_seqs, max_num_batched_tokens,
                     enable_chunked_prefill, enable_prefix_caching)
         if draft is not None:
-            self.set_speculator(make_proposer(draft, self, use_graphs), speculate_k)
+            self.set_speculator(make_proposer(draft, self, use_graphs, files), speculate_k)
 
     def _setup(self, runner: ModelRunner, tokenizer: Tokenizer, max_num_seqs: int = 256,
                max_num_batched_tokens: int = 512, enable_chunked_prefill: bool = True,

@@ -43,17 +43,19 @@ from tinyinfer.sampling.sampler import (STREAM_SAMPLE, finite_rows, gumbel_argma
                                         rejection_sample_one_hot)
 
 
-def make_proposer(draft: str, engine, use_graphs: bool) -> Proposer:
-    """The proposer `draft` names for `engine` (an LLMEngine, set up): "ngram", "suffix", or a draft checkpoint's path."""
+def make_proposer(draft: str, engine, use_graphs: bool, files: ckpt.CheckpointFiles) -> Proposer:
+    """The proposer `draft` names for `engine` (an LLMEngine, set up, loaded from `files`): "ngram",
+    "suffix", "mtp", or a draft checkpoint's path. (The engine keeps no CheckpointFiles: a GGUF's
+    would keep the whole file mapped, ~95 MiB of RSS for SmolLM2.)"""
     if draft == "ngram":
         return NgramProposer()
     if draft == "suffix":           # a verified token costs little beside a step on a GPU
         return SuffixProposer(per_token=0.15 if engine.device.type == "cpu" else 0.02)
     if draft == "mtp":              # the target's own MTP layer; its passes run eagerly (the CUDA
         engine.runner.graphs.clear()    # graphs do not hand out the hidden states it reads)
-        return MTPProposer(engine.runner, load_mtp(engine.files, engine.config, engine.runner.model,
+        return MTPProposer(engine.runner, load_mtp(files, engine.config, engine.runner.model,
                                                    engine.dtype, engine.device))
-    files = ckpt.locate(draft)
+    files = ckpt.locate(draft)                      # the draft's own files from here on
     check_same_tokenizer(draft, Tokenizer.for_checkpoint(files), engine.tokenizer)
     cfg = ModelConfig.from_hf(files.config, files.generation_config)
     # The draft's pool is as large as the target's and prefix-cached as it is; when it is still
