@@ -36,7 +36,10 @@ from tinyinfer.extensions import BUILD_BASE, SOURCE_ROOT, host_cxx
 CPU_DIR = SOURCE_ROOT / "cpu"
 BUILD_ROOT = BUILD_BASE / "cpu"
 LIBRARY_NAME = "tinyinfer_cpu"
-PORTABLE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for (the INT4 and Q8_0 matmuls split their outputs across torch's threads) is
+# an OpenMP loop compiled into this library; without it the loop runs on one thread whatever
+# torch.set_num_threads says. The library shares torch's OpenMP runtime (libgomp, already loaded).
+PORTABLE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 NATIVE_FLAGS = PORTABLE_FLAGS + ["-march=native"]
 ENV_SWITCH = "TINYINFER_CPU_KERNELS"
 
@@ -96,6 +99,7 @@ def compile_library(flags: Optional[list[str]] = None, name: str = LIBRARY_NAME,
           f"~20 s) into {directory} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     cpp_extension.load(name=name, sources=[str(s) for s in sources()], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"],
                        extra_include_paths=[str(CPU_DIR)], build_directory=str(directory),
                        is_python_module=False, verbose=verbose)
     library = max(directory.glob(f"{name}*.so"), key=lambda p: p.stat().st_mtime)
