@@ -3,7 +3,8 @@ from the file itself, without llama.cpp:
 
   * a safetensors export (Hugging Face layout: config.json, model.safetensors, tokenizer files) holding
     the file's weights dequantized to float32 -- transformers' GGUF reader (`from_pretrained(dir,
-    gguf_file=...)`, which undoes llama.cpp's Q/K row permutation) saved by `save_pretrained`; both
+    gguf_file=...)`, which undoes llama.cpp's Q/K row permutation), its tensors written with
+    safetensors (`save_pretrained` refuses a model read from a GGUF), config and tokenizer by theirs; both
     transformers and tinyinfer load the directory as any Hugging Face checkpoint;
   * a Q4_0 GGUF: the same metadata and tensors, each Q4_1 tensor re-quantized to Q4_0 from its
     dequantized values by the `gguf` package's numpy quantizer (`gguf.quants.quantize`; llama.cpp's
