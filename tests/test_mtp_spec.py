@@ -13,6 +13,7 @@ import torch
 
 from hf_util import LLAMA, MLA, save_random_deepseek
 from mtp_util import add_mtp_layer
+from stats_util import chi2_outcomes
 from tinyinfer import LLM, SamplingParams
 
 POOL, PREEMPT_POOL = 4096, 320
@@ -109,16 +110,7 @@ def test_sampled_triples_follow_the_target_distribution(paths):
     spec = llm.engine.speculator
     outs = llm.generate([prompt] * n, params)
     assert spec.proposed >= n and 0 < spec.accepted < spec.proposed, (spec.proposed, spec.accepted)
-    counts: dict = {}
-    for o in outs:
-        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
-    likely = [t for t, p in exact.items() if p * n >= 5]
-    expected = [exact[t] * n for t in likely] + [n - sum(exact[t] * n for t in likely)]
-    observed = [counts.get(t, 0) for t in likely] + [n - sum(counts.get(t, 0) for t in likely)]
-    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
-    df = len(expected) - 1
-    p_value = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                      torch.tensor(stat / 2, dtype=torch.float64)).item()
+    stat, df, p_value = chi2_outcomes([tuple(o.token_ids) for o in outs], exact)
     assert p_value > 1e-3, f"chi-square {stat:.1f} on {df} degrees of freedom, p = {p_value:.2g}"
 
 

@@ -18,6 +18,7 @@ from tinyinfer import LLM, SamplingParams
 from tinyinfer.config.errors import CheckpointError
 from tinyinfer.engine.proposers import NgramProposer
 from tinyinfer.engine.suffix_proposer import SuffixProposer
+from stats_util import chi2_outcomes
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = str(ROOT / "models" / "shakespeare-llama")
@@ -182,19 +183,9 @@ def test_sampled_triples_follow_the_target_distribution(draft, plain):
     assert spec.proposed >= n // 10 and 0 < spec.accepted < spec.proposed, (spec.proposed, spec.accepted)
     if draft == "model":
         assert 0.05 < llm.figures()["acceptance_rate"] < 0.95
-    counts: dict = {}
-    for o in outs:
-        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
-    assert sum(counts.values()) == n and all(len(t) == 3 for t in counts)
-    likely = [t for t, p in exact.items() if p * n >= 5]
-    expected = [exact[t] * n for t in likely]
-    observed = [counts.get(t, 0) for t in likely]
-    expected.append(n - sum(expected))                  # "other": every remaining triple
-    observed.append(n - sum(observed))
-    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
-    df = len(expected) - 1
-    p_value = torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                      torch.tensor(stat / 2, dtype=torch.float64)).item()
+    triples = [tuple(o.token_ids) for o in outs]
+    assert len(triples) == n and all(len(t) == 3 for t in triples)
+    stat, df, p_value = chi2_outcomes(triples, exact)
     assert p_value > 1e-3, f"chi-square {stat:.1f} on {df} degrees of freedom, p = {p_value:.2g}"
 
 
