@@ -5,8 +5,9 @@ A small model's tied embedding is its largest weight (SmolLM2-135M: 49152 x 576,
 file, 54 MiB in bfloat16) and its head reads it whole every step. On a CPU the loader keeps the file's
 Q8_0 bytes (loading/gguf_weights.py): the embedding dequantizes the rows it looks up -- the values a
 dense load gives, d q in float32 rounded to the model dtype -- and the head multiplies by the levels
-through `ops.q8_linear` (cpu/q8_linear.h: integer dot products through AVX-512 VNNI with the activations
-rounded to int8 per 32 as llama.cpp's Q8_0 x Q8_0, the weight read once for all rows, float32 logits),
+through `ops.q8_linear` (cpu/q8_linear.h: integer dot products through AVX-512 VNNI, each run of 32
+activations held as two int8 levels -- 15 bits, where llama.cpp's Q8_0 x Q8_0 keeps one level -- the
+weight read once for all rows, float32 logits),
 instead of a bfloat16 table plus its oneDNN-reordered copy (docs/cpu-performance.md: memory and quality).
 The levels are held in that kernel's layout (`pack_q8`: 16 rows interleaved by 4 levels, stored + 128),
 the table's only copy; a lookup gathers its rows from it.

@@ -168,7 +168,8 @@ def q8_unpack(packed: Tensor, scales: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 def q8_linear(x: Tensor, packed: Tensor, scales: Tensor, n: int) -> Tensor:
     # x (M, K) @ W.T with W in Q8_0, packed as the kernel reads it -> (M, n) float32 (a head whose
-    # logits stay float32); the activations unquantized (the kernel rounds them to int8 per 32).
+    # logits stay float32); the activations unquantized (the kernel holds each run of 32 as two int8
+    # levels, 15 bits: cpu/q8_linear.h).
     return x.float() @ q8_dequantize(*q8_unpack(packed, scales, n)).T
 
 
